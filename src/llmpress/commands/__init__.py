@@ -1,0 +1,1 @@
+"""CLI subcommands: thin layers over the library API, one module each."""

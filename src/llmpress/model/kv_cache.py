@@ -1,0 +1,37 @@
+"""A static, preallocated KV cache (gpt-fast style): fixed shapes, so decode steps can be graph-captured."""
+
+from __future__ import annotations
+
+import torch
+
+from llmpress.config import LlamaConfig
+
+
+class StaticKVCache:
+    """Per layer, k and v buffers of shape [batch, kv_heads, max_seq_len, head_dim].
+
+    All sequences in the batch share positions (same-length prompts); the variable-length,
+    paged cache belongs to the serving engine.
+    """
+
+    def __init__(self, config: LlamaConfig, batch_size: int, max_seq_len: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (batch_size, config.num_key_value_heads, max_seq_len, config.head_dim)
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+
+    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v ([B, Hkv, T, D]) at `positions` ([T]); return the layer's full k, v buffers."""
+        self.keys[layer].index_copy_(2, positions, k)
+        self.values[layer].index_copy_(2, positions, v)
+        return self.keys[layer], self.values[layer]
+
+    def attention_mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """Bool [T, max_seq_len]: query at position p sees cache slots 0..p (causal, and never unwritten slots)."""
+        slots = torch.arange(self.max_seq_len, device=positions.device)
+        return slots[None, :] <= positions[:, None]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
