@@ -1,0 +1,161 @@
+"""Batch-1 decode on the GPU: llmpress vs the bandwidth roofline vs Hugging Face transformers, one run.
+
+Random bf16 weights in the Llama-3.2-1B/3B architectures (no download). For each architecture:
+  1. correctness: our prefill logits vs transformers' on the same weights (bf16 relative error);
+  2. llmpress decode in three modes: eager, CUDA graph, torch.compile + CUDA graph;
+  3. transformers `generate`: eager (dynamic cache) and static cache + automatic torch.compile;
+  4. the roofline: bytes per decode token / copy bandwidth measured in this run.
+Prints a table and writes JSON (default benchmarks/results/decode_<gpu>.json).
+
+    python benchmarks/decode_gpu.py --archs llama-3.2-3b,llama-3.2-1b --out benchmarks/results/decode_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from llmpress.bench.roofline import decode_bytes_per_token, device_name, measure_copy_bandwidth
+from llmpress.bench.throughput import benchmark_decode, prompt_token_ids
+from llmpress.config import KNOWN_ARCHITECTURES
+from llmpress.loading.loader import random_model
+
+
+def transformers_twin(ours, config):
+    """A transformers LlamaForCausalLM holding a copy of our weights (bf16, on the same GPU)."""
+    import transformers
+    hf_config = transformers.LlamaConfig(**config.to_hf_dict())
+    with torch.device("cuda"):
+        hf = transformers.LlamaForCausalLM._from_config(hf_config, dtype=torch.bfloat16)
+    hf.load_state_dict(ours.state_dict(), strict=False)
+    hf.tie_weights()
+    hf.generation_config.eos_token_id = None  # random weights: never stop early, always 256 tokens
+    hf.generation_config.pad_token_id = 0
+    return hf.eval()
+
+
+@torch.inference_mode()
+def logits_relative_error(ours, hf, prompt) -> float:
+    ref = hf(prompt).logits.float()
+    got = ours(prompt).float()
+    return ((got - ref).norm() / ref.norm()).item()
+
+
+@torch.inference_mode()
+def time_transformers_generate(hf, prompt, new_tokens: int, cache_implementation: str | None, runs: int) -> dict:
+    """Wall time of whole generate() calls; the first call (compilation for the static cache) is reported apart."""
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if cache_implementation:
+        kwargs["cache_implementation"] = cache_implementation
+    timings = []
+    for _ in range(runs + 1):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = hf.generate(prompt, **kwargs)
+        torch.cuda.synchronize()
+        timings.append(time.perf_counter() - start)
+        assert out.shape[1] == prompt.shape[1] + new_tokens, out.shape
+    steady = sorted(timings[1:])[len(timings[1:]) // 2]
+    return {"first_call_s": timings[0], "e2e_tokens_per_s": new_tokens / steady, "runs": runs}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", default="llama-3.2-3b,llama-3.2-1b")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--modes", default="eager,graph,compile")
+    parser.add_argument("--peers", default="eager,static", help="transformers variants: eager, static (static cache + compile)")
+    parser.add_argument("--hf-runs", type=int, default=1)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("this benchmark needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import transformers
+    gpu = device_name("cuda")
+    bandwidth = measure_copy_bandwidth("cuda")
+    print(f"{gpu}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); torch {torch.__version__}, "
+          f"transformers {transformers.__version__}", flush=True)
+    results = {"script": "benchmarks/decode_gpu.py", "date": date.today().isoformat(), "gpu": gpu,
+               "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+               "copy_bandwidth_bytes_per_s": bandwidth, "new_tokens": args.new_tokens, "prompt_len": args.prompt_len,
+               "batch_size": 1, "architectures": {}}
+    for arch in args.archs.split(","):
+        config = KNOWN_ARCHITECTURES[arch]
+        model = random_model(config, torch.device("cuda"), torch.bfloat16, seed=0)
+        prompt = prompt_token_ids(None, args.prompt_len, config.vocab_size).cuda()
+        mean_context = args.prompt_len + args.new_tokens // 2
+        bytes_per_token = decode_bytes_per_token(config, 2.0, context_len=mean_context)
+        entry = {"params": config.num_params, "bytes_per_token": bytes_per_token,
+                 "roofline_tokens_per_s": bandwidth / bytes_per_token, "llmpress": {}, "transformers": {}}
+        results["architectures"][arch] = entry
+        print(f"\n== {arch}: {config.num_params / 1e9:.2f} B params, {bytes_per_token / 1e9:.2f} GB per token, "
+              f"roofline {entry['roofline_tokens_per_s']:.0f} tok/s", flush=True)
+        hf = transformers_twin(model, config)
+        entry["prefill_logits_rel_error_vs_transformers"] = logits_relative_error(model, hf, prompt)
+        print(f"prefill logits vs transformers: relative error {entry['prefill_logits_rel_error_vs_transformers']:.2e}", flush=True)
+        for mode in args.modes.split(","):
+            start = time.perf_counter()
+            new_tokens = args.new_tokens if mode != "eager" else min(args.new_tokens, 64)
+            r = benchmark_decode(model, prompt, 1, new_tokens, mode=mode, repeats=3)
+            entry["llmpress"][mode] = dict(r.to_dict(), setup_and_runs_s=time.perf_counter() - start,
+                                           fraction_of_roofline=r.decode_tokens_per_s / entry["roofline_tokens_per_s"])
+            print(f"llmpress {mode:8s} decode {r.decode_tokens_per_s:7.1f} tok/s  e2e {r.e2e_tokens_per_s:7.1f} tok/s  "
+                  f"ttft {r.ttft_ms:6.1f} ms  {entry['llmpress'][mode]['fraction_of_roofline']:.1%} of roofline  "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+            _flush(results, args.out)
+        for peer in args.peers.split(","):
+            if not peer:
+                continue
+            start = time.perf_counter()
+            entry["transformers"][peer] = time_transformers_generate(
+                hf, prompt, args.new_tokens, "static" if peer == "static" else None, args.hf_runs)
+            print(f"transformers {peer:8s} e2e {entry['transformers'][peer]['e2e_tokens_per_s']:7.1f} tok/s "
+                  f"(first call {entry['transformers'][peer]['first_call_s']:.1f} s; {time.perf_counter() - start:.0f} s)", flush=True)
+            _flush(results, args.out)
+        del hf, model
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch._dynamo.reset()
+    print_table(results)
+    _flush(results, args.out)
+    return 0
+
+
+def print_table(results: dict) -> None:
+    print(f"\nBatch-1 decode, bf16, {results['gpu']}, prompt {results['prompt_len']}, {results['new_tokens']} new tokens")
+    print(f"{'model':14s} {'roofline':>9s} {'ours':>8s} {'% roof':>7s} {'ours e2e':>9s} {'HF eager':>9s} {'HF static':>10s} {'x eager':>8s} {'x static':>9s}")
+    for arch, e in results["architectures"].items():
+        ours = e["llmpress"].get("compile") or e["llmpress"].get("graph") or {}
+        hf_e = e["transformers"].get("eager", {}).get("e2e_tokens_per_s", float("nan"))
+        hf_s = e["transformers"].get("static", {}).get("e2e_tokens_per_s", float("nan"))
+        d, e2e = ours.get("decode_tokens_per_s", float("nan")), ours.get("e2e_tokens_per_s", float("nan"))
+        print(f"{arch:14s} {e['roofline_tokens_per_s']:9.0f} {d:8.1f} {d / e['roofline_tokens_per_s']:7.1%} {e2e:9.1f} "
+              f"{hf_e:9.1f} {hf_s:10.1f} {e2e / hf_e:8.1f} {e2e / hf_s:9.2f}")
+
+
+def _flush(results: dict, out: str | None) -> None:
+    """Write results so far (a run cut short still leaves its numbers), atomically."""
+    paths = [Path(out)] if out else []
+    if os.environ.get("OUT"):
+        paths.append(Path(os.environ["OUT"]) / "decode_gpu.json")
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+            json.dump(results, f, indent=2)
+        os.replace(f.name, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
