@@ -1,0 +1,1 @@
+"""Measurement helpers: memory bandwidth and the decode roofline it implies."""

@@ -1,0 +1,1 @@
+"""Quality evaluation: WikiText-2 perplexity (`llmpress eval ppl`)."""
