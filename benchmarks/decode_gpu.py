@@ -28,7 +28,19 @@ import torch
 from llmpress.bench.roofline import decode_bytes_per_token, device_name, measure_copy_bandwidth
 from llmpress.bench.throughput import benchmark_decode, prompt_token_ids
 from llmpress.config import KNOWN_ARCHITECTURES
+from llmpress.generation import Generator, SamplingParams
+from llmpress.kernels import ops
 from llmpress.loading.loader import random_model
+from llmpress.model.fusion import unfuse_projections
+
+# variant -> (decode mode, fuse q|k|v and gate|up, attention backend)
+VARIANTS = {
+    "eager": ("eager", False, "auto"),
+    "graph": ("graph", True, "auto"),
+    "compile-unfused-sdpa": ("compile", False, "sdpa"),
+    "compile-sdpa": ("compile", True, "sdpa"),
+    "compile": ("compile", True, "auto"),
+}
 
 
 def transformers_twin(ours, config):
@@ -74,7 +86,8 @@ def main() -> int:
     parser.add_argument("--archs", default="llama-3.2-3b,llama-3.2-1b")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--modes", default="eager,graph,compile")
+    parser.add_argument("--modes", default="eager,graph,compile", help=f"variants: {', '.join(VARIANTS)}")
+    parser.add_argument("--profile", action="store_true", help="print the kernels of one decode step (last variant)")
     parser.add_argument("--peers", default="eager,static", help="transformers variants: eager, static (static cache + compile)")
     parser.add_argument("--hf-runs", type=int, default=1)
     parser.add_argument("--out", default=None)
@@ -108,7 +121,14 @@ def main() -> int:
         for mode in args.modes.split(","):
             start = time.perf_counter()
             new_tokens = args.new_tokens if mode != "eager" else min(args.new_tokens, 64)
-            r = benchmark_decode(model, prompt, 1, new_tokens, mode=mode, repeats=3)
+            decode_mode, fuse, backend = VARIANTS[mode]
+            if not fuse:
+                unfuse_projections(model)
+            torch._dynamo.reset()
+            with ops.use_backend(backend):
+                r = benchmark_decode(model, prompt, 1, new_tokens, mode=decode_mode, repeats=3, fuse=fuse)
+                if args.profile and mode == args.modes.split(",")[-1]:
+                    profile_decode(model, prompt, decode_mode, fuse)
             entry["llmpress"][mode] = dict(r.to_dict(), setup_and_runs_s=time.perf_counter() - start,
                                            fraction_of_roofline=r.decode_tokens_per_s / entry["roofline_tokens_per_s"])
             print(f"llmpress {mode:8s} decode {r.decode_tokens_per_s:7.1f} tok/s  e2e {r.e2e_tokens_per_s:7.1f} tok/s  "
@@ -133,11 +153,25 @@ def main() -> int:
     return 0
 
 
+def profile_decode(model, prompt, mode: str, fuse: bool, steps: int = 16) -> None:
+    """The GPU kernels behind `steps` decode steps, heaviest first (kernels inside graph replays included)."""
+    from torch.profiler import ProfilerActivity, profile
+    generator = Generator(model, max_seq_len=512, mode=mode, fuse=fuse)
+    generator.generate(prompt, SamplingParams(max_new_tokens=4, ignore_eos=True))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        generator.generate(prompt, SamplingParams(max_new_tokens=steps + 1, ignore_eos=True))
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0) > 0]
+    total_us = sum(e.self_device_time_total for e in events)
+    print(f"profile: {sum(e.count for e in events) / steps:.0f} kernels and {total_us / steps:.0f} us of kernel time per "
+          f"step (includes the prefill once)", flush=True)
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60), flush=True)
+
+
 def print_table(results: dict) -> None:
     print(f"\nBatch-1 decode, bf16, {results['gpu']}, prompt {results['prompt_len']}, {results['new_tokens']} new tokens")
     print(f"{'model':14s} {'roofline':>9s} {'ours':>8s} {'% roof':>7s} {'ours e2e':>9s} {'HF eager':>9s} {'HF static':>10s} {'x eager':>8s} {'x static':>9s}")
     for arch, e in results["architectures"].items():
-        ours = e["llmpress"].get("compile") or e["llmpress"].get("graph") or {}
+        ours = max(e["llmpress"].values(), key=lambda r: r["decode_tokens_per_s"], default={})
         hf_e = e["transformers"].get("eager", {}).get("e2e_tokens_per_s", float("nan"))
         hf_s = e["transformers"].get("static", {}).get("e2e_tokens_per_s", float("nan"))
         d, e2e = ours.get("decode_tokens_per_s", float("nan")), ours.get("e2e_tokens_per_s", float("nan"))

@@ -46,11 +46,12 @@ def prompt_token_ids(tokenizer, prompt_len: int | None, vocab_size: int, seed: i
 
 
 def benchmark_decode(model: LlamaForCausalLM, prompt_ids: torch.Tensor, batch_size: int, new_tokens: int,
-                     mode: str = "auto", repeats: int = 3) -> DecodeBenchResult:
+                     mode: str = "auto", repeats: int = 3, fuse: bool | None = None) -> DecodeBenchResult:
     """Generate `new_tokens` (EOS ignored) for `batch_size` copies of prompt_ids [1, T]; median of `repeats`."""
     device = model.device
     prompt = prompt_ids.to(device).expand(batch_size, -1).contiguous()
-    generator = Generator(model, max_seq_len=_round_up(prompt.shape[1] + new_tokens, 64), batch_size=batch_size, mode=mode)
+    generator = Generator(model, max_seq_len=_round_up(prompt.shape[1] + new_tokens, 64), batch_size=batch_size, mode=mode,
+                          fuse=fuse)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     generator.warmup()
     generator.generate(prompt, SamplingParams(max_new_tokens=min(8, new_tokens), ignore_eos=True))  # warm caches

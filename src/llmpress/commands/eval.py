@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import tempfile
 from pathlib import Path
 
 from llmpress.commands import common
+from llmpress.commands.output import format_table, write_json_atomic
 
 DATA_HELP = ("evaluation text: wikitext2 (Hugging Face datasets, needs the network), default (the WikiText-2 "
              "test split packaged with llmpress, non-empty rows only), or PATH (a text file such as wiki.test.raw, "
@@ -59,24 +57,3 @@ def run_ppl(args: argparse.Namespace) -> int:
         print(f"wrote {args.json}")
     return 0
 
-
-def format_table(header: list[str], row: list) -> str:
-    """A header line and one row, columns left-aligned to the wider of the two."""
-    cells = [str(c) for c in row]
-    widths = [max(len(h), len(c)) for h, c in zip(header, cells)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in (header, cells))
-
-
-def write_json_atomic(path: Path, record: dict) -> None:
-    """Write `record` to `path` through a temporary file in the same directory, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a result file is meant to be shared
-        os.replace(tmp, path)  # atomic when both names are on one filesystem, hence the same directory
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -17,6 +17,7 @@ from llmpress.errors import LlmpressError
 from llmpress.generation.cuda_graph import GraphedStep
 from llmpress.generation.sampling import SamplingParams, sample_next_token
 from llmpress.model import LlamaForCausalLM, StaticKVCache
+from llmpress.model.fusion import fuse_projections
 
 DECODE_MODES = ("auto", "eager", "graph", "compile")
 
@@ -42,9 +43,11 @@ class Generator:
 
     mode: `eager` (plain PyTorch, every device), `graph` (CUDA graph of the eager step),
     `compile` (torch.compile + CUDA graph), `auto` (compile on CUDA, eager elsewhere).
+    fuse: concatenate q|k|v and gate|up weights (default: in the graph modes; see model.fusion).
     """
 
-    def __init__(self, model: LlamaForCausalLM, max_seq_len: int, batch_size: int = 1, mode: str = "auto"):
+    def __init__(self, model: LlamaForCausalLM, max_seq_len: int, batch_size: int = 1, mode: str = "auto",
+                 fuse: bool | None = None):
         if mode not in DECODE_MODES:
             raise LlmpressError(f"unknown decode mode {mode!r}; choose one of {', '.join(DECODE_MODES)}.")
         on_cuda = model.device.type == "cuda"
@@ -57,6 +60,8 @@ class Generator:
             raise LlmpressError(f"{max_seq_len} positions requested but the model's context is {limit}; "
                                 "shorten the prompt or lower --max-new-tokens.")
         self.model, self.mode, self.batch_size, self.max_seq_len = model, mode, batch_size, max_seq_len
+        if fuse if fuse is not None else mode != "eager":  # eager stays the plain reference path
+            fuse_projections(model)
         self.cache = StaticKVCache(model.config, batch_size, max_seq_len, model.dtype, model.device)
         self._decode: Callable | None = None
 

@@ -1,24 +1,26 @@
-"""The op interface the model calls. Backend: `torch` (reference math), `sdpa` (PyTorch's fused
-attention: flash / cuDNN / memory-efficient on GPU), or `auto` (sdpa).
+"""The op interface the model calls, with a backend switch.
 
-Tests force a backend with `set_backend`; nothing here reads the environment at import time.
+Backends: `torch` (the float32 reference math in `reference.py`), `sdpa` (PyTorch's fused
+attention), `triton` (our kernels, CUDA only), `auto` (triton where it applies on CUDA, else sdpa).
+Tests force a backend with `use_backend`; nothing here reads the environment at import time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
 
-from llmpress.kernels.reference import attention_reference
+from llmpress.kernels.reference import attention_reference, cache_attention_mask
 
-BACKENDS = ("auto", "torch", "sdpa")
+BACKENDS = ("auto", "torch", "sdpa", "triton")
 _backend = "auto"
 
 
 def set_backend(name: str) -> None:
-    """Choose the kernel backend for all ops (`auto`, `torch`, `sdpa`)."""
+    """Choose the kernel backend for all ops."""
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
@@ -39,6 +41,15 @@ def use_backend(name: str):
         set_backend(previous)
 
 
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
     """Grouped-query attention. q: [B, H, T, D]; k, v: [B, Hkv, S, D]; mask: bool, True = attend."""
@@ -52,3 +63,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         causal = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                           enable_gqa=k.shape[1] != q.shape[1])
+
+
+def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     positions: torch.Tensor) -> torch.Tensor:
+    """Attention of new tokens over a static cache. q: [B, H, T, D] at `positions` [T];
+    k_cache, v_cache: [B, Hkv, S, D] already holding the new tokens. Query at position p sees slots 0..p."""
+    use_triton = _backend == "triton" or (_backend == "auto" and q.is_cuda and triton_available())
+    if use_triton and q.shape[2] == 1 and q.shape[-1] in (64, 128):
+        return torch.ops.llmpress.decode_attention(q, k_cache, v_cache, positions)
+    if _backend == "triton":
+        raise ValueError("the triton backend covers one-token decode on CUDA (head_dim 64/128) only")
+    return attention(q, k_cache, v_cache, mask=cache_attention_mask(positions, k_cache.shape[2]))
+
+
+# Registered as a custom op so torch.compile treats the Triton launch as one opaque call (and CUDA
+# graphs capture it); the fake implementation gives the output's shape without running it.
+@torch.library.custom_op("llmpress::decode_attention", mutates_args=())
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      positions: torch.Tensor) -> torch.Tensor:
+    from llmpress.kernels.triton_attention import decode_attention_triton
+    return decode_attention_triton(q, k_cache, v_cache, positions)
+
+
+@_decode_attention.register_fake
+def _(q, k_cache, v_cache, positions):
+    return torch.empty_like(q)

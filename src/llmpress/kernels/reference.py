@@ -9,16 +9,17 @@ import torch
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-    """softmax(q kᵀ / √d + mask) v, computed in float32.
+    """softmax(q kᵀ / √d + mask) v, computed in float32 (float64 for float64 inputs).
 
     q: [B, H, T, D]; k, v: [B, Hkv, S, D] with H a multiple of Hkv (grouped-query attention);
     mask: bool [T, S] or [B, 1, T, S], True where a query may attend; causal: mask key j > query i
     (queries aligned to the end of the keys). Returns [B, H, T, D] in q's dtype.
     """
     groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1).float()
-    v = v.repeat_interleave(groups, dim=1).float()
-    scores = q.float() @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    compute = torch.promote_types(q.dtype, torch.float32)
+    k = k.repeat_interleave(groups, dim=1).to(compute)
+    v = v.repeat_interleave(groups, dim=1).to(compute)
+    scores = q.to(compute) @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     T, S = q.shape[-2], k.shape[-2]
     if causal:
         allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
@@ -26,3 +27,15 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return (scores.softmax(dim=-1) @ v).to(q.dtype)
+
+
+def cache_attention_mask(positions: torch.Tensor, cache_len: int) -> torch.Tensor:
+    """Bool [T, cache_len]: a query at position p sees cache slots 0..p (causal, never unwritten slots)."""
+    slots = torch.arange(cache_len, device=positions.device)
+    return slots[None, :] <= positions[:, None]
+
+
+def cached_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               positions: torch.Tensor) -> torch.Tensor:
+    """Reference for `ops.cached_attention`. q: [B, H, T, D]; caches: [B, Hkv, S, D]; positions: [T]."""
+    return attention_reference(q, k_cache, v_cache, mask=cache_attention_mask(positions, k_cache.shape[2]))

@@ -27,11 +27,6 @@ class StaticKVCache:
         self.values[layer].index_copy_(2, positions, v)
         return self.keys[layer], self.values[layer]
 
-    def attention_mask(self, positions: torch.Tensor) -> torch.Tensor:
-        """Bool [T, max_seq_len]: query at position p sees cache slots 0..p (causal, and never unwritten slots)."""
-        slots = torch.arange(self.max_seq_len, device=positions.device)
-        return slots[None, :] <= positions[:, None]
-
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)

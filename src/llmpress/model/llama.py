@@ -41,19 +41,25 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
+        self.qkv_weight = self.qkv_bias = None  # set by model.fusion.fuse_projections
+        self.qkv_sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                positions: torch.Tensor, kv_cache: StaticKVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
+                positions: torch.Tensor, kv_cache: StaticKVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_weight is not None:
+            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is None:  # a whole sequence at once (perplexity, training)
             out = ops.attention(q, k, v, causal=True)
         else:
             k, v = kv_cache.update(self.layer_index, positions, k, v)
-            out = ops.attention(q, k, v, mask=mask)
+            out = ops.cached_attention(q, k, v, positions)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -66,9 +72,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=bias)
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
+        self.gate_up_weight = self.gate_up_bias = None  # set by model.fusion.fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is not None:
+            gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -79,8 +90,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, positions, kv_cache, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, kv_cache, mask)
+    def forward(self, x, cos, sin, positions, kv_cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -114,9 +125,8 @@ class LlamaForCausalLM(nn.Module):
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions, x.dtype)
-        mask = kv_cache.attention_mask(positions) if kv_cache is not None else None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, positions, kv_cache, mask)
+            x = layer(x, cos, sin, positions, kv_cache)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))

@@ -1,0 +1,57 @@
+"""Attention ops against the float32 reference: SDPA everywhere, the Triton decode kernel on CUDA."""
+
+import pytest
+import torch
+
+from llmpress.kernels import ops
+from llmpress.kernels.reference import attention_reference, cached_attention_reference
+
+cuda_only = pytest.mark.skipif(not ops.triton_available(), reason="Triton decode kernel needs a CUDA GPU")
+
+
+def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("heads,kv_heads,T,S", [(4, 4, 7, 7), (6, 2, 5, 12), (8, 1, 1, 9)])
+def test_sdpa_matches_reference(heads, kv_heads, T, S):
+    torch.manual_seed(0)
+    q = torch.randn(2, heads, T, 16, dtype=torch.float64)
+    k, v = torch.randn(2, 2, kv_heads, S, 16, dtype=torch.float64)
+    positions = torch.arange(S - T, S)
+    ref = cached_attention_reference(q, k, v, positions)
+    with ops.use_backend("sdpa"):
+        assert rel_error(ops.cached_attention(q, k, v, positions), ref) < 1e-10
+    if T == S:
+        with ops.use_backend("sdpa"):
+            assert rel_error(ops.attention(q, k, v, causal=True), attention_reference(q, k, v, causal=True)) < 1e-10
+
+
+def test_causal_attention_with_fewer_queries_than_keys_aligns_to_the_end():
+    torch.manual_seed(1)
+    q = torch.randn(1, 2, 3, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 1, 2, 10, 8, dtype=torch.float64)
+    with ops.use_backend("sdpa"):
+        got = ops.attention(q, k, v, causal=True)
+    ref = cached_attention_reference(q, k, v, torch.arange(7, 10))
+    assert rel_error(got, ref) < 1e-10
+
+
+@cuda_only
+@pytest.mark.parametrize("batch,heads,kv_heads,head_dim,cache_len", [
+    (1, 24, 8, 128, 320), (1, 32, 8, 64, 4096), (4, 9, 3, 64, 200), (3, 8, 8, 128, 64), (2, 32, 4, 128, 1000)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_decode_attention_matches_reference(batch, heads, kv_heads, head_dim, cache_len, dtype):
+    torch.manual_seed(cache_len)
+    for position in (0, 1, cache_len // 3, cache_len - 1):
+        q = torch.randn(batch, heads, 1, head_dim, device="cuda", dtype=dtype)
+        k = torch.randn(batch, kv_heads, cache_len, head_dim, device="cuda", dtype=dtype)
+        v = torch.randn_like(k)
+        k[:, :, position + 1:] = float("nan")  # unwritten slots must never be read into the result
+        v[:, :, position + 1:] = float("nan")
+        positions = torch.tensor([position], device="cuda")
+        with ops.use_backend("triton"):
+            got = ops.cached_attention(q, k, v, positions)
+        ref = cached_attention_reference(q.double(), k.double().nan_to_num(), v.double().nan_to_num(), positions)
+        assert torch.isfinite(got).all()
+        assert rel_error(got, ref) < 1e-2, (position, rel_error(got, ref))
