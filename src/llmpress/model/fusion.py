@@ -39,8 +39,8 @@ def fuse_projections(model: nn.Module) -> int:
                 if has_bias:
                     m.bias = nn.Parameter(bias[rows], requires_grad=False)
                 offset += m.out_features
-            parent.register_buffer(f"{prefix}_weight", weight, persistent=False)
-            parent.register_buffer(f"{prefix}_bias", bias, persistent=False)
+            setattr(parent, f"{prefix}_weight", weight)  # registered (as None) in the module's __init__
+            setattr(parent, f"{prefix}_bias", bias)
             fused_groups += 1
     return fused_groups
 

@@ -41,7 +41,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
-        self.qkv_weight = self.qkv_bias = None  # set by model.fusion.fuse_projections
+        self.register_buffer("qkv_weight", None, persistent=False)  # set by model.fusion.fuse_projections
+        self.register_buffer("qkv_bias", None, persistent=False)
         self.qkv_sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -72,7 +73,8 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=bias)
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
-        self.gate_up_weight = self.gate_up_bias = None  # set by model.fusion.fuse_projections
+        self.register_buffer("gate_up_weight", None, persistent=False)  # set by model.fusion.fuse_projections
+        self.register_buffer("gate_up_bias", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is not None:
