@@ -8,7 +8,7 @@ Tests force a backend with `use_backend`; nothing here reads the environment at 
 from __future__ import annotations
 
 import contextlib
-import functools
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -41,13 +41,12 @@ def use_backend(name: str):
         set_backend(previous)
 
 
-@functools.cache
+# A plain constant (not a cached call) so torch.compile traces the dispatch below without warnings.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+    return HAS_TRITON and torch.cuda.is_available()
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -69,7 +68,7 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      positions: torch.Tensor) -> torch.Tensor:
     """Attention of new tokens over a static cache. q: [B, H, T, D] at `positions` [T];
     k_cache, v_cache: [B, Hkv, S, D] already holding the new tokens. Query at position p sees slots 0..p."""
-    use_triton = _backend == "triton" or (_backend == "auto" and q.is_cuda and triton_available())
+    use_triton = _backend == "triton" or (_backend == "auto" and q.is_cuda and HAS_TRITON)
     if use_triton and q.shape[2] == 1 and q.shape[-1] in (64, 128):
         return torch.ops.llmpress.decode_attention(q, k_cache, v_cache, positions)
     if _backend == "triton":

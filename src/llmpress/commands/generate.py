@@ -1,0 +1,173 @@
+"""`llmpress generate`: complete one or more prompts, streaming the text as it is produced."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from llmpress.commands import common
+from llmpress.commands.output import write_json_atomic
+from llmpress.errors import LlmpressError
+from llmpress.generation import GenerationOutput, Generator, SamplingParams
+from llmpress.generation.generator import DECODE_MODES
+from llmpress.loading import LoadedModel
+from llmpress.tokenizer import IncrementalDecoder, encode_chat, encode_text
+
+DECODE_MODE_HELP = ("decode step: eager (plain PyTorch), graph (CUDA graph), compile (torch.compile + CUDA graph), "
+                    "auto (compile on CUDA, eager on CPU) (default: auto)")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="complete prompts, streaming the text",
+                                   description="Complete each prompt in turn, streaming the text to stdout and a "
+                                               "one-line summary (tokens, TTFT, decode tok/s) to stderr.")
+    common.add_model_args(parser)
+    parser.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+                        help="text to complete; repeat for several prompts, generated one after another")
+    parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                        help="wrap each prompt as a user turn in the model's chat template "
+                             "(default: when the tokenizer has one)")
+    add_sampling_args(parser)
+    add_decode_mode_arg(parser)
+    parser.add_argument("--no-stream", action="store_true",
+                        help="print each completion only once it is finished")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="also write prompts, completions and timings to PATH")
+    parser.set_defaults(func=run_generate)
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """The sampling options shared by `generate` and `chat`; read them back with `sampling_params_from_args`."""
+    parser.add_argument("--max-new-tokens", type=int, metavar="N", default=256,
+                        help="tokens to generate at most (default: 256)")
+    parser.add_argument("--temperature", type=float, metavar="T", default=0.0,
+                        help="0 is greedy (argmax) (default: 0)")
+    parser.add_argument("--top-k", type=int, metavar="K", default=0,
+                        help="sample among the k likeliest tokens; 0 is off (default: 0)")
+    parser.add_argument("--top-p", type=float, metavar="P", default=1.0,
+                        help="sample among the smallest set of tokens holding this probability; 1 is off (default: 1)")
+    parser.add_argument("--repetition-penalty", type=float, metavar="R", default=1.0,
+                        help="divide seen tokens' positive logits by this (CTRL); 1 is off (default: 1)")
+    parser.add_argument("--seed", type=int, metavar="N", default=None,
+                        help="seed for sampling, for reproducible output")
+
+
+def add_decode_mode_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--decode-mode", default="auto", choices=DECODE_MODES, help=DECODE_MODE_HELP)
+
+
+def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
+    """SamplingParams from `add_sampling_args` options; raises LlmpressError on bad values (before any model load)."""
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    # Options and prompts first: a typo should fail in a second, not after the model load.
+    params = sampling_params_from_args(args)
+    for prompt in args.prompt:
+        _check_prompt(prompt)
+    loaded = common.load_from_args(args)
+    on_text = None if args.no_stream else _print_now
+    results = []
+    for prompt in args.prompt:
+        text, output = generate_text(loaded, prompt, params, chat=args.chat, on_text=on_text, mode=args.decode_mode)
+        print(text if args.no_stream else "", flush=True)  # streaming already printed the text; end its line
+        print(format_stats(output), file=sys.stderr, flush=True)
+        results.append({"prompt": prompt, "text": text, **stats_record(output)})
+    if args.json:
+        record = {"model": args.model, "device": str(loaded.model.device),
+                  "dtype": str(loaded.model.dtype).removeprefix("torch."), "decode_mode": args.decode_mode,
+                  "chat": _use_chat(loaded.tokenizer, args.chat), "sampling": dataclasses.asdict(params),
+                  "results": results}
+        write_json_atomic(Path(args.json), record)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def generate_text(loaded: LoadedModel, prompt: str, params: SamplingParams, chat: bool | None = None,
+                  on_text: Callable[[str], None] | None = None, mode: str = "auto") -> tuple[str, GenerationOutput]:
+    """Complete `prompt` (as a chat user turn when `chat`, default: if the tokenizer has a template).
+
+    Returns the completion (stop token and special tokens removed) and the generation record;
+    `on_text` receives the text piece by piece as it is generated.
+    """
+    _check_prompt(prompt)
+    if _use_chat(loaded.tokenizer, chat):
+        prompt_ids = encode_chat(loaded.tokenizer, [{"role": "user", "content": prompt}])
+    else:
+        prompt_ids = encode_text(loaded.tokenizer, prompt)
+    return generate_from_ids(loaded, prompt_ids, params, on_text=on_text, mode=mode)
+
+
+def generate_from_ids(loaded: LoadedModel, prompt_ids: torch.Tensor, params: SamplingParams,
+                      on_text: Callable[[str], None] | None = None, mode: str = "auto",
+                      generator: Generator | None = None) -> tuple[str, GenerationOutput]:
+    """prompt_ids: [1, T]. Generate with `generator` (default: a new one of T + max_new_tokens positions).
+
+    Returns the reply text (stop token and special tokens removed) and the generation record.
+    """
+    if loaded.tokenizer is None:
+        raise LlmpressError("this model has no tokenizer; pass a checkpoint with tokenizer files.")
+    if generator is None:
+        generator = Generator(loaded.model, prompt_ids.shape[1] + params.max_new_tokens, batch_size=1, mode=mode)
+    stop_ids = loaded.stop_token_ids if params.stop_token_ids is None else params.stop_token_ids
+    stop_set = set() if params.ignore_eos else set(stop_ids)
+    decoder = IncrementalDecoder(loaded.tokenizer)
+
+    def on_token(token: torch.Tensor) -> None:
+        token_id = int(token[0])
+        if token_id not in stop_set:  # the stop token ends the reply; it is not part of it
+            piece = decoder.push(token_id)
+            if piece:
+                on_text(piece)
+
+    # Without a listener, skip the per-token host copy and re-decoding.
+    output = generator.generate(prompt_ids, params, stop_ids, on_token=on_token if on_text is not None else None)
+    reply_ids = output.token_ids[0, :output.num_generated[0]].tolist()
+    if output.finish_reasons[0] == "stop":
+        reply_ids = reply_ids[:-1]
+    text = loaded.tokenizer.decode(reply_ids, skip_special_tokens=True)
+    # A reply that ends inside a multi-byte character: the decoder held those bytes back; show them now.
+    if on_text is not None and text.startswith(decoder.printed) and len(text) > len(decoder.printed):
+        on_text(text[len(decoder.printed):])
+    return text, output
+
+
+def format_stats(output: GenerationOutput) -> str:
+    """One line: prompt and new tokens, time to first token, decode rate, why generation ended."""
+    stats = stats_record(output)
+    rate = "n/a" if stats["decode_tokens_per_s"] is None else f"{stats['decode_tokens_per_s']:.1f}"
+    return (f"[{stats['prompt_tokens']} prompt + {stats['new_tokens']} new tokens, TTFT {stats['ttft_ms']:.0f} ms, "
+            f"decode {rate} tok/s, finish: {stats['finish_reason']}]")
+
+
+def stats_record(output: GenerationOutput) -> dict:
+    """Batch-1 generation record as JSON-able numbers (no NaN: one new token has no decode rate)."""
+    rate = output.decode_tokens_per_s
+    return {"prompt_tokens": output.prompt_len, "new_tokens": output.num_generated[0],
+            "finish_reason": output.finish_reasons[0], "ttft_ms": output.prefill_s * 1e3,
+            "decode_tokens_per_s": None if math.isnan(rate) else rate,
+            "token_ids": output.token_ids[0, :output.num_generated[0]].tolist()}
+
+
+def _check_prompt(prompt: str) -> None:
+    if not prompt.strip():
+        raise LlmpressError("the prompt is empty; pass some text with --prompt.")
+
+
+def _use_chat(tokenizer, chat: bool | None) -> bool:
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat and not has_template:
+        raise LlmpressError("this model's tokenizer has no chat template; drop --chat to complete the raw text.")
+    return has_template if chat is None else chat
+
+
+def _print_now(text: str) -> None:
+    print(text, end="", flush=True)
