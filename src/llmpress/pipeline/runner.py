@@ -1,0 +1,78 @@
+"""Run the pipeline's stages in order and write the report."""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from llmpress.errors import LlmpressError
+from llmpress.loading.resolve import DEFAULT_MODEL
+from llmpress.pipeline.report import write_report
+from llmpress.pipeline.stages import DEFAULT_STAGES, STAGES, PipelineContext, Variant
+
+
+@dataclass
+class PipelineConfig:
+    model: str = DEFAULT_MODEL
+    dtype: str = "auto"
+    device: str = "auto"
+    stages: tuple[str, ...] = DEFAULT_STAGES
+    data: str = "default"  # perplexity text: default | wikitext2 | PATH
+    ppl_seq_len: int = 2048
+    ppl_max_windows: int | None = 8  # a few minutes on 2 CPU cores; None for the whole test split
+    new_tokens: int = 256
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    decode_mode: str = "auto"
+    repeats: int = 2
+    out_dir: str | None = None  # default: reports/<timestamp>-<model>
+
+    def __post_init__(self):
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise LlmpressError(f"unknown pipeline stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}.")
+
+
+def run_pipeline(config: PipelineConfig, command: str = "") -> Path:
+    """Run every stage on the configured model; returns the report directory."""
+    from llmpress.eval.data import load_eval_text
+    from llmpress.loading import load_model
+
+    out_dir = _prepare_out_dir(config)
+    _, data_description = load_eval_text(config.data)  # fail on a bad --data before minutes of work
+    started = time.perf_counter()
+    loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+    dtype = str(loaded.model.dtype).removeprefix("torch.")
+    ctx = PipelineContext(config=config, out_dir=out_dir, variants=[Variant(f"Baseline ({dtype})", loaded)])
+    for name in config.stages:
+        print(f"\n== stage {name}", flush=True)
+        stage_start = time.perf_counter()
+        STAGES[name](ctx)
+        print(f"== stage {name} done in {time.perf_counter() - stage_start:.0f} s", flush=True)
+    settings = dict(asdict(config), device=str(loaded.model.device), dtype=dtype, command=command or "llmpress pipeline",
+                    date=datetime.now().isoformat(timespec="seconds"), data_description=data_description,
+                    seconds=round(time.perf_counter() - started, 1))
+    paths = write_report(ctx, settings)
+    print("\n" + paths[1].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return out_dir
+
+
+def _prepare_out_dir(config: PipelineConfig) -> Path:
+    if config.out_dir is None:
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(config.model).name or config.model).strip("-")
+        out_dir = Path("reports") / f"{datetime.now():%Y%m%d-%H%M%S}-{slug}"
+    else:
+        out_dir = Path(config.out_dir)
+    if (out_dir / "results.json").exists():
+        raise LlmpressError(f"{out_dir} already holds a pipeline report; pass a new --out directory "
+                            "(llmpress never overwrites results).")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def command_line() -> str:
+    return "llmpress " + " ".join(sys.argv[1:])

@@ -1,0 +1,78 @@
+"""Pipeline stages. Each takes the shared context and records what it measured.
+
+Stages that make a new model (fine-tuning, quantization; later issues) append a `Variant`;
+measuring stages (eval, bench) measure every variant made so far, so the results table grows
+one row per variant with no change here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from llmpress.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Variant:
+    """One model the pipeline measures: the base model, or one a stage produced from it."""
+    method: str  # the results table's Method column, e.g. "Baseline (float32)"
+    loaded: LoadedModel
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class PipelineContext:
+    config: "PipelineConfig"  # noqa: F821 (defined in runner; imported lazily to avoid a cycle)
+    out_dir: Path
+    variants: list[Variant] = field(default_factory=list)
+    analysis: dict | None = None
+    framework: str = ""  # the Framework column: engine and decode mode
+
+
+def stage_analyze(ctx: PipelineContext) -> None:
+    """Step 1 of the workflow: parameters and bytes per module, and the decode roofline."""
+    from llmpress.analyze import format_analysis
+    from llmpress.commands.analyze import analyze_for_device, _to_dict
+    base = ctx.variants[0].loaded
+    analysis, roofline, counted = analyze_for_device(base, base.model.device, measure_bandwidth=True)
+    print(format_analysis(analysis, roofline), flush=True)
+    ctx.analysis = _to_dict(analysis, roofline, counted)
+
+
+def stage_eval(ctx: PipelineContext) -> None:
+    """WikiText-2 perplexity of every variant (same text, same windows)."""
+    from llmpress.eval.perplexity import PerplexityConfig, run_perplexity
+    cfg = ctx.config
+    ppl_config = PerplexityConfig(seq_len=cfg.ppl_seq_len, max_windows=cfg.ppl_max_windows)
+    for variant in ctx.variants:
+        result = run_perplexity(variant.loaded, cfg.data, ppl_config)
+        print(f"{variant.method}: perplexity {result.ppl:.3f} over {result.num_tokens_scored} tokens "
+              f"({result.num_windows} x {result.seq_len})", flush=True)
+        variant.metrics["ppl"] = result.ppl
+        variant.metrics["ppl_detail"] = vars(result)
+
+
+def stage_bench(ctx: PipelineContext) -> None:
+    """Decode throughput of every variant at the configured batch sizes."""
+    from llmpress.commands.bench import format_bench, run_bench
+    cfg = ctx.config
+    for variant in ctx.variants:
+        result = run_bench(variant.loaded, cfg.batch_sizes, cfg.new_tokens, mode=cfg.decode_mode, repeats=cfg.repeats)
+        print(format_bench(result), flush=True)
+        batch1 = next((r for r in result["rows"] if r["batch_size"] == 1), result["rows"][0])
+        variant.metrics["throughput_tokens_per_s"] = batch1["decode_tokens_per_s"]
+        variant.metrics["bench"] = result
+        ctx.framework = f"llmpress ({result['mode']} decode, {result['device']})"
+
+
+STAGES: dict[str, Callable[[PipelineContext], None]] = {
+    "analyze": stage_analyze,
+    "eval": stage_eval,
+    "bench": stage_bench,
+}
+DEFAULT_STAGES = ("analyze", "eval", "bench")
