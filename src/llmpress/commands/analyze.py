@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 
 import torch
 
+from llmpress.atomic_write import write_json_atomic
 from llmpress.analyze import ModelAnalysis, analyze_model, count_parameters, format_analysis
 from llmpress.bench.roofline import DecodeRoofline, decode_roofline, device_name, measure_copy_bandwidth
 from llmpress.commands.common import add_model_args, load_from_args
@@ -86,19 +85,3 @@ def _to_dict(analysis: ModelAnalysis, roofline: DecodeRoofline, counted_params: 
     d["counted_params"] = counted_params  # from the loaded tensors; None when only the config was analysed
     d["roofline"] = roofline.to_dict()
     return d
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON so that readers see the old file or the whole new one, never a partial write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same directory, so os.replace is a rename
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from llmpress.atomic_write import write_atomic
 
 from llmpress.pipeline.stages import PipelineContext
 
@@ -23,9 +23,9 @@ def write_report(ctx: PipelineContext, settings: dict) -> list[Path]:
     record = {"settings": settings, "results": rows, "analysis": ctx.analysis,
               "variants": {v.method: v.metrics for v in ctx.variants}}
     paths = [ctx.out_dir / "results.json", ctx.out_dir / "results.md", ctx.out_dir / "results.png"]
-    _write_atomic(paths[0], json.dumps(record, indent=2, default=str).encode())
-    _write_atomic(paths[1], render_markdown(rows, settings, ctx.analysis).encode())
-    _write_atomic(paths[2], render_plot(rows, ctx.analysis))
+    write_atomic(paths[0], json.dumps(record, indent=2, default=str))
+    write_atomic(paths[1], render_markdown(rows, settings, ctx.analysis))
+    write_atomic(paths[2], render_plot(rows, ctx.analysis))
     return paths
 
 
@@ -78,9 +78,3 @@ def render_plot(rows: list[dict], analysis: dict | None) -> bytes:
 
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        f.write(data)
-    os.replace(f.name, path)

@@ -7,15 +7,14 @@ one row per variant with no change here.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from llmpress.loading import LoadedModel
 
-log = logging.getLogger(__name__)
-
+if TYPE_CHECKING:
+    from llmpress.pipeline.runner import PipelineConfig
 
 @dataclass
 class Variant:
@@ -27,7 +26,7 @@ class Variant:
 
 @dataclass
 class PipelineContext:
-    config: "PipelineConfig"  # noqa: F821 (defined in runner; imported lazily to avoid a cycle)
+    config: PipelineConfig
     out_dir: Path
     variants: list[Variant] = field(default_factory=list)
     analysis: dict | None = None
