@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 
@@ -20,10 +19,7 @@ QUESTION = "What is the capital of France?"
 
 
 @pytest.fixture
-def cli_main(monkeypatch):
-    """`cli.main`, without the `pipeline` command while its module does not exist yet."""
-    if importlib.util.find_spec("llmpress.commands.pipeline") is None:
-        monkeypatch.setattr(cli, "COMMANDS", tuple(c for c in cli.COMMANDS if c != "pipeline"))
+def cli_main():
     return cli.main
 
 

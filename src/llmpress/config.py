@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, asdict
 from typing import Any
 
-from llmpress.errors import UnsupportedModelError
+from llmpress.errors import ModelLoadError, UnsupportedModelError
 
 # model_type values whose checkpoints are the plain Llama decoder (same parameter names and math).
 LLAMA_MODEL_TYPES = ("llama",)
+# config.json fields without a sensible default: a checkpoint lacking one is broken.
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 @dataclass
@@ -46,6 +48,8 @@ class LlamaConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "LlamaConfig":
         """Build from a transformers config dict (4.x `rope_scaling` or 5.x `rope_parameters` style)."""
+        if not isinstance(d, dict):
+            raise ModelLoadError(f"{source} holds a JSON {type(d).__name__}, not an object; fix or re-download it.")
         model_type = d.get("model_type")
         archs = d.get("architectures") or []
         if model_type not in LLAMA_MODEL_TYPES:
@@ -56,6 +60,9 @@ class LlamaConfig:
             )
         if d.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"{source}: hidden_act={d['hidden_act']!r} is not supported; Llama uses 'silu'.")
+        missing = [name for name in REQUIRED_FIELDS if name not in d]
+        if missing:
+            raise ModelLoadError(f"{source} lacks {', '.join(missing)}; fix or re-download it.")
         rope_theta = d.get("rope_theta")
         rope_scaling = d.get("rope_scaling")
         rope_params = d.get("rope_parameters")
@@ -64,8 +71,9 @@ class LlamaConfig:
             if rope_params.get("rope_type", "default") != "default":
                 rope_scaling = rope_params
         if rope_scaling is not None:
-            rope_scaling = dict(rope_scaling)
             rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+            # One spelling whatever the source: theta has its own field, and "type" is 4.x's old name for "rope_type".
+            rope_scaling = {k: v for k, v in rope_scaling.items() if k not in ("rope_theta", "type")}
             rope_scaling["rope_type"] = rope_type
             if rope_type == "default":
                 rope_scaling = None

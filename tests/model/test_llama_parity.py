@@ -31,7 +31,7 @@ def logits_through_cache(model, ids: torch.Tensor, chunk_sizes: list[int]) -> to
 
 @pytest.fixture(params=list(VARIANTS), ids=list(VARIANTS))
 def pair(request):
-    """(config, transformers model, our model, reference logits [B, T, V] from transformers' full forward)."""
+    """(config, transformers model, our model, input ids [B, T], transformers' full-forward logits [B, T, V])."""
     config = tiny_config(**VARIANTS[request.param])
     hf, ours = hf_pair(config)
     ids = random_ids(config.vocab_size)

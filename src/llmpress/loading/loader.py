@@ -92,14 +92,19 @@ def build_model(config: LlamaConfig, tensors: Iterator[tuple[str, torch.Tensor]]
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     expected = {name: p.shape for name, p in model.state_dict().items()}
-    state = {}
+    state, unexpected = {}, []
     for name, tensor in tensors:
         if name not in expected:
-            continue  # e.g. rotary inv_freq saved by old transformers versions
+            if not name.endswith("rotary_emb.inv_freq"):  # old transformers versions saved the rope buffer
+                unexpected.append(name)
+            continue
         if tuple(tensor.shape) != tuple(expected[name]):
             raise ModelLoadError(f"{origin}: weight {name} has shape {tuple(tensor.shape)} but config.json implies "
                                  f"{tuple(expected[name])}; the weights and config.json do not belong together.")
         state[name] = tensor
+    if unexpected:  # e.g. more layers than config.json says: loading the rest would silently run another model
+        raise ModelLoadError(f"{origin}: {len(unexpected)} weights are not part of the model config.json describes "
+                             f"(first: {unexpected[0]}); the weights and config.json do not belong together.")
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
         expected.pop("lm_head.weight", None)
