@@ -108,6 +108,7 @@ def time_per_call_us(fn, arg_sets, replays: int = 20) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
+    parser.add_argument("--int4-only", action="store_true", help="skip the bf16 comparisons (a short run)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("this benchmark needs a CUDA GPU", file=sys.stderr)
@@ -122,7 +123,7 @@ def main() -> int:
     rows = []
     print(f"\n{'shape':8s} {'K':>5s} {'N':>6s} {'variant':22s} {'M':>4s} {'us':>8s} {'GB/s':>7s} {'% copy bw':>9s}", flush=True)
     for name, K, N in SHAPES_3B:
-        dense_sets = [(None, torch.randn(N, K, device="cuda", dtype=torch.bfloat16)) for _ in range(SETS)]
+        dense_sets = [(None, torch.randn(N, K, device="cuda", dtype=torch.bfloat16)) for _ in range(0 if args.int4_only else SETS)]
         int4_sets = [random_int4(K, N)[0] for _ in range(SETS)]
         G = K // GROUP
         bytes_bf16 = N * K * 2
@@ -134,16 +135,18 @@ def main() -> int:
             print(f"{name:8s} {K:5d} {N:6d} {variant:22s} {M:4d} {us:8.1f} {row['gb_per_s']:7.0f} "
                   f"{row['fraction_of_copy_bandwidth']:9.1%}", flush=True)
         x1 = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-        record("bf16 cuBLAS", 1, time_per_call_us(lambda w: F.linear(x1, w), [(w,) for _, w in dense_sets]), bytes_bf16)
-        record("bf16 inductor", 1, time_per_call_us(lambda w: compiled_linear(x1, w), [(w,) for _, w in dense_sets]), bytes_bf16)
-        record("bf16 triton gemv", 1, time_per_call_us(lambda w: gemv_triton(x1, w), [(w,) for _, w in dense_sets]), bytes_bf16)
+        if dense_sets:
+            record("bf16 cuBLAS", 1, time_per_call_us(lambda w: F.linear(x1, w), [(w,) for _, w in dense_sets]), bytes_bf16)
+            record("bf16 inductor", 1, time_per_call_us(lambda w: compiled_linear(x1, w), [(w,) for _, w in dense_sets]), bytes_bf16)
+            record("bf16 triton gemv", 1, time_per_call_us(lambda w: gemv_triton(x1, w), [(w,) for _, w in dense_sets]), bytes_bf16)
         for M in (1, 4, 16):
             xm = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             us = time_per_call_us(lambda qw, s, qz, g: int4_matmul_triton(xm, qw, s, qz, g, GROUP), int4_sets)
             record("int4 triton", M, us, bytes_int4)
         xp = torch.randn(512, K, device="cuda", dtype=torch.bfloat16)
         sets4 = int4_sets[:4]
-        record("bf16 cuBLAS prefill", 512, time_per_call_us(lambda w: F.linear(xp, w), [(w,) for _, w in dense_sets[:4]]), bytes_bf16)
+        if dense_sets:
+            record("bf16 cuBLAS prefill", 512, time_per_call_us(lambda w: F.linear(xp, w), [(w,) for _, w in dense_sets[:4]]), bytes_bf16)
         record("int4 triton prefill", 512, time_per_call_us(
             lambda qw, s, qz, g: int4_matmul_triton(xp, qw, s, qz, g, GROUP), sets4), bytes_int4)
         del dense_sets, int4_sets

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from llmpress.quant.format import dequantize_runtime  # the bit layout lives in one file
+
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
@@ -39,3 +41,13 @@ def cached_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                                positions: torch.Tensor) -> torch.Tensor:
     """Reference for `ops.cached_attention`. q: [B, H, T, D]; caches: [B, Hkv, S, D]; positions: [T]."""
     return attention_reference(q, k_cache, v_cache, mask=cache_attention_mask(positions, k_cache.shape[2]))
+
+
+def int4_matmul_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+                          g_idx: torch.Tensor | None, group_size: int, bits: int) -> torch.Tensor:
+    """x @ W for a weight in the runtime packed layout (quant/format.py): unpack, dequantize to x's dtype, matmul.
+
+    x: [M, K] float; qweight: int32 [K*bits/32, N]; scales: [G, N]; qzeros: int32 [G, N*bits/32] (real zero
+    points); g_idx: int32 [K] or None (row i in group i // group_size). Returns [M, N] in x's dtype.
+    """
+    return x @ dequantize_runtime(qweight, scales, qzeros, g_idx, group_size, bits, x.dtype)

@@ -19,6 +19,11 @@ import triton.language as tl
 DECODE_CONFIGS = [(16, n, k, s, w, 3) for n, k, s, w in
                   [(64, 128, 1, 4), (64, 128, 4, 4), (128, 128, 2, 4), (64, 256, 2, 4), (32, 256, 4, 4),
                    (128, 64, 4, 4), (64, 128, 8, 4), (256, 64, 2, 8), (64, 256, 8, 4)]]
+# The grouped fast path needs BLOCK_K = 128 (16 packed rows: tl.dot's minimum K per nibble product).
+GROUPED_DECODE_CONFIGS = [(16, n, 128, s, w, st) for n, s, w, st in
+                          [(64, 1, 4, 3), (64, 2, 4, 3), (64, 4, 4, 3), (128, 2, 4, 3), (128, 4, 8, 3), (32, 4, 4, 3),
+                           (32, 8, 4, 3), (128, 1, 4, 4), (256, 2, 8, 3)]]
+GROUPED_PREFILL_CONFIGS = [(m, n, 128, 1, w, st) for m, n, w, st in [(64, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3)]]
 PREFILL_CONFIGS = [(m, n, k, 1, w, s) for m, n, k, w, s in
                    [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 4)]]
 
@@ -69,6 +74,42 @@ def _w4a16_body(x_ptr, qw_ptr, scales_ptr, qz_ptr, gidx_ptr, y_ptr, M, N, K, gro
         tl.atomic_add(y_ptrs, acc, mask=out_mask)
 
 
+@triton.jit
+def _w4a16_grouped_body(x_ptr, qw_ptr, scales_ptr, qz_ptr, y_ptr, M, N, K, group_size, stride_xm, stride_ym,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The fast path: each BLOCK_K slice of K lies inside one quantization group (group_size % BLOCK_K == 0),
+    so scales and zeros are one vector per block, and each packed word is loaded once and unpacked into
+    its 8 nibbles: nibble j of word i is input row 8*i + j, so the block's product is the sum over j of
+    x[:, rows 8i+j] @ W[rows 8i+j, :]."""
+    pid_mn = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid_mn // num_pid_n
+    pid_n = pid_mn % num_pid_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, BLOCK_K // 8)  # packed rows of the block
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    zero_shift = (offs_n % 8) * 4
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        packed = tl.load(qw_ptr + (k0 // 8 + offs_w)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+        group = k0 // group_size
+        scale = tl.load(scales_ptr + group * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        zero = (tl.load(qz_ptr + group * (N // 8) + offs_n // 8, mask=n_mask, other=0) >> zero_shift) & 0xF
+        for j in tl.static_range(8):
+            w = ((((packed >> (4 * j)) & 0xF) - zero[None, :]).to(tl.float32) * scale[None, :])
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + 8 * offs_w + j)[None, :], mask=m_mask[:, None], other=0.0)
+            acc += tl.dot(x, w.to(x.dtype))
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=out_mask)
+
+
 @triton.autotune(configs=_configs(DECODE_CONFIGS), key=["M_BUCKET", "N", "K"], reset_to_zero=["y_ptr"])
 @triton.jit
 def _w4a16_decode(x_ptr, qw_ptr, scales_ptr, qz_ptr, gidx_ptr, y_ptr, M, N, K, group_size, stride_xm, stride_ym,
@@ -87,7 +128,24 @@ def _w4a16_prefill(x_ptr, qw_ptr, scales_ptr, qz_ptr, gidx_ptr, y_ptr, M, N, K, 
                 HAS_GIDX, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
 
 
+@triton.autotune(configs=_configs(GROUPED_DECODE_CONFIGS), key=["M_BUCKET", "N", "K"], reset_to_zero=["y_ptr"])
+@triton.jit
+def _w4a16_grouped_decode(x_ptr, qw_ptr, scales_ptr, qz_ptr, y_ptr, M, N, K, group_size, stride_xm, stride_ym, M_BUCKET,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    _w4a16_grouped_body(x_ptr, qw_ptr, scales_ptr, qz_ptr, y_ptr, M, N, K, group_size, stride_xm, stride_ym,
+                        BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
+
+
+@triton.autotune(configs=_configs(GROUPED_PREFILL_CONFIGS), key=["M_BUCKET", "N", "K"])
+@triton.jit
+def _w4a16_grouped_prefill(x_ptr, qw_ptr, scales_ptr, qz_ptr, y_ptr, M, N, K, group_size, stride_xm, stride_ym, M_BUCKET,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    _w4a16_grouped_body(x_ptr, qw_ptr, scales_ptr, qz_ptr, y_ptr, M, N, K, group_size, stride_xm, stride_ym,
+                        BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
+
+
 DECODE_MAX_M = 16
+GROUPED_BLOCK_K = 128
 
 
 def int4_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
@@ -102,6 +160,17 @@ def int4_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     has_gidx = g_idx is not None
     gidx = g_idx if has_gidx else qweight  # any int32 tensor: never read when HAS_GIDX is False
     m_bucket = triton.next_power_of_2(M)
+    if not has_gidx and group_size % GROUPED_BLOCK_K == 0 and K % GROUPED_BLOCK_K == 0:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+        if M <= DECODE_MAX_M:
+            y32 = torch.zeros(M, N, dtype=torch.float32, device=x.device)
+            _w4a16_grouped_decode[grid](x, qweight, scales, qzeros, y32, M, N, K, group_size, x.stride(0), y32.stride(0),
+                                        m_bucket)
+            return y32.to(x.dtype)
+        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        _w4a16_grouped_prefill[grid](x, qweight, scales, qzeros, y, M, N, K, group_size, x.stride(0), y.stride(0),
+                                     min(m_bucket, 4096))
+        return y
     if M <= DECODE_MAX_M:
         y32 = torch.zeros(M, N, dtype=torch.float32, device=x.device)  # split-K accumulates with atomics
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
