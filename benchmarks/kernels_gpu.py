@@ -24,23 +24,13 @@ import torch.nn.functional as F
 from llmpress.bench.roofline import device_name, measure_copy_bandwidth
 from llmpress.kernels.triton_gemv import gemv_triton
 from llmpress.kernels.triton_int4 import int4_matmul_triton
+from llmpress.quant.format import pack_columns, pack_rows
 
 # (name, in_features K, out_features N) of the 3B's linears (q|k|v and gate|up fused as in model.fusion)
 SHAPES_3B = [("qkv", 3072, 5120), ("q/o", 3072, 3072), ("k/v", 3072, 1024), ("gate_up", 3072, 16384),
              ("down", 8192, 3072)]
 GROUP = 128
 SETS = 16
-
-
-def pack_int32(levels: torch.Tensor, dim: int) -> torch.Tensor:
-    """Pack 4-bit levels 8 to an int32 along `dim` (0: rows, as qweight; 1: columns, as qzeros)."""
-    levels = levels.long()
-    moved = levels if dim == 0 else levels.T
-    out = torch.zeros(moved.shape[0] // 8, moved.shape[1], dtype=torch.int64, device=levels.device)
-    for j in range(8):
-        out |= moved[j::8] << (4 * j)
-    out = (out - ((out >> 31) & 1) * (1 << 32)).to(torch.int32)
-    return out if dim == 0 else out.T.contiguous()
 
 
 def random_int4(K: int, N: int, act_order: bool = False):
@@ -52,7 +42,7 @@ def random_int4(K: int, N: int, act_order: bool = False):
     g_idx = (torch.randperm(K, device="cuda") // GROUP).int() if act_order else None
     g = g_idx.long() if act_order else torch.arange(K, device="cuda") // GROUP
     dense = (levels - zeros[g]).float() * scales.float()[g]
-    return (pack_int32(levels, 0), scales, pack_int32(zeros, 1), g_idx), dense
+    return (pack_rows(levels, 4), scales, pack_columns(zeros, 4), g_idx), dense
 
 
 def rel_error(got, ref) -> float:

@@ -13,7 +13,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from llmpress.kernels.reference import attention_reference, cache_attention_mask
+from llmpress.kernels.reference import attention_reference, cache_attention_mask, int4_matmul_reference
 
 BACKENDS = ("auto", "torch", "sdpa", "triton")
 _backend = "auto"
@@ -88,3 +88,27 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 @_decode_attention.register_fake
 def _(q, k_cache, v_cache, positions):
     return torch.empty_like(q)
+
+
+def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+                g_idx: torch.Tensor | None, group_size: int, bits: int) -> torch.Tensor:
+    """x [M, K] @ W for a weight in the runtime packed layout (quant/format.py). Returns [M, N] in x.dtype.
+    Triton for 4-bit on CUDA (fp16/bf16 activations), the dequantize-then-matmul reference otherwise."""
+    use_triton = _backend == "triton" or (_backend == "auto" and x.is_cuda and HAS_TRITON)
+    if use_triton and bits == 4 and x.dtype in (torch.float16, torch.bfloat16):
+        return torch.ops.llmpress.int4_matmul(x.contiguous(), qweight, scales, qzeros, g_idx, group_size)
+    if _backend == "triton":
+        raise ValueError("the triton backend covers 4-bit weights with fp16/bf16 activations on CUDA only")
+    return int4_matmul_reference(x, qweight, scales, qzeros, g_idx, group_size, bits)
+
+
+@torch.library.custom_op("llmpress::int4_matmul", mutates_args=())
+def _int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+                 g_idx: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    from llmpress.kernels.triton_int4 import int4_matmul_triton
+    return int4_matmul_triton(x, qweight, scales, qzeros, g_idx, group_size)
+
+
+@_int4_matmul.register_fake
+def _(x, qweight, scales, qzeros, g_idx, group_size):
+    return x.new_empty(x.shape[0], qweight.shape[1])

@@ -13,6 +13,7 @@ from llmpress.errors import ModelLoadError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+QUANT_CONFIG_FILES = ("quantize_config.json", "quant_config.json")
 
 
 def read_json(path: Path) -> dict:
@@ -26,6 +27,17 @@ def read_json(path: Path) -> dict:
 
 def read_config(model_dir: Path) -> LlamaConfig:
     return LlamaConfig.from_hf_dict(read_json(model_dir / "config.json"), source=str(model_dir / "config.json"))
+
+
+def read_quantization_config(model_dir: Path) -> dict | None:
+    """`quantization_config` from config.json, else AutoGPTQ's / AutoAWQ's older side file; None when unquantized."""
+    quantization = read_json(model_dir / "config.json").get("quantization_config")
+    if quantization is not None:
+        return quantization
+    for name in QUANT_CONFIG_FILES:
+        if (model_dir / name).is_file():
+            return read_json(model_dir / name)
+    return None
 
 
 def read_generation_config(model_dir: Path) -> dict:

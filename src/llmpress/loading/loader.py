@@ -71,7 +71,12 @@ def load_model(spec: str, dtype: str | torch.dtype = "auto", device: str | torch
         config = hf_dir.read_config(source.path)
         generation_defaults = hf_dir.read_generation_config(source.path)
         tensors = hf_dir.iter_safetensors(hf_dir.safetensors_files(source.path), device, dtype)
-        model = build_model(config, tensors, device, dtype, origin=str(source.path))
+        quantization = hf_dir.read_quantization_config(source.path)
+        if quantization is None:
+            model = build_model(config, tensors, device, dtype, origin=str(source.path))
+        else:  # GPTQ / AWQ: packed linears become QuantLinear
+            from llmpress.loading.quantized import build_quantized_model
+            model = build_quantized_model(config, quantization, tensors, device, dtype, origin=str(source.path))
         tokenizer = _load_hf_tokenizer(source.path)
     elif source.kind == "gguf":
         from llmpress.loading import gguf_file
@@ -87,11 +92,14 @@ def load_model(spec: str, dtype: str | torch.dtype = "auto", device: str | torch
 
 
 def build_model(config: LlamaConfig, tensors: Iterator[tuple[str, torch.Tensor]], device: torch.device,
-                dtype: torch.dtype, origin: str) -> LlamaForCausalLM:
-    """Meta-device construction, then `load_state_dict(assign=True)`: weights are allocated once, in `dtype`."""
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    expected = {name: p.shape for name, p in model.state_dict().items()}
+                dtype: torch.dtype, origin: str, model: LlamaForCausalLM | None = None) -> LlamaForCausalLM:
+    """Meta-device construction, then `load_state_dict(assign=True)`: weights are allocated once, in `dtype`.
+    `model`: a meta-built model some of whose modules are already real (quantized layers); only its meta
+    tensors are read from `tensors`."""
+    if model is None:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+    expected = {name: p.shape for name, p in model.state_dict().items() if p.is_meta}
     state, unexpected = {}, []
     for name, tensor in tensors:
         if name not in expected:
