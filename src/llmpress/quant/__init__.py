@@ -1,0 +1,1 @@
+"""Weight-only post-training quantization: algorithms (RTN, GPTQ, AWQ), the packed format, QuantLinear."""
