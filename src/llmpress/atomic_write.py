@@ -25,3 +25,26 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 
 def write_json_atomic(path: Path, record: dict) -> None:
     write_atomic(path, json.dumps(record, indent=2, default=str) + "\n")
+
+
+def write_directory(out_dir: Path, fill) -> Path:
+    """Create `out_dir` whole or not at all: `fill(tmp)` writes into a temporary sibling that is then renamed.
+    Refuses an existing non-empty `out_dir` (nothing a user wrote is overwritten)."""
+    import shutil
+    from llmpress.errors import LlmpressError
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise LlmpressError(f"{out_dir} already exists and is not empty; choose a new output directory "
+                            "(llmpress never overwrites files).")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; a model directory is meant to be shared
+        fill(tmp)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above); rename cannot replace a directory
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

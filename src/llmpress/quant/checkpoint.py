@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +18,7 @@ import torch
 from torch import nn
 
 from llmpress.config import LlamaConfig
+from llmpress.atomic_write import write_directory
 from llmpress.errors import LlmpressError
 from llmpress.quant.format import is_trivial_g_idx, pack_awq, pack_gptq
 from llmpress.quant.linear import QuantLinear
@@ -81,7 +79,7 @@ def save_quantized(model: nn.Module, quantized: dict[str, QuantizedWeight], toke
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise LlmpressError(f"{out_dir} already exists and is not empty; choose a new output directory "
-                            "(llmpress never overwrites files).")
+                            "(llmpress never overwrites files).")  # checked early: before minutes of packing
     config = source_config or model.config
     quantized = {**_held_quantized(model, scheme), **quantized}
     _check_scheme(quantized, scheme, fmt)
@@ -105,10 +103,7 @@ def save_quantized(model: nn.Module, quantized: dict[str, QuantizedWeight], toke
     quant_config = quantization_config(fmt, scheme, quantized, unquantized_linears, quant_config_extra)
     hf_config["quantization_config"] = quant_config
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; a model directory is meant to be shared
+    def fill(tmp: Path) -> None:
         _write_json(tmp / "config.json", hf_config)
         if fmt == "gptq":  # older AutoGPTQ and vLLM releases read this file rather than config.json
             _write_json(tmp / "quantize_config.json", quant_config)
@@ -118,12 +113,8 @@ def save_quantized(model: nn.Module, quantized: dict[str, QuantizedWeight], toke
         safetensors.torch.save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above); rename cannot replace a directory
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_directory(out_dir, fill)
     log.info("saved %d %s-quantized linears to %s", len(quantized), fmt.upper(), out_dir)
     return out_dir
 

@@ -27,9 +27,10 @@ class QuantLinear(nn.Module):
                  act_order: bool = False, dtype: torch.dtype = torch.float16, device=None):
         super().__init__()
         group_size = in_features if group_size == -1 else group_size
-        assert in_features % group_size == 0 and (in_features * bits) % 32 == 0 and (out_features * bits) % 32 == 0
+        assert (in_features * bits) % 32 == 0 and (out_features * bits) % 32 == 0, (in_features, out_features, bits)
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
-        groups, int32 = in_features // group_size, dict(dtype=torch.int32, device=device)
+        groups = -(-in_features // group_size)  # the last group is partial when group_size does not divide in_features
+        int32 = dict(dtype=torch.int32, device=device)
         self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, **int32))
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=dtype, device=device))
         self.register_buffer("qzeros", torch.zeros(groups, out_features * bits // 32, **int32))

@@ -32,10 +32,11 @@ class QuantScheme:
         return 2 ** self.bits - 1
 
     def groups(self, in_features: int) -> int:
-        size = in_features if self.group_size == -1 else self.group_size
-        if in_features % size:
-            raise LlmpressError(f"in_features={in_features} is not a multiple of group size {size}.")
-        return in_features // size
+        """Number of groups; the last one is partial when in_features is not a multiple of the group size
+        (SmolLM2's hidden size 576 at g128: 4 full groups + one of 64). GPTQ's g_idx = i // group_size
+        describes that exactly; vLLM, though, only loads checkpoints whose groups all divide evenly."""
+        size = self.group_size_for(in_features)
+        return -(-in_features // size)
 
     def group_size_for(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
