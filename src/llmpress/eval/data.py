@@ -2,12 +2,17 @@
 
 Every source ends as a list of rows joined with "\\n\\n", the common protocol (GPTQ, AWQ:
 `"\\n\\n".join(load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"])`).
+
+The packaged copy also splits by article into `default:calib` (every 4th article, from the 1st) and
+`default:heldout` (the rest), so a quantized model can be calibrated offline on text that its
+perplexity is then never measured on.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -21,16 +26,51 @@ PARQUET_GLOB = "test-*.parquet"  # the Hugging Face hub's parquet layout: test-0
 
 FALLBACK_HINT = f"pass --data PATH (a local {RAW_FILE_NAME}) or use --data {DEFAULT_NAME}"
 
+# An article starts at a top-level title row " = Title = "; section rows (" = = Career = = ") have two or
+# more "=" on each side and stay inside their article.
+ARTICLE_TITLE = re.compile(r" = [^=](.*[^=])? = ")
+CALIB_EVERY = 4  # articles 0, 4, 8, ... calibrate; the other three quarters measure
+ARTICLE_PARTS = ("calib", "heldout")
+
 
 def load_eval_text(data: str) -> tuple[str, str]:
-    """The evaluation text for `data` (wikitext2 | default | PATH), and a one-line description of it."""
+    """The evaluation text for `data` (wikitext2 | default | default:calib | default:heldout | PATH),
+    and a one-line description of it."""
     if data == HUB_NAME:
         return _join(_hub_rows()), "WikiText-2 test split (wikitext-2-raw-v1, Hugging Face datasets)"
     if data == DEFAULT_NAME:
         rows = rows_from_text(_packaged_text())
         return _join(rows), (f"WikiText-2 test split packaged with llmpress ({len(rows)} non-empty rows only, "
                              "so perplexity is close to, not identical with, published WikiText-2 numbers)")
+    if data.startswith(DEFAULT_NAME + ":"):
+        part = data.split(":", 1)[1]
+        if part not in ARTICLE_PARTS:
+            raise LlmpressError(f"--data {data}: the packaged text splits into "
+                                f"{' or '.join(DEFAULT_NAME + ':' + p for p in ARTICLE_PARTS)} only.")
+        articles = split_articles(rows_from_text(_packaged_text()))
+        chosen = article_part(articles, part)
+        rows = [row for article in chosen for row in article]
+        which = f"every {CALIB_EVERY}th from the 1st" if part == "calib" else f"all but every {CALIB_EVERY}th"
+        return _join(rows), (f"{part} articles of the packaged WikiText-2 test split ({len(chosen)} of "
+                             f"{len(articles)} articles, {which}; {len(rows)} rows)")
     return _load_path(data)
+
+
+def split_articles(rows: list[str]) -> list[list[str]]:
+    """Rows grouped by article: each group starts at a top-level title row (rows before the first title,
+    if any, form a group of their own)."""
+    articles: list[list[str]] = []
+    for row in rows:
+        if ARTICLE_TITLE.fullmatch(row.rstrip("\n")) or not articles:
+            articles.append([])
+        articles[-1].append(row)
+    return articles
+
+
+def article_part(articles: list[list[str]], part: str) -> list[list[str]]:
+    """`calib`: every CALIB_EVERY-th article starting with the first; `heldout`: all the others."""
+    assert part in ARTICLE_PARTS, part
+    return [a for i, a in enumerate(articles) if (i % CALIB_EVERY == 0) == (part == "calib")]
 
 
 def rows_from_text(text: str) -> list[str]:
