@@ -4,20 +4,23 @@ import json
 
 from llmpress import cli
 
-SMALL = ["--ppl-seq-len", "256", "--ppl-max-windows", "2", "--new-tokens", "8", "--repeats", "1"]
+SMALL = ["--ppl-seq-len", "256", "--ppl-max-windows", "2", "--new-tokens", "8", "--repeats", "1",
+         "--quant-methods", "rtn"]  # GPTQ and AWQ are tested in tests/quant; RTN keeps this test short
 
 
 def test_pipeline_writes_table_json_and_plot(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(["pipeline", *SMALL, "--out", str(out)]) == 0
     record = json.loads((out / "results.json").read_text())
-    [row] = record["results"]
-    assert row["method"] == "Baseline (float32)"
+    row, rtn = record["results"]
+    assert row["method"] == "Baseline (float32)" and rtn["method"] == "RTN (4-bit g128)"
     assert 2 < row["ppl"] < 100 and row["throughput_tokens_per_s"] > 0
+    assert row["ppl"] < rtn["ppl"] < 2 * row["ppl"]  # 4-bit costs some perplexity, not all of it
+    assert rtn["throughput_tokens_per_s"] > 0
     assert record["analysis"]["num_params"] == 134_515_008  # SmolLM2-135M, tied embeddings
     markdown = (out / "results.md").read_text()
     assert "| Method | Framework | Throughput (tok/s) | PPL |" in markdown
-    assert f"{row['ppl']:.3f}" in markdown
+    assert f"{row['ppl']:.3f}" in markdown and f"{rtn['ppl']:.3f}" in markdown
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "results.png"]  # no temp files
 

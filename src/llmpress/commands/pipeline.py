@@ -16,10 +16,17 @@ def register(subparsers) -> None:
     add_model_args(parser)
     parser.add_argument("--stages", default=",".join(DEFAULT_STAGES),
                         help=f"comma-separated, in order (available: {', '.join(STAGES)})")
-    parser.add_argument("--data", default="default", help="perplexity text: default | wikitext2 | PATH")
+    parser.add_argument("--data", default="default:heldout",
+                        help="perplexity text: default:heldout (articles not used for calibration) | default | wikitext2 | PATH")
     parser.add_argument("--ppl-seq-len", type=int, default=2048)
-    parser.add_argument("--ppl-max-windows", type=int, default=8, help="0 for the whole text (default: 8)")
-    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--ppl-max-windows", type=int, default=4, help="0 for the whole text (default: 4)")
+    parser.add_argument("--quant-methods", default="rtn,gptq,awq", help="methods of the quantize stage")
+    parser.add_argument("--quant-bits", type=int, default=4)
+    parser.add_argument("--quant-group-size", type=int, default=128)
+    parser.add_argument("--calib", default="default", help="calibration text for gptq/awq (default: the articles held out of --data)")
+    parser.add_argument("--calib-nsamples", type=int, default=16)
+    parser.add_argument("--calib-seqlen", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=None, help="default: 256 on CUDA, 32 on CPU")
     parser.add_argument("--batch-sizes", default="1", help="comma-separated (default: 1)")
     parser.add_argument("--decode-mode", default="auto", choices=("auto", "eager", "graph", "compile"))
     parser.add_argument("--repeats", type=int, default=2)
@@ -32,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, dtype=args.dtype, device=args.device,
         stages=tuple(s.strip() for s in args.stages.split(",") if s.strip()), data=args.data,
         ppl_seq_len=args.ppl_seq_len, ppl_max_windows=args.ppl_max_windows or None, new_tokens=args.new_tokens,
+        quant_methods=tuple(m.strip() for m in args.quant_methods.split(",") if m.strip()), quant_bits=args.quant_bits,
+        quant_group_size=args.quant_group_size, calib=args.calib, calib_nsamples=args.calib_nsamples,
+        calib_seqlen=args.calib_seqlen,
         batch_sizes=parse_batch_sizes(args.batch_sizes), decode_mode=args.decode_mode, repeats=args.repeats, out_dir=args.out)
     run_pipeline(config, command=command_line())
     return 0

@@ -21,10 +21,18 @@ class PipelineConfig:
     dtype: str = "auto"
     device: str = "auto"
     stages: tuple[str, ...] = DEFAULT_STAGES
-    data: str = "default"  # perplexity text: default | wikitext2 | PATH
+    # Perplexity text. The held-out three quarters of the packaged WikiText-2 test articles: the other
+    # quarter (default:calib) calibrates GPTQ and AWQ, and no model may be scored on its calibration text.
+    data: str = "default:heldout"
     ppl_seq_len: int = 2048
-    ppl_max_windows: int | None = 8  # a few minutes on 2 CPU cores; None for the whole test split
-    new_tokens: int = 256
+    ppl_max_windows: int | None = 4  # minutes on 2 CPU cores; None for the whole text
+    quant_methods: tuple[str, ...] = ("rtn", "gptq", "awq")
+    quant_bits: int = 4
+    quant_group_size: int = 128
+    calib: str = "default"  # the calibration quarter of the packaged articles (quant.calibration)
+    calib_nsamples: int = 16  # small for CPU; the papers' 128 x 2048 fits a GPU
+    calib_seqlen: int = 512
+    new_tokens: int | None = None  # None: 256 on CUDA, 32 on CPU (int4 on CPU runs the slow reference path)
     batch_sizes: list[int] = field(default_factory=lambda: [1])
     decode_mode: str = "auto"
     repeats: int = 2

@@ -7,6 +7,7 @@ one row per variant with no change here.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -43,6 +44,23 @@ def stage_analyze(ctx: PipelineContext) -> None:
     ctx.analysis = _to_dict(analysis, roofline, counted)
 
 
+def stage_quantize(ctx: PipelineContext) -> None:
+    """One variant per method: the base model with its decoder linears quantized (QuantLinear layers)."""
+    from llmpress.commands.quantize import quantized_copy
+    from llmpress.quant.scheme import QuantScheme
+    cfg = ctx.config
+    scheme = QuantScheme(bits=cfg.quant_bits, group_size=cfg.quant_group_size)
+    base = ctx.variants[0].loaded
+    for method in cfg.quant_methods:
+        start = time.perf_counter()
+        variant = quantized_copy(base, method, scheme, calib=cfg.calib, nsamples=cfg.calib_nsamples,
+                                 seqlen=cfg.calib_seqlen, seed=0)
+        seconds = time.perf_counter() - start
+        label = f"{method.upper()} ({scheme.bits}-bit g{scheme.group_size})"
+        print(f"{label}: quantized in {seconds:.1f} s", flush=True)
+        ctx.variants.append(Variant(label, variant, {"quantize_seconds": seconds}))
+
+
 def stage_eval(ctx: PipelineContext) -> None:
     """WikiText-2 perplexity of every variant (same text, same windows)."""
     from llmpress.eval.perplexity import PerplexityConfig, run_perplexity
@@ -61,7 +79,8 @@ def stage_bench(ctx: PipelineContext) -> None:
     from llmpress.commands.bench import format_bench, run_bench
     cfg = ctx.config
     for variant in ctx.variants:
-        result = run_bench(variant.loaded, cfg.batch_sizes, cfg.new_tokens, mode=cfg.decode_mode, repeats=cfg.repeats)
+        new_tokens = cfg.new_tokens or (256 if variant.loaded.model.device.type == "cuda" else 32)
+        result = run_bench(variant.loaded, cfg.batch_sizes, new_tokens, mode=cfg.decode_mode, repeats=cfg.repeats)
         print(format_bench(result), flush=True)
         batch1 = next((r for r in result["rows"] if r["batch_size"] == 1), result["rows"][0])
         variant.metrics["throughput_tokens_per_s"] = batch1["decode_tokens_per_s"]
@@ -71,7 +90,8 @@ def stage_bench(ctx: PipelineContext) -> None:
 
 STAGES: dict[str, Callable[[PipelineContext], None]] = {
     "analyze": stage_analyze,
+    "quantize": stage_quantize,
     "eval": stage_eval,
     "bench": stage_bench,
 }
-DEFAULT_STAGES = ("analyze", "eval", "bench")
+DEFAULT_STAGES = ("analyze", "quantize", "eval", "bench")
