@@ -105,7 +105,7 @@ def gptq_quantize_layer(weight: torch.Tensor, hessian: torch.Tensor, scheme: Qua
             levels[:, col] = q
             err = (w - scales[:, g] * (q - zeros[:, g])) / Hinv1[i, i]
             # OBS update of the rest of this block (Alg. 1, inner loop).
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
             Err1[:, i] = err
         # Lazy batch update: the columns after this block receive all of its errors in one matmul.
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
@@ -124,7 +124,7 @@ def _upper_cholesky_of_inverse(H: torch.Tensor, damp_percent: float, max_tries: 
     """
     diag = torch.arange(H.shape[0], device=H.device)
     mean_diag = torch.mean(torch.diag(H))
-    for attempt in range(max_tries):
+    for _ in range(max_tries):
         damped = H.clone()
         damped[diag, diag] += damp_percent * mean_diag
         L, info = torch.linalg.cholesky_ex(damped)
