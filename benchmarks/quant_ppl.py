@@ -15,8 +15,10 @@ import argparse
 import copy
 import datetime
 import io
+import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -53,21 +55,31 @@ def label(method: str, scheme: QuantScheme | None) -> str:
     return f"{method.upper()}{' act-order' if scheme.act_order else ''} w{scheme.bits}{g}"
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    fig = Figure(figsize=(8, 4.2), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    quantized = [r for r in rows if r["method"] != "unquantized"]
-    colors = {"rtn": "#8C8C8C", "gptq": "#4C72B0", "awq": "#55A868"}
-    bars = ax.bar([r["label"].replace(" w", "\nw") for r in quantized], [r["ppl"] for r in quantized],
-                  color=[colors[r["method"]] if not r["act_order"] else "#8172B2" for r in quantized])
-    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+def plot(record: dict, path: Path) -> None:
+    """One panel per bit width (3-bit RTN is off the 4-bit scale), the fp32 perplexity as a dashed line."""
+    rows = record["results"]
     base = next(r["ppl"] for r in rows if r["method"] == "unquantized")
-    ax.axhline(base, color="#C44E52", linestyle="--", label=f"unquantized fp32: {base:.2f}")
-    ax.set_ylabel("perplexity (lower is better)", fontsize=9)
-    ax.set_title(title, fontsize=9)
-    ax.tick_params(axis="x", labelsize=7)
-    ax.legend(fontsize=8)
+    bit_widths = sorted({r["bits"] for r in rows if r["method"] != "unquantized"}, reverse=True)
+    fig = Figure(figsize=(4.2 * len(bit_widths) + 1, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    colors = {"rtn": "#8C8C8C", "gptq": "#4C72B0", "awq": "#55A868"}
+    for i, bits in enumerate(bit_widths):
+        ax = fig.add_subplot(1, len(bit_widths), i + 1)
+        panel = [r for r in rows if r["bits"] == bits]
+        bars = ax.bar([r["label"].replace(" w", "\nw") for r in panel], [r["ppl"] for r in panel],
+                      color=["#8172B2" if r["act_order"] else colors[r["method"]] for r in panel])
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+        ax.axhline(base, color="#C44E52", linestyle="--", label=f"unquantized fp32: {base:.2f}")
+        ax.set_ylim(0, max(r["ppl"] for r in panel) * 1.12)
+        ax.set_title(f"{bits}-bit", fontsize=9)
+        ax.set_ylabel("perplexity (lower is better)", fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.legend(fontsize=7, loc="lower right")
+    calib, ppl, quant = record["calibration"], record["perplexity"], record["quantization"]
+    fig.suptitle(f"{record['model']} fp32 weights fake-quantized, group {quant['group_size']}, "
+                 f"{'sym' if quant['sym'] else 'asym'}; perplexity on {ppl['data']} "
+                 f"({rows[0]['num_windows']} x {ppl['seq_len']} tokens), calibrated on {calib['source']} "
+                 f"({calib['nsamples']} x {calib['seqlen']})", fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
@@ -90,7 +102,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", default=str(RESULTS / "quant_ppl_smollm2.json"))
     parser.add_argument("--png", default=str(RESULTS / "quant_ppl_smollm2.png"))
+    parser.add_argument("--replot", action="store_true", help="only redraw --png from the existing --out JSON")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads(Path(args.out).read_text()), Path(args.png))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -138,23 +154,23 @@ def main() -> None:
 
     record = dict(
         script="benchmarks/quant_ppl.py", date=datetime.date.today().isoformat(),
+        command=" ".join(["python", "benchmarks/quant_ppl.py", *sys.argv[1:]]),
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
         machine=dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
                      cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), device=args.device,
                      torch=torch.__version__),
         model=args.model, dtype="float32",
         calibration=dict(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=0),
         perplexity=dict(data=args.data, description=data_description, num_tokens=eval_ids.numel(),
-                        seq_len=args.seq_len, max_windows=args.max_windows or None),
+                        seq_len=args.seq_len, max_windows=args.max_windows or None,
+                        windows_available=eval_ids.numel() // args.seq_len),
         quantization=dict(group_size=args.group_size, sym=args.sym, gptq_damp_percent=0.01, gptq_block_size=128,
                           awq_scale_grid=20, awq_clip_grid=20, awq_max_shrink=0.5,
                           note="fake quantization: weights quantized then dequantized to fp32; "
                                "embeddings and lm_head unquantized"),
         results=rows, acceptance=checks, total_seconds=round(time.perf_counter() - start, 1))
     write_json_atomic(Path(args.out), record)
-    windows = rows[0]["num_windows"]
-    plot(rows, Path(args.png), f"{args.model} on {args.data} ({windows} x {args.seq_len} tokens); calibrated on "
-                               f"{args.calib} ({args.nsamples} x {args.seqlen}); group {args.group_size}, "
-                               f"{'sym' if args.sym else 'asym'}")
+    plot(record, Path(args.png))
     print(f"wrote {args.out} and {args.png} ({record['total_seconds']:.0f} s in all)")
 
 

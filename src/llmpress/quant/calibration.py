@@ -126,7 +126,8 @@ def quantize_model(model, method: str, scheme: QuantScheme, calib_tokens: torch.
                    awq: AwqConfig | None = None) -> dict[str, QuantizedWeight]:
     """Quantize every decoder-layer linear of `model` in place (fake-quantized float weights) and return
     their QuantizedWeight by parameter prefix ("model.layers.0.self_attn.q_proj").
-    calib_tokens: LongTensor [nsamples, seqlen] (not needed for rtn); `batch_size` samples run at a time."""
+    calib_tokens: LongTensor [nsamples, seqlen] (not needed for rtn); `batch_size` samples run at a time.
+    AWQ also divides the layers' norm gains by its scales, in place: a checkpoint must take them from `model`."""
     if method not in METHODS:
         raise LlmpressError(f"unknown quantization method {method!r}; choose {', '.join(METHODS)}.")
     if method != "rtn" and calib_tokens is None:
