@@ -1,8 +1,9 @@
 """Linear-layer kernels on the GPU at the Llama-3.2-3B shapes: correctness, then bandwidth.
 
 For each weight shape: bf16 (cuBLAS through F.linear, Inductor's generated kernel through
-torch.compile, our Triton GEMV) and int4 g128 (our Triton W4A16 kernel, the whole op including its
-output zeroing and cast) at batch 1, 4, 16, plus a 512-token prefill. Times are CUDA-graph replays
+torch.compile, our Triton GEMV) and int4 g128 (our Triton W4A16 kernels through the autotuned
+dispatch, the whole op) at batch 1, 4, 16, plus a 512-token prefill; `--sweep` also times every
+batch-1 GEMV configuration by itself. Times are CUDA-graph replays
 over 16 different weight sets per shape (so the 50 MB L2 cannot serve repeats), divided per call.
 Bandwidth = bytes of weights (packed weights + scales + zeros for int4) / time; compared with the
 copy bandwidth measured in the same run.
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from llmpress.bench.roofline import device_name, measure_copy_bandwidth
 from llmpress.kernels.triton_gemv import gemv_triton
-from llmpress.kernels.triton_int4 import int4_matmul_triton
+from llmpress.kernels.triton_int4 import GEMV_CONFIGS, GEMM_CONFIGS, int4_matmul_triton, kernel_family
 from llmpress.quant.format import pack_columns, pack_rows
 
 # (name, in_features K, out_features N) of the 3B's linears (q|k|v and gate|up fused as in model.fusion)
@@ -50,16 +51,29 @@ def rel_error(got, ref) -> float:
 
 
 def check_correctness() -> dict:
+    """Every kernel family through the autotuned dispatch, then forced split-K configurations called
+    repeatedly (their arrival counters must reset), against exact dequantization."""
     results = {}
     torch.manual_seed(0)
     for (name, K, N) in SHAPES_3B[:3] + [("down", 8192, 3072)]:
         for act_order in (False, True):
             (qw, s, qz, g_idx), dense = random_int4(K, N, act_order)
-            for M in (1, 5, 16, 100, 512):
+            for M in (1, 2, 3, 4, 5, 16, 100, 512):
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
                 err = rel_error(int4_matmul_triton(x, qw, s, qz, g_idx, GROUP), x.float() @ dense)
-                results[f"int4 {name} M={M} act_order={act_order}"] = err
+                results[f"int4 {kernel_family(M, K, GROUP, act_order)} {name} M={M} act_order={act_order}"] = err
                 assert err < 1e-2, (name, M, act_order, err)
+        (qw, s, qz, g_idx), dense = random_int4(K, N)
+        forced = [dict(family="gemv", BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, num_warps=4, num_stages=3),
+                  dict(family="gemm", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=3),
+                  dict(family="general", BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=4, num_warps=4, num_stages=3)]
+        for config in forced:
+            for M in (1, 3) if config["family"] == "gemv" else (1, 16):
+                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                ref = x.float() @ dense
+                worst = max(rel_error(int4_matmul_triton(x, qw, s, qz, None, GROUP, config=config), ref) for _ in range(20))
+                results[f"int4 forced {config['family']} split-k {config['SPLIT_K']} {name} M={M} x20"] = worst
+                assert worst < 1e-2, (name, config, M, worst)
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
         for M in (1, 2, 4):
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -99,6 +113,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
     parser.add_argument("--int4-only", action="store_true", help="skip the bf16 comparisons (a short run)")
+    parser.add_argument("--sweep", action="store_true", help="also time each int4 GEMV (M=1) and GEMM (M=16) configuration")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("this benchmark needs a CUDA GPU", file=sys.stderr)
@@ -132,12 +147,23 @@ def main() -> int:
         for M in (1, 4, 16):
             xm = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             us = time_per_call_us(lambda qw, s, qz, g: int4_matmul_triton(xm, qw, s, qz, g, GROUP), int4_sets)
-            record("int4 triton", M, us, bytes_int4)
+            record(f"int4 triton {kernel_family(M, K, GROUP, False)}", M, us, bytes_int4)
+        if args.sweep:
+            for M, family, table in ((1, "gemv", GEMV_CONFIGS), (16, "gemm", GEMM_CONFIGS[:5])):
+                xm = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                for bm, bn, bk, sk, warps, stages in table:
+                    if K < bk * sk:
+                        continue
+                    config = dict(family=family, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=warps, num_stages=stages,
+                                  **({"BLOCK_M": bm} if bm else {}))
+                    us = time_per_call_us(lambda qw, s, qz, g: int4_matmul_triton(xm, qw, s, qz, g, GROUP, config=config),
+                                          int4_sets)
+                    record(f"{family} n{bn} k{bk} s{sk} w{warps} st{stages}", M, us, bytes_int4)
         xp = torch.randn(512, K, device="cuda", dtype=torch.bfloat16)
         sets4 = int4_sets[:4]
         if dense_sets:
             record("bf16 cuBLAS prefill", 512, time_per_call_us(lambda w: F.linear(xp, w), [(w,) for _, w in dense_sets[:4]]), bytes_bf16)
-        record("int4 triton prefill", 512, time_per_call_us(
+        record("int4 triton gemm prefill", 512, time_per_call_us(
             lambda qw, s, qz, g: int4_matmul_triton(xp, qw, s, qz, g, GROUP), sets4), bytes_int4)
         del dense_sets, int4_sets
         torch.cuda.empty_cache()

@@ -1,0 +1,153 @@
+"""int4 on the GPU: batch-1 decode of bf16 vs int4 g128 in one run, and the time to GPTQ-quantize.
+
+Random bf16 weights in the Llama-3.2 architectures (no download). For each architecture:
+  1. bf16 decode (torch.compile + CUDA graph, the generator's default on CUDA);
+  2. the same weights RTN-quantized to int4 g128 (QuantLinear layers, Triton W4A16 kernels): prefill
+     logits of the Triton path vs the dequantize-then-matmul reference on the same int4 weights, then decode;
+  3. the roofline of each: bytes that one decode token reads (weights as stored + KV) / copy bandwidth;
+  4. (--gptq-arch) GPTQ 4-bit g128 of a fresh copy, timed end to end (calibration forward passes,
+     Hessians, Cholesky, quantization, layer by layer). A random model has no tokenizer, so its
+     calibration set is random token ids of the paper's shape (128 x 2048); the work per layer does
+     not depend on which tokens they are.
+Prints a table and writes JSON.
+
+    python benchmarks/int4_gpu.py --out benchmarks/results/int4_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from llmpress.bench.roofline import device_name, measure_copy_bandwidth
+from llmpress.bench.throughput import benchmark_decode, prompt_token_ids
+from llmpress.config import KNOWN_ARCHITECTURES
+from llmpress.kernels import ops
+from llmpress.loading.loader import random_model
+from llmpress.quant.calibration import quantize_model
+from llmpress.quant.linear import replace_linears
+from llmpress.quant.scheme import QuantScheme
+
+
+def decode_bytes(model, context_len: int) -> int:
+    """Bytes one batch-1 decode token reads: every stored weight tensor once (the embedding table only
+    when it doubles as lm_head), plus K and V at `context_len` positions."""
+    config = model.config
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    embed = model.model.embed_tokens.weight
+    if not config.tie_word_embeddings:
+        tensors.pop(id(embed), None)
+    weights = sum(t.numel() * t.element_size() for t in tensors.values() if t.device.type != "meta")
+    rope = sum(b.numel() * b.element_size() for b in model.model.rotary_emb.buffers())
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * context_len * 2
+    return weights - rope + kv
+
+
+def prefill_rel_error(model, prompt) -> float:
+    with torch.inference_mode():
+        with ops.use_backend("triton"):
+            fast = model(prompt).float()
+        with ops.use_backend("torch"):
+            ref = model(prompt).float()
+    return ((fast - ref).norm() / ref.norm()).item()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", default="llama-3.2-3b,llama-3.2-1b")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--gptq-arch", default="llama-3.2-3b", help="architecture to GPTQ-quantize and time ('' to skip)")
+    parser.add_argument("--gptq-nsamples", type=int, default=128)
+    parser.add_argument("--gptq-seqlen", type=int, default=2048)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("this benchmark needs a CUDA GPU", file=sys.stderr)
+        return 2
+    bandwidth = measure_copy_bandwidth("cuda")
+    results = {"script": "benchmarks/int4_gpu.py", "date": date.today().isoformat(), "gpu": device_name("cuda"),
+               "torch": torch.__version__, "copy_bandwidth_bytes_per_s": bandwidth, "new_tokens": args.new_tokens,
+               "prompt_len": args.prompt_len, "batch_size": 1, "scheme": "int4 g128 asym (RTN)", "architectures": {}}
+    print(f"{results['gpu']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    scheme = QuantScheme(bits=4, group_size=128)
+    mean_context = args.prompt_len + args.new_tokens // 2
+    for arch in [a for a in args.archs.split(",") if a]:
+        config = KNOWN_ARCHITECTURES[arch]
+        entry = results["architectures"][arch] = {}
+        model = random_model(config, torch.device("cuda"), torch.bfloat16, seed=0)
+        prompt = prompt_token_ids(None, args.prompt_len, config.vocab_size).cuda()
+        for label in ("bf16", "int4"):
+            if label == "int4":
+                quantized = quantize_model(model, "rtn", scheme, progress=False)
+                replace_linears(model, quantized)
+                del quantized
+                gc.collect()
+                torch.cuda.empty_cache()
+                entry["int4_prefill_logits_rel_error_triton_vs_reference"] = prefill_rel_error(model, prompt)
+                print(f"{arch} int4 prefill logits, Triton vs reference: relative error "
+                      f"{entry['int4_prefill_logits_rel_error_triton_vs_reference']:.2e}", flush=True)
+            torch._dynamo.reset()
+            start = time.perf_counter()
+            r = benchmark_decode(model, prompt, 1, args.new_tokens, mode="compile", repeats=3)
+            nbytes = decode_bytes(model, mean_context)
+            roofline = bandwidth / nbytes
+            entry[label] = dict(r.to_dict(), bytes_per_token=nbytes, roofline_tokens_per_s=roofline,
+                                fraction_of_roofline=r.decode_tokens_per_s / roofline,
+                                setup_and_runs_s=time.perf_counter() - start)
+            print(f"{arch} {label}: decode {r.decode_tokens_per_s:7.1f} tok/s, {nbytes / 1e9:.2f} GB/token, roofline "
+                  f"{roofline:.0f} tok/s ({r.decode_tokens_per_s / roofline:.1%}); {time.perf_counter() - start:.0f} s", flush=True)
+            _flush(results, args.out)
+        entry["int4_over_bf16"] = entry["int4"]["decode_tokens_per_s"] / entry["bf16"]["decode_tokens_per_s"]
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch._dynamo.reset()
+    if args.gptq_arch:
+        config = KNOWN_ARCHITECTURES[args.gptq_arch]
+        model = random_model(config, torch.device("cuda"), torch.bfloat16, seed=0)
+        tokens = torch.randint(0, config.vocab_size, (args.gptq_nsamples, args.gptq_seqlen),
+                               generator=torch.Generator().manual_seed(0))
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        quantize_model(model, "gptq", scheme, tokens)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        results["gptq"] = dict(arch=args.gptq_arch, nsamples=args.gptq_nsamples, seqlen=args.gptq_seqlen,
+                               seconds=seconds, peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9)
+        print(f"GPTQ {args.gptq_arch} 4-bit g128, {args.gptq_nsamples} x {args.gptq_seqlen} calibration tokens: "
+              f"{seconds:.1f} s", flush=True)
+        _flush(results, args.out)
+    print(f"\nBatch-1 decode, {results['gpu']}, prompt {args.prompt_len}, {args.new_tokens} new tokens")
+    print(f"{'model':14s} {'bf16 tok/s':>11s} {'% roof':>7s} {'int4 tok/s':>11s} {'% roof':>7s} {'int4/bf16':>10s}")
+    for arch, e in results["architectures"].items():
+        b, q = e["bf16"], e["int4"]
+        print(f"{arch:14s} {b['decode_tokens_per_s']:11.1f} {b['fraction_of_roofline']:7.1%} "
+              f"{q['decode_tokens_per_s']:11.1f} {q['fraction_of_roofline']:7.1%} {e['int4_over_bf16']:9.2f}x")
+    _flush(results, args.out)
+    return 0
+
+
+def _flush(results: dict, out: str | None) -> None:
+    """Write results so far (a run cut short still leaves its numbers), atomically."""
+    paths = [Path(out)] if out else []
+    if os.environ.get("OUT"):
+        paths.append(Path(os.environ["OUT"]) / "int4_gpu.json")
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+            json.dump(results, f, indent=2)
+        os.replace(f.name, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
