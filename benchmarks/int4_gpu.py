@@ -2,8 +2,10 @@
 
 Random bf16 weights in the Llama-3.2 architectures (no download). For each architecture:
   1. bf16 decode (torch.compile + CUDA graph, the generator's default on CUDA);
-  2. the same weights RTN-quantized to int4 g128 (QuantLinear layers, Triton W4A16 kernels): prefill
-     logits of the Triton path vs the dequantize-then-matmul reference on the same int4 weights, then decode;
+  2. the same weights RTN-quantized to int4 g128 (QuantLinear layers): prefill logits of the Triton
+     path vs the dequantize-then-matmul reference on the same int4 weights, then decode with our Triton
+     W4A16 kernels ("int4") and with the dequantization written as plain PyTorch for Inductor to fuse
+     into its own matrix-vector kernel ("int4-inductor", kernels.reference.int4_matmul_grouped);
   3. the roofline of each: bytes that one decode token reads (weights as stored + KV) / copy bandwidth;
   4. (--gptq-arch) GPTQ 4-bit g128 of a fresh copy, timed end to end (calibration forward passes,
      Hessians, Cholesky, quantization, layer by layer). A random model has no tokenizer, so its
@@ -32,6 +34,7 @@ from llmpress.bench.roofline import device_name, measure_copy_bandwidth
 from llmpress.bench.throughput import benchmark_decode, prompt_token_ids
 from llmpress.config import KNOWN_ARCHITECTURES
 from llmpress.kernels import ops
+from llmpress.kernels.reference import int4_matmul_grouped
 from llmpress.loading.loader import random_model
 from llmpress.quant.calibration import quantize_model
 from llmpress.quant.linear import replace_linears
@@ -61,6 +64,16 @@ def prefill_rel_error(model, prompt) -> float:
     return ((fast - ref).norm() / ref.norm()).item()
 
 
+_triton_int4_matmul = ops.int4_matmul
+
+
+def inductor_int4_matmul(x, qweight, scales, qzeros, g_idx, group_size, bits):
+    """ops.int4_matmul with the grouped case left to torch.compile (installed by the int4-inductor variant)."""
+    if g_idx is None and bits == 4 and x.shape[-1] % group_size == 0:
+        return int4_matmul_grouped(x, qweight, scales, qzeros, group_size, bits)
+    return _triton_int4_matmul(x, qweight, scales, qzeros, g_idx, group_size, bits)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", default="llama-3.2-3b,llama-3.2-1b")
@@ -86,7 +99,7 @@ def main() -> int:
         entry = results["architectures"][arch] = {}
         model = random_model(config, torch.device("cuda"), torch.bfloat16, seed=0)
         prompt = prompt_token_ids(None, args.prompt_len, config.vocab_size).cuda()
-        for label in ("bf16", "int4"):
+        for label in ("bf16", "int4", "int4-inductor"):
             if label == "int4":
                 quantized = quantize_model(model, "rtn", scheme, progress=False)
                 replace_linears(model, quantized)
@@ -96,6 +109,7 @@ def main() -> int:
                 entry["int4_prefill_logits_rel_error_triton_vs_reference"] = prefill_rel_error(model, prompt)
                 print(f"{arch} int4 prefill logits, Triton vs reference: relative error "
                       f"{entry['int4_prefill_logits_rel_error_triton_vs_reference']:.2e}", flush=True)
+            ops.int4_matmul = inductor_int4_matmul if label == "int4-inductor" else _triton_int4_matmul
             torch._dynamo.reset()
             start = time.perf_counter()
             r = benchmark_decode(model, prompt, 1, args.new_tokens, mode="compile", repeats=3)
@@ -107,7 +121,9 @@ def main() -> int:
             print(f"{arch} {label}: decode {r.decode_tokens_per_s:7.1f} tok/s, {nbytes / 1e9:.2f} GB/token, roofline "
                   f"{roofline:.0f} tok/s ({r.decode_tokens_per_s / roofline:.1%}); {time.perf_counter() - start:.0f} s", flush=True)
             _flush(results, args.out)
-        entry["int4_over_bf16"] = entry["int4"]["decode_tokens_per_s"] / entry["bf16"]["decode_tokens_per_s"]
+        ops.int4_matmul = _triton_int4_matmul
+        for label in ("int4", "int4-inductor"):
+            entry[f"{label}_over_bf16"] = entry[label]["decode_tokens_per_s"] / entry["bf16"]["decode_tokens_per_s"]
         del model
         gc.collect()
         torch.cuda.empty_cache()
@@ -128,11 +144,12 @@ def main() -> int:
               f"{seconds:.1f} s", flush=True)
         _flush(results, args.out)
     print(f"\nBatch-1 decode, {results['gpu']}, prompt {args.prompt_len}, {args.new_tokens} new tokens")
-    print(f"{'model':14s} {'bf16 tok/s':>11s} {'% roof':>7s} {'int4 tok/s':>11s} {'% roof':>7s} {'int4/bf16':>10s}")
+    print(f"{'model':14s} {'variant':14s} {'tok/s':>8s} {'roofline':>9s} {'% roof':>7s} {'x bf16':>7s}")
     for arch, e in results["architectures"].items():
-        b, q = e["bf16"], e["int4"]
-        print(f"{arch:14s} {b['decode_tokens_per_s']:11.1f} {b['fraction_of_roofline']:7.1%} "
-              f"{q['decode_tokens_per_s']:11.1f} {q['fraction_of_roofline']:7.1%} {e['int4_over_bf16']:9.2f}x")
+        for label in ("bf16", "int4", "int4-inductor"):
+            v = e[label]
+            print(f"{arch:14s} {label:14s} {v['decode_tokens_per_s']:8.1f} {v['roofline_tokens_per_s']:9.0f} "
+                  f"{v['fraction_of_roofline']:7.1%} {v['decode_tokens_per_s'] / e['bf16']['decode_tokens_per_s']:6.2f}x")
     _flush(results, args.out)
     return 0
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from llmpress.bench.roofline import device_name, measure_copy_bandwidth
 from llmpress.kernels.triton_gemv import gemv_triton
 from llmpress.kernels.triton_int4 import GEMV_CONFIGS, GEMM_CONFIGS, int4_matmul_triton, kernel_family
+from llmpress.kernels.reference import int4_matmul_grouped
 from llmpress.quant.format import pack_columns, pack_rows
 
 # (name, in_features K, out_features N) of the 3B's linears (q|k|v and gate|up fused as in model.fusion)
@@ -50,6 +51,10 @@ def rel_error(got, ref) -> float:
     return ((got.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
+compiled_int4 = torch.compile(lambda x, qw, s, qz: int4_matmul_grouped(x, qw, s, qz, GROUP, 4), dynamic=False,
+                              options={"coordinate_descent_tuning": True})
+
+
 def check_correctness() -> dict:
     """Every kernel family through the autotuned dispatch, then forced split-K configurations called
     repeatedly (their arrival counters must reset), against exact dequantization."""
@@ -64,6 +69,11 @@ def check_correctness() -> dict:
                 results[f"int4 {kernel_family(M, K, GROUP, act_order)} {name} M={M} act_order={act_order}"] = err
                 assert err < 1e-2, (name, M, act_order, err)
         (qw, s, qz, g_idx), dense = random_int4(K, N)
+        for M in (1, 4):
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            err = rel_error(compiled_int4(x, qw, s, qz), x.float() @ dense)
+            results[f"int4 inductor {name} M={M}"] = err
+            assert err < 1e-2, (name, M, err)
         forced = [dict(family="gemv", BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, num_warps=4, num_stages=3),
                   dict(family="gemm", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=3),
                   dict(family="general", BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=4, num_warps=4, num_stages=3)]
@@ -125,6 +135,7 @@ def main() -> int:
     report["correctness_rel_error"] = check_correctness()
     compiled_linear = torch.compile(lambda x, w: F.linear(x, w), dynamic=False,
                                     options={"coordinate_descent_tuning": True})
+
     rows = []
     print(f"\n{'shape':8s} {'K':>5s} {'N':>6s} {'variant':22s} {'M':>4s} {'us':>8s} {'GB/s':>7s} {'% copy bw':>9s}", flush=True)
     for name, K, N in SHAPES_3B:
@@ -148,6 +159,8 @@ def main() -> int:
             xm = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             us = time_per_call_us(lambda qw, s, qz, g: int4_matmul_triton(xm, qw, s, qz, g, GROUP), int4_sets)
             record(f"int4 triton {kernel_family(M, K, GROUP, False)}", M, us, bytes_int4)
+            us = time_per_call_us(lambda qw, s, qz, g: compiled_int4(xm, qw, s, qz), int4_sets)
+            record("int4 inductor", M, us, bytes_int4)
         if args.sweep:
             for M, family, table in ((1, "gemv", GEMV_CONFIGS), (16, "gemm", GEMM_CONFIGS[:5])):
                 xm = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from llmpress.quant.format import dequantize_runtime  # the bit layout lives in one file
+from llmpress.quant.format import dequantize_runtime, unpack_columns, unpack_rows  # the bit layout lives in one file
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -51,3 +51,17 @@ def int4_matmul_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.
     points); g_idx: int32 [K] or None (row i in group i // group_size). Returns [M, N] in x's dtype.
     """
     return x @ dequantize_runtime(qweight, scales, qzeros, g_idx, group_size, bits, x.dtype)
+
+
+def int4_matmul_grouped(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+                        group_size: int, bits: int) -> torch.Tensor:
+    """`int4_matmul_reference` for groups that tile K (no g_idx), written as broadcasts and a reshape
+    (no gathers), so that torch.compile can fuse the dequantization into the matmul it feeds: at
+    M = 1 Inductor turns the product into a reduction and the unpacking into its index arithmetic."""
+    levels = unpack_rows(qweight, bits)  # [K, N]
+    K, N = levels.shape
+    zeros = unpack_columns(qzeros, bits)  # [G, N]
+    G = zeros.shape[0]
+    # (q - z) is a small integer, exact in bf16/fp16; one rounding to x's dtype after the scale, as the reference.
+    weight = ((levels.view(G, K // G, N) - zeros[:, None, :]).float() * scales.float()[:, None, :]).to(x.dtype)
+    return x @ weight.view(K, N)

@@ -39,7 +39,7 @@ GEMM_CONFIGS = [(m, n, k, s, w, st) for m, n, k, s, w, st in
 GENERAL_CONFIGS = [(m, n, k, s, w, st) for m, n, k, s, w, st in
                    [(16, 64, 128, 1, 4, 3), (16, 64, 128, 4, 4, 3), (16, 128, 128, 2, 4, 3), (16, 64, 256, 8, 4, 3),
                     (64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (128, 256, 64, 1, 8, 3)]]
-FP32_MAGIC = 0x4B000000  # the fp32 bit pattern of 2**23: OR a nibble q into its mantissa to get 2**23 + q
+FP32_MAGIC = tl.constexpr(0x4B000000)  # the fp32 bit pattern of 2**23: OR a nibble q into its mantissa to get 2**23 + q
 
 
 def _configs(table):
