@@ -42,17 +42,19 @@ from llmpress.quant.scheme import QuantScheme
 
 
 def decode_bytes(model, context_len: int) -> int:
-    """Bytes one batch-1 decode token reads: every stored weight tensor once (the embedding table only
-    when it doubles as lm_head), plus K and V at `context_len` positions."""
+    """Bytes one batch-1 decode token reads: every stored weight once (the embedding table only when it
+    doubles as lm_head), plus K and V at `context_len` positions. Counted per storage, because fused
+    q|k|v and gate|up buffers share their storage with the per-projection parameters (model.fusion)."""
     config = model.config
-    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    embed = model.model.embed_tokens.weight
-    if not config.tie_word_embeddings:
-        tensors.pop(id(embed), None)
-    weights = sum(t.numel() * t.element_size() for t in tensors.values() if t.device.type != "meta")
-    rope = sum(b.numel() * b.element_size() for b in model.model.rotary_emb.buffers())
+    skip = {model.model.embed_tokens.weight.untyped_storage().data_ptr()} if not config.tie_word_embeddings else set()
+    skip |= {b.untyped_storage().data_ptr() for b in model.model.rotary_emb.buffers()}
+    storages = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            storages[storage.data_ptr()] = storage.nbytes()
     kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * context_len * 2
-    return weights - rope + kv
+    return sum(storages.values()) + kv
 
 
 def prefill_rel_error(model, prompt) -> float:
