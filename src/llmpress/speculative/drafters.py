@@ -83,6 +83,12 @@ class ModelDrafter(Drafter):
         self.cached_len = len(prompt_ids)  # context positions whose k/v in the draft cache are valid
 
     def propose(self, context, k, params, generator):
+        return self.run(context, k, params, generator)
+
+    def run(self, context: list[int], k: int, params: SamplingParams, generator: torch.Generator | None,
+            forced: torch.Tensor | None = None) -> Draft:
+        """Draft k tokens; with `forced` ([k] ids) feed those instead of the draft's own choices, at the same
+        cost (OracleDrafter: the draft model's cache then follows the tokens actually proposed)."""
         pending = context[self.cached_len:]  # 1 token, or 2 after a round where every draft was accepted
         assert pending, "propose called without a new token"
         pending_ids = torch.tensor([pending], device=self.device)
@@ -96,6 +102,8 @@ class ModelDrafter(Drafter):
                 q = probabilities(logits, params)
                 token = torch.multinomial(q, 1, generator=generator).squeeze(-1)
                 probs.append(q[0])
+            if forced is not None:
+                token = forced[i:i + 1]
             tokens.append(token)
             if i + 1 < k:  # the last draft is never fed: the target's verify pass covers it
                 logits = self.runner.step(token[:, None], len(context) + i)[:, -1]
@@ -175,11 +183,13 @@ class NGramDrafter(Drafter):
 class OracleDrafter(Drafter):
     """Benchmark drafter: proposes `reference` (the target's own continuation of the prompt) with each token
     independently replaced by a different random token with probability 1 - alpha (seeded), so acceptance
-    is controlled. With `draft`, that drafter runs too (its proposals discarded) so its cost is real."""
+    is controlled. With `draft` (a ModelDrafter), the draft model runs too, fed the oracle's tokens, so
+    that its cost (and its cache's rollbacks) are those of real drafting."""
 
     fills_k = True
 
-    def __init__(self, reference: list[int], alpha: float, vocab_size: int, seed: int = 0, draft: Drafter | None = None):
+    def __init__(self, reference: list[int], alpha: float, vocab_size: int, seed: int = 0,
+                 draft: ModelDrafter | None = None):
         if not 0 <= alpha <= 1:
             raise LlmpressError(f"alpha must be in [0, 1], got {alpha}.")
         self.reference, self.alpha, self.vocab_size, self.draft = list(reference), alpha, vocab_size, draft
@@ -201,8 +211,6 @@ class OracleDrafter(Drafter):
             self.draft.start(prompt_ids)
 
     def propose(self, context, k, params, generator):
-        if self.draft is not None:
-            self.draft.propose(context, k, params, generator)
         done = len(context) - self.prompt_len
         tokens = []
         for i in range(k):
@@ -212,7 +220,10 @@ class OracleDrafter(Drafter):
                 wrong = self.rng.randrange(self.vocab_size - 1)
                 true = wrong + 1 if true is not None and wrong >= true else wrong  # uniform over the other tokens
             tokens.append(true)
-        return Draft(torch.tensor(tokens, dtype=torch.long, device=self.device))
+        tokens = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        if self.draft is not None:
+            self.draft.run(context, k, params, generator, forced=tokens)
+        return Draft(tokens)
 
     def accept(self, num_accepted):
         if self.draft is not None:
