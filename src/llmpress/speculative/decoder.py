@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 
@@ -134,9 +135,10 @@ class SpeculativeGenerator:
         self.drafter.warmup()
 
     @torch.inference_mode()
-    def generate(self, prompt_ids: torch.Tensor, params: SamplingParams,
-                 stop_token_ids: list[int] = ()) -> SpeculativeOutput:
-        """prompt_ids: [1, T]. Stops as Generator does: after a stop token (unless ignore_eos) or max_new_tokens."""
+    def generate(self, prompt_ids: torch.Tensor, params: SamplingParams, stop_token_ids: list[int] = (),
+                 on_token: Callable[[torch.Tensor], None] | None = None) -> SpeculativeOutput:
+        """prompt_ids: [1, T]. Stops as Generator does: after a stop token (unless ignore_eos) or max_new_tokens.
+        `on_token` (if given) sees each kept token as a [1] CPU tensor, as Generator.generate's does."""
         if prompt_ids.shape[0] != 1:
             raise LlmpressError(f"speculative decoding runs one sequence at a time, got a batch of {prompt_ids.shape[0]}.")
         T = prompt_ids.shape[1]
@@ -159,6 +161,8 @@ class SpeculativeGenerator:
         first = sample_next_token(logits, params, generator, prompt if params.repetition_penalty != 1 else None)
         out = [int(first)]
         first_token_at = time.perf_counter()
+        if on_token is not None:
+            on_token(torch.tensor(out))
         finished = out[0] in stops
         context.append(out[0])
         while not finished and len(out) < params.max_new_tokens:
@@ -183,6 +187,8 @@ class SpeculativeGenerator:
             for token in new_tokens:  # plain decoding's stopping rules, token by token
                 out.append(token)
                 context.append(token)
+                if on_token is not None:
+                    on_token(torch.tensor([token]))
                 if token in stops or len(out) == params.max_new_tokens:
                     finished = True
                     break
