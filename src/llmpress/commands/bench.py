@@ -12,7 +12,7 @@ import torch
 from llmpress.bench.roofline import decode_roofline, device_name, measure_copy_bandwidth
 from llmpress.bench.throughput import DEFAULT_CHAT_PROMPT, benchmark_decode, prompt_token_ids
 from llmpress.commands import common
-from llmpress.commands.generate import add_decode_mode_arg
+from llmpress.commands.generate import add_decode_mode_arg, add_speculative_args, speculative_config_from_args
 from llmpress.commands.output import format_rows, write_json_atomic
 from llmpress.errors import LlmpressError
 from llmpress.loading import LoadedModel
@@ -38,6 +38,7 @@ def register(subparsers) -> None:
     parser.add_argument("--repeats", type=int, metavar="N", default=3,
                         help="timed runs per batch size; medians are reported (default: 3)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
+    add_speculative_args(parser)  # with --draft: also batch-1 speculative decoding, and its speedup
     parser.set_defaults(func=run_bench_command)
 
 
@@ -59,10 +60,23 @@ def run_bench_command(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise LlmpressError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+    spec_config = speculative_config_from_args(args)
     loaded = common.load_from_args(args)
     result = run_bench(loaded, batch_sizes, args.new_tokens, prompt_len=args.prompt_len, mode=args.decode_mode,
                        repeats=args.repeats)
     print(format_bench(result))
+    if spec_config is not None:
+        from llmpress.speculative.benchmark import benchmark_speculative, format_speculative
+        from llmpress.speculative.factory import build_drafter
+        drafter = build_drafter(args.draft, loaded, dtype=args.dtype)
+        prompt_ids = prompt_token_ids(loaded.tokenizer, args.prompt_len, loaded.config.vocab_size)
+        spec = benchmark_speculative(loaded.model, drafter, prompt_ids.to(loaded.model.device), args.new_tokens,
+                                     spec_config, mode=args.decode_mode, repeats=args.repeats)
+        plain = next((r for r in result["rows"] if r["batch_size"] == 1), None)
+        plain_rate = plain["decode_tokens_per_s"] if plain else None
+        spec["speedup_over_plain"] = spec["decode_tokens_per_s"] / plain_rate if plain_rate else None
+        result["speculative"] = spec
+        print(format_speculative(spec, plain_rate))
     if args.json:
         write_json_atomic(Path(args.json), result)
         print(f"wrote {args.json}")

@@ -35,6 +35,7 @@ def register(subparsers) -> None:
                              "(default: when the tokenizer has one)")
     add_sampling_args(parser)
     add_decode_mode_arg(parser)
+    add_speculative_args(parser)
     parser.add_argument("--no-stream", action="store_true",
                         help="print each completion only once it is finished")
     parser.add_argument("--json", default=None, metavar="PATH",
@@ -62,6 +63,24 @@ def add_decode_mode_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-mode", default="auto", choices=DECODE_MODES, help=DECODE_MODE_HELP)
 
 
+def add_speculative_args(parser: argparse.ArgumentParser) -> None:
+    """--draft / --num-speculative-tokens / --adaptive, shared by `generate` and `bench`."""
+    from llmpress.speculative.factory import DRAFT_HELP
+    parser.add_argument("--draft", default=None, metavar="MODEL|ngram|self:N|int4:rtn", help=DRAFT_HELP + " (default: none)")
+    parser.add_argument("--num-speculative-tokens", type=int, default=5, metavar="K",
+                        help="draft tokens verified per target forward with --draft (default: 5)")
+    parser.add_argument("--adaptive", action="store_true",
+                        help="with --draft: grow k after fully accepted rounds, shrink it after poor ones")
+
+
+def speculative_config_from_args(args: argparse.Namespace):
+    """SpeculativeConfig from `add_speculative_args` options, or None without --draft (checked before loading)."""
+    if args.draft is None:
+        return None
+    from llmpress.speculative import SpeculativeConfig
+    return SpeculativeConfig(args.num_speculative_tokens, adaptive=args.adaptive)
+
+
 def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
     """SamplingParams from `add_sampling_args` options; raises LlmpressError on bad values (before any model load)."""
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -73,14 +92,31 @@ def run_generate(args: argparse.Namespace) -> int:
     params = sampling_params_from_args(args)
     for prompt in args.prompt:
         _check_prompt(prompt)
+    spec_config = speculative_config_from_args(args)
     loaded = common.load_from_args(args)
+    drafter = None
+    if spec_config is not None:
+        from llmpress.speculative.factory import build_drafter
+        drafter = build_drafter(args.draft, loaded, dtype=args.dtype)
     on_text = None if args.no_stream else _print_now
     results = []
     for prompt in args.prompt:
-        text, output = generate_text(loaded, prompt, params, chat=args.chat, on_text=on_text, mode=args.decode_mode)
+        generator = None
+        if drafter is not None:
+            from llmpress.speculative import SpeculativeGenerator
+            prompt_len = encode_prompt(loaded, prompt, args.chat).shape[1]
+            generator = SpeculativeGenerator(loaded.model, drafter, prompt_len + params.max_new_tokens, spec_config,
+                                             mode=args.decode_mode)
+        text, output = generate_text(loaded, prompt, params, chat=args.chat, on_text=on_text, mode=args.decode_mode,
+                                     generator=generator)
         print(text if args.no_stream else "", flush=True)  # streaming already printed the text; end its line
         print(format_stats(output), file=sys.stderr, flush=True)
-        results.append({"prompt": prompt, "text": text, **stats_record(output)})
+        record = {"prompt": prompt, "text": text, **stats_record(output)}
+        if drafter is not None:
+            print(format_speculative_stats(output.stats, drafter.name, spec_config), file=sys.stderr, flush=True)
+            record["speculative"] = dict(output.stats.to_dict(), drafter=drafter.name,
+                                         k=spec_config.num_speculative_tokens, adaptive=spec_config.adaptive)
+        results.append(record)
     if args.json:
         record = {"model": args.model, "device": str(loaded.model.device),
                   "dtype": str(loaded.model.dtype).removeprefix("torch."), "decode_mode": args.decode_mode,
@@ -92,24 +128,30 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def generate_text(loaded: LoadedModel, prompt: str, params: SamplingParams, chat: bool | None = None,
-                  on_text: Callable[[str], None] | None = None, mode: str = "auto") -> tuple[str, GenerationOutput]:
+                  on_text: Callable[[str], None] | None = None, mode: str = "auto",
+                  generator=None) -> tuple[str, GenerationOutput]:
     """Complete `prompt` (as a chat user turn when `chat`, default: if the tokenizer has a template).
 
     Returns the completion (stop token and special tokens removed) and the generation record;
-    `on_text` receives the text piece by piece as it is generated.
+    `on_text` receives the text piece by piece as it is generated. `generator`: see generate_from_ids.
     """
+    return generate_from_ids(loaded, encode_prompt(loaded, prompt, chat), params, on_text=on_text, mode=mode,
+                             generator=generator)
+
+
+def encode_prompt(loaded: LoadedModel, prompt: str, chat: bool | None = None) -> torch.Tensor:
+    """[1, T]: `prompt` as a chat user turn when `chat` (default: if the tokenizer has a template), else raw text."""
     _check_prompt(prompt)
     if _use_chat(loaded.tokenizer, chat):
-        prompt_ids = encode_chat(loaded.tokenizer, [{"role": "user", "content": prompt}])
-    else:
-        prompt_ids = encode_text(loaded.tokenizer, prompt)
-    return generate_from_ids(loaded, prompt_ids, params, on_text=on_text, mode=mode)
+        return encode_chat(loaded.tokenizer, [{"role": "user", "content": prompt}])
+    return encode_text(loaded.tokenizer, prompt)
 
 
 def generate_from_ids(loaded: LoadedModel, prompt_ids: torch.Tensor, params: SamplingParams,
                       on_text: Callable[[str], None] | None = None, mode: str = "auto",
                       generator: Generator | None = None) -> tuple[str, GenerationOutput]:
-    """prompt_ids: [1, T]. Generate with `generator` (default: a new one of T + max_new_tokens positions).
+    """prompt_ids: [1, T]. Generate with `generator` (default: a new one of T + max_new_tokens positions;
+    a SpeculativeGenerator works too).
 
     Returns the reply text (stop token and special tokens removed) and the generation record.
     """
@@ -138,6 +180,17 @@ def generate_from_ids(loaded: LoadedModel, prompt_ids: torch.Tensor, params: Sam
     if on_text is not None and text.startswith(decoder.printed) and len(text) > len(decoder.printed):
         on_text(text[len(decoder.printed):])
     return text, output
+
+
+def format_speculative_stats(stats, drafter_name: str, config) -> str:
+    """One line: acceptance rate, tokens per target step, draft and verify time per step."""
+    k = f"adaptive k from {config.num_speculative_tokens}" if config.adaptive else f"k={config.num_speculative_tokens}"
+    d = stats.to_dict()
+    if not stats.rounds:
+        return f"[speculative {drafter_name}, {k}: no verify step ran]"
+    return (f"[speculative {drafter_name}, {k}: acceptance {d['acceptance_rate']:.1%} of {stats.proposed} drafts, "
+            f"{d['tokens_per_round']:.2f} tokens per target step, draft {d['draft_ms_per_round']:.1f} ms + "
+            f"verify {d['verify_ms_per_round']:.1f} ms per step]")
 
 
 def format_stats(output: GenerationOutput) -> str:

@@ -31,6 +31,8 @@ def register(subparsers) -> None:
     parser.add_argument("--decode-mode", default="auto", choices=("auto", "eager", "graph", "compile"))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default=None, help="report directory (default: reports/<timestamp>-<model>)")
+    parser.add_argument("--draft", default="ngram", help="the speculative stage's draft: ngram | self:N | int4:rtn | MODEL")
+    parser.add_argument("--num-speculative-tokens", type=int, default=5, help="the speculative stage's k (default: 5)")
     parser.set_defaults(func=run)
 
 
@@ -42,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         quant_methods=tuple(m.strip() for m in args.quant_methods.split(",") if m.strip()), quant_bits=args.quant_bits,
         quant_group_size=args.quant_group_size, calib=args.calib, calib_nsamples=args.calib_nsamples,
         calib_seqlen=args.calib_seqlen,
-        batch_sizes=parse_batch_sizes(args.batch_sizes), decode_mode=args.decode_mode, repeats=args.repeats, out_dir=args.out)
+        batch_sizes=parse_batch_sizes(args.batch_sizes), decode_mode=args.decode_mode, repeats=args.repeats, out_dir=args.out,
+        speculative_draft=args.draft, num_speculative_tokens=args.num_speculative_tokens)
     run_pipeline(config, command=command_line())
     return 0

@@ -60,13 +60,27 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
-def sample_next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-                      seen_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """logits: [B, V]. Returns next token ids [B] (int64)."""
+def processed_logits(logits: torch.Tensor, params: SamplingParams, seen_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """logits: [B, V] -> float32 [B, V] after the repetition penalty and, when sampling, temperature and top-k/top-p."""
     logits = logits.float()
     if params.repetition_penalty != 1.0 and seen_ids is not None:
         logits = apply_repetition_penalty(logits, seen_ids, params.repetition_penalty)
     if params.greedy:
-        return logits.argmax(dim=-1)
-    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(-1)
+        return logits
+    return filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams, seen_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """logits: [B, V] -> the distribution `sample_next_token` draws from, float32 [B, V] (sampling only).
+    Speculative decoding's acceptance rule needs it as a distribution, not just a draw."""
+    assert not params.greedy, "greedy decoding has no distribution to sample from: use argmax"
+    return processed_logits(logits, params, seen_ids).softmax(dim=-1)
+
+
+def sample_next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+                      seen_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """logits: [B, V]. Returns next token ids [B] (int64)."""
+    if params.greedy:
+        return processed_logits(logits, params, seen_ids).argmax(dim=-1)
+    probs = probabilities(logits, params, seen_ids)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

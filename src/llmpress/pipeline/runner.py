@@ -37,6 +37,8 @@ class PipelineConfig:
     decode_mode: str = "auto"
     repeats: int = 2
     out_dir: str | None = None  # default: reports/<timestamp>-<model>
+    speculative_draft: str = "ngram"  # the speculative stage's --draft
+    num_speculative_tokens: int = 5
 
     def __post_init__(self):
         unknown = [s for s in self.stages if s not in STAGES]

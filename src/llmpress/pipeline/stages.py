@@ -88,10 +88,45 @@ def stage_bench(ctx: PipelineContext) -> None:
         ctx.framework = f"llmpress ({result['mode']} decode, {result['device']})"
 
 
+def stage_speculative(ctx: PipelineContext) -> None:
+    """Batch-1 speculative decoding of the base model with the configured draft: one more table row.
+
+    Speculative decoding is lossless (greedy output is plain greedy output; sampled output has the target's
+    distribution), so the row's PPL is the base model's, not a new measurement. It runs after eval and bench,
+    which would otherwise measure the row as if it were a plain model. Not a default stage: on CPU the drafts
+    rarely pay for the wider verify pass (see the README's speculative decoding section).
+    """
+    from llmpress.bench.throughput import prompt_token_ids
+    from llmpress.errors import LlmpressError
+    from llmpress.speculative import SpeculativeConfig
+    from llmpress.speculative.benchmark import benchmark_speculative, format_speculative
+    from llmpress.speculative.factory import build_drafter
+    cfg = ctx.config
+    later = [s for s in cfg.stages[cfg.stages.index("speculative") + 1:] if s in ("eval", "bench")]
+    if later:
+        raise LlmpressError(f"the speculative stage must come after {', '.join(later)}; list it last in --stages.")
+    base = ctx.variants[0]
+    loaded = base.loaded
+    new_tokens = cfg.new_tokens or (256 if loaded.model.device.type == "cuda" else 32)
+    drafter = build_drafter(cfg.speculative_draft, loaded)
+    spec_config = SpeculativeConfig(cfg.num_speculative_tokens)
+    prompt = prompt_token_ids(loaded.tokenizer, None, loaded.config.vocab_size).to(loaded.model.device)
+    result = benchmark_speculative(loaded.model, drafter, prompt, new_tokens, spec_config, mode=cfg.decode_mode,
+                                   repeats=cfg.repeats)
+    plain = base.metrics.get("throughput_tokens_per_s")
+    print(format_speculative(result, plain), flush=True)
+    label = f"Speculative ({drafter.name}, k={spec_config.num_speculative_tokens}; lossless: {base.method} PPL)"
+    ctx.variants.append(Variant(label, loaded, {"throughput_tokens_per_s": result["decode_tokens_per_s"],
+                                                "ppl": base.metrics.get("ppl"), "lossless": True,
+                                                "speedup_over_plain": result["decode_tokens_per_s"] / plain if plain else None,
+                                                "speculative": result}))
+
+
 STAGES: dict[str, Callable[[PipelineContext], None]] = {
     "analyze": stage_analyze,
     "quantize": stage_quantize,
     "eval": stage_eval,
     "bench": stage_bench,
+    "speculative": stage_speculative,  # opt-in: --stages analyze,quantize,eval,bench,speculative
 }
 DEFAULT_STAGES = ("analyze", "quantize", "eval", "bench")

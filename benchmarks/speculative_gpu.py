@@ -1,0 +1,216 @@
+"""Speculative decoding speedup as a function of acceptance, batch 1, one run beside plain decoding.
+
+Random-weight Llama-3.2-3B target and Llama-3.2-1B draft (same 128256-token vocabulary, no download).
+Random models do not agree with each other, so acceptance is set by an oracle drafter: it proposes the
+target's own greedy continuation with each token replaced by a wrong one with probability 1 - alpha,
+and it runs the 1B draft model on those tokens so that drafting costs what a real 1B draft costs.
+
+  1. plain greedy decoding of the target (the reference continuation, and the baseline speed);
+  2. lossless check: speculative greedy output with the real 1B draft (nearly every draft rejected) and
+     with the alpha = 1 oracle, compared token by token with plain greedy output;
+  3. for each alpha: an untimed pass; if bf16 rounding made the verify pass (k+1 tokens per forward) pick
+     another argmax than the one-token plain step somewhere, the oracle's reference becomes that pass's
+     output and the pass repeats (at most --max-passes), so the oracle's right answers are right for this
+     path; then timed runs (median); tokens/s, speedup over plain, measured acceptance;
+  4. int4: the target's and the draft's RTN g128 copies; oracle (alpha 0.8) + int4 draft vs int4 plain.
+Prints a table and writes JSON (+ PNG).
+
+    python benchmarks/speculative_gpu.py --out benchmarks/results/speculative_h100.json
+    python benchmarks/speculative_gpu.py --arch tiny --device cpu --new-tokens 16 --out /tmp/spec_tiny.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from llmpress.atomic_write import write_atomic, write_json_atomic
+from llmpress.config import KNOWN_ARCHITECTURES, LlamaConfig
+from llmpress.generation import Generator, SamplingParams
+from llmpress.generation.generator import synchronize
+from llmpress.loading.loader import LoadedModel, random_model
+from llmpress.loading.resolve import ModelSource
+from llmpress.speculative import ModelDrafter, OracleDrafter, SpeculativeConfig, SpeculativeGenerator, SpeculativeStats
+
+
+def architectures(arch: str) -> tuple[LlamaConfig, LlamaConfig]:
+    if arch == "tiny":  # a CPU logic check: same code path, toy sizes
+        common = dict(vocab_size=512, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=True)
+        return (LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, **common),
+                LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, **common))
+    target, draft = arch.split(",") if "," in arch else ("llama-3.2-3b", "llama-3.2-1b")
+    return KNOWN_ARCHITECTURES[target], KNOWN_ARCHITECTURES[draft]
+
+
+def int4_copy(model, name: str):
+    from llmpress.commands.quantize import quantized_copy
+    from llmpress.quant.scheme import QuantScheme
+    loaded = LoadedModel(model, None, model.config, name, ModelSource("random", architecture=name))
+    return quantized_copy(loaded, "rtn", QuantScheme(bits=4, group_size=128)).model
+
+
+def time_plain(model, prompt, new_tokens: int, mode: str, repeats: int) -> tuple[list[int], float]:
+    """Greedy continuation of new_tokens and the median decode tokens/s (tokens after the first)."""
+    gen = Generator(model, prompt.shape[1] + new_tokens, mode=mode)
+    gen.warmup()
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    runs = [gen.generate(prompt, params) for _ in range(repeats + 1)][1:]
+    decode_s = statistics.median(r.decode_s for r in runs)
+    del gen
+    return runs[0].token_ids[0].tolist(), (new_tokens - 1) / decode_s
+
+
+def run_speculative(target, drafter, prompt, new_tokens, k, mode, repeats=0):
+    """One SpeculativeGenerator: the first run's tokens, plus the median decode tok/s and merged stats of
+    `repeats` further timed runs (none: only the tokens)."""
+    gen = SpeculativeGenerator(target, drafter, prompt.shape[1] + new_tokens, SpeculativeConfig(k), mode=mode)
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    first = gen.generate(prompt, params)
+    runs = [gen.generate(prompt, params) for _ in range(repeats)]
+    stats = SpeculativeStats()
+    for r in runs or [first]:
+        stats.merge(r.stats)
+    rate = (new_tokens - 1) / statistics.median(r.decode_s for r in runs) if runs else None
+    return first.token_ids[0].tolist(), rate, stats
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def oracle_row(label, target, draft_model, reference, alpha, prompt, args, plain_rate, vocab) -> dict:
+    """Untimed passes until the oracle's reference is this path's own greedy output, then timed runs."""
+    for passes in range(1, args.max_passes + 1):
+        oracle = OracleDrafter(reference, alpha, vocab, seed=args.seed, draft=ModelDrafter(draft_model))
+        tokens, _, _ = run_speculative(target, oracle, prompt, args.new_tokens, args.k, args.mode)
+        consistent = tokens == reference[:args.new_tokens]
+        if consistent:
+            break
+        reference = tokens + reference[len(tokens):]  # past the end: the oracle only needs k spare tokens
+    oracle = OracleDrafter(reference, alpha, vocab, seed=args.seed, draft=ModelDrafter(draft_model))
+    _, rate, stats = run_speculative(target, oracle, prompt, args.new_tokens, args.k, args.mode, args.repeats)
+    return {"config": label, "alpha": alpha, "k": args.k, "tokens_per_s": rate, "speedup": rate / plain_rate,
+            "oracle_passes": passes, "oracle_consistent": consistent, **stats.to_dict()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="llama-3.2-3b,llama-3.2-1b", help="TARGET,DRAFT architectures or 'tiny'")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--mode", default=None, help="decode mode (default: graph on CUDA, eager on CPU)")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--alphas", default="0.5,0.7,0.8,0.9")
+    parser.add_argument("--int4-alpha", type=float, default=0.8)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--max-passes", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-int4", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results/speculative_h100.json")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    args.mode = args.mode or ("graph" if device.type == "cuda" else "eager")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    started = time.perf_counter()
+    target_cfg, draft_cfg = architectures(args.arch)
+    assert target_cfg.vocab_size == draft_cfg.vocab_size
+    vocab = target_cfg.vocab_size
+    target = random_model(target_cfg, device, dtype, seed=0)
+    draft = random_model(draft_cfg, device, dtype, seed=1)
+    prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(args.seed)).to(device)
+    spare = args.k + 1  # the oracle proposes up to k tokens past the last one generated
+
+    def log(msg):
+        print(f"[{time.perf_counter() - started:.0f} s] {msg}", flush=True)
+
+    reference, plain_rate = time_plain(target, prompt, args.new_tokens + spare, args.mode, args.repeats)
+    log(f"plain: {plain_rate:.1f} tok/s")
+    rows = [{"config": "plain bf16" if dtype == torch.bfloat16 else "plain", "tokens_per_s": plain_rate, "speedup": 1.0}]
+    checks = {}
+    tokens, rate, stats = run_speculative(target, ModelDrafter(draft), prompt, args.new_tokens, args.k, args.mode,
+                                          args.repeats)
+    checks["real_draft_matching_tokens"] = common_prefix(tokens, reference)
+    rows.append({"config": "random 1B draft (real)", "k": args.k, "tokens_per_s": rate, "speedup": rate / plain_rate,
+                 **stats.to_dict()})
+    tokens, _, _ = run_speculative(target, OracleDrafter(reference, 1.0, vocab), prompt, args.new_tokens, args.k, args.mode)
+    checks["oracle_alpha1_matching_tokens"] = common_prefix(tokens, reference)
+    checks["new_tokens"] = args.new_tokens
+    checks["lossless"] = checks["real_draft_matching_tokens"] == checks["oracle_alpha1_matching_tokens"] == args.new_tokens
+    log(f"lossless check: {checks}")
+    for alpha in [float(a) for a in args.alphas.split(",")]:
+        rows.append(oracle_row(f"oracle alpha={alpha:g} + 1B draft", target, draft, reference, alpha, prompt, args,
+                               plain_rate, vocab))
+        log(f"{rows[-1]['config']}: {rows[-1]['tokens_per_s']:.1f} tok/s, acceptance {rows[-1]['acceptance_rate']:.2f}")
+    if not args.skip_int4:
+        target4, draft4 = int4_copy(target, "target"), int4_copy(draft, "draft")
+        del target, draft
+        reference4, plain4 = time_plain(target4, prompt, args.new_tokens + spare, args.mode, args.repeats)
+        rows.append({"config": "plain int4 target", "tokens_per_s": plain4, "speedup": plain4 / plain_rate})
+        row = oracle_row(f"int4: oracle alpha={args.int4_alpha:g} + int4 1B draft", target4, draft4, reference4,
+                         args.int4_alpha, prompt, args, plain4, vocab)
+        row["speedup_over_plain_bf16"] = row["tokens_per_s"] / plain_rate
+        rows.append(row)
+        log(f"int4: plain {plain4:.1f} tok/s, speculative {row['tokens_per_s']:.1f} tok/s")
+    from llmpress.bench.roofline import device_name
+    result = {"target": args.arch.split(",")[0], "draft": args.arch.split(",")[-1], "device": device_name(device),
+              "dtype": str(dtype).removeprefix("torch."), "mode": args.mode, "batch_size": 1,
+              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "k": args.k, "checks": checks,
+              "rows": rows, "seconds": round(time.perf_counter() - started, 1), "date": date.today().isoformat(),
+              "torch": torch.__version__, "python": platform.python_version(), "command": " ".join(sys.argv)}
+    print(format_table(result))
+    out = Path(args.out)
+    write_json_atomic(out, result)
+    write_atomic(out.with_suffix(".png"), plot(result))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def format_table(result: dict) -> str:
+    header = ["config", "accept", "tok/step", "draft ms/step", "verify ms/step", "tok/s", "speedup"]
+    lines = [f"{result['target']} target, {result['draft']} draft, {result['dtype']}, {result['mode']} mode, "
+             f"batch 1, {result['new_tokens']} new tokens, k={result['k']} on {result['device']}",
+             f"lossless check: {result['checks']}", " | ".join(header)]
+    for r in result["rows"]:
+        get = lambda key, spec: "-" if r.get(key) is None else format(r[key], spec)  # noqa: E731
+        lines.append(" | ".join([r["config"], get("acceptance_rate", ".2f"), get("tokens_per_round", ".2f"),
+                                 get("draft_ms_per_round", ".2f"), get("verify_ms_per_round", ".2f"),
+                                 f"{r['tokens_per_s']:.1f}", f"{r['speedup']:.2f}x"]))
+    return "\n".join(lines)
+
+
+def plot(result: dict) -> bytes:
+    import io
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6, 4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    oracle = [r for r in result["rows"] if "alpha" in r and not r["config"].startswith("int4")]
+    ax.plot([r["acceptance_rate"] for r in oracle], [r["speedup"] for r in oracle], "o-", label="bf16 target + 1B draft")
+    for r in oracle:
+        ax.annotate(f"α={r['alpha']:g}", (r["acceptance_rate"], r["speedup"]), fontsize=7)
+    int4 = [r for r in result["rows"] if r["config"].startswith("int4")]
+    if int4:
+        ax.plot([r["acceptance_rate"] for r in int4], [r["speedup"] for r in int4], "s", label="int4 target + int4 draft (vs int4 plain)")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("measured acceptance rate")
+    ax.set_ylabel("speedup over plain decoding")
+    ax.set_title(f"{result['target']} + {result['draft']} draft, k={result['k']}, {result['device']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
