@@ -2,7 +2,7 @@
 
 Writes into --out: adapter/ (adapter_config.json + adapter_model.safetensors, loadable by
 peft.PeftModel.from_pretrained), merged/ with --merge (a plain Hugging Face checkpoint every llmpress
-command and transformers load), train_log.json, training_curve.png, and checkpoints/ for --resume.
+command and transformers load), train_log.json, training_curve.png, and, while the run is unfinished, checkpoints/ for --resume.
 """
 
 from __future__ import annotations
@@ -108,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
                                              targets=list(lora_config.targets))}
         written.append(save_hf_checkpoint(merged.model, merged.tokenizer, out / MERGED_DIR,
                                           getattr(torch, args.save_dtype), merged.generation_defaults or None, note))
+    import shutil
+    from llmpress.finetune.trainer import CHECKPOINTS_DIR
+    shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)  # the run finished: nothing left to resume
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from llmpress.errors import LlmpressError
 from llmpress.finetune.data import load_training_tokens
@@ -62,7 +63,25 @@ def finetune(loaded, lora_config: LoRAConfig, train_config: TrainConfig, data: s
 
 
 def merge_adapters(result: FinetuneResult):
-    """Fold the adapters into plain nn.Linear weights, in place, and return the LoadedModel (an int4 base
-    is dequantized first, so the merged model computes exactly what was trained)."""
+    """Fold the adapters into plain nn.Linear weights, in place, and return the LoadedModel: a plain float
+    model. With an int4 base (QLoRA) every QuantLinear is dequantized, the adapted ones before adding
+    (alpha/r) B A, so the merged model computes exactly what was trained."""
     merge_lora(result.loaded.model)
+    dequantize_linears(result.loaded.model)
     return result.loaded
+
+
+def dequantize_linears(model: nn.Module) -> int:
+    """Swap every QuantLinear for the nn.Linear holding its dequantized weight. Returns how many."""
+    names = [name for name, m in model.named_modules() if isinstance(m, QuantLinear)]
+    for name in names:
+        q = model.get_submodule(name)
+        weight = q.dequantize_weight()
+        linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=weight.device,
+                           dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if q.bias is not None:
+                linear.bias.copy_(q.bias)
+        model.set_submodule(name, linear.requires_grad_(False))
+    return len(names)
