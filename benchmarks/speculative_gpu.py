@@ -34,7 +34,6 @@ import torch
 from llmpress.atomic_write import write_atomic, write_json_atomic
 from llmpress.config import KNOWN_ARCHITECTURES, LlamaConfig
 from llmpress.generation import Generator, SamplingParams
-from llmpress.generation.generator import synchronize
 from llmpress.loading.loader import LoadedModel, random_model
 from llmpress.loading.resolve import ModelSource
 from llmpress.speculative import ModelDrafter, OracleDrafter, SpeculativeConfig, SpeculativeGenerator, SpeculativeStats

@@ -1,4 +1,4 @@
-"""`llmpress pipeline`: the main job (analyze -> eval ppl -> bench) with a report in reports/<run>/."""
+"""`llmpress pipeline`: the main job (analyze -> [finetune] -> quantize -> eval ppl -> bench [-> speculative]) with a report in reports/<run>/."""
 
 from __future__ import annotations
 
@@ -26,6 +26,13 @@ def register(subparsers) -> None:
     parser.add_argument("--calib", default="default", help="calibration text for gptq/awq (default: the articles held out of --data)")
     parser.add_argument("--calib-nsamples", type=int, default=16)
     parser.add_argument("--calib-seqlen", type=int, default=512)
+    parser.add_argument("--finetune-steps", type=int, default=20, help="finetune stage: LoRA optimizer steps")
+    parser.add_argument("--finetune-lr", type=float, default=1e-3)
+    parser.add_argument("--finetune-targets", default="q_proj,k_proj,v_proj")
+    parser.add_argument("--finetune-batch-size", type=int, default=2)
+    parser.add_argument("--finetune-seq-len", type=int, default=512)
+    parser.add_argument("--finetune-quant-method", default="gptq", choices=("rtn", "gptq", "awq"),
+                        help="how the quantize stage quantizes the fine-tuned model")
     parser.add_argument("--new-tokens", type=int, default=None, help="default: 256 on CUDA, 32 on CPU")
     parser.add_argument("--batch-sizes", default="1", help="comma-separated (default: 1)")
     parser.add_argument("--decode-mode", default="auto", choices=("auto", "eager", "graph", "compile"))
@@ -43,7 +50,10 @@ def run(args: argparse.Namespace) -> int:
         ppl_seq_len=args.ppl_seq_len, ppl_max_windows=args.ppl_max_windows or None, new_tokens=args.new_tokens,
         quant_methods=tuple(m.strip() for m in args.quant_methods.split(",") if m.strip()), quant_bits=args.quant_bits,
         quant_group_size=args.quant_group_size, calib=args.calib, calib_nsamples=args.calib_nsamples,
-        calib_seqlen=args.calib_seqlen,
+        calib_seqlen=args.calib_seqlen, finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
+        finetune_targets=tuple(t.strip() for t in args.finetune_targets.split(",") if t.strip()),
+        finetune_batch_size=args.finetune_batch_size, finetune_seq_len=args.finetune_seq_len,
+        finetune_quant_method=args.finetune_quant_method,
         batch_sizes=parse_batch_sizes(args.batch_sizes), decode_mode=args.decode_mode, repeats=args.repeats, out_dir=args.out,
         speculative_draft=args.draft, num_speculative_tokens=args.num_speculative_tokens)
     run_pipeline(config, command=command_line())

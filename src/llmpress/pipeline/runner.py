@@ -32,6 +32,16 @@ class PipelineConfig:
     calib: str = "default"  # the calibration quarter of the packaged articles (quant.calibration)
     calib_nsamples: int = 16  # small for CPU; the papers' 128 x 2048 fits a GPU
     calib_seqlen: int = 512
+    # finetune stage (opt-in): LoRA on the calibration articles, a few steps that fit 2 CPU cores
+    finetune_data: str = "default"  # finetune/data.py: `default` trains on default:calib, never on default:heldout
+    finetune_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+    finetune_r: int = 8
+    finetune_alpha: float = 32.0
+    finetune_lr: float = 1e-3
+    finetune_steps: int = 20
+    finetune_batch_size: int = 2
+    finetune_seq_len: int = 512
+    finetune_quant_method: str = "gptq"  # the quantize stage's "LoRA + GPTQ" row
     new_tokens: int | None = None  # None: 256 on CUDA, 32 on CPU (int4 on CPU runs the slow reference path)
     batch_sizes: list[int] = field(default_factory=lambda: [1])
     decode_mode: str = "auto"

@@ -59,6 +59,35 @@ def stage_quantize(ctx: PipelineContext) -> None:
         label = f"{method.upper()} ({scheme.bits}-bit g{scheme.group_size})"
         print(f"{label}: quantized in {seconds:.1f} s", flush=True)
         ctx.variants.append(Variant(label, variant, {"quantize_seconds": seconds}))
+    # A fine-tuned variant (finetune stage) is quantized too: the workflow's "fine-tune, then quantize" row.
+    for tuned in [v for v in ctx.variants if "finetune" in v.metrics]:
+        method = cfg.finetune_quant_method
+        start = time.perf_counter()
+        variant = quantized_copy(tuned.loaded, method, scheme, calib=cfg.calib, nsamples=cfg.calib_nsamples,
+                                 seqlen=cfg.calib_seqlen, seed=0)
+        seconds = time.perf_counter() - start
+        label = f"LoRA + {method.upper()} ({scheme.bits}-bit g{scheme.group_size})"
+        print(f"{label}: quantized in {seconds:.1f} s", flush=True)
+        ctx.variants.append(Variant(label, variant, {"quantize_seconds": seconds}))
+
+
+def stage_finetune(ctx: PipelineContext) -> None:
+    """LoRA on the calibration articles (never on the perplexity text), merged into a plain model: the "LoRA" row."""
+    from llmpress.finetune.lora import LoRAConfig
+    from llmpress.finetune.run import finetune, merge_adapters
+    from llmpress.finetune.trainer import TrainConfig
+    cfg = ctx.config
+    lora = LoRAConfig(r=cfg.finetune_r, alpha=cfg.finetune_alpha, dropout=0.05, targets=cfg.finetune_targets)
+    train = TrainConfig(lr=cfg.finetune_lr, max_steps=cfg.finetune_steps, batch_size=cfg.finetune_batch_size,
+                        seq_len=cfg.finetune_seq_len, eval_every=max(1, cfg.finetune_steps // 4), eval_windows=2)
+    result = finetune(ctx.variants[0].loaded, lora, train, cfg.finetune_data)
+    state = result.train.state
+    print(f"LoRA: {state.step} steps in {result.train.seconds:.0f} s, validation perplexity "
+          f"{state.evals[0]['val_ppl']:.3f} -> {state.best_val_ppl:.3f} (best, step {state.best_step})", flush=True)
+    label = f"LoRA (r{lora.r}, {'/'.join(t.removesuffix('_proj') for t in lora.targets)})"
+    ctx.variants.append(Variant(label, merge_adapters(result), {
+        "finetune": {"steps": state.step, "seconds": result.train.seconds, "best_step": state.best_step,
+                     "best_val_ppl": state.best_val_ppl, "evals": state.evals, "data": result.data_description}}))
 
 
 def stage_eval(ctx: PipelineContext) -> None:
@@ -124,9 +153,12 @@ def stage_speculative(ctx: PipelineContext) -> None:
 
 STAGES: dict[str, Callable[[PipelineContext], None]] = {
     "analyze": stage_analyze,
+    "finetune": stage_finetune,
     "quantize": stage_quantize,
     "eval": stage_eval,
     "bench": stage_bench,
     "speculative": stage_speculative,  # opt-in: --stages analyze,quantize,eval,bench,speculative
 }
+# finetune is opt-in (--stages analyze,finetune,quantize,eval,bench): on 2 CPU cores its training, and the
+# GPTQ, perplexity and decoding of its two extra rows, add several minutes to the default run.
 DEFAULT_STAGES = ("analyze", "quantize", "eval", "bench")
