@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
-import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
 import torch
 
+from llmpress.atomic_write import write_json_atomic
 from llmpress.bench.roofline import device_name, measure_copy_bandwidth
 from llmpress.bench.throughput import benchmark_decode, prompt_token_ids
 from llmpress.config import KNOWN_ARCHITECTURES
@@ -158,14 +157,9 @@ def main() -> int:
 
 def _flush(results: dict, out: str | None) -> None:
     """Write results so far (a run cut short still leaves its numbers), atomically."""
-    paths = [Path(out)] if out else []
-    if os.environ.get("OUT"):
-        paths.append(Path(os.environ["OUT"]) / "int4_gpu.json")
-    for path in paths:
+    for path in ([Path(out)] if out else []) + ([Path(os.environ["OUT"]) / "int4_gpu.json"] if os.environ.get("OUT") else []):
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-            json.dump(results, f, indent=2)
-        os.replace(f.name, path)
+        write_json_atomic(path, results)
 
 
 if __name__ == "__main__":
