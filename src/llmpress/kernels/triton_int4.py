@@ -212,7 +212,8 @@ def _w4a16_general(x_ptr, qw_ptr, scales_ptr, qz_ptr, gidx_ptr, y_ptr, partial_p
 class _SplitKWorkspace:
     """Per device: fp32 partial sums [MAX_SPLIT_K, M, N] and one arrival counter per output tile.
     Counters start at zero and every split-K launch leaves them at zero, so one zeroing at
-    allocation serves every later call (and CUDA-graph replays)."""
+    allocation serves every later call (and CUDA-graph replays). Shared by every call on the device:
+    split-K launches must not run concurrently on two streams (ours run on one)."""
 
     def __init__(self):
         self._buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
