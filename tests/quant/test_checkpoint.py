@@ -57,6 +57,15 @@ def gptq_dir(tmp_path_factory):
     return out, model, quantized
 
 
+@pytest.fixture
+def gptq_copy(tmp_path, gptq_dir):
+    """A private copy of the GPTQ checkpoint, for tests that edit it."""
+    import shutil
+    out = tmp_path / "ckpt"
+    shutil.copytree(gptq_dir[0], out)
+    return out
+
+
 # -- round trips -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt,scheme,variant,bias", [
@@ -213,19 +222,15 @@ def test_unpackable_schemes_are_refused_before_writing(tmp_path):
     ({"desc_act": False}, "g_idx reorders input channels but desc_act is false"),
     ({"group_size": 16}, "cannot be read as a 4-bit GPTQ layer"),
 ])
-def test_unsupported_gptq_variants_are_refused(tmp_path, gptq_dir, quantization, message):
-    import shutil
-    out = tmp_path / "ckpt"
-    shutil.copytree(gptq_dir[0], out)
+def test_unsupported_gptq_variants_are_refused(gptq_copy, quantization, message):
+    out = gptq_copy
     edit_config(out, **quantization)
     with pytest.raises(ModelLoadError, match=message):
         load_model(str(out), dtype="float32", device="cpu")
 
 
-def test_out_of_range_g_idx_is_refused(tmp_path, gptq_dir):
-    import shutil
-    out = tmp_path / "ckpt"
-    shutil.copytree(gptq_dir[0], out)
+def test_out_of_range_g_idx_is_refused(gptq_copy):
+    out = gptq_copy
     tensors = load_file(str(out / "model.safetensors"))
     tensors[f"{Q_PROJ}.g_idx"][0] = 7  # only 2 groups
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -248,11 +253,9 @@ def test_unsupported_awq_variants_are_refused(tmp_path, quantization, message):
         load_model(str(out), dtype="float32", device="cpu")
 
 
-def test_old_autogptq_side_file_is_read(tmp_path, gptq_dir):
+def test_old_autogptq_side_file_is_read(gptq_copy, gptq_dir):
     """Checkpoints from older AutoGPTQ keep the settings in quantize_config.json only."""
-    import shutil
-    out = tmp_path / "ckpt"
-    shutil.copytree(gptq_dir[0], out)
+    out = gptq_copy
     config = json.loads((out / "config.json").read_text())
     del config["quantization_config"]
     (out / "config.json").write_text(json.dumps(config))
