@@ -254,7 +254,6 @@ def int4_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     partial, counter = _workspace.get(x.device, MAX_SPLIT_K * min(M, SPLIT_K_MAX_M) * N,
                                       triton.cdiv(min(M, SPLIT_K_MAX_M), 16) * triton.cdiv(N, 16))
-    m_bucket = min(triton.next_power_of_2(M), 4096)
     args = (x, qweight, scales, qzeros)
     tail = (y, partial, counter, M, N, K, group_size, x.stride(0), y.stride(0))
     if family == "gemv":
@@ -263,13 +262,12 @@ def int4_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+        tail = tail + (min(triton.next_power_of_2(M), 4096),)  # M_BUCKET: the autotuner's key
         if family == "gemm":
             launch, extra = _w4a16_gemm, {}
-            tail = tail + (m_bucket,)
         else:
             launch, extra = _w4a16_general, dict(HAS_GIDX=has_gidx)
             args = args + (g_idx if has_gidx else qweight,)  # any int32 tensor: never read without HAS_GIDX
-            tail = tail + (m_bucket,)
     if config is None:
         launch[grid](*args, *tail, **extra)
     else:
