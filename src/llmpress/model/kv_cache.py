@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from llmpress.config import LlamaConfig
+from llmpress.kernels import ops
+
+
+class KVCache(Protocol):
+    """What an attention layer needs from a cache: store this step's k/v, attend over everything stored."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               positions: torch.Tensor) -> torch.Tensor:
+        """q: [B, H, T, D]; k, v: [B, Hkv, T, D] at `positions`. Returns attention output [B, H, T, D]."""
+        ...
 
 
 class StaticKVCache:
@@ -26,6 +38,11 @@ class StaticKVCache:
         self.keys[layer].index_copy_(2, positions, k)
         self.values[layer].index_copy_(2, positions, v)
         return self.keys[layer], self.values[layer]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               positions: torch.Tensor) -> torch.Tensor:
+        k_all, v_all = self.update(layer, positions, k, v)
+        return ops.cached_attention(q, k_all, v_all, positions)
 
     @property
     def nbytes(self) -> int:

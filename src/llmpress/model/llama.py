@@ -12,7 +12,7 @@ from torch import nn
 
 from llmpress.config import LlamaConfig
 from llmpress.kernels import ops
-from llmpress.model.kv_cache import StaticKVCache
+from llmpress.model.kv_cache import KVCache
 from llmpress.model.rope import RotaryEmbedding, apply_rope
 
 
@@ -46,7 +46,7 @@ class Attention(nn.Module):
         self.qkv_sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                positions: torch.Tensor, kv_cache: StaticKVCache | None) -> torch.Tensor:
+                positions: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         if self.qkv_weight is not None:
             q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(self.qkv_sizes, dim=-1)
@@ -58,9 +58,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is None:  # a whole sequence at once (perplexity, training)
             out = ops.attention(q, k, v, causal=True)
-        else:
-            k, v = kv_cache.update(self.layer_index, positions, k, v)
-            out = ops.cached_attention(q, k, v, positions)
+        else:  # a static cache (generation) or the engine's paged cache: each stores k/v and attends its own way
+            out = kv_cache.attend(self.layer_index, q, k, v, positions)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -116,12 +115,15 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                kv_cache: StaticKVCache | None = None, last_only: bool = False) -> torch.Tensor:
+                kv_cache: KVCache | None = None, last_only: bool = False,
+                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: [B, T]; positions: [T] absolute positions (default 0..T-1).
 
         With `kv_cache`, k/v are written at `positions` and attention reads the cache; without it,
         the T tokens attend causally among themselves. `last_only` computes logits for the final
-        token only (generation never needs the others). Returns logits [B, T or 1, vocab].
+        token only (generation never needs the others); `logits_indices` [M] for the tokens at those
+        indices (the engine packs many sequences into one row and needs each one's last token).
+        Returns logits [B, T (or 1, or M), vocab].
         """
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -131,6 +133,8 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, positions, kv_cache)
         if last_only:
             x = x[:, -1:]
+        elif logits_indices is not None:
+            x = x[:, logits_indices]
         return self.lm_head(self.model.norm(x))
 
     def materialize_buffers(self, device: torch.device | str) -> None:

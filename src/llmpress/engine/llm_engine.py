@@ -1,0 +1,151 @@
+"""The engine loop: requests in, one scheduler step at a time, tokens out.
+
+Not thread-safe: one thread calls add_request / abort_request / step (the server runs it in its own
+thread, server/async_engine.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from llmpress.engine.block_manager import BlockManager
+from llmpress.engine.config import EngineConfig
+from llmpress.engine.model_runner import ModelRunner
+from llmpress.engine.sampler import Sampler
+from llmpress.engine.scheduler import Scheduler
+from llmpress.engine.sequence import Sequence
+from llmpress.errors import LlmpressError
+from llmpress.generation.sampling import SamplingParams
+
+DEFAULT_MAX_MODEL_LEN = 8192  # a 128k-context model would otherwise reserve block tables for 128k tokens
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # everything generated so far
+    new_token_ids: list[int]  # generated in this step
+    finished: bool
+    finish_reason: str | None  # "stop", "length", "abort" or None while running
+    num_cached_tokens: int  # prompt tokens served from the prefix cache
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prefill_tokens: int = 0  # prompt tokens computed (prefix-cache hits excluded, recomputation included)
+    decode_tokens: int = 0
+    num_preemptions: int = 0
+    prefix_cache_hit_rate: float = 0.0
+    num_kv_blocks: int = 0
+    kv_cache_bytes: int = 0
+
+
+class LLMEngine:
+    def __init__(self, loaded, config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+        self.loaded, self.tokenizer, self.model_name = loaded, loaded.tokenizer, loaded.name
+        context = loaded.config.max_position_embeddings
+        self.max_model_len = self.config.max_model_len or min(context, DEFAULT_MAX_MODEL_LEN)
+        if self.max_model_len > context:
+            raise LlmpressError(f"--max-model-len {self.max_model_len} exceeds the model's context of {context} tokens.")
+        self.vocab_size = loaded.config.vocab_size
+        self.runner = ModelRunner(loaded.model, self.config, self.max_model_len)
+        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
+                                          self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self.sampler = Sampler(self.runner.device, self.config.seed)
+        self.stop_token_ids = frozenset(loaded.stop_token_ids)
+        self.sequences: dict[str, Sequence] = {}
+        self._seq_ids = itertools.count()
+        self._aborted: list[RequestOutput] = []
+        self.stats = EngineStats(num_kv_blocks=self.runner.num_blocks, kv_cache_bytes=self.runner.cache.nbytes)
+
+    @classmethod
+    def from_model_spec(cls, spec: str, config: EngineConfig | None = None, dtype: str = "auto",
+                        device: str = "auto") -> "LLMEngine":
+        from llmpress.loading import load_model
+        return cls(load_model(spec, dtype=dtype, device=device), config)
+
+    # -- requests ------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.sequences:
+            raise LlmpressError(f"request id {request_id!r} is already running; use a unique id.")
+        if not prompt_token_ids:
+            raise LlmpressError("the prompt is empty; pass at least one token.")
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
+            raise LlmpressError(f"prompt token ids must be in [0, {self.vocab_size}); got one outside.")
+        total = len(prompt_token_ids) + params.max_new_tokens
+        if total > self.max_model_len:
+            raise LlmpressError(f"the prompt has {len(prompt_token_ids)} tokens and {params.max_new_tokens} more were "
+                                f"asked for, over the {self.max_model_len}-token context; shorten the prompt or "
+                                "lower max_tokens.")
+        needed = self.block_manager.blocks_needed(total)
+        if needed > self.block_manager.num_blocks:
+            raise LlmpressError(f"the request needs {needed} KV blocks but the cache holds {self.block_manager.num_blocks}; "
+                                "lower max_tokens or give the cache more memory (--gpu-memory-utilization).")
+        stops = self.stop_token_ids if params.stop_token_ids is None else frozenset(params.stop_token_ids)
+        seq = Sequence(next(self._seq_ids), request_id, list(prompt_token_ids), params, stops, self.max_model_len)
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self.sequences.pop(request_id, None)
+        if seq is None or seq.is_finished:
+            return
+        self.scheduler.abort(seq)
+        self._aborted.append(self._output(seq, []))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._aborted)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.scheduler.waiting) + len(self.scheduler.running)
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs, self._aborted = self._aborted, []
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            return outputs
+        logits = self.runner.execute(scheduled)
+        sampling = [c.seq for c in scheduled.chunks if c.completes_sequence]
+        tokens = self.sampler.sample(logits, sampling)
+        self._count(scheduled)
+        for seq in self.scheduler.update(scheduled, {s.seq_id: t for s, t in zip(sampling, tokens)}):
+            outputs.append(self._output(seq, seq.output_token_ids[-1:]))
+            if seq.is_finished:
+                self.sequences.pop(seq.request_id, None)
+        return outputs
+
+    def _count(self, scheduled) -> None:
+        s = self.stats
+        s.steps += 1
+        for chunk in scheduled.chunks:
+            if chunk.num_tokens == 1 and chunk.completes_sequence and chunk.seq.output_token_ids:
+                s.decode_tokens += 1
+            else:
+                s.prefill_tokens += chunk.num_tokens
+        s.num_preemptions = self.scheduler.num_preemptions
+        s.prefix_cache_hit_rate = self.block_manager.prefix_hit_rate
+
+    def _output(self, seq: Sequence, new_tokens: list[int]) -> RequestOutput:
+        return RequestOutput(seq.request_id, seq.prompt_token_ids, list(seq.output_token_ids), list(new_tokens),
+                             seq.is_finished, seq.finish_reason, seq.num_cached_tokens)
+
+    def run_to_completion(self, on_output=None) -> None:
+        """Step until every request is finished; `on_output` sees each RequestOutput."""
+        while self.has_unfinished_requests():
+            for output in self.step():
+                if on_output is not None:
+                    on_output(output)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
