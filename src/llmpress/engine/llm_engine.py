@@ -7,9 +7,8 @@ thread, server/async_engine.py).
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
-
-import torch
 
 from llmpress.engine.block_manager import BlockManager
 from llmpress.engine.config import EngineConfig
@@ -32,6 +31,16 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None  # "stop", "length", "abort" or None while running
     num_cached_tokens: int  # prompt tokens served from the prefix cache
+
+
+@dataclass
+class StepRecord:
+    """One step as the benchmark sees it: how many sequences, whether decode-only, how long (host clock)."""
+    num_seqs: int
+    num_tokens: int
+    decode_only: bool
+    context_tokens: int  # sum of the sequences' cache lengths after the step (what attention reads)
+    seconds: float
 
 
 @dataclass
@@ -63,6 +72,7 @@ class LLMEngine:
         self.sequences: dict[str, Sequence] = {}
         self._seq_ids = itertools.count()
         self._aborted: list[RequestOutput] = []
+        self.step_records: list[StepRecord] | None = None  # set to [] to record every step (benchmarks)
         self.stats = EngineStats(num_kv_blocks=self.runner.num_blocks, kv_cache_bytes=self.runner.cache.nbytes)
 
     @classmethod
@@ -109,14 +119,19 @@ class LLMEngine:
 
     # -- the loop ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
         outputs, self._aborted = self._aborted, []
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return outputs
         logits = self.runner.execute(scheduled)
         sampling = [c.seq for c in scheduled.chunks if c.completes_sequence]
-        tokens = self.sampler.sample(logits, sampling)
+        tokens = self.sampler.sample(logits, sampling)  # .tolist() inside waits for the GPU
         self._count(scheduled)
+        if self.step_records is not None:
+            self.step_records.append(StepRecord(
+                len(scheduled.chunks), scheduled.num_tokens, scheduled.is_decode_only,
+                sum(c.seq.num_computed_tokens + c.num_tokens for c in scheduled.chunks), time.perf_counter() - started))
         for seq in self.scheduler.update(scheduled, {s.seq_id: t for s, t in zip(sampling, tokens)}):
             outputs.append(self._output(seq, seq.output_token_ids[-1:]))
             if seq.is_finished:
@@ -144,8 +159,3 @@ class LLMEngine:
             for output in self.step():
                 if on_output is not None:
                     on_output(output)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
