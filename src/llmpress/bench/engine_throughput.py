@@ -94,6 +94,16 @@ def run_offline(engine, workload: Workload, progress: bool = True) -> OfflineRes
         kv_blocks=engine.runner.num_blocks, kv_cache_bytes=engine.runner.cache.nbytes)
 
 
+def format_offline(r: OfflineResult, model: str, device: str) -> str:
+    return "\n".join([
+        f"{model} on {device}: {r.num_prompts} requests, {r.prompt_tokens} prompt + {r.output_tokens} output tokens",
+        f"  {r.seconds:.2f} s: {r.requests_per_s:.2f} req/s, {r.output_tokens_per_s:,.0f} output tok/s, "
+        f"{r.total_tokens_per_s:,.0f} total tok/s ({r.steps} steps, {r.num_preemptions} preemptions)",
+        f"  decode with {r.max_concurrent_seqs} sequences running: {r.full_batch_step_ms:.2f} ms/step = "
+        f"{r.full_batch_decode_tokens_per_s:,.0f} tok/s over {r.full_batch_decode_steps} steps "
+        f"(mean context {r.full_batch_mean_context:.0f}); KV cache {r.kv_blocks} blocks, {r.kv_cache_bytes / 2**30:.2f} GiB"])
+
+
 def decode_step_roofline(config: LlamaConfig, weight_bytes: int, batch_size: int, mean_context: float,
                          kv_bytes_per_token: float, bandwidth_bytes_per_s: float, flops_per_s: float) -> dict:
     """Best-case time of one decode step of `batch_size` sequences: every weight read once, every cached

@@ -12,6 +12,7 @@ import torch
 from llmpress.bench.roofline import decode_roofline, device_name, measure_copy_bandwidth
 from llmpress.bench.throughput import DEFAULT_CHAT_PROMPT, benchmark_decode, prompt_token_ids
 from llmpress.commands import common
+from llmpress.commands.engine_args import add_engine_args, engine_config_from_args
 from llmpress.commands.generate import add_decode_mode_arg, add_speculative_args, speculative_config_from_args
 from llmpress.commands.output import format_rows, write_json_atomic
 from llmpress.errors import LlmpressError
@@ -39,7 +40,62 @@ def register(subparsers) -> None:
                         help="timed runs per batch size; medians are reported (default: 3)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
     add_speculative_args(parser)  # with --draft: also batch-1 speculative decoding, and its speedup
+    e = parser.add_argument_group("serving engine (--engine)")
+    e.add_argument("--engine", choices=("offline", "online"), default=None,
+                   help="offline: N prompts through the engine at once (as vLLM's benchmark_throughput); "
+                        "online: requests against a running `llmpress serve` (as benchmark_serving)")
+    e.add_argument("--num-prompts", type=int, default=256, metavar="N", help="requests (default 256)")
+    e.add_argument("--input-len", default="128,1024", metavar="MIN,MAX", help="prompt tokens, uniform (default 128,1024)")
+    e.add_argument("--output-len", default="128,512", metavar="MIN,MAX", help="output tokens, uniform (default 128,512)")
+    e.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    e.add_argument("--url", default="http://127.0.0.1:8000", help="online: the server's base URL")
+    e.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="online: Poisson arrivals per second (default inf: all at once)")
+    e.add_argument("--max-concurrency", type=int, default=None, help="online: requests in flight at most")
+    add_engine_args(parser)
     parser.set_defaults(func=run_bench_command)
+
+
+def parse_range(text: str, name: str) -> tuple[int, int]:
+    """'128,1024' -> (128, 1024); one number means a fixed length."""
+    try:
+        values = [int(item) for item in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or values[0] < 1 or values[1] < values[0]:
+        raise LlmpressError(f"--{name} must be MIN,MAX with 1 <= MIN <= MAX (e.g. 128,1024), got {text!r}.")
+    return values[0], values[1]
+
+
+def run_engine_bench_command(args: argparse.Namespace) -> int:
+    input_len, output_len = parse_range(args.input_len, "input-len"), parse_range(args.output_len, "output-len")
+    if args.num_prompts < 1:
+        raise LlmpressError(f"--num-prompts must be at least 1, got {args.num_prompts}.")
+    if args.engine == "online":
+        from llmpress.bench.serving import format_serving_result, run_serving_benchmark
+        result = run_serving_benchmark(args.url, args.num_prompts, args.request_rate, args.max_concurrency,
+                                       input_len, output_len, args.seed)
+        print(format_serving_result(result))
+        record = result.to_dict()
+    else:
+        from llmpress.bench.engine_throughput import format_offline, random_workload, run_offline
+        from llmpress.engine import LLMEngine
+        config = engine_config_from_args(args)
+        if config.max_model_len is None:
+            config.max_model_len = input_len[1] + output_len[1]
+        loaded = common.load_from_args(args)
+        engine = LLMEngine(loaded, config)
+        workload = random_workload(args.num_prompts, input_len, output_len, loaded.config.vocab_size, args.seed)
+        result = run_offline(engine, workload)
+        print(format_offline(result, loaded.name, device_name(loaded.model.device)))
+        record = dict(result.to_dict(), model=loaded.name, device=device_name(loaded.model.device),
+                      input_len=input_len, output_len=output_len, seed=args.seed, date=date.today().isoformat())
+    if args.json:
+        write_json_atomic(Path(args.json), record)
+        print(f"wrote {args.json}")
+    return 0
 
 
 def parse_batch_sizes(text: str) -> list[int]:
@@ -54,6 +110,8 @@ def parse_batch_sizes(text: str) -> list[int]:
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
+    if args.engine is not None:
+        return run_engine_bench_command(args)
     # Every option is checked before the model load, so a typo fails at once.
     batch_sizes = parse_batch_sizes(args.batch_sizes)
     for name in ("prompt_len", "new_tokens", "repeats"):

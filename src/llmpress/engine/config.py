@@ -16,7 +16,7 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     gpu_memory_utilization: float = 0.90  # fraction of GPU memory the engine may use (weights + activations + KV)
     num_gpu_blocks: int | None = None  # KV blocks; None sizes the cache from free GPU memory (CPU: see cpu_kv_tokens)
-    cpu_kv_tokens: int = 65536  # on CPU, with num_gpu_blocks unset: a KV cache of this many tokens
+    cpu_kv_tokens: int = 16384  # on CPU, with num_gpu_blocks unset: a KV cache of this many tokens
     kv_cache_dtype: str = "auto"  # auto (the model dtype), fp8 (e4m3) or int8, with per-token per-head scales
     max_model_len: int | None = None  # prompt + output limit per sequence; None: the model's context (capped at 8192)
     enable_prefix_caching: bool = True  # share full KV blocks between requests with the same prefix
