@@ -10,7 +10,7 @@ from llmpress.errors import LlmpressError
 
 # Each module in llmpress.commands exposes `register(subparsers)`, which adds its parser and
 # sets `func` to the function that runs it.
-COMMANDS = ("generate", "chat", "eval", "bench", "analyze", "quantize", "pipeline", "finetune")
+COMMANDS = ("generate", "chat", "eval", "bench", "analyze", "quantize", "pipeline", "finetune", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

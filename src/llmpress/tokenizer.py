@@ -27,17 +27,31 @@ def encode_text(tokenizer, text: str) -> torch.Tensor:
 
 
 class IncrementalDecoder:
-    """Turns a growing list of token ids into newly printable text, never splitting a multi-byte character."""
+    """Turns a growing list of token ids into newly printable text, never splitting a multi-byte character.
+
+    Each push decodes only a short window (the tokens since the last printed text, plus the ones before
+    them as context, as vLLM's detokenizer does), so streaming N tokens costs O(N), not O(N^2).
+    """
 
     def __init__(self, tokenizer, skip_special_tokens: bool = True):
         self.tokenizer, self.skip_special_tokens = tokenizer, skip_special_tokens
         self.ids: list[int] = []
         self.printed = ""
+        self.prefix_offset = 0  # the window starts here: context whose text was printed already
+        self.read_offset = 0  # tokens before this one are printed
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+        # The context tokens are decoded with the new ones and their text subtracted: a tokenizer may render
+        # a token differently at the start of a text (SentencePiece drops a leading space).
+        printed_part = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset:])
+        if text.endswith("\ufffd") or len(text) <= len(printed_part):  # incomplete UTF-8, or nothing visible yet
             return ""
-        new, self.printed = text[len(self.printed):], text
+        new = text[len(printed_part):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self.printed += new
         return new

@@ -167,3 +167,11 @@ def test_llm_on_the_embedded_model_matches_plain_decoding(embedded):
         assert completion.token_ids == decode_alone(embedded, prompt, params)
     texts = llm.generate(["The capital of France is"], SamplingParams(max_new_tokens=4), use_tqdm=False)
     assert texts[0].text and texts[0].finish_reason in ("stop", "length")
+
+
+def test_perplexity_through_the_paged_cache_equals_plain_attention():
+    from llmpress.engine.kv_eval import PagedCacheForward
+    loaded = tiny_loaded()
+    ids = torch.randint(0, 255, (2, 37), generator=torch.Generator().manual_seed(0))
+    plain = loaded.model(ids)
+    assert torch.allclose(PagedCacheForward(loaded.model, "auto", block_size=8)(ids), plain, rtol=0, atol=1e-12)

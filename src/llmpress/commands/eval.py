@@ -30,6 +30,9 @@ def register(subparsers) -> None:
     ppl.add_argument("--max-windows", type=int, default=None, metavar="N",
                      help="evaluate only the first N windows (default: all)")
     ppl.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
+    ppl.add_argument("--kv-cache-dtype", default=None, choices=("auto", "fp8", "int8"),
+                     help="run every window through the serving engine's paged KV cache in this storage dtype, "
+                          "so attention reads stored (quantized) keys and values (default: plain causal attention)")
     ppl.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON to PATH")
     ppl.set_defaults(func=run_ppl)
 
@@ -43,7 +46,11 @@ def run_ppl(args: argparse.Namespace) -> int:
     text, description = load_eval_text(args.data)
     loaded = common.load_from_args(args)
     token_ids = tokenize_for_ppl(loaded.tokenizer, text)
-    result = evaluate_perplexity(loaded.model, token_ids, config)
+    model = loaded.model
+    if args.kv_cache_dtype is not None:
+        from llmpress.engine.kv_eval import PagedCacheForward
+        model = PagedCacheForward(loaded.model, args.kv_cache_dtype)
+    result = evaluate_perplexity(model, token_ids, config)
     print(f"data: {description}")
     print(format_table(["model", "data", "seq_len", "windows", "tokens", "PPL", "tok/s"],
                        [args.model, args.data, result.seq_len, result.num_windows, result.num_tokens_scored,
@@ -52,6 +59,7 @@ def run_ppl(args: argparse.Namespace) -> int:
         record = {"task": "ppl", "model": args.model, "data": args.data, "data_description": description,
                   "text_tokens": token_ids.numel(), "device": str(loaded.model.device),
                   "dtype": str(loaded.model.dtype).removeprefix("torch."), "batch_size": config.batch_size,
+                  "kv_cache_dtype": args.kv_cache_dtype,
                   **dataclasses.asdict(result)}
         write_json_atomic(Path(args.json), record)
         print(f"wrote {args.json}")
