@@ -74,10 +74,10 @@ def run_engine_bench_command(args: argparse.Namespace) -> int:
     if args.num_prompts < 1:
         raise LlmpressError(f"--num-prompts must be at least 1, got {args.num_prompts}.")
     if args.engine == "online":
-        from llmpress.bench.serving import format_serving_result, run_serving_benchmark
+        from llmpress.bench.serving import format_serving_table, run_serving_benchmark
         result = run_serving_benchmark(args.url, args.num_prompts, args.request_rate, args.max_concurrency,
                                        input_len, output_len, args.seed)
-        print(format_serving_result(result))
+        print(format_serving_table(result))
         record = result.to_dict()
     else:
         from llmpress.bench.engine_throughput import format_offline, random_workload, run_offline
