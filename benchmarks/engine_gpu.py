@@ -20,6 +20,7 @@ import gc
 import os
 import sys
 import time
+import traceback
 from datetime import date
 from pathlib import Path
 
@@ -169,14 +170,19 @@ def main() -> int:
         print(f"correctness (engine vs static-cache generator, 32 greedy tokens): agreeing prefix "
               f"{results['correctness']['agreeing_prefix_per_prompt']}", flush=True)
         _flush(results, args.out)
-    if not args.skip_transformers:
-        results["transformers"] = run_transformers(model, config, workload)
-        t = results["transformers"]
-        print(f"transformers generate (batch {t['batch']}, eager): {t['generated_tokens_per_s']:.0f} generated tok/s "
-              f"({t['requested_tokens_per_s']:.0f} requested tok/s), {t['seconds']:.1f} s", flush=True)
-        _flush(results, args.out)
     kv_dtypes = {"bf16": "auto", "fp8-kv": "fp8", "int8-kv": "int8", "int4": "auto"}
-    for variant in [v for v in args.variants.split(",") if v]:
+    variants = [v for v in args.variants.split(",") if v]
+    # int4 quantizes the model in place, so it runs last, after transformers has copied the bf16 weights.
+    ordered = [v for v in variants if v != "int4"] + ["transformers"] + [v for v in variants if v == "int4"]
+    for variant in ordered:
+        if variant == "transformers":
+            if not args.skip_transformers:
+                results["transformers"] = run_transformers(model, config, workload)
+                t = results["transformers"]
+                print(f"transformers generate (batch {t['batch']}, eager): {t['generated_tokens_per_s']:.0f} generated "
+                      f"tok/s ({t['requested_tokens_per_s']:.0f} requested tok/s), {t['seconds']:.1f} s", flush=True)
+                _flush(results, args.out)
+            continue
         if variant == "int4":
             from llmpress.quant.calibration import quantize_model
             from llmpress.quant.linear import replace_linears
@@ -188,7 +194,13 @@ def main() -> int:
         engine_config = EngineConfig(max_num_seqs=args.num_prompts, max_num_batched_tokens=args.max_num_batched_tokens,
                                      gpu_memory_utilization=args.gpu_memory_utilization,
                                      kv_cache_dtype=kv_dtypes[variant], max_model_len=input_len[1] + output_len[1])
-        r = results["engine"][variant] = run_engine(loaded, workload, engine_config, bandwidth, flops)
+        try:
+            r = results["engine"][variant] = run_engine(loaded, workload, engine_config, bandwidth, flops)
+        except Exception as error:  # one variant failing must not lose the others' numbers
+            traceback.print_exc()
+            results.setdefault("errors", {})[variant] = repr(error)
+            free_cuda()
+            continue
         print(f"engine {variant}: {r['output_tokens_per_s']:.0f} output tok/s ({r['seconds']:.1f} s, setup "
               f"{r['setup_s']:.0f} s, {r['num_preemptions']} preemptions); decode at {r['max_concurrent_seqs']} seqs: "
               f"{r['full_batch_decode_tokens_per_s']:.0f} tok/s = {r['fraction_of_roofline']:.1%} of "
@@ -214,6 +226,7 @@ def summarize(results: dict) -> None:
     if hf:
         print(f"{'transformers (eager)':22s} {hf['generated_tokens_per_s']:10.0f} {1:6.2f} {'-':>17s} {'-':>10s} {hf['batch']:9d} {'-':>7s}")
     for variant, r in e.items():
+        r.setdefault("concurrency_vs_bf16", float("nan"))
         ratio = f"{r['over_transformers']:6.2f}" if hf and "over_transformers" in r else f"{'-':>6s}"
         print(f"{'llmpress ' + variant:22s} {r['output_tokens_per_s']:10.0f} {ratio} {r['full_batch_decode_tokens_per_s']:17.0f} "
               f"{r['fraction_of_roofline']:10.1%} {r['max_concurrent_at_max_len']:9d} {r.get('concurrency_vs_bf16', float('nan')):7.2f}")

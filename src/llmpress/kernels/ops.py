@@ -13,7 +13,8 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from llmpress.kernels.reference import attention_reference, cache_attention_mask, int4_matmul_reference
+from llmpress.kernels.reference import (attention_reference, cache_attention_mask, int4_matmul_reference,
+                                        paged_attention_reference, store_kv_paged_reference)
 
 BACKENDS = ("auto", "torch", "sdpa", "triton")
 _backend = "auto"
@@ -112,3 +113,52 @@ def _int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, q
 @_int4_matmul.register_fake
 def _(x, qweight, scales, qzeros, g_idx, group_size):
     return x.new_empty(x.shape[0], qweight.shape[1])
+
+
+def store_kv_paged(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, slot_mapping: torch.Tensor) -> None:
+    """Write new tokens' K/V into the paged cache, in place (quantizing for int8/fp8 caches).
+    k, v: [N, Hkv, D]; caches: [num_blocks, block_size, Hkv, D]; scales: float16 [num_blocks, block_size, Hkv]
+    or None; slot_mapping: int64 [N] (slot = block * block_size + offset). Every backend runs the torch
+    code: a few elementwise kernels and an indexed copy per tensor (no host syncs, CUDA-graph capturable)."""
+    store_kv_paged_reference(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+                    block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                    max_query_len: int, max_seq_len: int) -> torch.Tensor:
+    """Causal attention of a step's queries (decode, prefill, chunked prefill mixed) over a paged KV cache.
+
+    q: [N, H, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D] holding this step's tokens already
+    (model dtype, int8 or float8_e4m3fn with float16 scales [num_blocks, block_size, Hkv], else None);
+    block_tables: int32 [S, max_blocks]; seq_lens: int32 [S] (cached tokens including this step's);
+    query_start_loc: int32 [S+1]; max_query_len, max_seq_len: Python ints bounding this step's values.
+    Returns [N, H, D] in q's dtype. Triton on CUDA (fp16/bf16 q, head_dim 64/128); everything else, the
+    CPU included, runs the reference: a Python loop over sequences with host syncs, so it is slow and not
+    CUDA-graph capturable. Backend "triton" raises on inputs the kernel cannot take.
+    """
+    use_triton = _backend == "triton" or (_backend == "auto" and q.is_cuda and HAS_TRITON
+                                          and q.shape[-1] in (64, 128) and q.dtype in (torch.float16, torch.bfloat16))
+    if use_triton:
+        if not (HAS_TRITON and q.is_cuda):
+            raise ValueError("the triton backend's paged attention needs Triton and q on a CUDA GPU")
+        return torch.ops.llmpress.paged_attention(q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens,
+                                                  query_start_loc, max_query_len, max_seq_len)
+    return paged_attention_reference(q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens,
+                                     query_start_loc, max_query_len, max_seq_len)
+
+
+@torch.library.custom_op("llmpress::paged_attention", mutates_args=())
+def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                     max_query_len: int, max_seq_len: int) -> torch.Tensor:
+    from llmpress.kernels.triton_paged_attention import paged_attention_triton
+    return paged_attention_triton(q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens,
+                                  query_start_loc, max_query_len, max_seq_len)
+
+
+@_paged_attention.register_fake
+def _(q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, query_start_loc, max_query_len, max_seq_len):
+    return torch.empty_like(q)
