@@ -97,6 +97,7 @@ class BlockManager:
         for block_id in cached_prefix:
             self._take(block_id)
             seq.block_table.append(block_id)
+        seq.num_registered_blocks = len(cached_prefix)
         seq.num_computed_tokens = len(cached_prefix) * self.block_size
         self.prefix_queries_tokens += len(seq.prompt_token_ids) if seq.num_preemptions == 0 else 0
         if seq.num_preemptions == 0:
@@ -144,26 +145,26 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free_blocks[block_id] = None
         seq.block_table = []
+        seq.num_registered_blocks = 0
 
     def register_computed_blocks(self, seq: Sequence) -> None:
         """Publish `seq`'s full, computed blocks in the prefix cache (called after each step)."""
         if not self.enable_prefix_caching:
             return
         num_full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
-        parent = None
-        token_ids = None
-        for index in range(num_full):
+        if num_full <= seq.num_registered_blocks:  # most decode steps fill no block
+            return
+        parent = self.blocks[seq.block_table[seq.num_registered_blocks - 1]].block_hash if seq.num_registered_blocks else None
+        token_ids = seq.all_token_ids
+        for index in range(seq.num_registered_blocks, num_full):
             block = self.blocks[seq.block_table[index]]
-            if block.block_hash is not None:
-                parent = block.block_hash
-                continue
-            if token_ids is None:
-                token_ids = seq.all_token_ids
-            tokens = tuple(token_ids[index * self.block_size:(index + 1) * self.block_size])
-            block.block_hash, block.token_ids = chained_block_hash(parent, tokens), tokens
+            if block.block_hash is None:
+                tokens = tuple(token_ids[index * self.block_size:(index + 1) * self.block_size])
+                block.block_hash, block.token_ids = chained_block_hash(parent, tokens), tokens
+                # Another sequence may have computed the same prefix first; its block stays the shared one.
+                self.cached_blocks.setdefault(block.block_hash, block.block_id)
             parent = block.block_hash
-            # Another sequence may have computed the same prefix first; its block stays the shared one.
-            self.cached_blocks.setdefault(block.block_hash, block.block_id)
+        seq.num_registered_blocks = num_full
 
     @property
     def prefix_hit_rate(self) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from llmpress.engine.config import EngineConfig
@@ -86,29 +87,34 @@ class ModelRunner:
 
     # -- inputs --------------------------------------------------------------------------------------
     def _to_device(self, values, dtype) -> torch.Tensor:
-        tensor = torch.tensor(values, dtype=dtype)
+        tensor = torch.from_numpy(values) if isinstance(values, np.ndarray) else torch.tensor(values, dtype=dtype)
         if self.on_cuda:
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor
 
     def prepare(self, out: SchedulerOutput):
-        """Flat inputs of the step: token ids [N], positions [N], attention metadata, logits row indices [M]."""
+        """Flat inputs of the step: token ids [N], positions [N], slots [N], seq_lens [S], query starts [S+1],
+        logits row indices [M] (lists) and block tables (int32 array [S, widest table], padded with scratch)."""
         bs = self.block_size
-        input_ids, positions, slots, seq_lens, starts, logits_rows, tables = [], [], [], [], [0], [], []
-        for chunk in out.chunks:
+        input_ids, positions, slots, seq_lens, starts, logits_rows = [], [], [], [], [0], []
+        width = max(len(c.seq.block_table) for c in out.chunks)
+        tables = np.full((len(out.chunks), width), self.cache.scratch_block, dtype=np.int32)
+        for row, chunk in enumerate(out.chunks):
             seq = chunk.seq
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + chunk.num_tokens
             table = seq.block_table
+            tables[row, :len(table)] = table
             input_ids += seq.token_ids_slice(start, end)
-            positions += range(start, end)
-            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            if end - start == 1:  # decode: skip the range machinery
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                positions += range(start, end)
+                slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             seq_lens.append(end)
             starts.append(starts[-1] + chunk.num_tokens)
-            tables.append(table)
-            if chunk.completes_sequence:
+            if end == seq.num_tokens:
                 logits_rows.append(starts[-1] - 1)
-        width = max(len(t) for t in tables)
-        tables = [t + [self.cache.scratch_block] * (width - len(t)) for t in tables]
         return input_ids, positions, slots, seq_lens, starts, logits_rows, tables
 
     # -- execution -----------------------------------------------------------------------------------
@@ -142,6 +148,11 @@ class ModelRunner:
             seq_lens=torch.ones(largest, dtype=torch.int32, device=d),
             query_start_loc=torch.arange(largest + 1, dtype=torch.int32, device=d))
         self.static_logits: dict[int, torch.Tensor] = {}
+        self.decode_forward = self.model
+        if self.config.compile:
+            # One compile with a symbolic batch size serves every captured size: Inductor fuses the norm,
+            # rope and activation arithmetic that the eager graph runs as dozens of small kernels per layer.
+            self.decode_forward = torch.compile(self.model, dynamic=True, options={"triton.cudagraphs": False})
         pool = None
         with torch.inference_mode():
             for size in reversed(self.graph_sizes):  # largest first, so smaller graphs reuse its memory pool
@@ -166,7 +177,7 @@ class ModelRunner:
             seq_lens=s["seq_lens"][:size], query_start_loc=s["query_start_loc"][:size + 1],
             max_query_len=1, max_seq_len=self.max_model_len)
         cache = self.cache.bind(meta)
-        return lambda: self.model(s["input_ids"][:, :size], s["positions"][:size], cache)[0]
+        return lambda: self.decode_forward(s["input_ids"][:, :size], s["positions"][:size], cache)[0]
 
     def _replay(self, input_ids, positions, slots, seq_lens, tables) -> torch.Tensor:
         batch = len(input_ids)
@@ -179,9 +190,10 @@ class ModelRunner:
         s["slot_mapping"][:size].copy_(self._to_device(slots + [scratch * self.block_size] * pad, torch.long),
                                        non_blocking=True)
         s["seq_lens"][:size].copy_(self._to_device(seq_lens + [1] * pad, torch.int32), non_blocking=True)
-        width = len(tables[0])
+        width = tables.shape[1]
+        if pad:  # padding rows read the scratch block only
+            tables = np.concatenate([tables, np.full((pad, width), scratch, dtype=np.int32)])
         # Columns past `width` keep stale block ids from earlier steps; attention never reads past seq_len.
-        s["block_tables"][:size, :width].copy_(
-            self._to_device(tables + [[scratch] * width] * pad, torch.int32), non_blocking=True)
+        s["block_tables"][:size, :width].copy_(self._to_device(tables, torch.int32), non_blocking=True)
         self.graphs[size].replay()
         return self.static_logits[size][:batch]

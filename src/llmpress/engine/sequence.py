@@ -26,6 +26,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose k/v are in the cache (prefix-cache hits included)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
+    num_registered_blocks: int = 0  # leading blocks already published in the prefix cache
     num_preemptions: int = 0
     finish_reason: str | None = None  # "stop", "length" or "abort"
     sampler_state: Any = None  # the model runner's per-request RNG, created on first use
