@@ -175,3 +175,29 @@ def test_perplexity_through_the_paged_cache_equals_plain_attention():
     ids = torch.randint(0, 255, (2, 37), generator=torch.Generator().manual_seed(0))
     plain = loaded.model(ids)
     assert torch.allclose(PagedCacheForward(loaded.model, "auto", block_size=8)(ids), plain, rtol=0, atol=1e-12)
+
+
+def test_ngram_speculation_inside_batches_keeps_greedy_outputs():
+    loaded = tiny_loaded()
+    prompts = random_prompts(6, 5, 30, 256, seed=13) + [[7, 8, 9] * 6]
+    params = SamplingParams(max_new_tokens=40)
+    plain_engine = small_engine(loaded)
+    plain = run_engine(plain_engine, prompts, params)
+    engine = small_engine(loaded, speculative="ngram", num_speculative_tokens=4)
+    assert run_engine(engine, prompts, params) == plain == [decode_alone(loaded, p, params) for p in prompts]
+    assert engine.stats.accepted_draft_tokens > 0 and engine.stats.steps < plain_engine.stats.steps
+    assert 0 < engine.stats.draft_acceptance_rate <= 1
+    # Under preemption, and beside sampled requests (which do not draft), nothing changes either.
+    tight = small_engine(loaded, speculative="ngram", num_gpu_blocks=24, block_size=4)
+    sampled = SamplingParams(max_new_tokens=20, temperature=0.8, seed=5)
+    mixed = run_engine(tight, prompts + prompts[:2], [params] * len(prompts) + [sampled] * 2)
+    assert mixed[:len(prompts)] == plain and tight.stats.num_preemptions > 0
+    alone = run_engine(small_engine(loaded), prompts[:1], sampled)[0]
+    assert mixed[len(prompts)] == alone
+
+
+def test_speculation_options_are_checked():
+    with pytest.raises(LlmpressError, match="ngram"):
+        EngineConfig(speculative="eagle")
+    with pytest.raises(LlmpressError, match="num-speculative-tokens"):
+        EngineConfig(speculative="ngram", num_speculative_tokens=0)

@@ -26,19 +26,25 @@ class FakeRunner:
     def __init__(self, block_size: int):
         self.block_size, self.slots = block_size, {}
 
-    def run(self, out) -> dict[int, int]:
+    def run(self, out) -> dict[int, list[int]]:
         sampled = {}
         for chunk in out.chunks:
             seq, bs = chunk.seq, self.block_size
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + chunk.num_tokens
-            tokens = seq.all_token_ids
+            tokens = seq.all_token_ids + seq.spec_token_ids[:chunk.num_spec_tokens]
             for p in range(start, end):
                 self.slots[seq.block_table[p // bs] * bs + p % bs] = tokens[p]
             if chunk.completes_sequence:
-                # Read the whole context back through the block table, as attention would.
+                # Read the whole context back through the block table, as attention would, and verify the
+                # drafts greedily: keep each draft while it is the model's own next token.
                 context = [self.slots.get(seq.block_table[p // bs] * bs + p % bs) for p in range(end)]
                 assert context == tokens, f"sequence {seq.seq_id} reads corrupted KV"
-                sampled[seq.seq_id] = next_token(context)
+                new = []
+                for draft_end in range(seq.num_tokens, end + 1):
+                    new.append(next_token(context[:draft_end]))
+                    if draft_end == end or tokens[draft_end] != new[-1]:
+                        break
+                sampled[seq.seq_id] = new
         return sampled
 
 
@@ -50,7 +56,8 @@ def expected_output(prompt: list[int], max_new: int) -> list[int]:
     return out
 
 
-def run(prompts, max_new, num_blocks, block_size, budget, max_seqs, prefix_caching, arrivals=None):
+def run(prompts, max_new, num_blocks, block_size, budget, max_seqs, prefix_caching, arrivals=None, drafts=None):
+    """drafts: a random.Random; when given, decoding sequences get 0-4 draft tokens per step, right or wrong."""
     bm = BlockManager(num_blocks, block_size, prefix_caching)
     scheduler = Scheduler(bm, max_seqs, budget)
     runner = FakeRunner(block_size)
@@ -62,6 +69,12 @@ def run(prompts, max_new, num_blocks, block_size, budget, max_seqs, prefix_cachi
         for s, at in zip(seqs, arrivals):
             if at == step:
                 scheduler.add(s)
+        if drafts is not None:
+            for s in scheduler.running:
+                if s.num_uncomputed_tokens == 1:
+                    truth = expected_output(s.prompt_token_ids, max_new)[len(s.output_token_ids):]
+                    guess = [t if drafts.random() < 0.7 else (t + 1) % VOCAB for t in truth[:drafts.randint(0, 4)]]
+                    s.spec_token_ids = guess[:s.max_draft_tokens]
         out = scheduler.schedule()
         assert out.num_tokens <= budget
         assert len(scheduler.running) <= max_seqs
@@ -109,9 +122,9 @@ def test_shared_prefixes_hit_the_cache():
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 10**6), num_blocks=st.integers(8, 40), block_size=st.sampled_from([1, 2, 4, 8]),
-       budget=st.integers(1, 48), max_seqs=st.integers(1, 6), prefix_caching=st.booleans())
+       budget=st.integers(1, 48), max_seqs=st.integers(1, 6), prefix_caching=st.booleans(), drafts=st.booleans())
 def test_random_workloads_complete_with_the_right_outputs(seed, num_blocks, block_size, budget, max_seqs,
-                                                          prefix_caching):
+                                                          prefix_caching, drafts):
     rng = random.Random(seed)
     max_new = rng.randint(1, 6)
     stem = [rng.randrange(VOCAB) for _ in range(10)]
@@ -123,5 +136,15 @@ def test_random_workloads_complete_with_the_right_outputs(seed, num_blocks, bloc
     # Every request fits alone (the engine refuses the others at add_request).
     prompts = [p for p in prompts if -(-(len(p) + max_new) // block_size) <= num_blocks] or [[1]]
     arrivals = sorted(rng.randint(0, 6) for _ in prompts)
-    outputs, _, _ = run(prompts, max_new, num_blocks, block_size, budget, max_seqs, prefix_caching, arrivals)
+    outputs, _, _ = run(prompts, max_new, num_blocks, block_size, budget, max_seqs, prefix_caching, arrivals,
+                        random.Random(seed) if drafts else None)
     assert outputs == [expected_output(p, max_new) for p in prompts]
+
+
+def test_draft_tokens_are_verified_and_outputs_unchanged():
+    rng = random.Random(1)
+    prompts = [[rng.randrange(VOCAB) for _ in range(rng.randint(3, 12))] for _ in range(6)]
+    plain, plain_sched, _ = run(prompts, 10, 60, 4, 32, 6, True)
+    drafted, _, _ = run(prompts, 10, 60, 4, 32, 6, True, drafts=random.Random(2))
+    tight, tight_sched, _ = run(prompts, 10, 14, 4, 32, 6, True, drafts=random.Random(3))  # drafts vs preemption
+    assert plain == drafted == tight == [expected_output(p, 10) for p in prompts]

@@ -82,7 +82,7 @@ def run_engine_bench_command(args: argparse.Namespace) -> int:
     else:
         from llmpress.bench.engine_throughput import format_offline, random_workload, run_offline
         from llmpress.engine import LLMEngine
-        config = engine_config_from_args(args)
+        config = engine_config_from_args(args)  # --draft ngram drafts inside the batch; other drafters are refused
         if config.max_model_len is None:
             config.max_model_len = input_len[1] + output_len[1]
         loaded = common.load_from_args(args)
@@ -90,6 +90,9 @@ def run_engine_bench_command(args: argparse.Namespace) -> int:
         workload = random_workload(args.num_prompts, input_len, output_len, loaded.config.vocab_size, args.seed)
         result = run_offline(engine, workload)
         print(format_offline(result, loaded.name, device_name(loaded.model.device)))
+        if config.speculative:
+            print(f"  speculative ({config.speculative}, k={config.num_speculative_tokens}): "
+                  f"{engine.stats.accepted_draft_tokens} of {engine.stats.draft_tokens} draft tokens accepted")
         record = dict(result.to_dict(), model=loaded.name, device=device_name(loaded.model.device),
                       input_len=input_len, output_len=output_len, seed=args.seed, date=date.today().isoformat())
     if args.json:

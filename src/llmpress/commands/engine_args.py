@@ -28,9 +28,19 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="torch.compile the decode step before capturing its CUDA graphs (CUDA; a minute or two at start)")
 
 
+def add_engine_draft_args(parser: argparse.ArgumentParser) -> None:
+    """--draft ngram / --num-speculative-tokens for `serve` (`bench` has them already, from `generate`)."""
+    parser.add_argument("--draft", default=None, choices=("ngram",),
+                        help="speculative decoding inside the batch: prompt-lookup drafts for greedy requests")
+    parser.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
+                        help="draft tokens per sequence and step with --draft (default 4)")
+
+
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                         num_gpu_blocks=args.num_gpu_blocks, kv_cache_dtype=args.kv_cache_dtype,
                         max_model_len=args.max_model_len, enable_prefix_caching=args.enable_prefix_caching,
-                        enforce_eager=args.enforce_eager, compile=args.compile)
+                        enforce_eager=args.enforce_eager, compile=args.compile,
+                        speculative=getattr(args, "draft", None),
+                        num_speculative_tokens=getattr(args, "num_speculative_tokens", 4))

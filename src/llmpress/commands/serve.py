@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from llmpress.commands import common
-from llmpress.commands.engine_args import add_engine_args, engine_config_from_args
+from llmpress.commands.engine_args import add_engine_args, add_engine_draft_args, engine_config_from_args
 from llmpress.errors import LlmpressError
 
 
@@ -20,6 +20,7 @@ def register(subparsers) -> None:
     parser.add_argument("--served-model-name", default=None, metavar="NAME",
                         help="model id clients ask for (default: the --model value)")
     add_engine_args(parser)
+    add_engine_draft_args(parser)
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn's log level (default: info)")
     parser.set_defaults(func=run_serve)

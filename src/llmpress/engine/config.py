@@ -24,6 +24,8 @@ class EngineConfig:
     compile: bool = False  # torch.compile the decode step (symbolic batch) before capturing its CUDA graphs
     cuda_graph_max_batch: int | None = None  # largest captured decode batch (default max_num_seqs)
     seed: int = 0  # for requests that sample without a seed of their own
+    speculative: str | None = None  # "ngram": prompt-lookup drafts for greedy requests, verified in the batch
+    num_speculative_tokens: int = 4  # draft tokens per sequence and step, at most
 
     def __post_init__(self):
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -35,5 +37,10 @@ class EngineConfig:
                 raise LlmpressError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise LlmpressError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
+        if self.speculative not in (None, "ngram"):
+            raise LlmpressError(f"the engine drafts with 'ngram' only, got {self.speculative!r}; a draft model "
+                                "works in `llmpress generate --draft` (batch 1).")
+        if self.num_speculative_tokens < 1:
+            raise LlmpressError(f"--num-speculative-tokens must be at least 1, got {self.num_speculative_tokens}.")
         if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
             raise LlmpressError(f"--num-gpu-blocks must be at least 1, got {self.num_gpu_blocks}.")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import itertools
 import time
+
+import torch
 from dataclasses import dataclass
 
 from llmpress.engine.block_manager import BlockManager
@@ -52,6 +54,12 @@ class EngineStats:
     prefix_cache_hit_rate: float = 0.0
     num_kv_blocks: int = 0
     kv_cache_bytes: int = 0
+    draft_tokens: int = 0  # speculative: draft tokens verified
+    accepted_draft_tokens: int = 0
+
+    @property
+    def draft_acceptance_rate(self) -> float:
+        return self.accepted_draft_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
 
 class LLMEngine:
@@ -73,6 +81,10 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._aborted: list[RequestOutput] = []
         self.step_records: list[StepRecord] | None = None  # set to [] to record every step (benchmarks)
+        self.drafter = None
+        if self.config.speculative == "ngram":
+            from llmpress.speculative.drafters import NGramDrafter
+            self.drafter = NGramDrafter()
         self.stats = EngineStats(num_kv_blocks=self.runner.num_blocks, kv_cache_bytes=self.runner.cache.nbytes)
 
     @classmethod
@@ -121,29 +133,71 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         started = time.perf_counter()
         outputs, self._aborted = self._aborted, []
+        if self.drafter is not None:
+            self._propose_drafts()
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return outputs
         logits = self.runner.execute(scheduled)
-        sampling = [c.seq for c in scheduled.chunks if c.completes_sequence]
-        tokens = self.sampler.sample(logits, sampling)  # .tolist() inside waits for the GPU
-        self._count(scheduled)
+        sampled = self._sample(scheduled, logits)  # .tolist() inside waits for the GPU
+        self._count(scheduled, sampled)
         if self.step_records is not None:
             self.step_records.append(StepRecord(
                 len(scheduled.chunks), scheduled.num_tokens, scheduled.is_decode_only,
                 sum(c.seq.num_computed_tokens + c.num_tokens for c in scheduled.chunks), time.perf_counter() - started))
-        for seq in self.scheduler.update(scheduled, {s.seq_id: t for s, t in zip(sampling, tokens)}):
-            outputs.append(self._output(seq, seq.output_token_ids[-1:]))
+        before = {c.seq.seq_id: len(c.seq.output_token_ids) for c in scheduled.chunks}
+        for seq in self.scheduler.update(scheduled, sampled):
+            outputs.append(self._output(seq, seq.output_token_ids[before[seq.seq_id]:]))
             if seq.is_finished:
                 self.sequences.pop(seq.request_id, None)
         return outputs
 
-    def _count(self, scheduled) -> None:
+    def _propose_drafts(self) -> None:
+        """Prompt-lookup drafts for greedy decoding sequences (sampled ones would need the rejection rule)."""
+        for seq in self.scheduler.running:
+            p = seq.params
+            if seq.num_uncomputed_tokens != 1 or not p.greedy or p.repetition_penalty != 1.0:
+                continue
+            k = min(self.config.num_speculative_tokens, seq.max_draft_tokens)
+            seq.spec_token_ids = self.drafter.lookup(seq.all_token_ids, k) if k > 0 else []
+
+    def _sample(self, scheduled, logits) -> dict[int, list[int]]:
+        """seq_id -> new tokens. A chunk with drafts keeps each draft while it equals the model's argmax at
+        the position before it, then adds the argmax after the last kept one (greedy verification)."""
+        completing = [c for c in scheduled.chunks if c.completes_sequence]
+        if not any(c.num_spec_tokens for c in completing):
+            tokens = self.sampler.sample(logits, [c.seq for c in completing])
+            return {c.seq.seq_id: [t] for c, t in zip(completing, tokens)}
+        argmax = logits.argmax(dim=-1).tolist()
+        last_rows, last_seqs, sampled, row = [], [], {}, 0
+        for chunk in completing:
+            n = chunk.num_spec_tokens
+            if n:
+                drafts, new = chunk.seq.spec_token_ids, []
+                for i in range(n + 1):
+                    new.append(argmax[row + i])
+                    if i == n or drafts[i] != new[-1]:
+                        break
+                sampled[chunk.seq.seq_id] = new
+            else:
+                last_rows.append(row)
+                last_seqs.append(chunk.seq)
+            row += n + 1
+        if last_seqs:
+            index = torch.tensor(last_rows, device=logits.device)
+            for seq, token in zip(last_seqs, self.sampler.sample(logits[index], last_seqs)):
+                sampled[seq.seq_id] = [token]
+        return sampled
+
+    def _count(self, scheduled, sampled: dict[int, list[int]]) -> None:
         s = self.stats
         s.steps += 1
         for chunk in scheduled.chunks:
-            if chunk.num_tokens == 1 and chunk.completes_sequence and chunk.seq.output_token_ids:
-                s.decode_tokens += 1
+            seq = chunk.seq
+            if chunk.completes_sequence and chunk.num_tokens - chunk.num_spec_tokens == 1 and seq.output_token_ids:
+                s.decode_tokens += len(sampled[seq.seq_id])
+                s.draft_tokens += chunk.num_spec_tokens
+                s.accepted_draft_tokens += len(sampled[seq.seq_id]) - 1
             else:
                 s.prefill_tokens += chunk.num_tokens
         s.num_preemptions = self.scheduler.num_preemptions

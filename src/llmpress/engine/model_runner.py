@@ -104,7 +104,8 @@ class ModelRunner:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + chunk.num_tokens
             table = seq.block_table
             tables[row, :len(table)] = table
-            input_ids += seq.token_ids_slice(start, end)
+            input_ids += seq.token_ids_slice(start, end - chunk.num_spec_tokens)
+            input_ids += seq.spec_token_ids[:chunk.num_spec_tokens]
             if end - start == 1:  # decode: skip the range machinery
                 positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
@@ -113,14 +114,15 @@ class ModelRunner:
                 slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             seq_lens.append(end)
             starts.append(starts[-1] + chunk.num_tokens)
-            if end == seq.num_tokens:
-                logits_rows.append(starts[-1] - 1)
+            if chunk.completes_sequence:  # the last token's logits, and each draft token's to verify it
+                logits_rows += range(starts[-1] - 1 - chunk.num_spec_tokens, starts[-1])
         return input_ids, positions, slots, seq_lens, starts, logits_rows, tables
 
     # -- execution -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
-        """Run the step; logits [M, V] for the chunks that complete their sequence, in schedule order."""
+        """Run the step; logits [M, V] for the chunks that complete their sequence, in schedule order
+        (1 + num_spec_tokens rows for a chunk with drafts: one per draft position, then the last)."""
         input_ids, positions, slots, seq_lens, starts, logits_rows, tables = self.prepare(out)
         batch = len(out.chunks)
         if self.use_graphs and out.is_decode_only and batch <= self.graph_sizes[-1]:

@@ -23,12 +23,13 @@ from llmpress.engine.sequence import Sequence, SequenceStatus
 @dataclass
 class ScheduledChunk:
     seq: Sequence
-    num_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens
+    num_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens (draft tokens included)
+    num_spec_tokens: int = 0  # of which draft tokens (seq.spec_token_ids), verified by this step's logits
 
     @property
     def completes_sequence(self) -> bool:
         """True when this chunk reaches the sequence's last token, so its logits give the next token."""
-        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_tokens - self.num_spec_tokens == self.seq.num_tokens
 
 
 @dataclass
@@ -42,6 +43,7 @@ class SchedulerOutput:
 
     @property
     def is_decode_only(self) -> bool:
+        """One token per sequence, each its last (the shape CUDA graphs are captured for)."""
         return all(c.num_tokens == 1 and c.completes_sequence for c in self.chunks)
 
     @property
@@ -72,6 +74,13 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             num_tokens = min(seq.num_uncomputed_tokens, budget)
+            num_spec = 0
+            if seq.spec_token_ids and seq.num_uncomputed_tokens == 1:  # a decode step that also verifies drafts
+                num_spec = min(len(seq.spec_token_ids), budget - 1)
+                if not self.block_manager.can_grow(seq, seq.num_computed_tokens + 1 + num_spec):
+                    num_spec = 0  # drafts are optional: drop them before preempting anyone
+                del seq.spec_token_ids[num_spec:]
+                num_tokens += num_spec
             target = seq.num_computed_tokens + num_tokens
             while not self.block_manager.can_grow(seq, target):
                 victim = self._pick_victim(scheduled)
@@ -81,7 +90,7 @@ class Scheduler:
             if seq.status != SequenceStatus.RUNNING:
                 continue  # seq preempted itself; the list shrank, so `index` now points at the next one
             self.block_manager.grow(seq, target)
-            out.chunks.append(ScheduledChunk(seq, num_tokens))
+            out.chunks.append(ScheduledChunk(seq, num_tokens, num_spec))
             scheduled.add(seq.seq_id)
             budget -= num_tokens
             index += 1
@@ -113,22 +122,33 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status, seq.num_computed_tokens = SequenceStatus.WAITING, 0
+        seq.spec_token_ids = []
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
 
-    def update(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[Sequence]:
-        """After the model ran: advance every chunk, append sampled tokens (seq_id -> token), retire the done.
-        Returns the sequences that received a token this step."""
+    def update(self, out: SchedulerOutput, sampled: dict[int, list[int]]) -> list[Sequence]:
+        """After the model ran: advance every chunk, append sampled tokens (seq_id -> new tokens: the accepted
+        drafts, then one token of the model's own), retire the done. Returns the sequences that got tokens."""
         updated = []
         for chunk in out.chunks:
             seq = chunk.seq
             completes = chunk.completes_sequence
-            seq.num_computed_tokens += chunk.num_tokens
+            seq.num_computed_tokens += chunk.num_tokens - chunk.num_spec_tokens
+            if completes:
+                appended = 0
+                for token in sampled[seq.seq_id]:
+                    seq.append_token(token)
+                    appended += 1
+                    if seq.finish_reason is not None:
+                        break
+                # The k/v of accepted drafts were computed from the right tokens: they stay valid. Rejected
+                # drafts' k/v sit past num_computed_tokens, where nothing reads them until overwritten.
+                seq.num_computed_tokens += min(appended - 1, chunk.num_spec_tokens)
+                seq.spec_token_ids = []
             self.block_manager.register_computed_blocks(seq)
             if completes:
-                seq.append_token(sampled[seq.seq_id])
                 updated.append(seq)
                 if seq.finish_reason is not None:
                     self._finish(seq)

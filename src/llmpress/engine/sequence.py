@@ -28,6 +28,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     num_registered_blocks: int = 0  # leading blocks already published in the prefix cache
     num_preemptions: int = 0
+    spec_token_ids: list[int] = field(default_factory=list)  # draft tokens to verify in the next step
     finish_reason: str | None = None  # "stop", "length" or "abort"
     sampler_state: Any = None  # the model runner's per-request RNG, created on first use
 
@@ -53,6 +54,11 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
+
+    @property
+    def max_draft_tokens(self) -> int:
+        """Draft tokens worth verifying: every accepted one plus the step's own token must still fit."""
+        return max(0, min(self.params.max_new_tokens - len(self.output_token_ids), self.max_model_len - self.num_tokens) - 1)
 
     def append_token(self, token_id: int) -> None:
         """Add a sampled token and decide whether the sequence is done (stop token, max tokens, context)."""
