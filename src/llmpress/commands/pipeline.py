@@ -1,4 +1,4 @@
-"""`llmpress pipeline`: the main job (analyze -> [finetune] -> quantize -> eval ppl -> bench [-> speculative]) with a report in reports/<run>/."""
+"""`llmpress pipeline`: the main job (analyze -> [finetune] -> quantize -> eval ppl -> bench [-> speculative] [-> engine]) with a report in reports/<run>/."""
 
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ def register(subparsers) -> None:
     parser.add_argument("--out", default=None, help="report directory (default: reports/<timestamp>-<model>)")
     parser.add_argument("--draft", default="ngram", help="the speculative stage's draft: ngram | self:N | int4:rtn | MODEL")
     parser.add_argument("--num-speculative-tokens", type=int, default=5, help="the speculative stage's k (default: 5)")
+    parser.add_argument("--engine-num-prompts", type=int, default=None,
+                        help="the engine stage's requests served at once (default: 256 on CUDA, 8 on CPU)")
     parser.set_defaults(func=run)
 
 
@@ -55,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         finetune_batch_size=args.finetune_batch_size, finetune_seq_len=args.finetune_seq_len,
         finetune_quant_method=args.finetune_quant_method,
         batch_sizes=parse_batch_sizes(args.batch_sizes), decode_mode=args.decode_mode, repeats=args.repeats, out_dir=args.out,
-        speculative_draft=args.draft, num_speculative_tokens=args.num_speculative_tokens)
+        speculative_draft=args.draft, num_speculative_tokens=args.num_speculative_tokens,
+        engine_num_prompts=args.engine_num_prompts)
     run_pipeline(config, command=command_line())
     return 0

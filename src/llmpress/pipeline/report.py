@@ -12,7 +12,7 @@ from llmpress.pipeline.stages import PipelineContext
 
 def results_table(ctx: PipelineContext) -> list[dict]:
     """One row per variant: Method, Framework, Throughput tok/s (batch 1 decode), PPL."""
-    return [{"method": v.method, "framework": ctx.framework or "llmpress",
+    return [{"method": v.method, "framework": v.metrics.get("framework") or ctx.framework or "llmpress",
              "throughput_tokens_per_s": v.metrics.get("throughput_tokens_per_s"),
              "ppl": v.metrics.get("ppl")} for v in ctx.variants]
 
@@ -37,7 +37,8 @@ def render_markdown(rows: list[dict], settings: dict, analysis: dict | None) -> 
     for r in rows:
         lines.append(f"| {r['method']} | {r['framework']} | {_fmt(r['throughput_tokens_per_s'], '.1f')} | "
                      f"{_fmt(r['ppl'], '.3f')} |")
-    lines += ["", f"Throughput: batch-1 decode tokens/s, {settings['new_tokens']} new tokens, warm-up excluded. "
+    lines += ["", f"Throughput: batch-1 decode tokens/s, {settings['new_tokens']} new tokens, warm-up excluded "
+              "(engine rows: output tokens/s of all requests served at once, prefill included). "
               f"PPL: {settings['data_description']}, windows of {settings['ppl_seq_len']} tokens"
               + (f", first {settings['ppl_max_windows']} windows." if settings["ppl_max_windows"] else ".")]
     if analysis is not None:
@@ -58,7 +59,7 @@ def render_plot(rows: list[dict], analysis: dict | None) -> bytes:
     fig = Figure(figsize=(10, 4), dpi=120)
     FigureCanvasAgg(fig)
     names = [r["method"] for r in rows]
-    for ax, key, title in ((fig.add_subplot(1, 2, 1), "throughput_tokens_per_s", "Decode throughput, batch 1 (tok/s)"),
+    for ax, key, title in ((fig.add_subplot(1, 2, 1), "throughput_tokens_per_s", "Throughput (tok/s): batch-1 decode; engine rows: all requests"),
                            (fig.add_subplot(1, 2, 2), "ppl", "WikiText-2 perplexity (lower is better)")):
         values = [r[key] if r[key] is not None else 0.0 for r in rows]
         bars = ax.bar(names, values, color="#4C72B0")

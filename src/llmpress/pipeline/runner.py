@@ -49,6 +49,7 @@ class PipelineConfig:
     out_dir: str | None = None  # default: reports/<timestamp>-<model>
     speculative_draft: str = "ngram"  # the speculative stage's --draft
     num_speculative_tokens: int = 5
+    engine_num_prompts: int | None = None  # engine stage: requests at once (None: 256 on CUDA, 8 on CPU)
 
     def __post_init__(self):
         unknown = [s for s in self.stages if s not in STAGES]

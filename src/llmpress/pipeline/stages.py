@@ -151,6 +151,38 @@ def stage_speculative(ctx: PipelineContext) -> None:
                                                 "speculative": result}))
 
 
+def stage_engine(ctx: PipelineContext) -> None:
+    """Every variant so far behind the serving engine: N requests at once (offline throughput, as vLLM's
+    benchmark_throughput). One more row per variant, with that variant's PPL: the engine computes the same
+    function (its greedy outputs equal plain decoding, tests/engine), so perplexity is not measured again."""
+    from llmpress.bench.engine_throughput import format_offline, random_workload, run_offline
+    from llmpress.bench.roofline import device_name
+    from llmpress.engine import EngineConfig, LLMEngine
+    from llmpress.errors import LlmpressError
+    cfg = ctx.config
+    later = [s for s in cfg.stages[cfg.stages.index("engine") + 1:] if s in ("eval", "bench")]
+    if later:
+        raise LlmpressError(f"the engine stage must come after {', '.join(later)}; list it last in --stages.")
+    for variant in list(ctx.variants):
+        if variant.metrics.get("lossless"):  # a speculative row is the base model again
+            continue
+        loaded = variant.loaded
+        on_cuda = loaded.model.device.type == "cuda"
+        num_prompts = cfg.engine_num_prompts or (256 if on_cuda else 8)
+        input_len, output_len = ((128, 1024), (128, 512)) if on_cuda else ((32, 128), (16, 32))
+        workload = random_workload(num_prompts, input_len, output_len, loaded.config.vocab_size, seed=0)
+        engine = LLMEngine(loaded, EngineConfig(max_num_seqs=num_prompts, max_model_len=input_len[1] + output_len[1],
+                                                max_num_batched_tokens=8192 if on_cuda else 512))
+        result = run_offline(engine, workload, progress=False)
+        device = device_name(loaded.model.device)
+        print(format_offline(result, variant.method, device), flush=True)
+        framework = f"llmpress engine ({num_prompts} requests at once, {device})"
+        ctx.variants.append(Variant(f"{variant.method}, engine", loaded,
+                                    {"throughput_tokens_per_s": result.output_tokens_per_s, "ppl": variant.metrics.get("ppl"),
+                                     "framework": framework, "engine": result.to_dict(), "lossless": True}))
+        del engine
+
+
 STAGES: dict[str, Callable[[PipelineContext], None]] = {
     "analyze": stage_analyze,
     "finetune": stage_finetune,
@@ -158,6 +190,7 @@ STAGES: dict[str, Callable[[PipelineContext], None]] = {
     "eval": stage_eval,
     "bench": stage_bench,
     "speculative": stage_speculative,  # opt-in: --stages analyze,quantize,eval,bench,speculative
+    "engine": stage_engine,  # opt-in: --stages analyze,quantize,eval,bench,engine
 }
 # finetune is opt-in (--stages analyze,finetune,quantize,eval,bench): on 2 CPU cores its training, and the
 # GPTQ, perplexity and decoding of its two extra rows, add several minutes to the default run.
