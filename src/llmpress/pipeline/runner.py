@@ -74,6 +74,7 @@ def run_pipeline(config: PipelineConfig, command: str = "") -> Path:
         STAGES[name](ctx)
         print(f"== stage {name} done in {time.perf_counter() - stage_start:.0f} s", flush=True)
     settings = dict(asdict(config), device=str(loaded.model.device), dtype=dtype, command=command or "llmpress pipeline",
+                    new_tokens=config.new_tokens or (256 if loaded.model.device.type == "cuda" else 32),
                     date=datetime.now().isoformat(timespec="seconds"), data_description=data_description,
                     seconds=round(time.perf_counter() - started, 1))
     paths = write_report(ctx, settings)
