@@ -305,3 +305,25 @@ def test_triton_paged_attention_traces_into_torch_compile_as_one_op():
         eager = ops.paged_attention(*args)
         compiled = torch.compile(ops.paged_attention, fullgraph=True)(*args)
     assert torch.equal(compiled, eager)
+
+
+@pytest.mark.parametrize("cache_dtype,q_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.int8, torch.float32), (FP8, torch.bfloat16)])
+def test_vectorized_sdpa_path_matches_the_reference(cache_dtype, q_dtype):
+    """The CPU fast path (kernels/paged_sdpa.py) against the loop reference, quantized caches included."""
+    from llmpress.kernels.paged_sdpa import paged_attention_sdpa
+    from llmpress.kernels.reference import store_kv_paged_reference
+    torch.manual_seed(7)
+    block_size, heads, kv_heads, D = 4, 6, 2, 32
+    seq_lens, query_start_loc = metadata(MIXED_BATCH)
+    tables, num_blocks = shuffled_block_tables(seq_lens.tolist(), block_size)
+    k_cache, v_cache, k_scale, v_scale = empty_paged_cache(num_blocks, block_size, kv_heads, D, cache_dtype)
+    slots = torch.cat([slots_of(tables, s, torch.arange(int(n)), block_size) for s, n in enumerate(seq_lens)])
+    k, v = torch.randn(2, len(slots), kv_heads, D).to(q_dtype)
+    store_kv_paged_reference(k, v, k_cache, v_cache, k_scale, v_scale, slots)
+    q = torch.randn(int(query_start_loc[-1]), heads, D).to(q_dtype)
+    args = (q, k_cache, v_cache, k_scale, v_scale, tables, seq_lens, query_start_loc,
+            max(n for _, n in MIXED_BATCH), int(seq_lens.max()))
+    got, ref = paged_attention_sdpa(*args), paged_attention_reference(*args)
+    assert torch.isfinite(got).all()
+    assert rel_error(got, ref) < (1e-6 if q_dtype == torch.float32 else 1e-2)

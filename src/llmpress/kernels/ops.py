@@ -134,9 +134,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     (model dtype, int8 or float8_e4m3fn with float16 scales [num_blocks, block_size, Hkv], else None);
     block_tables: int32 [S, max_blocks]; seq_lens: int32 [S] (cached tokens including this step's);
     query_start_loc: int32 [S+1]; max_query_len, max_seq_len: Python ints bounding this step's values.
-    Returns [N, H, D] in q's dtype. Triton on CUDA (fp16/bf16 q, head_dim 64/128); everything else, the
-    CPU included, runs the reference: a Python loop over sequences with host syncs, so it is slow and not
-    CUDA-graph capturable. Backend "triton" raises on inputs the kernel cannot take.
+    Returns [N, H, D] in q's dtype. Triton on CUDA (fp16/bf16 q, head_dim 64/128); elsewhere (the CPU
+    included) `paged_sdpa`: the keys of every sequence gathered into one padded batch and one SDPA call.
+    Backend "torch" runs the reference (a Python loop over sequences with host syncs); "triton" raises on
+    inputs the kernel cannot take.
     """
     use_triton = _backend == "triton" or (_backend == "auto" and q.is_cuda and HAS_TRITON
                                           and q.shape[-1] in (64, 128) and q.dtype in (torch.float16, torch.bfloat16))
@@ -145,8 +146,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             raise ValueError("the triton backend's paged attention needs Triton and q on a CUDA GPU")
         return torch.ops.llmpress.paged_attention(q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens,
                                                   query_start_loc, max_query_len, max_seq_len)
-    return paged_attention_reference(q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens,
-                                     query_start_loc, max_query_len, max_seq_len)
+    if _backend == "torch":
+        return paged_attention_reference(q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens,
+                                         query_start_loc, max_query_len, max_seq_len)
+    from llmpress.kernels.paged_sdpa import paged_attention_sdpa
+    return paged_attention_sdpa(q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens,
+                                query_start_loc, max_query_len, max_seq_len)
 
 
 @torch.library.custom_op("llmpress::paged_attention", mutates_args=())
