@@ -1,5 +1,6 @@
 """The OpenAI-compatible server, live on 127.0.0.1, driven by the official `openai` client (and httpx for raw
-requests): greedy text equals llmpress.generation's, streaming, concurrency, errors, disconnects, stop strings."""
+requests): greedy text equals llmpress.generation's, streaming, concurrency, errors, disconnects, stop strings,
+logprobs in both of OpenAI's shapes, and n choices per request."""
 
 from __future__ import annotations
 
@@ -181,6 +182,97 @@ def test_stop_strings_cut_the_text_and_end_the_request(served):
     assert wait_until(lambda: served.async_engine.num_unfinished() == 0, timeout_s=3)
 
 
+# -- logprobs and n ------------------------------------------------------------------------------
+def test_completion_logprobs_in_the_legacy_shape(served):
+    client = served.client()
+    request = dict(model=MODEL, prompt=COMPLETION_PROMPT, max_tokens=10, temperature=0, logprobs=2)
+    response = client.completions.create(**request)
+    choice = response.choices[0]
+    assert choice.finish_reason == "length"  # no EOS: every token's text is in the completion
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
+    assert len(lp.tokens) == response.usage.completion_tokens == 10
+    assert "".join(lp.tokens) == choice.text
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert logprob <= 0 and len(top) == 2
+        assert top[token] == pytest.approx(logprob) and logprob == pytest.approx(max(top.values()))  # greedy
+    without = client.completions.create(**{**request, "logprobs": None})
+    assert without.choices[0].text == choice.text and without.choices[0].logprobs is None
+    # Streamed: each chunk carries its own tokens' entries; offsets run on across chunks.
+    chunks = [c for c in client.completions.create(stream=True, **request) if c.choices]
+    assert all(c.choices[0].logprobs is not None for c in chunks)
+    assert sum((c.choices[0].logprobs.tokens for c in chunks), []) == lp.tokens
+    assert sum((c.choices[0].logprobs.text_offset for c in chunks), []) == lp.text_offset
+    streamed = sum((c.choices[0].logprobs.token_logprobs for c in chunks), [])
+    assert streamed == pytest.approx(lp.token_logprobs, abs=1e-4)
+
+
+def check_chat_logprobs(content, num_top: int):
+    for entry in content:
+        assert entry.logprob <= 0 and entry.bytes == list(entry.token.encode("utf-8"))
+        assert len(entry.top_logprobs) == num_top
+        values = [t.logprob for t in entry.top_logprobs]
+        assert values == sorted(values, reverse=True)
+        assert entry.top_logprobs[0].token == entry.token and values[0] == pytest.approx(entry.logprob)  # greedy
+        assert all(t.bytes == list(t.token.encode("utf-8")) for t in entry.top_logprobs)
+
+
+def test_chat_logprobs_streaming_and_not(served):
+    client = served.client()
+    request = dict(messages=CHAT_MESSAGES, model=MODEL, max_completion_tokens=12, temperature=0, logprobs=True,
+                   top_logprobs=3)
+    response = client.chat.completions.create(**request)
+    content = response.choices[0].logprobs.content
+    assert len(content) == response.usage.completion_tokens
+    check_chat_logprobs(content, 3)
+    if response.choices[0].finish_reason == "length":
+        assert "".join(e.token for e in content) == response.choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, **request))
+    with_tokens = [c for c in chunks if c.choices and c.choices[0].logprobs is not None]
+    streamed = sum((c.choices[0].logprobs.content for c in with_tokens), [])
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-4)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == response.choices[0].message.content
+    plain = client.chat.completions.create(**{**request, "logprobs": None, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None
+    only_sampled = client.chat.completions.create(**{**request, "top_logprobs": None})
+    assert [e.top_logprobs for e in only_sampled.choices[0].logprobs.content] == [[]] * len(content)
+
+
+def test_n_choices_with_a_seed_differ_and_their_usage_adds_up(served):
+    client = served.client()
+    request = dict(model=MODEL, prompt=COMPLETION_PROMPT, max_tokens=12, temperature=0.8, seed=7, n=3, logprobs=0)
+    response = client.completions.create(**request)
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    assert response.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in response.choices)
+    assert response.usage.prompt_tokens == client.completions.create(model=MODEL, prompt=COMPLETION_PROMPT,
+                                                                      max_tokens=1).usage.prompt_tokens
+    texts = [c.text for c in response.choices]
+    assert len(set(texts)) > 1  # seeds 7, 8, 9
+    again = client.completions.create(**request)
+    assert [c.text for c in again.choices] == texts  # seeded: reproducible
+    alone = client.completions.create(**{**request, "n": 1})
+    assert alone.choices[0].text == texts[0]  # choice 0 samples with the request's own seed
+    greedy = client.completions.create(**{**request, "temperature": 0})
+    assert len({c.text for c in greedy.choices}) == 1
+
+
+def test_n_choices_stream_interleaved_by_index(served):
+    client = served.client()
+    request = dict(messages=CHAT_MESSAGES, model=MODEL, max_completion_tokens=10, temperature=0.8, seed=3, n=3)
+    full = client.chat.completions.create(**request)
+    assert [c.index for c in full.choices] == [0, 1, 2]
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **request))
+    by_index = {i: [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i] for i in range(3)}
+    for i, choices in by_index.items():
+        assert choices[0].delta.role == "assistant"
+        assert "".join(c.delta.content or "" for c in choices) == full.choices[i].message.content
+        assert [c.finish_reason for c in choices][-1] == full.choices[i].finish_reason
+        assert all(c.finish_reason is None for c in choices[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
 # -- errors --------------------------------------------------------------------------------------
 CHAT = [{"role": "user", "content": "hi"}]
 BAD_REQUESTS = {
@@ -191,7 +283,13 @@ BAD_REQUESTS = {
     "bad role": ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages"),
     "prompt too long": ("/v1/completions", {"prompt": "word " * 600, "max_tokens": 4}, 400, None),
     "max_tokens past the context": ("/v1/completions", {"prompt": "hi", "max_tokens": MAX_MODEL_LEN}, 400, None),
-    "n > 1": ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n"),
+    "n below 1": ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n"),
+    "best_of": ("/v1/completions", {"prompt": "hi", "n": 2, "best_of": 3}, 400, "best_of"),
+    "logprobs above 20": ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    "top_logprobs above 20": ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 21},
+                              400, "top_logprobs"),
+    "top_logprobs without logprobs": ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, 400,
+                                      "top_logprobs"),
     "two prompts": ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
     "token id outside the vocabulary": ("/v1/completions", {"prompt": [1, 10 ** 9]}, 400, None),
     "temperature out of range": ("/v1/completions", {"prompt": "hi", "temperature": -1}, 400, "temperature"),
@@ -253,15 +351,33 @@ def test_closing_a_stream_aborts_its_engine_request(served):
     assert engine.stats.decode_tokens - decoded_before < max_tokens - 1  # stopped early, not run to the end
 
 
-def test_a_client_timing_out_aborts_its_non_streaming_request(served):
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_client_timing_out_aborts_its_non_streaming_request(served, n):
     engine = served.async_engine.engine
     decoded_before = engine.stats.decode_tokens
     max_tokens = MAX_MODEL_LEN - 16
-    body = {"model": MODEL, "prompt": "Count to a thousand:", "max_tokens": max_tokens, "ignore_eos": True}
+    body = {"model": MODEL, "prompt": "Count to a thousand:", "max_tokens": max_tokens, "ignore_eos": True, "n": n}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{served.base_url}/v1/completions", json=body, timeout=httpx.Timeout(30, read=1.0))
     assert wait_until(lambda: served.async_engine.num_unfinished() == 0, timeout_s=5)
-    assert engine.stats.decode_tokens - decoded_before < max_tokens - 1
+    assert engine.stats.decode_tokens - decoded_before < n * (max_tokens - 1)
+
+
+def test_closing_a_stream_of_several_choices_aborts_them_all(served):
+    engine = served.async_engine.engine
+    decoded_before = engine.stats.decode_tokens
+    max_tokens = MAX_MODEL_LEN - 64  # the chat template adds a system prompt
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": max_tokens, "ignore_eos": True, "stream": True, "n": 3,
+            "logprobs": True, "top_logprobs": 2}
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", f"{served.base_url}/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            lines = (line for line in response.iter_lines() if line.startswith("data: "))
+            for _ in range(6):  # three role chunks, then some tokens
+                next(lines)
+            assert served.async_engine.num_unfinished() == 3
+    assert wait_until(lambda: served.async_engine.num_unfinished() == 0, timeout_s=5)
+    assert engine.stats.decode_tokens - decoded_before < 3 * (max_tokens - 1)
 
 
 # -- the online benchmark ------------------------------------------------------------------------

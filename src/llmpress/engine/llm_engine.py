@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from llmpress.engine.block_manager import BlockManager
 from llmpress.engine.config import EngineConfig
+from llmpress.engine.logprobs import TokenLogprob, token_logprobs
 from llmpress.engine.model_runner import ModelRunner
 from llmpress.engine.sampler import Sampler
 from llmpress.engine.scheduler import Scheduler
@@ -33,6 +34,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None  # "stop", "length", "abort" or None while running
     num_cached_tokens: int  # prompt tokens served from the prefix cache
+    new_logprobs: list[TokenLogprob] | None = None  # aligned with new_token_ids; None unless params.logprobs is set
 
 
 @dataclass
@@ -80,6 +82,7 @@ class LLMEngine:
         self.sequences: dict[str, Sequence] = {}
         self._seq_ids = itertools.count()
         self._aborted: list[RequestOutput] = []
+        self._num_logprob_requests = 0  # unfinished requests that ask for logprobs; 0 keeps steps free of them
         self.step_records: list[StepRecord] | None = None  # set to [] to record every step (benchmarks)
         self.drafter = None
         if self.config.speculative == "ngram":
@@ -114,11 +117,13 @@ class LLMEngine:
         seq = Sequence(next(self._seq_ids), request_id, list(prompt_token_ids), params, stops, self.max_model_len)
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
+        self._num_logprob_requests += params.logprobs is not None
 
     def abort_request(self, request_id: str) -> None:
         seq = self.sequences.pop(request_id, None)
         if seq is None or seq.is_finished:
             return
+        self._num_logprob_requests -= seq.params.logprobs is not None
         self.scheduler.abort(seq)
         self._aborted.append(self._output(seq, []))
 
@@ -140,6 +145,7 @@ class LLMEngine:
             return outputs
         logits = self.runner.execute(scheduled)
         sampled = self._sample(scheduled, logits)  # .tolist() inside waits for the GPU
+        logprobs = self._logprobs(scheduled, logits, sampled) if self._num_logprob_requests else {}
         self._count(scheduled, sampled)
         if self.step_records is not None:
             self.step_records.append(StepRecord(
@@ -147,9 +153,10 @@ class LLMEngine:
                 sum(c.seq.num_computed_tokens + c.num_tokens for c in scheduled.chunks), time.perf_counter() - started))
         before = {c.seq.seq_id: len(c.seq.output_token_ids) for c in scheduled.chunks}
         for seq in self.scheduler.update(scheduled, sampled):
-            outputs.append(self._output(seq, seq.output_token_ids[before[seq.seq_id]:]))
+            outputs.append(self._output(seq, seq.output_token_ids[before[seq.seq_id]:], logprobs.get(seq.seq_id)))
             if seq.is_finished:
                 self.sequences.pop(seq.request_id, None)
+                self._num_logprob_requests -= seq.params.logprobs is not None
         return outputs
 
     def _propose_drafts(self) -> None:
@@ -189,6 +196,29 @@ class LLMEngine:
                 sampled[seq.seq_id] = [token]
         return sampled
 
+    def _logprobs(self, scheduled, logits, sampled: dict[int, list[int]]) -> dict[int, list[TokenLogprob]]:
+        """seq_id -> a TokenLogprob per new token, for the sequences that ask. Rows follow `_sample`'s layout:
+        each completing chunk owns 1 + num_spec_tokens rows, and new token i was drawn from its row i."""
+        rows, tokens, num_top, owners, row = [], [], [], [], 0
+        for chunk in scheduled.chunks:
+            if not chunk.completes_sequence:
+                continue
+            seq = chunk.seq
+            if seq.params.logprobs is not None:
+                new = sampled[seq.seq_id]
+                rows += range(row, row + len(new))
+                tokens += new
+                num_top += [seq.params.logprobs] * len(new)
+                owners.append((seq.seq_id, len(new)))
+            row += chunk.num_spec_tokens + 1
+        if not rows:
+            return {}
+        entries = token_logprobs(logits[torch.tensor(rows, device=logits.device)], tokens, num_top)
+        out, start = {}, 0
+        for seq_id, count in owners:
+            out[seq_id], start = entries[start:start + count], start + count
+        return out
+
     def _count(self, scheduled, sampled: dict[int, list[int]]) -> None:
         s = self.stats
         s.steps += 1
@@ -203,9 +233,12 @@ class LLMEngine:
         s.num_preemptions = self.scheduler.num_preemptions
         s.prefix_cache_hit_rate = self.block_manager.prefix_hit_rate
 
-    def _output(self, seq: Sequence, new_tokens: list[int]) -> RequestOutput:
+    def _output(self, seq: Sequence, new_tokens: list[int],
+                logprobs: list[TokenLogprob] | None = None) -> RequestOutput:
+        # A stop token among accepted drafts ends the sequence early: its later drafts' entries are dropped.
+        new_logprobs = None if seq.params.logprobs is None else (logprobs or [])[:len(new_tokens)]
         return RequestOutput(seq.request_id, seq.prompt_token_ids, list(seq.output_token_ids), list(new_tokens),
-                             seq.is_finished, seq.finish_reason, seq.num_cached_tokens)
+                             seq.is_finished, seq.finish_reason, seq.num_cached_tokens, new_logprobs)
 
     def run_to_completion(self, on_output=None) -> None:
         """Step until every request is finished; `on_output` sees each RequestOutput."""

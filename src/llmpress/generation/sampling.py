@@ -8,6 +8,8 @@ import torch
 
 from llmpress.errors import LlmpressError
 
+MAX_LOGPROBS = 20  # top alternatives per token, OpenAI's limit
+
 
 @dataclass
 class SamplingParams:
@@ -19,6 +21,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: list[int] | None = None  # None: the model's EOS tokens
     ignore_eos: bool = False  # benchmarks: always produce max_new_tokens
+    logprobs: int | None = None  # engine only. None: none; 0: the sampled token's; N: also the top N
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -31,6 +34,9 @@ class SamplingParams:
             raise LlmpressError(f"top_k must be >= 0 (0 = off), got {self.top_k}.")
         if self.repetition_penalty <= 0:
             raise LlmpressError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}.")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise LlmpressError(f"logprobs must be between 0 and {MAX_LOGPROBS} (top tokens per position), "
+                                f"got {self.logprobs}.")
 
     @property
     def greedy(self) -> bool:

@@ -2,7 +2,8 @@
 
 Request bodies are parsed here (not by FastAPI's 422 machinery) so every bad request gets a 400 in
 OpenAI's error shape with one sentence saying what is wrong. The engine itself lives behind an
-AsyncEngine; this module turns its token outputs into text, stop strings, usage and SSE chunks.
+AsyncEngine; this module turns its choices (server/choices.py: text pieces, stop strings, logprob entries)
+into OpenAI responses, usage and SSE chunks.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import logging
 import uuid
 from contextlib import aclosing, asynccontextmanager
-from typing import AsyncIterator, Awaitable, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,7 +25,9 @@ from llmpress.errors import LlmpressError
 from llmpress.generation.sampling import SamplingParams
 from llmpress.server import protocol as api
 from llmpress.server.async_engine import AsyncEngine, EngineDeadError
-from llmpress.server.text_stream import CompletionText
+from llmpress.server.choices import (Choice, Piece, collect_choices, make_choices, merged_pieces, usage_of,
+                                     wait_for_first_outputs)
+from llmpress.server.logprobs import CompletionLogprobs, TokenText, chat_logprobs
 from llmpress.tokenizer import encode_chat, encode_text
 
 log = logging.getLogger(__name__)
@@ -79,57 +82,78 @@ class _Server:
         self.async_engine, self.model_name = async_engine, model_name
         engine = async_engine.engine
         self.tokenizer, self.max_model_len = engine.tokenizer, engine.max_model_len
+        self.token_text = TokenText(self.tokenizer)
 
     # -- endpoints ---------------------------------------------------------------------------
     async def completion(self, request: Request, body: api.CompletionRequest) -> Response:
         self._check_model(body.model)
         if body.echo:
             raise api.APIError(400, "echo is not supported; send the prompt text back yourself.", param="echo")
+        if body.best_of is not None and body.best_of > 1:
+            raise api.APIError(400, "best_of is not supported; use n to get several choices.", param="best_of")
         prompt_ids = self._completion_prompt(body.prompt)
-        params = _sampling_params(body, body.max_tokens or 16)
+        params = _sampling_params(body, body.max_tokens or 16, logprobs=body.logprobs)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        generation = _Generation(self.async_engine, request_id, prompt_ids, params,
-                                 CompletionText(self.tokenizer, body.stop_strings))
+        choices = self._choices(request_id, prompt_ids, params, body)
+        # One builder per choice: text offsets run on across a stream's chunks.
+        legacy = [CompletionLogprobs(self.token_text) for _ in choices] if body.logprobs is not None else None
 
-        def chunk(text: str, finish_reason: str | None, usage: api.Usage | None = None,
-                  final_usage_only: bool = False) -> api.CompletionResponse:
-            choices = [] if final_usage_only else [api.CompletionChoice(text=text, finish_reason=finish_reason)]
+        def choice(i: int, text: str, finish_reason: str | None, entries) -> api.CompletionChoice:
+            logprobs = None if legacy is None or entries is None else legacy[i](entries)
+            return api.CompletionChoice(index=i, text=text, finish_reason=finish_reason, logprobs=logprobs)
+
+        def response(choices: list[api.CompletionChoice], usage: api.Usage | None = None) -> api.CompletionResponse:
             return api.CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage)
 
         if body.stream:
-            return await _stream(request, generation, body.include_usage,
-                                 first=None, piece=lambda text, reason: chunk(text, reason),
-                                 usage=lambda usage: chunk("", None, usage, final_usage_only=True))
-        text = await _until_disconnected(request, generation.collect())
-        return JSONResponse(chunk(text, generation.finish_reason, generation.usage()).model_dump())
+            return await _stream(request, choices, len(prompt_ids), body.include_usage, first=None,
+                                 piece=lambda i, p: response([choice(i, p.text, p.finish_reason, p.logprobs)]),
+                                 usage=lambda usage: response([], usage))
+        results = await _until_disconnected(request, collect_choices(choices))
+        return JSONResponse(response([choice(i, r.text, r.finish_reason, r.logprobs) for i, r in enumerate(results)],
+                                     usage_of(choices, len(prompt_ids))).model_dump())
 
     async def chat_completion(self, request: Request, body: api.ChatCompletionRequest) -> Response:
         self._check_model(body.model)
+        if body.top_logprobs and not body.logprobs:
+            raise api.APIError(400, "top_logprobs needs logprobs set to true.", param="top_logprobs")
         prompt_ids = self._chat_prompt(body.messages)
         # No limit asked for: OpenAI's default is "until the model stops", here bounded by the context.
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, self.max_model_len - len(prompt_ids))
-        params = _sampling_params(body, max_tokens)
+        params = _sampling_params(body, max_tokens, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        generation = _Generation(self.async_engine, request_id, prompt_ids, params,
-                                 CompletionText(self.tokenizer, body.stop_strings))
+        choices = self._choices(request_id, prompt_ids, params, body)
 
-        def chunk(delta: api.Delta | None, finish_reason: str | None = None,
+        def logprobs(entries) -> api.ChatLogprobs | None:
+            return None if entries is None else chat_logprobs(entries, self.token_text)
+
+        def chunk(i: int | None, delta: api.Delta | None = None, finish_reason: str | None = None, entries=None,
                   usage: api.Usage | None = None) -> api.ChatCompletionChunk:
-            choices = [] if delta is None else [api.ChatStreamChoice(delta=delta, finish_reason=finish_reason)]
-            return api.ChatCompletionChunk(id=request_id, model=self.model_name, choices=choices, usage=usage)
+            listed = [] if i is None else [api.ChatStreamChoice(index=i, delta=delta, finish_reason=finish_reason,
+                                                                logprobs=logprobs(entries))]
+            return api.ChatCompletionChunk(id=request_id, model=self.model_name, choices=listed, usage=usage)
+
+        def piece(i: int, p: Piece) -> api.ChatCompletionChunk:
+            # the last chunk's delta is {} unless text remained (OpenAI's shape)
+            content = p.text if p.text or p.finish_reason is None else None
+            return chunk(i, api.Delta(content=content), p.finish_reason, p.logprobs)
 
         if body.stream:
-            return await _stream(request, generation, body.include_usage,
-                                 first=chunk(api.Delta(role="assistant")),
-                                 # the last chunk's delta is {} unless text remained (OpenAI's shape)
-                                 piece=lambda text, reason: chunk(api.Delta(content=text if text or reason is None
-                                                                            else None), reason),
+            return await _stream(request, choices, len(prompt_ids), body.include_usage,
+                                 first=lambda i: chunk(i, api.Delta(role="assistant")), piece=piece,
                                  usage=lambda usage: chunk(None, usage=usage))
-        text = await _until_disconnected(request, generation.collect())
+        results = await _until_disconnected(request, collect_choices(choices))
         response = api.ChatCompletionResponse(
-            id=request_id, model=self.model_name, usage=generation.usage(),
-            choices=[api.ChatChoice(message=api.AssistantMessage(content=text), finish_reason=generation.finish_reason)])
+            id=request_id, model=self.model_name, usage=usage_of(choices, len(prompt_ids)),
+            choices=[api.ChatChoice(index=i, message=api.AssistantMessage(content=r.text),
+                                    finish_reason=r.finish_reason, logprobs=logprobs(r.logprobs))
+                     for i, r in enumerate(results)])
         return JSONResponse(response.model_dump())
+
+    def _choices(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 body: api.SamplingFields) -> list[Choice]:
+        return make_choices(self.async_engine, request_id, prompt_ids, params, body.n, self.tokenizer,
+                             body.stop_strings)
 
     # -- request checks ----------------------------------------------------------------------
     def _check_model(self, model: str | None) -> None:
@@ -156,48 +180,6 @@ class _Server:
         return list(prompt)  # the engine checks the ids are in its vocabulary
 
 
-class _Generation:
-    """One request in flight: engine outputs turned into text pieces, plus the counts `usage` reports."""
-
-    def __init__(self, async_engine: AsyncEngine, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 text: CompletionText):
-        self.outputs = async_engine.generate(request_id, prompt_ids, params)
-        self.text, self.prompt_tokens = text, len(prompt_ids)
-        self.completion_tokens = self.cached_tokens = 0
-        self.finish_reason: str | None = None
-        self._first = None
-
-    async def start(self) -> None:
-        """Wait for the first output: the engine's refusal (prompt too long, ...) is raised here."""
-        self._first = await anext(self.outputs)
-
-    async def pieces(self) -> AsyncIterator[str]:
-        """Text as it is released; `finish_reason` is set when the last piece has been yielded."""
-        async with aclosing(self.outputs) as outputs:  # closing it aborts the request if it is still running
-            if self._first is None:
-                await self.start()
-            output, self._first = self._first, None
-            while True:
-                piece = self.text.push(output.new_token_ids)
-                self.completion_tokens += len(output.new_token_ids)
-                self.cached_tokens = output.num_cached_tokens
-                if self.text.stopped:  # a stop string: end here; leaving the block aborts the engine request
-                    self.finish_reason = "stop"
-                elif output.finished:
-                    piece += self.text.finish()
-                    self.finish_reason = output.finish_reason
-                yield piece
-                if self.finish_reason is not None:
-                    return
-                output = await anext(outputs)
-
-    async def collect(self) -> str:
-        return "".join([piece async for piece in self.pieces()])
-
-    def usage(self) -> api.Usage:
-        return api.Usage.of(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
-
-
 class _AbortingStreamingResponse(StreamingResponse):
     """Closes its body generator however the response ends: a client that went away must not leave its
     request running in the engine until garbage collection gets to the generator."""
@@ -209,21 +191,25 @@ class _AbortingStreamingResponse(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-async def _stream(request: Request, generation: _Generation, include_usage: bool, first, piece, usage) -> Response:
-    """Server-sent events: `first` (if any), a `piece(text, finish_reason)` chunk per engine output,
-    `usage(Usage)` when asked for, then [DONE]. Errors before the first token are answered as plain errors."""
-    await _until_disconnected(request, generation.start())
+async def _stream(request: Request, choices: list[Choice], prompt_tokens: int, include_usage: bool,
+                  first: Callable[[int], BaseModel] | None, piece: Callable[[int, Piece], BaseModel],
+                  usage: Callable[[api.Usage], BaseModel]) -> Response:
+    """Server-sent events: `first(i)` per choice (if given), a `piece(i, Piece)` chunk per engine output of
+    choice i, `usage(Usage)` when asked for, then [DONE]. Errors before the first token are answered as plain
+    errors."""
+    await _until_disconnected(request, wait_for_first_outputs(choices))
 
     async def events() -> AsyncIterator[str]:
         try:
             if first is not None:
-                yield _sse(first)
-            # aclosing: a client that left closes this generator, and with it the engine request, right away
-            async with aclosing(generation.pieces()) as pieces:
-                async for text in pieces:
-                    yield _sse(piece(text, generation.finish_reason))
+                for i in range(len(choices)):
+                    yield _sse(first(i))
+            # aclosing: a client that left closes this generator, and with it every engine request, right away
+            async with aclosing(merged_pieces(choices)) as pieces:
+                async for i, p in pieces:
+                    yield _sse(piece(i, p))
             if include_usage:
-                yield _sse(usage(generation.usage()))
+                yield _sse(usage(usage_of(choices, prompt_tokens)))
         except Exception as error:  # noqa: BLE001 (the 200 is sent: the error can only travel in the stream)
             if not isinstance(error, (api.APIError, LlmpressError, EngineDeadError)):
                 log.error("a streamed request failed", exc_info=error)  # a bug: keep its traceback
@@ -267,17 +253,14 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-def _sampling_params(body: api.SamplingFields, max_tokens: int) -> SamplingParams:
-    if body.n != 1:
-        raise api.APIError(400, f"n must be 1 (got {body.n}); llmpress returns one choice per request, "
-                                "so send n requests instead.", param="n")
-    if body.logprobs:
-        raise api.APIError(400, "logprobs are not supported by this server.", param="logprobs")
+def _sampling_params(body: api.SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    """`logprobs`: the engine's setting (None: none; N: the sampled token's and the top N)."""
     if body.presence_penalty or body.frequency_penalty:
         raise api.APIError(400, "presence_penalty and frequency_penalty are not supported; use "
                                 "repetition_penalty instead.", param="presence_penalty")
     return SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-                          repetition_penalty=body.repetition_penalty, seed=body.seed, ignore_eos=body.ignore_eos)
+                          repetition_penalty=body.repetition_penalty, seed=body.seed, ignore_eos=body.ignore_eos,
+                          logprobs=logprobs)
 
 
 async def _parse(request: Request, model: type[Body]) -> Body:

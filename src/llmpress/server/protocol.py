@@ -12,6 +12,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_serializer
 
+from llmpress.generation.sampling import MAX_LOGPROBS
+
+MAX_CHOICES = 128  # OpenAI's limit on n
+
 
 # -- requests ------------------------------------------------------------------------------------
 class StreamOptions(BaseModel):
@@ -23,14 +27,13 @@ class SamplingFields(BaseModel):
     model: str | None = None  # None: the served model
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default: sampling; 0 is greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logprobs: bool | int | None = None
     # Extensions (vLLM's names)
     ignore_eos: bool = False
     top_k: int = Field(0, ge=0)
@@ -49,6 +52,8 @@ class CompletionRequest(SamplingFields):
     prompt: Any  # a string, a list of token ids, or a list of one of those (checked below: one clear message)
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # legacy: the number of top tokens per position
+    best_of: int | None = None  # refused above 1
 
     @field_validator("prompt")
     @classmethod
@@ -81,6 +86,8 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: int | None = Field(None, ge=1)  # None (both): up to the end of the context
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # needs logprobs: true
 
 
 # -- responses -----------------------------------------------------------------------------------
@@ -105,11 +112,19 @@ def _now() -> int:
     return int(time.time())
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: parallel lists, one entry per token."""
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]  # token text -> logprob: the top N and the sampled token
+    text_offset: list[int]  # each token's first character in the completion's text
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -127,11 +142,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None  # the token text's UTF-8 bytes
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]  # the top_logprobs most likely tokens at this position, most likely first
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -157,7 +186,7 @@ class ChatStreamChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
