@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llmpress.config import LlamaConfig
+from llmpress.generation.generator import synchronize
 from llmpress.generation.sampling import SamplingParams
 
 
@@ -118,8 +119,3 @@ def decode_step_roofline(config: LlamaConfig, weight_bytes: int, batch_size: int
                 flops=flops, memory_bound_ms=memory_s * 1e3, compute_bound_ms=compute_s * 1e3,
                 bound="memory" if memory_s >= compute_s else "compute", step_ms=step_s * 1e3,
                 tokens_per_s=batch_size / step_s)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from llmpress.engine.paged_cache import PagedAttentionMetadata, PagedKVCache
+from llmpress.engine.paged_cache import PagedKVCache, full_prefill_metadata
 
 
 class PagedCacheForward:
@@ -22,16 +22,9 @@ class PagedCacheForward:
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         B, T = input_ids.shape
-        device = input_ids.device
-        blocks = -(-T // self.block_size)
-        cache = PagedKVCache(self.config, blocks * B, self.block_size, self.model.dtype, self.kv_cache_dtype, device)
-        tables = torch.arange(blocks * B, dtype=torch.int32, device=device).view(B, blocks)
-        positions = torch.arange(T, device=device)
-        slots = (tables.long()[:, positions // self.block_size] * self.block_size + positions % self.block_size).flatten()
-        meta = PagedAttentionMetadata(
-            slot_mapping=slots, block_tables=tables,
-            seq_lens=torch.full((B,), T, dtype=torch.int32, device=device),
-            query_start_loc=torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=device),
-            max_query_len=T, max_seq_len=T)
+        meta, num_blocks = full_prefill_metadata(B, T, self.block_size, input_ids.device)
+        cache = PagedKVCache(self.config, num_blocks, self.block_size, self.model.dtype, self.kv_cache_dtype,
+                             input_ids.device)
+        positions = torch.arange(T, device=input_ids.device)
         logits = self.model(input_ids.reshape(1, B * T), positions.repeat(B), cache.bind(meta))
         return logits.view(B, T, -1)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from llmpress.engine.config import EngineConfig
-from llmpress.engine.paged_cache import PagedAttentionMetadata, PagedKVCache, bytes_per_block
+from llmpress.engine.paged_cache import PagedAttentionMetadata, PagedKVCache, bytes_per_block, full_prefill_metadata
 from llmpress.engine.scheduler import SchedulerOutput
 from llmpress.errors import LlmpressError
 from llmpress.model import LlamaForCausalLM
@@ -72,14 +72,9 @@ class ModelRunner:
     def _profile_run(self) -> None:
         """One step of the largest token budget, so its activations count against the memory budget."""
         n = min(self.config.max_num_batched_tokens, self.max_model_len)
-        blocks = -(-n // self.block_size)
-        cache = PagedKVCache(self.model.config, blocks, self.block_size, self.dtype, self.config.kv_cache_dtype, self.device)
-        meta = PagedAttentionMetadata(
-            slot_mapping=torch.arange(n, device=self.device),
-            block_tables=torch.arange(blocks, dtype=torch.int32, device=self.device)[None],
-            seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
-            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
-            max_query_len=n, max_seq_len=n)
+        meta, num_blocks = full_prefill_metadata(1, n, self.block_size, self.device)
+        cache = PagedKVCache(self.model.config, num_blocks, self.block_size, self.dtype, self.config.kv_cache_dtype,
+                             self.device)
         rows = torch.arange(max(0, n - self.config.max_num_seqs), n, device=self.device)
         self.model(torch.zeros(1, n, dtype=torch.long, device=self.device), torch.arange(n, device=self.device),
                    cache.bind(meta), logits_indices=rows).float()

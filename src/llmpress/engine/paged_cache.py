@@ -44,6 +44,22 @@ class PagedAttentionMetadata:
     max_seq_len: int
 
 
+def full_prefill_metadata(batch: int, seq_len: int, block_size: int,
+                          device: torch.device | str) -> tuple[PagedAttentionMetadata, int]:
+    """`batch` whole sequences of `seq_len` tokens prefilled in one step, in fresh consecutive blocks (the
+    memory-profiling step, perplexity through the cache). Returns the metadata and the blocks it uses."""
+    blocks = -(-seq_len // block_size)
+    tables = torch.arange(blocks * batch, dtype=torch.int32, device=device).view(batch, blocks)
+    positions = torch.arange(seq_len, device=device)
+    slots = (tables.long()[:, positions // block_size] * block_size + positions % block_size).flatten()
+    meta = PagedAttentionMetadata(
+        slot_mapping=slots, block_tables=tables,
+        seq_lens=torch.full((batch,), seq_len, dtype=torch.int32, device=device),
+        query_start_loc=torch.arange(0, (batch + 1) * seq_len, seq_len, dtype=torch.int32, device=device),
+        max_query_len=seq_len, max_seq_len=seq_len)
+    return meta, blocks * batch
+
+
 class PagedKVCache:
     def __init__(self, config: LlamaConfig, num_blocks: int, block_size: int, model_dtype: torch.dtype,
                  kv_cache_dtype: str, device: torch.device | str):
