@@ -16,6 +16,7 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import sys
@@ -73,22 +74,25 @@ def correctness(loaded, prompts, new_tokens: int) -> dict:
         ref = torch.stack([loaded.model(torch.tensor([p], device="cuda"), last_only=True)[0, -1] for p in prompts]).float()
     rel_error = ((ours - ref).norm(dim=-1) / ref.norm(dim=-1)).tolist()
     del engine
-    engine = LLMEngine(loaded, config)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params)
-    done = {}
-    engine.run_to_completion(lambda o: done.__setitem__(o.request_id, o.output_token_ids) if o.finished else None)
+    outputs = {}
+    for overlap in (True, False):  # overlapped scheduling must not change a single token
+        engine = LLMEngine(loaded, dataclasses.replace(config, async_scheduling=overlap))
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, params)
+        done = outputs[overlap] = {}
+        engine.run_to_completion(lambda o: done.__setitem__(o.request_id, o.output_token_ids) if o.finished else None)
+        del engine
+    done = outputs[True]
     agree = []
     for i, p in enumerate(prompts):
         gen = Generator(loaded.model, max_seq_len=len(p) + new_tokens, mode="graph")
         ref_tokens = gen.generate(torch.tensor([p]), params).token_ids[0].tolist()
         agree.append(next((j for j, (a, b) in enumerate(zip(done[str(i)], ref_tokens)) if a != b), len(ref_tokens)))
         del gen
-    del engine
     free_cuda()
     return dict(prefill_logits_rel_error_vs_plain_forward=rel_error, new_tokens=new_tokens,
-                agreeing_prefix_per_prompt=agree)
+                agreeing_prefix_per_prompt=agree, overlapped_equals_synchronous=outputs[True] == outputs[False])
 
 
 def run_transformers(model, config, workload) -> dict:
@@ -151,7 +155,8 @@ def main() -> int:
     parser.add_argument("--output-len", default="128,512")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", default="bf16,fp8-kv,int8-kv,int4",
-                        help="engine runs: bf16, bf16-compile (torch.compile'd decode), fp8-kv, int8-kv, int4 (RTN g128 weights, bf16 KV)")
+                        help="engine runs: bf16, bf16-compile (torch.compile'd decode), fp8-kv, int8-kv, int4 (RTN g128 weights, "
+                             "bf16 KV); a -sync suffix turns overlapped scheduling off (bf16-sync, bf16-compile-sync)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--skip-transformers", action="store_true")
@@ -180,9 +185,10 @@ def main() -> int:
         c = results["correctness"]
         print(f"correctness: prefill logits vs plain forward, relative error "
               f"{', '.join(f'{e:.1e}' for e in c['prefill_logits_rel_error_vs_plain_forward'])}; greedy tokens agreeing "
-              f"with the static-cache generator: {c['agreeing_prefix_per_prompt']} of {c['new_tokens']}", flush=True)
+              f"with the static-cache generator: {c['agreeing_prefix_per_prompt']} of {c['new_tokens']}; overlapped "
+              f"scheduling gives the synchronous loop's tokens: {c['overlapped_equals_synchronous']}", flush=True)
         _flush(results, args.out)
-    kv_dtypes = {"bf16": "auto", "bf16-compile": "auto", "fp8-kv": "fp8", "int8-kv": "int8", "int4": "auto"}
+    kv_dtypes = {"bf16": "auto", "fp8-kv": "fp8", "int8-kv": "int8", "int4": "auto"}
     variants = [v for v in args.variants.split(",") if v]
     # int4 quantizes the model in place, so it runs last, after transformers has copied the bf16 weights.
     ordered = [v for v in variants if v != "int4"] + ["transformers"] + [v for v in variants if v == "int4"]
@@ -205,8 +211,9 @@ def main() -> int:
             free_cuda()
         engine_config = EngineConfig(max_num_seqs=args.num_prompts, max_num_batched_tokens=args.max_num_batched_tokens,
                                      gpu_memory_utilization=args.gpu_memory_utilization,
-                                     kv_cache_dtype=kv_dtypes[variant], max_model_len=input_len[1] + output_len[1],
-                                     compile=variant.endswith("-compile"))
+                                     kv_cache_dtype=kv_dtypes[variant.split("-compile")[0].removesuffix("-sync")],
+                                     max_model_len=input_len[1] + output_len[1], compile="-compile" in variant,
+                                     async_scheduling=not variant.endswith("-sync"))
         try:
             r = results["engine"][variant] = run_engine(loaded, workload, engine_config, bandwidth, flops)
         except Exception as error:  # one variant failing must not lose the others' numbers

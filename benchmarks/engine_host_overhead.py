@@ -42,7 +42,7 @@ def main() -> int:
                                             max_num_batched_tokens=8192, max_model_len=2048))
     logits = torch.zeros(args.num_seqs, 8)  # a tiny vocabulary: the stub's argmax costs nothing
 
-    def stub_execute(scheduled):
+    def stub_execute(scheduled, previous_tokens=None):
         engine.runner.prepare(scheduled)  # the input packing a real step does, minus the device copies
         return logits[:sum(c.completes_sequence for c in scheduled.chunks)]
 

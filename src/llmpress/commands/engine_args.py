@@ -24,6 +24,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d.enable_prefix_caching,
                    help="share KV blocks of common prompt prefixes (default on)")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=d.async_scheduling,
+                   help="plan and launch each step before the previous one's tokens are read back (default on)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step before capturing its CUDA graphs (CUDA; a minute or two at start)")
 
@@ -41,6 +43,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                         block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                         num_gpu_blocks=args.num_gpu_blocks, kv_cache_dtype=args.kv_cache_dtype,
                         max_model_len=args.max_model_len, enable_prefix_caching=args.enable_prefix_caching,
-                        enforce_eager=args.enforce_eager, compile=args.compile,
+                        enforce_eager=args.enforce_eager, compile=args.compile, async_scheduling=args.async_scheduling,
                         speculative=getattr(args, "draft", None),
                         num_speculative_tokens=getattr(args, "num_speculative_tokens", 4))

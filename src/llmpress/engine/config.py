@@ -21,6 +21,7 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + output limit per sequence; None: the model's context (capped at 8192)
     enable_prefix_caching: bool = True  # share full KV blocks between requests with the same prefix
     enforce_eager: bool = False  # no CUDA graphs for decode (they are used on CUDA otherwise)
+    async_scheduling: bool = True  # plan and launch step n+1 before step n's tokens are read (hides host work)
     compile: bool = False  # torch.compile the decode step (symbolic batch) before capturing its CUDA graphs
     cuda_graph_max_batch: int | None = None  # largest captured decode batch (default max_num_seqs)
     seed: int = 0  # for requests that sample without a seed of their own

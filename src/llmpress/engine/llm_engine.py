@@ -17,7 +17,7 @@ from llmpress.engine.config import EngineConfig
 from llmpress.engine.logprobs import TokenLogprob, token_logprobs
 from llmpress.engine.model_runner import ModelRunner
 from llmpress.engine.sampler import Sampler
-from llmpress.engine.scheduler import Scheduler
+from llmpress.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from llmpress.engine.sequence import Sequence
 from llmpress.errors import LlmpressError
 from llmpress.generation.sampling import SamplingParams
@@ -45,6 +45,30 @@ class StepRecord:
     decode_only: bool
     context_tokens: int  # sum of the sequences' cache lengths after the step (what attention reads)
     seconds: float
+
+
+@dataclass
+class _InFlight:
+    """A launched step: its forward pass and sampling are queued on the device."""
+    scheduled: SchedulerOutput
+    logits: torch.Tensor
+    tokens: torch.Tensor | None  # one sampled token per completing chunk, on the device; None: drafts to verify
+    completing: list[ScheduledChunk]  # the chunks that reach their sequence's last token, in row order
+    started: float  # host clock at launch
+    launched_early: bool  # planned before the previous step's tokens were read (overlapped scheduling)
+    tokens_on_host: torch.Tensor | None = None  # CUDA: pinned copy of `tokens`, complete once `copied` fires
+    copied: torch.cuda.Event | None = None
+
+    def read_tokens(self) -> list[int]:
+        if self.copied is None:
+            return self.tokens.tolist()
+        self.copied.synchronize()
+        return self.tokens_on_host.tolist()
+
+
+def _needs_sync(params: SamplingParams) -> bool:
+    """Requests whose sampling reads their own tokens on the host, or whose logprobs read the logits."""
+    return params.repetition_penalty != 1.0 or params.logprobs is not None
 
 
 @dataclass
@@ -83,6 +107,9 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._aborted: list[RequestOutput] = []
         self._num_logprob_requests = 0  # unfinished requests that ask for logprobs; 0 keeps steps free of them
+        self._num_sync_requests = 0  # unfinished requests that overlapped scheduling cannot serve (see _needs_sync)
+        self._in_flight: _InFlight | None = None  # a step launched ahead, whose tokens are not read yet
+        self._last_sync = time.perf_counter()
         self.step_records: list[StepRecord] | None = None  # set to [] to record every step (benchmarks)
         self.drafter = None
         if self.config.speculative == "ngram":
@@ -118,42 +145,113 @@ class LLMEngine:
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
         self._num_logprob_requests += params.logprobs is not None
+        self._num_sync_requests += _needs_sync(params)
 
     def abort_request(self, request_id: str) -> None:
         seq = self.sequences.pop(request_id, None)
         if seq is None or seq.is_finished:
             return
-        self._num_logprob_requests -= seq.params.logprobs is not None
+        self._retire(seq)
         self.scheduler.abort(seq)
         self._aborted.append(self._output(seq, []))
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._aborted)
+        return self.scheduler.has_unfinished() or bool(self._aborted) or self._in_flight is not None
 
     # -- the loop ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        started = time.perf_counter()
+        """Run one step and return what it generated. With overlapped scheduling (the default), the next step
+        is planned and launched before this one's tokens are read back, so the GPU never waits for the host's
+        bookkeeping; a sequence that stops meanwhile wastes one row of the step after, whose token is dropped."""
         outputs, self._aborted = self._aborted, []
-        if self.drafter is not None:
-            self._propose_drafts()
-        scheduled = self.scheduler.schedule()
-        if scheduled.is_empty:
-            return outputs
-        logits = self.runner.execute(scheduled)
-        sampled = self._sample(scheduled, logits)  # .tolist() inside waits for the GPU
-        logprobs = self._logprobs(scheduled, logits, sampled) if self._num_logprob_requests else {}
-        self._count(scheduled, sampled)
+        current, self._in_flight = self._in_flight, None
+        if current is None:
+            if self.drafter is not None:
+                self._propose_drafts()
+            scheduled = self.scheduler.schedule()
+            if scheduled.is_empty:
+                return outputs
+            current = self._launch(scheduled)
+        if self._can_overlap(current):
+            return outputs + self._finish_overlapped(current)
+        return outputs + self._finish(current)
+
+    def _launch(self, scheduled: SchedulerOutput, previous: _InFlight | None = None) -> _InFlight:
+        """Queue the step's forward pass and, unless it verifies drafts, its sampling; nothing waits for the GPU."""
+        started = time.perf_counter()
+        previous_tokens = None
+        if previous is not None:
+            previous_tokens = (previous.tokens, {c.seq.seq_id: row for row, c in enumerate(previous.completing)})
+        logits = self.runner.execute(scheduled, previous_tokens)
+        completing = [c for c in scheduled.chunks if c.completes_sequence]
+        tokens, tokens_on_host, copied = None, None, None
+        if not any(c.num_spec_tokens for c in completing):
+            tokens = self.sampler.sample_on_device(logits, [c.seq for c in completing])
+            if tokens.is_cuda:  # read back through pinned memory and an event: a plain .tolist() later would
+                # wait for everything queued by then, the step launched after this one included
+                tokens_on_host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+                tokens_on_host.copy_(tokens, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record()
+        return _InFlight(scheduled, logits, tokens, completing, started, previous is not None, tokens_on_host, copied)
+
+    def _can_overlap(self, current: _InFlight) -> bool:
+        """Overlap needs every next input known up to the sampled tokens: no drafts, and no request that
+        reads its tokens on the host while sampling (repetition penalty) or reads the logits (logprobs)."""
+        return (self.config.async_scheduling and current.tokens is not None and self.drafter is None
+                and self._num_sync_requests == 0)
+
+    def _record(self, current: _InFlight, synced: float) -> None:
+        # A step launched during the previous call ran on the GPU since that call's sync: time it from there.
+        started = self._last_sync if current.launched_early else current.started
+        self._last_sync = synced
         if self.step_records is not None:
+            scheduled = current.scheduled
             self.step_records.append(StepRecord(
                 len(scheduled.chunks), scheduled.num_tokens, scheduled.is_decode_only,
-                sum(c.seq.num_computed_tokens + c.num_tokens for c in scheduled.chunks), time.perf_counter() - started))
+                sum(c.seq.num_computed_tokens + c.num_tokens for c in scheduled.chunks), synced - started))
+
+    def _finish(self, current: _InFlight) -> list[RequestOutput]:
+        """Wait for the step's tokens, then update the sequences (the plain, synchronous path)."""
+        scheduled, logits = current.scheduled, current.logits
+        if current.tokens is not None:
+            tokens = current.read_tokens()
+            sampled = {c.seq.seq_id: [t] for c, t in zip(current.completing, tokens)}
+        else:
+            sampled = self._sample(scheduled, logits)
+        logprobs = self._logprobs(scheduled, logits, sampled) if self._num_logprob_requests else {}
+        self._record(current, time.perf_counter())
+        self._count(scheduled, {c.seq.seq_id: len(sampled[c.seq.seq_id]) for c in current.completing
+                                if not c.seq.is_finished})
+        outputs = []
         before = {c.seq.seq_id: len(c.seq.output_token_ids) for c in scheduled.chunks}
         for seq in self.scheduler.update(scheduled, sampled):
             outputs.append(self._output(seq, seq.output_token_ids[before[seq.seq_id]:], logprobs.get(seq.seq_id)))
             if seq.is_finished:
-                self.sequences.pop(seq.request_id, None)
-                self._num_logprob_requests -= seq.params.logprobs is not None
+                self._retire(seq)
         return outputs
+
+    def _finish_overlapped(self, current: _InFlight) -> list[RequestOutput]:
+        """Advance the sequences with placeholder tokens, launch the next step, then read this one's tokens."""
+        self._count(current.scheduled, {c.seq.seq_id: 1 for c in current.completing if not c.seq.is_finished})
+        awaiting = self.scheduler.advance(current.scheduled)
+        upcoming = self.scheduler.schedule()
+        if not upcoming.is_empty:
+            self._in_flight = self._launch(upcoming, previous=current)
+        tokens = current.read_tokens()  # waits for `current` only; `upcoming` keeps the GPU busy meanwhile
+        self._record(current, time.perf_counter())
+        self.scheduler.resolve(awaiting, tokens)
+        outputs = []
+        for _, seq in awaiting:
+            outputs.append(self._output(seq, seq.output_token_ids[-1:]))
+            if seq.is_finished:
+                self._retire(seq)
+        return outputs
+
+    def _retire(self, seq: Sequence) -> None:
+        self.sequences.pop(seq.request_id, None)
+        self._num_logprob_requests -= seq.params.logprobs is not None
+        self._num_sync_requests -= _needs_sync(seq.params)
 
     def _propose_drafts(self) -> None:
         """Prompt-lookup drafts for greedy decoding sequences (sampled ones would need the rejection rule)."""
@@ -215,15 +313,18 @@ class LLMEngine:
             out[seq_id], start = entries[start:start + count], start + count
         return out
 
-    def _count(self, scheduled, sampled: dict[int, list[int]]) -> None:
+    def _count(self, scheduled, num_new: dict[int, int]) -> None:
+        """num_new: seq_id -> tokens the step generates for it (accepted drafts included)."""
         s = self.stats
         s.steps += 1
         for chunk in scheduled.chunks:
             seq = chunk.seq
+            if seq.seq_id not in num_new and seq.is_finished:
+                continue  # stopped or aborted while the step ran
             if chunk.completes_sequence and chunk.num_tokens - chunk.num_spec_tokens == 1 and seq.output_token_ids:
-                s.decode_tokens += len(sampled[seq.seq_id])
+                s.decode_tokens += num_new[seq.seq_id]
                 s.draft_tokens += chunk.num_spec_tokens
-                s.accepted_draft_tokens += len(sampled[seq.seq_id]) - 1
+                s.accepted_draft_tokens += num_new[seq.seq_id] - 1
             else:
                 s.prefill_tokens += chunk.num_tokens
         s.num_preemptions = self.scheduler.num_preemptions

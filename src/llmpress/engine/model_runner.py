@@ -15,6 +15,7 @@ import torch
 from llmpress.engine.config import EngineConfig
 from llmpress.engine.paged_cache import PagedAttentionMetadata, PagedKVCache, bytes_per_block, full_prefill_metadata
 from llmpress.engine.scheduler import SchedulerOutput
+from llmpress.engine.sequence import PLACEHOLDER_TOKEN
 from llmpress.errors import LlmpressError
 from llmpress.model import LlamaForCausalLM
 from llmpress.model.fusion import fuse_projections
@@ -89,9 +90,10 @@ class ModelRunner:
 
     def prepare(self, out: SchedulerOutput):
         """Flat inputs of the step: token ids [N], positions [N], slots [N], seq_lens [S], query starts [S+1],
-        logits row indices [M] (lists) and block tables (int32 array [S, widest table], padded with scratch)."""
+        logits row indices [M] (lists), block tables (int32 array [S, widest table], padded with scratch) and
+        placeholders: (index in token ids, seq_id) for each token still on the device (overlapped scheduling)."""
         bs = self.block_size
-        input_ids, positions, slots, seq_lens, starts, logits_rows = [], [], [], [], [0], []
+        input_ids, positions, slots, seq_lens, starts, logits_rows, placeholders = [], [], [], [], [0], [], []
         width = max(len(c.seq.block_table) for c in out.chunks)
         tables = np.full((len(out.chunks), width), self.cache.scratch_block, dtype=np.int32)
         for row, chunk in enumerate(out.chunks):
@@ -100,6 +102,9 @@ class ModelRunner:
             table = seq.block_table
             tables[row, :len(table)] = table
             input_ids += seq.token_ids_slice(start, end - chunk.num_spec_tokens)
+            if input_ids[-1] == PLACEHOLDER_TOKEN:  # only ever a sequence's last token
+                input_ids[-1] = 0
+                placeholders.append((len(input_ids) - 1, seq.seq_id))
             input_ids += seq.spec_token_ids[:chunk.num_spec_tokens]
             if end - start == 1:  # decode: skip the range machinery
                 positions.append(start)
@@ -111,24 +116,37 @@ class ModelRunner:
             starts.append(starts[-1] + chunk.num_tokens)
             if chunk.completes_sequence:  # the last token's logits, and each draft token's to verify it
                 logits_rows += range(starts[-1] - 1 - chunk.num_spec_tokens, starts[-1])
-        return input_ids, positions, slots, seq_lens, starts, logits_rows, tables
+        return input_ids, positions, slots, seq_lens, starts, logits_rows, tables, placeholders
 
     # -- execution -----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+    def execute(self, out: SchedulerOutput, previous_tokens: tuple[torch.Tensor, dict[int, int]] | None = None
+                ) -> torch.Tensor:
         """Run the step; logits [M, V] for the chunks that complete their sequence, in schedule order
-        (1 + num_spec_tokens rows for a chunk with drafts: one per draft position, then the last)."""
-        input_ids, positions, slots, seq_lens, starts, logits_rows, tables = self.prepare(out)
+        (1 + num_spec_tokens rows for a chunk with drafts: one per draft position, then the last).
+        previous_tokens: the step before's sampled tokens, still on the device, and seq_id -> their row,
+        for the placeholders that overlapped scheduling left in sequences (copied on the device, no sync)."""
+        input_ids, positions, slots, seq_lens, starts, logits_rows, tables, placeholders = self.prepare(out)
+        fill = None
+        if placeholders:
+            if previous_tokens is None:
+                raise AssertionError("a step with placeholder tokens needs the previous step's sampled tokens")
+            sampled, row_of = previous_tokens
+            fill = (self._to_device([i for i, _ in placeholders], torch.long),
+                    sampled[self._to_device([row_of[seq_id] for _, seq_id in placeholders], torch.long)])
         batch = len(out.chunks)
         if self.use_graphs and out.is_decode_only and batch <= self.graph_sizes[-1]:
-            return self._replay(input_ids, positions, slots, seq_lens, tables)
+            return self._replay(input_ids, positions, slots, seq_lens, tables, fill)
         meta = PagedAttentionMetadata(
             slot_mapping=self._to_device(slots, torch.long),
             block_tables=self._to_device(tables, torch.int32),
             seq_lens=self._to_device(seq_lens, torch.int32),
             query_start_loc=self._to_device(starts, torch.int32),
             max_query_len=max(c.num_tokens for c in out.chunks), max_seq_len=max(seq_lens))
-        logits = self.model(self._to_device([input_ids], torch.long), self._to_device(positions, torch.long),
+        ids = self._to_device([input_ids], torch.long)
+        if fill is not None:
+            ids[0].index_copy_(0, *fill)
+        logits = self.model(ids, self._to_device(positions, torch.long),
                             self.cache.bind(meta), logits_indices=self._to_device(logits_rows, torch.long))
         return logits[0]
 
@@ -176,13 +194,15 @@ class ModelRunner:
         cache = self.cache.bind(meta)
         return lambda: self.decode_forward(s["input_ids"][:, :size], s["positions"][:size], cache)[0]
 
-    def _replay(self, input_ids, positions, slots, seq_lens, tables) -> torch.Tensor:
+    def _replay(self, input_ids, positions, slots, seq_lens, tables, fill) -> torch.Tensor:
         batch = len(input_ids)
         size = next(s for s in self.graph_sizes if s >= batch)
         s, scratch = self.static, self.cache.scratch_block
         pad = size - batch
         # Padding rows: one token at the scratch block, so they compute junk that nobody reads.
         s["input_ids"][0, :size].copy_(self._to_device(input_ids + [0] * pad, torch.long), non_blocking=True)
+        if fill is not None:
+            s["input_ids"][0].index_copy_(0, *fill)
         s["positions"][:size].copy_(self._to_device(positions + [0] * pad, torch.long), non_blocking=True)
         s["slot_mapping"][:size].copy_(self._to_device(slots + [scratch * self.block_size] * pad, torch.long),
                                        non_blocking=True)

@@ -25,21 +25,30 @@ class Sampler:
             seq.sampler_state = torch.Generator(device=self.device).manual_seed(seq.params.seed)
         return seq.sampler_state
 
+    def _rows(self, rows: list[int]) -> torch.Tensor:
+        index = torch.tensor(rows)
+        if self.device.type == "cuda":  # a pinned, asynchronous copy: a pageable one would wait for the GPU
+            return index.pin_memory().to(self.device, non_blocking=True)
+        return index.to(self.device)
+
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """logits: [len(seqs), V]. Returns one token id per sequence."""
-        if not seqs:
-            return []
+        return self.sample_on_device(logits, seqs).tolist() if seqs else []
+
+    def sample_on_device(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Like `sample`, but the tokens stay on the device (int64 [len(seqs)]) and nothing waits for the GPU,
+        except for rows with a repetition penalty, which read their tokens so far from the host."""
         greedy = [i for i, s in enumerate(seqs) if s.params.greedy and s.params.repetition_penalty == 1.0]
         if len(greedy) == len(seqs):
-            return logits.argmax(dim=-1).tolist()
-        tokens: list[int | None] = [None] * len(seqs)
+            return logits.argmax(dim=-1)
+        tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
         if greedy:
-            index = torch.tensor(greedy, device=logits.device)
-            for i, token in zip(greedy, logits[index].argmax(dim=-1).tolist()):
-                tokens[i] = token
+            index = self._rows(greedy)
+            tokens[index] = logits[index].argmax(dim=-1)
         shared = defaultdict(list)  # rows sampled together from the engine generator, by their settings
+        chosen = set(greedy)
         for i, seq in enumerate(seqs):
-            if tokens[i] is not None:
+            if i in chosen:
                 continue
             p = seq.params
             if p.seed is None and p.repetition_penalty == 1.0:
@@ -49,10 +58,8 @@ class Sampler:
             if p.repetition_penalty != 1.0:
                 seen = torch.tensor([seq.all_token_ids], device=logits.device)
             generator = self._own_generator(seq) if p.seed is not None else self.generator
-            tokens[i] = int(sample_next_token(logits[i:i + 1], p, generator, seen)[0])
+            tokens[i:i + 1] = sample_next_token(logits[i:i + 1], p, generator, seen)
         for rows in shared.values():
-            index = torch.tensor(rows, device=logits.device)
-            drawn = sample_next_token(logits[index], seqs[rows[0]].params, self.generator).tolist()
-            for i, token in zip(rows, drawn):
-                tokens[i] = token
+            index = self._rows(rows)
+            tokens[index] = sample_next_token(logits[index], seqs[rows[0]].params, self.generator)
         return tokens

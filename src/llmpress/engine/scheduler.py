@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from llmpress.engine.block_manager import BlockManager
-from llmpress.engine.sequence import Sequence, SequenceStatus
+from llmpress.engine.sequence import PLACEHOLDER_TOKEN, Sequence, SequenceStatus
 
 
 @dataclass
@@ -134,6 +134,8 @@ class Scheduler:
         updated = []
         for chunk in out.chunks:
             seq = chunk.seq
+            if seq.is_finished:
+                continue  # aborted, or stopped by the step before, while this one ran
             completes = chunk.completes_sequence
             seq.num_computed_tokens += chunk.num_tokens - chunk.num_spec_tokens
             if completes:
@@ -154,17 +156,51 @@ class Scheduler:
                     self._finish(seq)
         return updated
 
+    def advance(self, out: SchedulerOutput) -> list[tuple[int, Sequence]]:
+        """`update` for a step whose tokens are still on the device (overlapped scheduling): every chunk moves
+        on, each completing one gets a placeholder token, and sequences that reach their length limit retire.
+        The scheduler can then plan the next step before this one's tokens are read. Returns (row, sequence)
+        for each placeholder, row being the chunk's index among the step's completing chunks; `resolve`
+        fills them in. Steps with draft tokens cannot go ahead: how many drafts survive is unknown."""
+        awaiting, row = [], 0
+        for chunk in out.chunks:
+            seq = chunk.seq
+            completes = chunk.completes_sequence
+            if seq.is_finished:
+                row += completes
+                continue
+            assert chunk.num_spec_tokens == 0, "a step with draft tokens must be updated with its tokens"
+            seq.num_computed_tokens += chunk.num_tokens
+            if completes:
+                seq.append_token(PLACEHOLDER_TOKEN)  # never a stop token; the length limit is decided here
+            self.block_manager.register_computed_blocks(seq)  # the placeholder is not computed: never hashed
+            if completes:
+                awaiting.append((row, seq))
+                row += 1
+                if seq.finish_reason is not None:
+                    self._finish(seq)
+        return awaiting
+
+    def resolve(self, awaiting: list[tuple[int, Sequence]], tokens: list[int]) -> None:
+        """Put the step's sampled tokens (one per completing chunk) in place of `advance`'s placeholders; a
+        stop token ends its sequence (even one preempted meanwhile), and wins over the length limit."""
+        for row, seq in awaiting:
+            token = tokens[row]
+            seq.output_token_ids[-1] = token
+            if not seq.params.ignore_eos and token in seq.stop_token_ids:
+                seq.finish_reason = "stop"
+                self._finish(seq)
+
     def abort(self, seq: Sequence) -> None:
         if seq.is_finished:
             return
         seq.finish_reason = "abort"
-        if seq.status == SequenceStatus.WAITING:
-            self.waiting.remove(seq)
-            seq.status = SequenceStatus.FINISHED
-        else:
-            self._finish(seq)
+        self._finish(seq)
 
     def _finish(self, seq: Sequence) -> None:
-        self.running.remove(seq)
-        self.block_manager.free(seq)
+        if seq.status == SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        elif seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+PLACEHOLDER_TOKEN = -1  # an output token sampled on the device but not yet read back (overlapped scheduling)
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # not admitted yet, or preempted (its KV blocks were freed; it will recompute)
     RUNNING = "running"
