@@ -1,7 +1,7 @@
 """Draw the engine's GPU results (benchmarks/engine_gpu.py JSON): throughput against transformers, the
 full-batch decode step against its roofline, and sequences that fit per KV-cache dtype.
 
-    python benchmarks/plot_engine.py benchmarks/results/engine_h200_run2.json benchmarks/results/engine_h200_run1.json \
+    python benchmarks/plot_engine.py benchmarks/results/engine_h200_run3.json benchmarks/results/engine_h200_run1.json \
         --out benchmarks/results/engine_h200.png
 """
 
