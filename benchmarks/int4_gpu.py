@@ -2,10 +2,12 @@
 
 Random bf16 weights in the Llama-3.2 architectures (no download). For each architecture:
   1. bf16 decode (torch.compile + CUDA graph, the generator's default on CUDA);
-  2. the same weights RTN-quantized to int4 g128 (QuantLinear layers): prefill logits of the Triton
-     path vs the dequantize-then-matmul reference on the same int4 weights, then decode with our Triton
-     W4A16 kernels ("int4") and with the dequantization written as plain PyTorch for Inductor to fuse
-     into its own matrix-vector kernel ("int4-inductor", kernels.reference.int4_matmul_grouped);
+  2. the same weights RTN-quantized to int4 g128 (QuantLinear layers), decoded with the GPTQ-layout
+     Triton kernels ("int4-gptq-layout", kernels/triton_int4.py), then re-laid for the row-layout kernels
+     ("int4", kernels/triton_int4_rows.py, what the generator uses on CUDA), then with lm_head RTN-quantized
+     to int4 g128 too ("int4+head"); before each row-layout variant, its prefill logits vs the
+     dequantize-then-matmul reference on the same int4 weights. ("int4-inductor", on request: the
+     dequantization written as plain PyTorch for Inductor to fuse, kernels.reference.int4_matmul_grouped);
   3. the roofline of each: bytes that one decode token reads (weights as stored + KV) / copy bandwidth;
   4. (--gptq-arch) GPTQ 4-bit g128 of a fresh copy, timed end to end (calibration forward passes,
      Hessians, Cholesky, quantization, layer by layer). A random model has no tokenizer, so its
@@ -36,7 +38,9 @@ from llmpress.kernels import ops
 from llmpress.kernels.reference import int4_matmul_grouped
 from llmpress.loading.loader import random_model
 from llmpress.quant.calibration import quantize_model
-from llmpress.quant.linear import replace_linears
+from llmpress.quant.linear import QuantLinear, replace_linears, use_row_layouts
+from llmpress.quant.rtn import quantize_rtn
+import llmpress.generation.generator as generator_module
 from llmpress.quant.scheme import QuantScheme
 
 
@@ -45,7 +49,8 @@ def decode_bytes(model, context_len: int) -> int:
     doubles as lm_head), plus K and V at `context_len` positions. Counted per storage, because fused
     q|k|v and gate|up buffers share their storage with the per-projection parameters (model.fusion)."""
     config = model.config
-    skip = {model.model.embed_tokens.weight.untyped_storage().data_ptr()} if not config.tie_word_embeddings else set()
+    head_is_embedding = getattr(model.lm_head, "weight", None) is model.model.embed_tokens.weight
+    skip = set() if head_is_embedding else {model.model.embed_tokens.weight.untyped_storage().data_ptr()}
     skip |= {b.untyped_storage().data_ptr() for b in model.model.rotary_emb.buffers()}
     storages = {}
     for t in list(model.parameters()) + list(model.buffers()):
@@ -83,6 +88,9 @@ def main() -> int:
     parser.add_argument("--gptq-arch", default="llama-3.2-3b", help="architecture to GPTQ-quantize and time ('' to skip)")
     parser.add_argument("--gptq-nsamples", type=int, default=128)
     parser.add_argument("--gptq-seqlen", type=int, default=2048)
+    parser.add_argument("--variants", default="bf16,int4-gptq-layout,int4,int4+head",
+                        help="bf16; int4-gptq-layout (the GPTQ-layout kernels); int4 (row-layout kernels); int4+head "
+                             "(also lm_head in int4 g128); int4-inductor (dequantization left to torch.compile)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -95,26 +103,34 @@ def main() -> int:
     print(f"{results['gpu']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     scheme = QuantScheme(bits=4, group_size=128)
     mean_context = args.prompt_len + args.new_tokens // 2
+    variants = [v for v in args.variants.split(",") if v]
     for arch in [a for a in args.archs.split(",") if a]:
         config = KNOWN_ARCHITECTURES[arch]
         entry = results["architectures"][arch] = {}
         model = random_model(config, torch.device("cuda"), torch.bfloat16, seed=0)
         prompt = prompt_token_ids(None, args.prompt_len, config.vocab_size).cuda()
-        for label in ("bf16", "int4", "int4-inductor"):
-            if label == "int4":
-                quantized = quantize_model(model, "rtn", scheme, progress=False)
-                replace_linears(model, quantized)
-                del quantized
+        for label in variants:
+            if label != "bf16" and not any(isinstance(m, QuantLinear) for m in model.modules()):
+                replace_linears(model, quantize_model(model, "rtn", scheme, progress=False))
                 gc.collect()
                 torch.cuda.empty_cache()
-                entry["int4_prefill_logits_rel_error_triton_vs_reference"] = prefill_rel_error(model, prompt)
-                print(f"{arch} int4 prefill logits, Triton vs reference: relative error "
-                      f"{entry['int4_prefill_logits_rel_error_triton_vs_reference']:.2e}", flush=True)
+            if label == "int4+head" and not isinstance(model.lm_head, QuantLinear):
+                replace_linears(model, {"lm_head": quantize_rtn(model.lm_head.weight.detach(), scheme)})
+                gc.collect()
+                torch.cuda.empty_cache()
+            rows = label in ("int4", "int4+head")
+            if rows:
+                use_row_layouts(model)
+                key = f"{label}_prefill_logits_rel_error_triton_vs_reference"
+                entry[key] = prefill_rel_error(model, prompt)
+                print(f"{arch} {label} prefill logits, Triton vs reference: relative error {entry[key]:.2e}", flush=True)
+            # The generator re-lays int4 weights for the row kernels on CUDA; the GPTQ-layout variants keep theirs.
+            generator_module.use_row_layouts = use_row_layouts if rows else (lambda model: 0)
             ops.int4_matmul = inductor_int4_matmul if label == "int4-inductor" else _triton_int4_matmul
             torch._dynamo.reset()
+            nbytes = decode_bytes(model, mean_context)  # before the generator allocates anything
             start = time.perf_counter()
             r = benchmark_decode(model, prompt, 1, args.new_tokens, mode="compile", repeats=3)
-            nbytes = decode_bytes(model, mean_context)
             roofline = bandwidth / nbytes
             entry[label] = dict(r.to_dict(), bytes_per_token=nbytes, roofline_tokens_per_s=roofline,
                                 fraction_of_roofline=r.decode_tokens_per_s / roofline,
@@ -123,8 +139,10 @@ def main() -> int:
                   f"{roofline:.0f} tok/s ({r.decode_tokens_per_s / roofline:.1%}); {time.perf_counter() - start:.0f} s", flush=True)
             _flush(results, args.out)
         ops.int4_matmul = _triton_int4_matmul
-        for label in ("int4", "int4-inductor"):
-            entry[f"{label}_over_bf16"] = entry[label]["decode_tokens_per_s"] / entry["bf16"]["decode_tokens_per_s"]
+        generator_module.use_row_layouts = use_row_layouts
+        if "bf16" in entry:
+            for label in variants:
+                entry[f"{label}_over_bf16"] = entry[label]["decode_tokens_per_s"] / entry["bf16"]["decode_tokens_per_s"]
         del model
         gc.collect()
         torch.cuda.empty_cache()
@@ -147,10 +165,10 @@ def main() -> int:
     print(f"\nBatch-1 decode, {results['gpu']}, prompt {args.prompt_len}, {args.new_tokens} new tokens")
     print(f"{'model':14s} {'variant':14s} {'tok/s':>8s} {'roofline':>9s} {'% roof':>7s} {'x bf16':>7s}")
     for arch, e in results["architectures"].items():
-        for label in ("bf16", "int4", "int4-inductor"):
+        for label in variants:
             v = e[label]
             print(f"{arch:14s} {label:14s} {v['decode_tokens_per_s']:8.1f} {v['roofline_tokens_per_s']:9.0f} "
-                  f"{v['fraction_of_roofline']:7.1%} {v['decode_tokens_per_s'] / e['bf16']['decode_tokens_per_s']:6.2f}x")
+                  f"{v['fraction_of_roofline']:7.1%} {v['decode_tokens_per_s'] / e['bf16']['decode_tokens_per_s'] if 'bf16' in e else float('nan'):6.2f}x")
     _flush(results, args.out)
     return 0
 

@@ -19,6 +19,7 @@ from llmpress.engine.sequence import PLACEHOLDER_TOKEN
 from llmpress.errors import LlmpressError
 from llmpress.model import LlamaForCausalLM
 from llmpress.model.fusion import fuse_projections
+from llmpress.quant.linear import use_row_layouts
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class ModelRunner:
         self.on_cuda = self.device.type == "cuda"
         if self.on_cuda:
             fuse_projections(model)  # one q|k|v and one gate|up matmul per layer, as the generator does
+            use_row_layouts(model)  # int4 layers: the layout the GPU kernels stream fastest
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.num_blocks = config.num_gpu_blocks or self._blocks_that_fit()
         self.cache = PagedKVCache(model.config, self.num_blocks, self.block_size, self.dtype,

@@ -60,7 +60,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        device = base.qweight.device if isinstance(base, QuantLinear) else base.weight.device
+        device = base.device if isinstance(base, QuantLinear) else base.weight.device
         # Adapters train in float32 whatever the base dtype (PEFT's autocast_adapter_dtype): bf16 updates of
         # size lr*grad would round away against weights of size 1e-2.
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)

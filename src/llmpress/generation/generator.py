@@ -18,6 +18,7 @@ from llmpress.generation.cuda_graph import GraphedStep
 from llmpress.generation.sampling import SamplingParams, sample_next_token
 from llmpress.model import LlamaForCausalLM, StaticKVCache
 from llmpress.model.fusion import fuse_projections
+from llmpress.quant.linear import use_row_layouts
 
 DECODE_MODES = ("auto", "eager", "graph", "compile")
 
@@ -62,6 +63,8 @@ class Generator:
         self.model, self.mode, self.batch_size, self.max_seq_len = model, mode, batch_size, max_seq_len
         if fuse if fuse is not None else mode != "eager":  # eager stays the plain reference path
             fuse_projections(model)
+        if on_cuda:
+            use_row_layouts(model)  # int4 layers: the layout the GPU decode kernels stream fastest
         self.cache = StaticKVCache(model.config, batch_size, max_seq_len, model.dtype, model.device)
         self._decode: Callable | None = None
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from llmpress.kernels.reference import (attention_reference, cache_attention_mask, int4_matmul_reference,
+                                       int4_matmul_rows_reference,
                                         paged_attention_reference, store_kv_paged_reference)
 
 BACKENDS = ("auto", "torch", "sdpa", "triton")
@@ -113,6 +114,30 @@ def _int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, q
 @_int4_matmul.register_fake
 def _(x, qweight, scales, qzeros, g_idx, group_size):
     return x.new_empty(x.shape[0], qweight.shape[1])
+
+
+def int4_matmul_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     group_size: int) -> torch.Tensor:
+    """x [M, K] @ Wᵀ for a 4-bit weight in the row layout (quant/format.py `runtime_to_rows`). Returns [M, N] in
+    x.dtype. Triton on CUDA (fp16/bf16 activations), the dequantize-then-matmul reference otherwise."""
+    use_triton = _backend == "triton" or (_backend == "auto" and x.is_cuda and HAS_TRITON)
+    if use_triton and x.dtype in (torch.float16, torch.bfloat16):
+        return torch.ops.llmpress.int4_matmul_rows(x.contiguous(), qweight, scales, zeros, group_size)
+    if _backend == "triton":
+        raise ValueError("the triton backend covers fp16/bf16 activations on CUDA only")
+    return int4_matmul_rows_reference(x, qweight, scales, zeros, group_size)
+
+
+@torch.library.custom_op("llmpress::int4_matmul_rows", mutates_args=())
+def _int4_matmul_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      group_size: int) -> torch.Tensor:
+    from llmpress.kernels.triton_int4_rows import int4_matmul_rows_triton
+    return int4_matmul_rows_triton(x, qweight, scales, zeros, group_size)
+
+
+@_int4_matmul_rows.register_fake
+def _(x, qweight, scales, zeros, group_size):
+    return x.new_empty(x.shape[0], qweight.shape[0])
 
 
 def store_kv_paged(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

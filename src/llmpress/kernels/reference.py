@@ -67,6 +67,17 @@ def int4_matmul_grouped(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     return x @ weight.view(K, N)
 
 
+def int4_matmul_rows_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                               group_size: int) -> torch.Tensor:
+    """x @ Wᵀ for a 4-bit weight in the row layout (quant/format.py `runtime_to_rows`): qweight int32 [N, K/8]
+    (input 8w + j of row n at bits 4j of word w), scales [N, G], zeros uint8 [N, G]. Returns [M, N] in x's dtype."""
+    N, G = scales.shape
+    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
+    levels = (qweight.unsqueeze(-1) >> shifts) & 0xF  # [N, K/8, 8]; the mask drops the arithmetic shift's sign bits
+    weight = (levels.view(N, G, group_size) - zeros.to(torch.int32)[:, :, None]).float() * scales.float()[:, :, None]
+    return x @ weight.to(x.dtype).view(N, G * group_size).T
+
+
 # ---- Paged KV cache (vLLM's PagedAttention layout) ----------------------------------------------------
 # Per layer: k_cache, v_cache [num_blocks, block_size, Hkv, D]; key position t of sequence s lives at
 # cache[block_tables[s, t // block_size], t % block_size]. Quantized caches (int8, float8_e4m3fn) carry one

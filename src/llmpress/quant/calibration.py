@@ -4,11 +4,13 @@ The loop is sequential (GPTQ paper, Sec. 4; GPTQ reference `llama_sequential`): 
 are embedded once, then each decoder layer is calibrated on its inputs, quantized, and run again,
 quantized, to produce the next layer's inputs, so every layer sees the errors of the quantized layers
 before it. Inputs of linears are read with forward hooks while the whole layer runs; nothing stops the
-forward early (STYLE 16). The embeddings, final norm and lm_head stay in float.
+forward early (STYLE 16). The embeddings and final norm stay in float; lm_head too, unless
+`quantize_model(..., lm_head=scheme)` asks for it (RTN only, see `quantize_lm_head`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -123,11 +125,13 @@ LayerRunner = Callable[[nn.Module], list[torch.Tensor]]
 @torch.no_grad()
 def quantize_model(model, method: str, scheme: QuantScheme, calib_tokens: torch.Tensor | None = None,
                    progress: bool = True, batch_size: int = 8, gptq: GptqConfig | None = None,
-                   awq: AwqConfig | None = None) -> dict[str, QuantizedWeight]:
+                   awq: AwqConfig | None = None, lm_head: QuantScheme | None = None) -> dict[str, QuantizedWeight]:
     """Quantize every decoder-layer linear of `model` in place (fake-quantized float weights) and return
     their QuantizedWeight by parameter prefix ("model.layers.0.self_attn.q_proj").
     calib_tokens: LongTensor [nsamples, seqlen] (not needed for rtn); `batch_size` samples run at a time.
-    AWQ also divides the layers' norm gains by its scales, in place: a checkpoint must take them from `model`."""
+    AWQ also divides the layers' norm gains by its scales, in place: a checkpoint must take them from `model`.
+    `lm_head`: also quantize the head with this scheme, always by RTN whatever `method` is (GPTQ/AWQ
+    calibration of the head is not built), under the key "lm_head"; a tied head is untied first."""
     if method not in METHODS:
         raise LlmpressError(f"unknown quantization method {method!r}; choose {', '.join(METHODS)}.")
     if method != "rtn" and calib_tokens is None:
@@ -150,7 +154,33 @@ def quantize_model(model, method: str, scheme: QuantScheme, calib_tokens: torch.
             run_layer.advance(layer)  # the next layer's inputs, computed by this layer quantized
         result.update({f"model.layers.{index}.{name}": q for name, q in quantized.items()})
         bar.set_postfix(layer_s=f"{time.perf_counter() - start:.1f}")
+    if lm_head is not None:
+        result["lm_head"] = quantize_lm_head(model, lm_head)
     return result
+
+
+@torch.no_grad()
+def quantize_lm_head(model, scheme: QuantScheme) -> QuantizedWeight:
+    """RTN-quantize `model.lm_head` in place (fake-quantized float weight), untying it from embed_tokens first.
+
+    RTN needs no data, and the head sees the final norm's output, which no layer loop produces; GPTQ/AWQ
+    calibration of the head is not built. The input embedding keeps its float weights."""
+    start = time.perf_counter()
+    _untie_lm_head(model)
+    quantized = {"lm_head": quantize_rtn(model.lm_head.weight, scheme)}
+    _write_fake_quantized(model, quantized)
+    log.info("lm_head RTN %d-bit g%d in %.1f s", scheme.bits, scheme.group_size, time.perf_counter() - start)
+    return quantized["lm_head"]
+
+
+def _untie_lm_head(model) -> None:
+    """Give lm_head its own copy of the weight, and a config that says so (so `tie_weights()` and the savers
+    treat it as a separate matrix). The config is replaced, not edited: it may be shared (KNOWN_ARCHITECTURES)."""
+    head, embed = model.lm_head, model.model.embed_tokens
+    if head.weight is embed.weight:
+        head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
+    if model.config.tie_word_embeddings:
+        model.config = dataclasses.replace(model.config, tie_word_embeddings=False)
 
 
 class CalibrationInputs:

@@ -271,3 +271,21 @@ def dequantize_runtime(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torc
     g = g_idx.long()
     # (q - z) is a small integer and scale * (q - z) is exact in float32, so one rounding to `dtype` follows.
     return (scales.float()[g] * (levels - zeros[g]).float()).to(dtype)
+
+
+# ---- Row layout for the GPU kernels (kernels/triton_int4_rows.py) -----------------------------------------
+# The GPTQ runtime word holds 8 consecutive input rows of one output column; transposed, every output row's
+# words are contiguous: qweight int32 [out, in/8], scales [out, groups], zeros uint8 [out, groups].
+
+def runtime_to_rows(rt: RuntimeQuantWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    assert rt.bits == 4 and rt.g_idx is None and rt.in_features % rt.group_size == 0, \
+        "the row layout takes 4-bit weights whose groups tile the input (no act-order)"
+    return (rt.qweight.T.contiguous(), rt.scales.T.contiguous(),
+            unpack_columns(rt.qzeros, 4).T.to(torch.uint8).contiguous())
+
+
+def rows_to_runtime(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> RuntimeQuantWeight:
+    """Inverse of `runtime_to_rows`."""
+    return RuntimeQuantWeight(qweight=qweight.T.contiguous(), scales=scales.T.contiguous(),
+                              qzeros=pack_columns(zeros.T.to(torch.int32), 4), g_idx=None,
+                              group_size=group_size, bits=4)

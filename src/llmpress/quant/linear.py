@@ -11,7 +11,8 @@ from torch import nn
 
 from llmpress.kernels import ops
 from llmpress.model.fusion import unfuse_projections
-from llmpress.quant.format import RuntimeQuantWeight, dequantize_runtime, from_runtime, to_runtime
+from llmpress.quant.format import (RuntimeQuantWeight, dequantize_runtime, from_runtime, rows_to_runtime,
+                                   runtime_to_rows, to_runtime)
 from llmpress.quant.scheme import QuantizedWeight, QuantScheme
 
 
@@ -21,6 +22,8 @@ class QuantLinear(nn.Module):
     Buffers (runtime layout, not a checkpoint layout: save with `quant.checkpoint.save_quantized`):
     qweight int32 [in*bits/32, out], scales [groups, out] (model dtype), qzeros int32 [groups, out*bits/32]
     (real zero points), g_idx int32 [in] or None, bias [out] or None.
+    On the GPU, `use_row_layout` re-lays 4-bit grouped weights for the decode kernels: qweight_rows int32
+    [out, in/8], scales_rows [out, groups], zeros_rows uint8 [out, groups] replace the three (no extra memory).
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
@@ -36,6 +39,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("qzeros", torch.zeros(groups, out_features * bits // 32, **int32))
         self.register_buffer("g_idx", torch.zeros(in_features, **int32) if act_order else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.row_layout = False
 
     @classmethod
     def from_runtime(cls, rt: RuntimeQuantWeight, bias: torch.Tensor | None = None) -> "QuantLinear":
@@ -53,8 +57,28 @@ class QuantLinear(nn.Module):
         """Pack `qw` (on its device) into a QuantLinear whose scales and bias are in `dtype` (default: qw's scales)."""
         return cls.from_runtime(to_runtime(qw, dtype), bias)
 
+    @property
+    def device(self) -> torch.device:
+        return (self.qweight_rows if self.row_layout else self.qweight).device
+
     def runtime_weight(self) -> RuntimeQuantWeight:
+        if self.row_layout:
+            return rows_to_runtime(self.qweight_rows, self.scales_rows, self.zeros_rows, self.group_size)
         return RuntimeQuantWeight(self.qweight, self.scales, self.qzeros, self.g_idx, self.group_size, self.bits)
+
+    def use_row_layout(self) -> bool:
+        """Re-lay the weight for `kernels/triton_int4_rows.py` (each output row's packed words contiguous), in
+        place of the GPTQ-style buffers. 4-bit weights whose groups tile the input only (no act-order); the
+        others keep their layout and kernels. Returns whether the layer now uses the row layout."""
+        if self.row_layout or self.bits != 4 or self.g_idx is not None or self.in_features % self.group_size:
+            return self.row_layout
+        qweight, scales, zeros = runtime_to_rows(self.runtime_weight())
+        self.qweight = self.scales = self.qzeros = None  # registered buffers set to None leave the state dict
+        self.register_buffer("qweight_rows", qweight)
+        self.register_buffer("scales_rows", scales)
+        self.register_buffer("zeros_rows", zeros)
+        self.row_layout = True
+        return True
 
     def quantized_weight(self, scheme: QuantScheme) -> QuantizedWeight:
         """The unpacked levels, scales and zeros (for saving a model that already holds QuantLinear layers)."""
@@ -62,19 +86,25 @@ class QuantLinear(nn.Module):
 
     def dequantize_weight(self) -> torch.Tensor:
         """W [out, in] in the scales' dtype, the weight an nn.Linear would hold."""
-        return dequantize_runtime(self.qweight, self.scales, self.qzeros, self.g_idx, self.group_size, self.bits,
-                                  self.scales.dtype).T
+        rt = self.runtime_weight()
+        return dequantize_runtime(rt.qweight, rt.scales, rt.qzeros, rt.g_idx, self.group_size, self.bits,
+                                  rt.scales.dtype).T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = ops.int4_matmul(x.reshape(-1, self.in_features), self.qweight, self.scales, self.qzeros, self.g_idx,
-                   self.group_size, self.bits)
+        if self.row_layout:
+            y = ops.int4_matmul_rows(x.reshape(-1, self.in_features), self.qweight_rows, self.scales_rows,
+                                     self.zeros_rows, self.group_size)
+        else:
+            y = ops.int4_matmul(x.reshape(-1, self.in_features), self.qweight, self.scales, self.qzeros, self.g_idx,
+                                self.group_size, self.bits)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, act_order={self.g_idx is not None}, bias={self.bias is not None}")
+                f"group_size={self.group_size}, act_order={self.g_idx is not None}, bias={self.bias is not None}, "
+                f"layout={'rows' if self.row_layout else 'gptq'}")
 
 
 def replace_linears(model: nn.Module, quantized: dict[str, QuantizedWeight], dtype: torch.dtype | None = None) -> None:
@@ -97,3 +127,9 @@ def replace_linears(model: nn.Module, quantized: dict[str, QuantizedWeight], dty
                              qw.scheme)
         bias = None if linear.bias is None else linear.bias.detach().to(target_dtype)
         model.set_submodule(name, QuantLinear.from_quantized(qw, bias=bias, dtype=target_dtype))
+
+
+def use_row_layouts(model: nn.Module) -> int:
+    """`QuantLinear.use_row_layout` for every quantized layer of `model` (the GPU decode path calls this once
+    the model is on its device). Returns how many layers changed layout."""
+    return sum(not m.row_layout and m.use_row_layout() for m in model.modules() if isinstance(m, QuantLinear))

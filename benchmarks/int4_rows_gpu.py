@@ -1,0 +1,196 @@
+"""int4 linear kernels at the Llama-3.2-3B's shapes, batch 1/4/16: the row layout against the GPTQ layout,
+PyTorch's own int4 kernel (tinygemm, `torch._weight_int4pack_mm`, as gpt-fast uses) and bf16 cuBLAS.
+
+Per shape (the 3B's unfused projections and its 128k-vocab lm_head): correctness of each int4 kernel
+against exact dequantization, then the time per call as CUDA-graph replays over 16 weight sets (so L2
+cannot serve repeats). Bandwidth = bytes of the weight as each kernel stores it / time, against the copy
+bandwidth measured in the same run. The per-token line adds up one decoder layer's seven projections x
+the layer count, plus lm_head. `--sweep` also times every row-layout GEMV configuration at M = 1.
+
+    python benchmarks/int4_rows_gpu.py --out benchmarks/results/int4_rows_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llmpress.atomic_write import write_json_atomic
+from llmpress.bench.roofline import device_name, measure_copy_bandwidth
+from llmpress.kernels.triton_int4 import int4_matmul_triton
+from llmpress.kernels.triton_int4_rows import GEMV_CONFIGS, int4_matmul_rows_triton
+from llmpress.quant.format import RuntimeQuantWeight, pack_columns, pack_rows, runtime_to_rows
+
+GROUP = 128
+SETS = 16
+LAYERS = 28
+# (name, K, N, how many per decoder layer; 0: once per token)
+SHAPES = [("q/o", 3072, 3072, 2), ("k/v", 3072, 1024, 2), ("gate/up", 3072, 8192, 2), ("down", 8192, 3072, 1),
+          ("lm_head", 3072, 128256, 0)]
+
+
+def random_int4(K: int, N: int):
+    levels = torch.randint(0, 16, (K, N), device="cuda", dtype=torch.int32)
+    zeros = torch.randint(0, 16, (K // GROUP, N), device="cuda", dtype=torch.int32)
+    scales = (torch.rand(K // GROUP, N, device="cuda") * 0.01 + 0.002).to(torch.bfloat16)
+    g = torch.arange(K, device="cuda") // GROUP
+    dense = ((levels - zeros[g]).float() * scales.float()[g])  # [K, N]
+    gptq = (pack_rows(levels, 4), scales, pack_columns(zeros, 4))
+    rows = runtime_to_rows(RuntimeQuantWeight(*gptq, None, GROUP, 4))
+    return dict(gptq=gptq, rows=rows, levels=levels, zeros=zeros, scales=scales), dense
+
+
+def tinygemm_pack(w: dict):
+    """PyTorch's tinygemm layout: uint8 [N, K/2] packed, then its tiled int4pack; scales_and_zeros [G, N, 2]
+    with w = (q - 8) * scale + zero, so zero = (8 - z) * scale for our (q - z) * scale."""
+    levels = w["levels"].T.contiguous()  # [N, K]
+    packed = (levels[:, ::2] << 4 | levels[:, 1::2]).to(torch.uint8)
+    tiled = torch.ops.aten._convert_weight_to_int4pack(packed, 8)
+    scales = w["scales"].float()
+    zero = (8 - w["zeros"]).float() * scales
+    scales_and_zeros = torch.stack([scales, zero], dim=-1).to(torch.bfloat16).contiguous()  # [G, N, 2]
+    return tiled, scales_and_zeros
+
+
+def rel_error(got, ref) -> float:
+    return ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def time_per_call_us(fn, arg_sets, replays: int = 20) -> float:
+    """Mean time of fn(*args) over a CUDA graph that calls it once per argument set."""
+    for args in arg_sets[:2]:
+        fn(*args)  # autotune outside the graph
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for args in arg_sets:
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for args in arg_sets:
+            fn(*args)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (replays * len(arg_sets))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", default="1,4,16")
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("this benchmark needs a CUDA GPU", file=sys.stderr)
+        return 2
+    bandwidth = measure_copy_bandwidth("cuda")
+    report = {"script": "benchmarks/int4_rows_gpu.py", "date": date.today().isoformat(), "gpu": device_name("cuda"),
+              "torch": torch.__version__, "copy_bandwidth_bytes_per_s": bandwidth, "group_size": GROUP, "rows": [],
+              "correctness_rel_error": {}, "errors": {}}
+    print(f"{report['gpu']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    print(f"\n{'shape':8s} {'K':>5s} {'N':>6s} {'variant':26s} {'M':>3s} {'us':>8s} {'GB/s':>7s} {'% copy bw':>9s}", flush=True)
+
+    def record(name, K, N, variant, M, us, nbytes):
+        row = dict(shape=name, K=K, N=N, variant=variant, M=M, us=us, bytes=nbytes, gb_per_s=nbytes / us / 1e3,
+                   fraction_of_copy_bandwidth=nbytes / (us * 1e-6) / bandwidth)
+        report["rows"].append(row)
+        print(f"{name:8s} {K:5d} {N:6d} {variant:26s} {M:3d} {us:8.1f} {row['gb_per_s']:7.0f} "
+              f"{row['fraction_of_copy_bandwidth']:9.1%}", flush=True)
+
+    for name, K, N, _ in SHAPES:
+        sets = SETS if N < 100000 else 4
+        weights = [random_int4(K, N) for _ in range(sets)]
+        dense = weights[0][1]
+        G = K // GROUP
+        bytes_bf16, bytes_gptq, bytes_rows = N * K * 2, N * K // 2 + G * N * 2 + G * N // 2, N * K // 2 + G * N * 3
+        bytes_tiny = N * K // 2 + G * N * 4
+        tiny = None
+        try:
+            tiny = [tinygemm_pack(w) for w, _ in weights]
+        except Exception as error:  # the op's signature moves between PyTorch releases
+            report["errors"][f"tinygemm {name}"] = repr(error)
+            print(f"tinygemm unavailable: {error!r}", flush=True)
+        for M in batch_sizes + [512]:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            ref = x.float() @ dense
+            w = weights[0][0]
+            checks = {"gptq": int4_matmul_triton(x, *w["gptq"], None, GROUP),
+                      "rows": int4_matmul_rows_triton(x, *w["rows"], GROUP)}
+            if tiny:
+                try:
+                    checks["tinygemm"] = torch.ops.aten._weight_int4pack_mm(x, tiny[0][0], GROUP, tiny[0][1])
+                except Exception as error:
+                    report["errors"][f"tinygemm {name} M={M}"] = repr(error)
+                    tiny = None
+            for kernel, out in checks.items():
+                report["correctness_rel_error"][f"{name} M={M} {kernel}"] = rel_error(out, ref)
+            print(f"{name} M={M}: relative error " + ", ".join(f"{k} {rel_error(v, ref):.1e}" for k, v in checks.items()), flush=True)
+            if M == 512:
+                us = time_per_call_us(lambda rw: int4_matmul_rows_triton(x, *rw, GROUP), [(w["rows"],) for w, _ in weights[:4]])
+                record(name, K, N, "int4 rows gemm (prefill)", M, us, bytes_rows)
+                continue
+            dense_sets = [(torch.randn(N, K, device="cuda", dtype=torch.bfloat16),) for _ in range(min(sets, 8))]
+            record(name, K, N, "bf16 cuBLAS", M, time_per_call_us(lambda wt: F.linear(x, wt), dense_sets), bytes_bf16)
+            del dense_sets
+            record(name, K, N, "int4 gptq layout", M, time_per_call_us(
+                lambda qw, s, qz: int4_matmul_triton(x, qw, s, qz, None, GROUP), [w["gptq"] for w, _ in weights]), bytes_gptq)
+            record(name, K, N, "int4 rows", M, time_per_call_us(
+                lambda qw, s, z: int4_matmul_rows_triton(x, qw, s, z, GROUP), [w["rows"] for w, _ in weights]), bytes_rows)
+            if tiny:
+                record(name, K, N, "int4 tinygemm", M, time_per_call_us(
+                    lambda t, sz: torch.ops.aten._weight_int4pack_mm(x, t, GROUP, sz), tiny), bytes_tiny)
+        if args.sweep and name != "lm_head":
+            x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+            for bn, bk, sk, warps, stages in GEMV_CONFIGS:
+                if K % bk or K < bk * sk:
+                    continue
+                config = dict(family="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=warps, num_stages=stages)
+                us = time_per_call_us(lambda qw, s, z: int4_matmul_rows_triton(x, qw, s, z, GROUP, config),
+                                      [w["rows"] for w, _ in weights])
+                record(name, K, N, f"rows gemv n{bn} k{bk} s{sk} w{warps}", 1, us, bytes_rows)
+        del weights, tiny
+        torch.cuda.empty_cache()
+    summarize(report, batch_sizes)
+    for path in ([Path(args.out)] if args.out else []) + ([Path(os.environ["OUT"]) / "int4_rows_gpu.json"] if os.environ.get("OUT") else []):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, report)
+    return 0
+
+
+def summarize(report: dict, batch_sizes: list[int]) -> None:
+    """Linear time per decoded token: 28 layers x (q, k, v, o, gate, up, down) + lm_head, per variant and M."""
+    per_layer = {name: count for name, _, _, count in SHAPES}
+    report["per_token"] = {}
+    print(f"\nlinear layers per decoded token ({LAYERS} layers + lm_head), {report['gpu']}")
+    for M in batch_sizes:
+        for variant in ("bf16 cuBLAS", "int4 gptq layout", "int4 rows", "int4 tinygemm"):
+            rows = {r["shape"]: r for r in report["rows"] if r["variant"] == variant and r["M"] == M}
+            if len(rows) < len(SHAPES):
+                continue
+            body_us = sum(rows[s]["us"] * per_layer[s] * LAYERS for s in per_layer if per_layer[s])
+            body_bytes = sum(rows[s]["bytes"] * per_layer[s] * LAYERS for s in per_layer if per_layer[s])
+            total_us, total_bytes = body_us + rows["lm_head"]["us"], body_bytes + rows["lm_head"]["bytes"]
+            entry = dict(M=M, variant=variant, layers_us=body_us, lm_head_us=rows["lm_head"]["us"], total_us=total_us,
+                         layers_fraction_of_copy_bandwidth=body_bytes / (body_us * 1e-6) / report["copy_bandwidth_bytes_per_s"],
+                         total_fraction_of_copy_bandwidth=total_bytes / (total_us * 1e-6) / report["copy_bandwidth_bytes_per_s"])
+            report["per_token"][f"{variant} M={M}"] = entry
+            print(f"M={M:2d} {variant:18s}: layers {body_us / 1e3:6.3f} ms ({entry['layers_fraction_of_copy_bandwidth']:.1%} "
+                  f"of copy bw), lm_head {rows['lm_head']['us']:6.1f} us, total {total_us / 1e3:6.3f} ms", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

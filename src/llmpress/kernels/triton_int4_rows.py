@@ -1,0 +1,190 @@
+"""Triton W4A16 matmul over a row-major packed int4 weight: y = x @ Wᵀ, W [N, K] in 4 bits per weight.
+
+Layout ("rows", made from the GPTQ runtime layout by `quant.linear.QuantLinear.use_row_layout`):
+qweight int32 [N, K/8], the eight 4-bit weights of output row n and inputs 8w..8w+7 in word w, input
+8w + j at bits 4j (the GPTQ word, transposed); scales [N, G] (model dtype); zeros uint8 [N, G] (real zero
+points); group g covers inputs g*group_size .. (g+1)*group_size - 1, and groups tile K (no act-order).
+
+Why rows: at batch 1 a linear layer is one stream of its packed weights. With each output row's words
+contiguous, a program streams [BLOCK_N rows x BLOCK_K/8 words] tiles in 16-byte loads, the layout our
+bf16 GEMV reached 86% of the copy bandwidth with, and the x values a word needs are reused by every row.
+
+- `gemv` (M <= GEMV_MAX_M): CUDA-core FMAs. A nibble becomes a float without a conversion instruction
+  (quarter rate): OR-ing the masked word into the bit pattern of 1.0 gives 1 + q * 2^(b-23) for the
+  nibble at bit b (exact), so one LOP3 and one FADD yield q * 2^(b-23), and x is pre-scaled by 2^(23-b)
+  (an exact power of two, once per x element, shared by every row). Per group, with exact integers q,
+  sum_k x_k (q_k - z) s = s * (sum_k x_k q_k - z * sum_k x_k): the zero point and scale cost nothing per weight.
+- `gemm` (larger M, prefill): each [BLOCK_N, BLOCK_K/8] word tile is unpacked to [BLOCK_N, BLOCK_K],
+  dequantized to x's dtype and multiplied on the matrix units with one tl.dot.
+Split-K (small M) spreads K over programs; the last program of a tile sums the partials
+(`triton_int4._write_output`). Reference: `kernels.reference.int4_matmul_rows_reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llmpress.kernels.triton_int4 import MAX_SPLIT_K, SPLIT_K_MAX_M, _workspace, _write_output
+
+GEMV_MAX_M = 4
+ONE_BITS = tl.constexpr(0x3F800000)  # the fp32 bit pattern of 1.0
+
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); BLOCK_K is a multiple of the group size (pruned otherwise)
+GEMV_CONFIGS = [(8, 512, 1, 4, 2), (16, 512, 1, 4, 2), (32, 512, 1, 4, 2), (16, 1024, 1, 4, 2), (32, 1024, 1, 8, 2),
+                (8, 1024, 1, 4, 2), (16, 256, 2, 4, 2), (16, 512, 2, 4, 2), (32, 512, 2, 8, 2), (8, 512, 4, 4, 2),
+                (16, 1024, 2, 8, 2), (64, 256, 1, 4, 2), (32, 256, 4, 4, 2), (16, 512, 4, 4, 2)]
+GEMM_CONFIGS = [(m, n, k, s, w, st) for m, n, k, s, w, st in
+                [(16, 64, 128, 2, 4, 3), (16, 128, 128, 4, 4, 3), (32, 64, 128, 2, 4, 3), (64, 64, 128, 1, 4, 3),
+                 (64, 128, 128, 1, 4, 3), (128, 128, 128, 1, 8, 3), (128, 256, 128, 1, 8, 3), (128, 128, 256, 1, 8, 3)]]
+
+
+@triton.jit
+def _gemv_rows_body(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, M, N, K, G, stride_xm, stride_ym,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                    SPLIT_K: tl.constexpr):
+    GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE  # groups per block
+    WPG: tl.constexpr = GROUP_SIZE // 8  # packed words per group and row
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_g = tl.arange(0, GROUPS)
+    offs_w = tl.arange(0, WPG)
+    n_mask = offs_n < N
+    words_per_row = K // 8
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        block = k0 // BLOCK_K
+        g0 = block * GROUPS
+        word_ptrs = (qw_ptr + offs_n[:, None, None] * words_per_row + (g0 + offs_g)[None, :, None] * WPG
+                     + offs_w[None, None, :])
+        words = tl.load(word_ptrs, mask=n_mask[:, None, None], other=0, eviction_policy="evict_first")
+        high = words >> 12  # nibbles 5, 6, 7 (bits 20..31) land at bits 8..19, inside the mantissa
+        group_offsets = offs_n[:, None] * G + (g0 + offs_g)[None, :]
+        scale = tl.load(s_ptr + group_offsets, mask=n_mask[:, None], other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + group_offsets, mask=n_mask[:, None], other=0).to(tl.float32)
+        x_base = (g0 + offs_g)[:, None] * GROUP_SIZE + offs_w[None, :] * 8  # input index of nibble 0 of each word
+        for m in tl.static_range(BLOCK_M):
+            dot = tl.zeros([BLOCK_N, GROUPS, WPG], dtype=tl.float32)
+            x_sum = tl.zeros([GROUPS, WPG], dtype=tl.float32)
+            for j in tl.static_range(8):
+                x = tl.load(x_ptr + m * stride_xm + x_base + j, mask=m < M, other=0.0).to(tl.float32)
+                x_sum += x
+                bit: tl.constexpr = 4 * j - 12 * (j >= 5)
+                if j < 5:
+                    src = words
+                else:
+                    src = high
+                level = ((src & (0xF << bit)) | ONE_BITS).to(tl.float32, bitcast=True) - 1.0  # q * 2^(bit-23)
+                dot += level * (x * (8388608.0 / (1 << bit)))[None, :, :]
+            partial = tl.sum(scale * (tl.sum(dot, axis=2) - zero * tl.sum(x_sum, axis=1)[None, :]), axis=1)
+            acc = tl.where(offs_m[:, None] == m, acc + partial[None, :], acc)
+    _write_output(acc, y_ptr, partial_ptr, counter_ptr, offs_m, offs_n, M, N, stride_ym, pid_n, pid_k, SPLIT_K)
+
+
+@triton.jit
+def _gemm_rows_body(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, M, N, K, G, stride_xm, stride_ym,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                    SPLIT_K: tl.constexpr):
+    GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
+    pid_mn = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    offs_m = (pid_mn // num_pid_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (pid_mn % num_pid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_p = tl.arange(0, BLOCK_K // 8)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_g = tl.arange(0, GROUPS)
+    shifts = tl.arange(0, 8) * 4
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    words_per_row = K // 8
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        block = k0 // BLOCK_K
+        words = tl.load(qw_ptr + offs_n[:, None] * words_per_row + block * (BLOCK_K // 8) + offs_p[None, :],
+                        mask=n_mask[:, None], other=0)
+        levels = (words[:, :, None] >> shifts[None, None, :]) & 0xF  # [BLOCK_N, BLOCK_K/8, 8]: input 8p + j
+        levels = tl.reshape(levels, (BLOCK_N, GROUPS, GROUP_SIZE))
+        group_offsets = offs_n[:, None] * G + block * GROUPS + offs_g[None, :]
+        scale = tl.load(s_ptr + group_offsets, mask=n_mask[:, None], other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + group_offsets, mask=n_mask[:, None], other=0).to(tl.float32)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + block * BLOCK_K + offs_k[None, :], mask=m_mask[:, None],
+                    other=0.0)
+        w = ((levels.to(tl.float32) - zero[:, :, None]) * scale[:, :, None]).to(x.dtype)
+        acc += tl.dot(x, tl.trans(tl.reshape(w, (BLOCK_N, BLOCK_K))))
+    _write_output(acc, y_ptr, partial_ptr, counter_ptr, offs_m, offs_n, M, N, stride_ym, pid_mn, pid_k, SPLIT_K)
+
+
+def _prune(configs, named_args, **kwargs):
+    """Blocks made of whole groups that tile K; split-K only for small M and never beyond K's blocks."""
+    M, K, group_size = named_args["M"], named_args["K"], kwargs.get("GROUP_SIZE", named_args.get("GROUP_SIZE"))
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_K"] % group_size == 0 and K % c.kwargs["BLOCK_K"] == 0
+            and (c.kwargs["SPLIT_K"] == 1 or (M <= SPLIT_K_MAX_M and K >= c.kwargs["BLOCK_K"] * c.kwargs["SPLIT_K"]))]
+    if kept:
+        return kept
+    fallback = configs[0]  # one group per block always tiles K
+    return [triton.Config({**fallback.kwargs, "BLOCK_K": group_size, "SPLIT_K": 1}, num_warps=fallback.num_warps,
+                          num_stages=fallback.num_stages)]
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": s}, num_warps=w, num_stages=st)
+                          for n, k, s, w, st in GEMV_CONFIGS],
+                 key=["M", "N", "K", "GROUP_SIZE"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _gemv_rows(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, M, N, K, G, stride_xm, stride_ym,
+               BLOCK_M: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               SPLIT_K: tl.constexpr):
+    _gemv_rows_body(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, M, N, K, G, stride_xm, stride_ym,
+                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_SIZE, SPLIT_K)
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": s}, num_warps=w,
+                                        num_stages=st) for m, n, k, s, w, st in GEMM_CONFIGS],
+                 key=["M_BUCKET", "N", "K", "GROUP_SIZE"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _gemm_rows(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, M, N, K, G, stride_xm, stride_ym,
+               M_BUCKET, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    _gemm_rows_body(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, M, N, K, G, stride_xm, stride_ym,
+                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_SIZE, SPLIT_K)
+
+
+def int4_matmul_rows_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                            group_size: int, config: dict | None = None) -> torch.Tensor:
+    """x: [M, K] fp16/bf16; qweight: int32 [N, K/8]; scales: [N, G]; zeros: uint8 [N, G]. Returns [M, N] in x.dtype.
+
+    `config` (benchmarks) bypasses the autotuner: {"family": "gemv"|"gemm", "BLOCK_M" (gemm), "BLOCK_N",
+    "BLOCK_K", "SPLIT_K", "num_warps", "num_stages"}."""
+    M, K = x.shape
+    N, G = scales.shape
+    assert x.dtype in (torch.float16, torch.bfloat16), x.dtype
+    assert qweight.dtype == torch.int32 and qweight.shape == (N, K // 8) and zeros.shape == (N, G), (qweight.shape, zeros.shape)
+    assert G * group_size == K and group_size % 8 == 0 and group_size & (group_size - 1) == 0, (G, group_size, K)
+    assert x.stride(1) == 1 and qweight.is_contiguous() and scales.is_contiguous() and zeros.is_contiguous()
+    family = config["family"] if config else ("gemv" if M <= GEMV_MAX_M else "gemm")
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    partial, counter = _workspace.get(x.device, MAX_SPLIT_K * min(M, SPLIT_K_MAX_M) * N,
+                                      triton.cdiv(min(M, SPLIT_K_MAX_M), 16) * triton.cdiv(N, 8))
+    args = (x, qweight, scales, zeros, y, partial, counter, M, N, K, G, x.stride(0), y.stride(0))
+    if family == "gemv":
+        assert M <= GEMV_MAX_M
+        launch, extra = _gemv_rows, dict(BLOCK_M=triton.next_power_of_2(M), GROUP_SIZE=group_size)
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+    else:
+        launch, extra = _gemm_rows, dict(GROUP_SIZE=group_size)
+        args = args + (min(triton.next_power_of_2(M), 4096),)  # M_BUCKET: the autotuner's key
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+    if config is None:
+        launch[grid](*args, **extra)
+    else:
+        meta = {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K") if k in config}
+        if family == "gemv":
+            meta.pop("BLOCK_M", None)
+        if meta["SPLIT_K"] > 1:
+            assert M <= SPLIT_K_MAX_M and meta["SPLIT_K"] <= MAX_SPLIT_K, config
+        launch.fn[grid(meta)](*args, **extra, **meta, num_warps=config["num_warps"], num_stages=config["num_stages"])
+    return y

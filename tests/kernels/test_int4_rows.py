@@ -1,0 +1,88 @@
+"""The row layout for int4 weights: exact conversion from the GPTQ runtime layout, its reference matmul
+(CPU), QuantLinear switching to it unchanged, and the Triton kernels against exact dequantization (CUDA)."""
+
+import pytest
+import torch
+
+from llmpress.kernels import ops
+from llmpress.kernels.reference import int4_matmul_rows_reference
+from llmpress.quant.format import RuntimeQuantWeight, rows_to_runtime, runtime_to_rows
+from llmpress.quant.linear import QuantLinear, use_row_layouts
+from llmpress.quant.rtn import quantize_rtn
+from llmpress.quant.scheme import QuantScheme
+from tests.kernels.test_int4_matmul import cuda_only, random_int4, rel_error
+
+
+def random_rows(K: int, N: int, group_size: int, device: str):
+    (qweight, scales, qzeros, _), dense = random_int4(K, N, group_size, False, device)
+    rt = RuntimeQuantWeight(qweight, scales, qzeros, None, group_size, 4)
+    return runtime_to_rows(rt), rt, dense
+
+
+@pytest.mark.parametrize("K,N,group_size", [(256, 64, 64), (512, 48, 128), (128, 40, 32)])
+def test_row_layout_round_trips_and_its_reference_is_exact(K, N, group_size):
+    torch.manual_seed(K + N)
+    (qweight, scales, zeros), rt, dense = random_rows(K, N, group_size, "cpu")
+    assert qweight.shape == (N, K // 8) and scales.shape == zeros.shape == (N, K // group_size)
+    back = rows_to_runtime(qweight, scales, zeros, group_size)
+    assert torch.equal(back.qweight, rt.qweight) and torch.equal(back.qzeros, rt.qzeros) and torch.equal(back.scales, rt.scales)
+    x = torch.randn(3, K, dtype=torch.float64)
+    assert rel_error(int4_matmul_rows_reference(x, qweight, scales, zeros, group_size), x @ dense) < 1e-12
+    assert rel_error(ops.int4_matmul_rows(x.float(), qweight, scales, zeros, group_size), x @ dense) < 1e-5
+
+
+def test_quant_linear_gives_the_same_outputs_after_switching_layout():
+    torch.manual_seed(0)
+    weight = torch.randn(96, 256)
+    scheme = QuantScheme(bits=4, group_size=64)
+    layer = QuantLinear.from_quantized(quantize_rtn(weight, scheme), bias=torch.randn(96), dtype=torch.float32)
+    x = torch.randn(2, 5, 256)
+    before, dense, unpacked = layer(x), layer.dequantize_weight(), layer.quantized_weight(scheme)
+    assert layer.use_row_layout() and layer.row_layout and layer.qweight is None
+    assert {"qweight_rows", "scales_rows", "zeros_rows"} <= set(layer.state_dict()) and "qweight" not in layer.state_dict()
+    assert torch.allclose(layer(x), before, atol=1e-5)
+    assert torch.equal(layer.dequantize_weight(), dense)
+    after = layer.quantized_weight(scheme)  # what a checkpoint saves is unchanged
+    assert all(torch.equal(getattr(after, f), getattr(unpacked, f)) for f in ("qweight", "scales", "zeros", "g_idx"))
+    assert "layout=rows" in repr(layer)
+
+
+def test_layers_the_row_kernels_cannot_take_keep_their_layout():
+    torch.manual_seed(1)
+    weight = torch.randn(64, 256)
+    act_order = quantize_rtn(weight, QuantScheme(bits=4, group_size=64))
+    act_order.g_idx = (torch.randperm(256) // 64).int()  # a GPTQ desc_act permutation
+    eight_bit = quantize_rtn(weight, QuantScheme(bits=8, group_size=64))
+    model = torch.nn.Sequential(QuantLinear.from_quantized(act_order), QuantLinear.from_quantized(eight_bit),
+                                QuantLinear.from_quantized(quantize_rtn(weight, QuantScheme(bits=4, group_size=64))))
+    assert use_row_layouts(model) == 1
+    assert [m.row_layout for m in model] == [False, False, True]
+    assert use_row_layouts(model) == 0  # idempotent
+
+
+@cuda_only
+@pytest.mark.parametrize("M", [1, 2, 4, 5, 16, 300])
+@pytest.mark.parametrize("K,N,group_size", [(256, 64, 128), (3072, 1024, 128), (8192, 3072, 128), (3072, 8200, 64),
+                                            (1024, 40, 32)])
+def test_triton_row_kernels_match_dequantized_weights(M, K, N, group_size):
+    torch.manual_seed(M * K + N)
+    (qweight, scales, zeros), _, dense = random_rows(K, N, group_size, "cuda")
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    with ops.use_backend("triton"):
+        out = ops.int4_matmul_rows(x, qweight, scales, zeros, group_size)
+    assert out.shape == (M, N) and out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert rel_error(out, x.double() @ dense) < 1e-2
+
+
+@cuda_only
+@pytest.mark.parametrize("family,split_k", [("gemv", 2), ("gemv", 4), ("gemm", 2)])
+def test_triton_row_kernels_split_k_reset_their_counters(family, split_k):
+    from llmpress.kernels.triton_int4_rows import int4_matmul_rows_triton
+    torch.manual_seed(split_k)
+    K, N = 3072, 3072
+    (qweight, scales, zeros), _, dense = random_rows(K, N, 128, "cuda")
+    config = dict(family=family, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256 if family == "gemv" else 128, SPLIT_K=split_k,
+                  num_warps=4, num_stages=2)
+    for M in (1, 3, 4) * 3:  # repeated calls: the arrival counters must be back at zero each time
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        assert rel_error(int4_matmul_rows_triton(x, qweight, scales, zeros, 128, config), x.double() @ dense) < 1e-2
