@@ -5,7 +5,9 @@ Per shape (the 3B's unfused projections and its 128k-vocab lm_head): correctness
 against exact dequantization, then the time per call as CUDA-graph replays over 16 weight sets (so L2
 cannot serve repeats). Bandwidth = bytes of the weight as each kernel stores it / time, against the copy
 bandwidth measured in the same run. The per-token line adds up one decoder layer's seven projections x
-the layer count, plus lm_head. `--sweep` also times every row-layout GEMV configuration at M = 1.
+the layer count, plus lm_head. The row layout's two paths (GEMV; dequantize + cuBLAS) are also timed
+forced at the small M where the dispatch picks the other. `--sweep` also times every row-layout GEMV
+configuration at M = 1.
 
     python benchmarks/int4_rows_gpu.py --out benchmarks/results/int4_rows_h200.json
 """
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from llmpress.atomic_write import write_json_atomic
 from llmpress.bench.roofline import device_name, measure_copy_bandwidth
 from llmpress.kernels.triton_int4 import int4_matmul_triton
-from llmpress.kernels.triton_int4_rows import GEMV_CONFIGS, int4_matmul_rows_triton
+from llmpress.kernels.triton_int4_rows import GEMV_CONFIGS, GEMV_MAX_M, int4_matmul_rows_triton
 from llmpress.quant.format import RuntimeQuantWeight, pack_columns, pack_rows, runtime_to_rows
 
 GROUP = 128
@@ -89,7 +91,7 @@ def time_per_call_us(fn, arg_sets, replays: int = 20) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-sizes", default="1,4,16")
+    parser.add_argument("--batch-sizes", default="1,2,4,16")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -128,9 +130,13 @@ def main() -> int:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             ref = x.float() @ dense
             w = weights[0][0]
+            family = "gemv" if M <= GEMV_MAX_M else "dequant"
+            other = {"gemv": "dequant", "dequant": "gemv"}[family] if M <= 4 else None  # the path M does not take
             checks = {"gptq": int4_matmul_triton(x, *w["gptq"], None, GROUP),
-                      "rows": int4_matmul_rows_triton(x, *w["rows"], GROUP)}
-            if tiny:
+                      f"rows ({family})": int4_matmul_rows_triton(x, *w["rows"], GROUP)}
+            if other:
+                checks[f"rows ({other})"] = int4_matmul_rows_triton(x, *w["rows"], GROUP, {"family": other})
+            if tiny and M <= 16:
                 try:
                     checks["tinygemm"] = torch.ops.aten._weight_int4pack_mm(x, tiny[0][0], GROUP, tiny[0][1])
                 except Exception as error:
@@ -139,18 +145,21 @@ def main() -> int:
             for kernel, out in checks.items():
                 report["correctness_rel_error"][f"{name} M={M} {kernel}"] = rel_error(out, ref)
             print(f"{name} M={M}: relative error " + ", ".join(f"{k} {rel_error(v, ref):.1e}" for k, v in checks.items()), flush=True)
-            if M == 512:
-                us = time_per_call_us(lambda rw: int4_matmul_rows_triton(x, *rw, GROUP), [(w["rows"],) for w, _ in weights[:4]])
-                record(name, K, N, "int4 rows gemm (prefill)", M, us, bytes_rows)
-                continue
-            dense_sets = [(torch.randn(N, K, device="cuda", dtype=torch.bfloat16),) for _ in range(min(sets, 8))]
+            n_sets = 4 if M == 512 else sets
+            dense_sets = [(torch.randn(N, K, device="cuda", dtype=torch.bfloat16),) for _ in range(min(n_sets, 8))]
             record(name, K, N, "bf16 cuBLAS", M, time_per_call_us(lambda wt: F.linear(x, wt), dense_sets), bytes_bf16)
             del dense_sets
             record(name, K, N, "int4 gptq layout", M, time_per_call_us(
-                lambda qw, s, qz: int4_matmul_triton(x, qw, s, qz, None, GROUP), [w["gptq"] for w, _ in weights]), bytes_gptq)
+                lambda qw, s, qz: int4_matmul_triton(x, qw, s, qz, None, GROUP), [w["gptq"] for w, _ in weights[:n_sets]]),
+                bytes_gptq)
             record(name, K, N, "int4 rows", M, time_per_call_us(
-                lambda qw, s, z: int4_matmul_rows_triton(x, qw, s, z, GROUP), [w["rows"] for w, _ in weights]), bytes_rows)
-            if tiny:
+                lambda qw, s, z: int4_matmul_rows_triton(x, qw, s, z, GROUP), [w["rows"] for w, _ in weights[:n_sets]]),
+                bytes_rows)
+            if other:
+                record(name, K, N, f"int4 rows, {other} forced", M, time_per_call_us(
+                    lambda qw, s, z: int4_matmul_rows_triton(x, qw, s, z, GROUP, {"family": other}),
+                    [w["rows"] for w, _ in weights]), bytes_rows)
+            if tiny and M <= 16:
                 record(name, K, N, "int4 tinygemm", M, time_per_call_us(
                     lambda t, sz: torch.ops.aten._weight_int4pack_mm(x, t, GROUP, sz), tiny), bytes_tiny)
         if args.sweep and name != "lm_head":
@@ -176,7 +185,7 @@ def summarize(report: dict, batch_sizes: list[int]) -> None:
     per_layer = {name: count for name, _, _, count in SHAPES}
     report["per_token"] = {}
     print(f"\nlinear layers per decoded token ({LAYERS} layers + lm_head), {report['gpu']}")
-    for M in batch_sizes:
+    for M in batch_sizes + [512]:
         for variant in ("bf16 cuBLAS", "int4 gptq layout", "int4 rows", "int4 tinygemm"):
             rows = {r["shape"]: r for r in report["rows"] if r["variant"] == variant and r["M"] == M}
             if len(rows) < len(SHAPES):

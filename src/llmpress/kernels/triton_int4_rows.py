@@ -14,30 +14,29 @@ bf16 GEMV reached 86% of the copy bandwidth with, and the x values a word needs 
   nibble at bit b (exact), so one LOP3 and one FADD yield q * 2^(b-23), and x is pre-scaled by 2^(23-b)
   (an exact power of two, once per x element, shared by every row). Per group, with exact integers q,
   sum_k x_k (q_k - z) s = s * (sum_k x_k q_k - z * sum_k x_k): the zero point and scale cost nothing per weight.
-- `gemm` (larger M, prefill): each [BLOCK_N, BLOCK_K/8] word tile is unpacked to [BLOCK_N, BLOCK_K],
-  dequantized to x's dtype and multiplied on the matrix units with one tl.dot.
-Split-K (small M) spreads K over programs; the last program of a tile sums the partials
-(`triton_int4._write_output`). Reference: `kernels.reference.int4_matmul_rows_reference`.
+  Split-K spreads K over programs; the last program of a tile sums the partials (`triton_int4._write_output`).
+- `dequant` (larger M, prefill): one pass writes the dense weight in x's dtype, then cuBLAS multiplies. The
+  extra bytes (writing and re-reading 16-bit weights) cost less than any int4 tile kernel of ours at these
+  sizes did on the H200 (a tl.dot GEMM over this layout ran at 1.4-1.9% of the copy bandwidth at M = 512).
+Reference: `kernels.reference.int4_matmul_rows_reference`.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from llmpress.kernels.triton_int4 import MAX_SPLIT_K, SPLIT_K_MAX_M, _workspace, _write_output
 
-GEMV_MAX_M = 4
+GEMV_MAX_M = 2  # the GEMV repeats its unpacking per row of x: at M = 4 it took twice its M = 1 time on the H200
 ONE_BITS = tl.constexpr(0x3F800000)  # the fp32 bit pattern of 1.0
 
 # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); BLOCK_K is a multiple of the group size (pruned otherwise)
 GEMV_CONFIGS = [(8, 512, 1, 4, 2), (16, 512, 1, 4, 2), (32, 512, 1, 4, 2), (16, 1024, 1, 4, 2), (32, 1024, 1, 8, 2),
                 (8, 1024, 1, 4, 2), (16, 256, 2, 4, 2), (16, 512, 2, 4, 2), (32, 512, 2, 8, 2), (8, 512, 4, 4, 2),
                 (16, 1024, 2, 8, 2), (64, 256, 1, 4, 2), (32, 256, 4, 4, 2), (16, 512, 4, 4, 2)]
-GEMM_CONFIGS = [(m, n, k, s, w, st) for m, n, k, s, w, st in
-                [(16, 64, 128, 2, 4, 3), (16, 128, 128, 4, 4, 3), (32, 64, 128, 2, 4, 3), (64, 64, 128, 1, 4, 3),
-                 (64, 128, 128, 1, 4, 3), (128, 128, 128, 1, 8, 3), (128, 256, 128, 1, 8, 3), (128, 128, 256, 1, 8, 3)]]
 
 
 @triton.jit
@@ -72,7 +71,7 @@ def _gemv_rows_body(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr
             for j in tl.static_range(8):
                 x = tl.load(x_ptr + m * stride_xm + x_base + j, mask=m < M, other=0.0).to(tl.float32)
                 x_sum += x
-                bit: tl.constexpr = 4 * j - 12 * (j >= 5)
+                bit = 4 * j - 12 * (j >= 5)
                 if j < 5:
                     src = words
                 else:
@@ -85,37 +84,33 @@ def _gemv_rows_body(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr
 
 
 @triton.jit
-def _gemm_rows_body(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, M, N, K, G, stride_xm, stride_ym,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                    SPLIT_K: tl.constexpr):
-    GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
-    pid_mn = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    offs_m = (pid_mn // num_pid_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = (pid_mn % num_pid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_p = tl.arange(0, BLOCK_K // 8)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_g = tl.arange(0, GROUPS)
-    shifts = tl.arange(0, 8) * 4
-    m_mask = offs_m < M
+def _dequantize_rows(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, G, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """W [N, K] in w's dtype, one [BLOCK_N, GROUP_SIZE] tile (one group of BLOCK_N rows) per program."""
+    pid_n = tl.program_id(0)
+    group = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_p = group * (GROUP_SIZE // 8) + tl.arange(0, GROUP_SIZE // 8)
     n_mask = offs_n < N
-    words_per_row = K // 8
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        block = k0 // BLOCK_K
-        words = tl.load(qw_ptr + offs_n[:, None] * words_per_row + block * (BLOCK_K // 8) + offs_p[None, :],
-                        mask=n_mask[:, None], other=0)
-        levels = (words[:, :, None] >> shifts[None, None, :]) & 0xF  # [BLOCK_N, BLOCK_K/8, 8]: input 8p + j
-        levels = tl.reshape(levels, (BLOCK_N, GROUPS, GROUP_SIZE))
-        group_offsets = offs_n[:, None] * G + block * GROUPS + offs_g[None, :]
-        scale = tl.load(s_ptr + group_offsets, mask=n_mask[:, None], other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + group_offsets, mask=n_mask[:, None], other=0).to(tl.float32)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + block * BLOCK_K + offs_k[None, :], mask=m_mask[:, None],
-                    other=0.0)
-        w = ((levels.to(tl.float32) - zero[:, :, None]) * scale[:, :, None]).to(x.dtype)
-        acc += tl.dot(x, tl.trans(tl.reshape(w, (BLOCK_N, BLOCK_K))))
-    _write_output(acc, y_ptr, partial_ptr, counter_ptr, offs_m, offs_n, M, N, stride_ym, pid_mn, pid_k, SPLIT_K)
+    words = tl.load(qw_ptr + offs_n[:, None] * (K // 8) + offs_p[None, :], mask=n_mask[:, None], other=0)
+    levels = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF  # input 8p + j at [:, p, j]
+    levels = tl.reshape(levels, (BLOCK_N, GROUP_SIZE))
+    scale = tl.load(s_ptr + offs_n * G + group, mask=n_mask, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + offs_n * G + group, mask=n_mask, other=0).to(tl.float32)
+    w = (levels.to(tl.float32) - zero[:, None]) * scale[:, None]
+    offs_k = group * GROUP_SIZE + tl.arange(0, GROUP_SIZE)
+    tl.store(w_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(w_ptr.dtype.element_ty), mask=n_mask[:, None])
+
+
+def dequantize_rows_triton(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                           dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight [N, K] in `dtype` (nn.Linear's layout), one pass over the packed words."""
+    N, G = scales.shape
+    K = G * group_size
+    w = torch.empty(N, K, dtype=dtype, device=qweight.device)
+    block_n = 32
+    _dequantize_rows[(triton.cdiv(N, block_n), G)](qweight, scales, zeros, w, N, K, G, GROUP_SIZE=group_size,
+                                                    BLOCK_N=block_n, num_warps=4)
+    return w
 
 
 def _prune(configs, named_args, **kwargs):
@@ -142,49 +137,31 @@ def _gemv_rows(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, M, 
                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_SIZE, SPLIT_K)
 
 
-@triton.autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": s}, num_warps=w,
-                                        num_stages=st) for m, n, k, s, w, st in GEMM_CONFIGS],
-                 key=["M_BUCKET", "N", "K", "GROUP_SIZE"], prune_configs_by={"early_config_prune": _prune})
-@triton.jit
-def _gemm_rows(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, M, N, K, G, stride_xm, stride_ym,
-               M_BUCKET, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    _gemm_rows_body(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, M, N, K, G, stride_xm, stride_ym,
-                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_SIZE, SPLIT_K)
-
-
 def int4_matmul_rows_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                             group_size: int, config: dict | None = None) -> torch.Tensor:
     """x: [M, K] fp16/bf16; qweight: int32 [N, K/8]; scales: [N, G]; zeros: uint8 [N, G]. Returns [M, N] in x.dtype.
 
-    `config` (benchmarks) bypasses the autotuner: {"family": "gemv"|"gemm", "BLOCK_M" (gemm), "BLOCK_N",
-    "BLOCK_K", "SPLIT_K", "num_warps", "num_stages"}."""
+    `config` (benchmarks) picks the path: {"family": "gemv"} (autotuned) or {"family": "dequant"}; a GEMV config
+    with "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages" also bypasses the autotuner."""
     M, K = x.shape
     N, G = scales.shape
     assert x.dtype in (torch.float16, torch.bfloat16), x.dtype
     assert qweight.dtype == torch.int32 and qweight.shape == (N, K // 8) and zeros.shape == (N, G), (qweight.shape, zeros.shape)
     assert G * group_size == K and group_size % 8 == 0 and group_size & (group_size - 1) == 0, (G, group_size, K)
     assert x.stride(1) == 1 and qweight.is_contiguous() and scales.is_contiguous() and zeros.is_contiguous()
-    family = config["family"] if config else ("gemv" if M <= GEMV_MAX_M else "gemm")
+    family = config["family"] if config else ("gemv" if M <= GEMV_MAX_M else "dequant")
+    if family == "dequant":
+        return F.linear(x, dequantize_rows_triton(qweight, scales, zeros, group_size, x.dtype))
+    assert M <= 4, "the GEMV unrolls its rows: M <= 4"
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    partial, counter = _workspace.get(x.device, MAX_SPLIT_K * min(M, SPLIT_K_MAX_M) * N,
-                                      triton.cdiv(min(M, SPLIT_K_MAX_M), 16) * triton.cdiv(N, 8))
+    partial, counter = _workspace.get(x.device, MAX_SPLIT_K * M * N, triton.cdiv(N, 8))
     args = (x, qweight, scales, zeros, y, partial, counter, M, N, K, G, x.stride(0), y.stride(0))
-    if family == "gemv":
-        assert M <= GEMV_MAX_M
-        launch, extra = _gemv_rows, dict(BLOCK_M=triton.next_power_of_2(M), GROUP_SIZE=group_size)
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+    extra = dict(BLOCK_M=triton.next_power_of_2(M), GROUP_SIZE=group_size)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+    if config is None or len(config) == 1:  # {"family": "gemv"}: the autotuned GEMV whatever M is
+        _gemv_rows[grid](*args, **extra)
     else:
-        launch, extra = _gemm_rows, dict(GROUP_SIZE=group_size)
-        args = args + (min(triton.next_power_of_2(M), 4096),)  # M_BUCKET: the autotuner's key
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
-    if config is None:
-        launch[grid](*args, **extra)
-    else:
-        meta = {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K") if k in config}
-        if family == "gemv":
-            meta.pop("BLOCK_M", None)
-        if meta["SPLIT_K"] > 1:
-            assert M <= SPLIT_K_MAX_M and meta["SPLIT_K"] <= MAX_SPLIT_K, config
-        launch.fn[grid(meta)](*args, **extra, **meta, num_warps=config["num_warps"], num_stages=config["num_stages"])
+        meta = {k: config[k] for k in ("BLOCK_N", "BLOCK_K", "SPLIT_K")}
+        assert meta["SPLIT_K"] <= MAX_SPLIT_K, config
+        _gemv_rows.fn[grid(meta)](*args, **extra, **meta, num_warps=config["num_warps"], num_stages=config["num_stages"])
     return y
