@@ -41,6 +41,7 @@ from llmpress.quant.calibration import quantize_model
 from llmpress.quant.linear import QuantLinear, replace_linears, use_row_layouts
 from llmpress.quant.rtn import quantize_rtn
 import llmpress.generation.generator as generator_module
+from llmpress.model.fusion import fuse_projections
 from llmpress.quant.scheme import QuantScheme
 
 
@@ -121,6 +122,7 @@ def main() -> int:
             rows = label in ("int4", "int4+head")
             if rows:
                 use_row_layouts(model)
+                fuse_projections(model)  # int4 q|k|v and gate|up as one layer each, as the generator does
                 key = f"{label}_prefill_logits_rel_error_triton_vs_reference"
                 entry[key] = prefill_rel_error(model, prompt)
                 print(f"{arch} {label} prefill logits, Triton vs reference: relative error {entry[key]:.2e}", flush=True)

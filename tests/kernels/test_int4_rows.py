@@ -97,3 +97,35 @@ def test_triton_row_paths_agree(M):
     x = torch.randn(M, 3072, device="cuda", dtype=torch.bfloat16)
     outs = [int4_matmul_rows_triton(x, qweight, scales, zeros, 128, {"family": f}) for f in ("gemv", "dequant")]
     assert all(rel_error(out, x.double() @ dense) < 1e-2 for out in outs)
+
+
+def test_int4_projections_fuse_in_the_row_layout_without_changing_outputs():
+    from llmpress.model import LlamaForCausalLM
+    from llmpress.model.fusion import fuse_projections, unfuse_projections
+    from llmpress.quant.calibration import quantize_model
+    from llmpress.quant.linear import replace_linears
+    from tests.conftest import tiny_config
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config()).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    with torch.no_grad():
+        replace_linears(model, quantize_model(model, "rtn", QuantScheme(bits=4, group_size=32), progress=False))
+        ids = torch.randint(0, 256, (2, 9))
+        before = model(ids)
+        assert fuse_projections(model) == 0  # the GPTQ layout does not fuse
+        assert use_row_layouts(model) == 7 * 2
+        keys = set(model.state_dict())
+        assert fuse_projections(model) == 2 * 2  # q|k|v and gate|up in each of the 2 layers
+        assert set(model.state_dict()) == keys  # the fused layers are not submodules: names unchanged
+        attn = model.model.layers[0].self_attn
+        fused = attn.qkv_packed[0]
+        assert fused.out_features == attn.q_proj.out_features + 2 * attn.k_proj.out_features
+        assert attn.v_proj.qweight_rows.untyped_storage().data_ptr() == fused.qweight_rows.untyped_storage().data_ptr()
+        calls, forward = [], fused.forward
+        fused.forward = lambda x: calls.append(x.shape) or forward(x)
+        assert torch.allclose(model(ids), before, atol=1e-5)
+        assert calls  # the fused layer did the work
+        unfuse_projections(model)
+        assert not attn.qkv_packed and not model.model.layers[1].mlp.gate_up_packed
+        assert torch.allclose(model(ids), before, atol=1e-5)

@@ -39,8 +39,8 @@ class ModelRunner:
         self.device, self.dtype, self.block_size = model.device, model.dtype, config.block_size
         self.on_cuda = self.device.type == "cuda"
         if self.on_cuda:
-            fuse_projections(model)  # one q|k|v and one gate|up matmul per layer, as the generator does
             use_row_layouts(model)  # int4 layers: the layout the GPU kernels stream fastest
+            fuse_projections(model)  # one q|k|v and one gate|up matmul per layer, as the generator does
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.num_blocks = config.num_gpu_blocks or self._blocks_that_fit()
         self.cache = PagedKVCache(model.config, self.num_blocks, self.block_size, self.dtype,

@@ -61,10 +61,10 @@ class Generator:
             raise LlmpressError(f"{max_seq_len} positions requested but the model's context is {limit}; "
                                 "shorten the prompt or lower --max-new-tokens.")
         self.model, self.mode, self.batch_size, self.max_seq_len = model, mode, batch_size, max_seq_len
-        if fuse if fuse is not None else mode != "eager":  # eager stays the plain reference path
-            fuse_projections(model)
         if on_cuda:
             use_row_layouts(model)  # int4 layers: the layout the GPU decode kernels stream fastest
+        if fuse if fuse is not None else mode != "eager":  # eager stays the plain reference path
+            fuse_projections(model)
         self.cache = StaticKVCache(model.config, batch_size, max_seq_len, model.dtype, model.device)
         self._decode: Callable | None = None
 

@@ -20,14 +20,23 @@ FUSED_PROJECTIONS = (
 
 
 def fuse_projections(model: nn.Module) -> int:
-    """Fuse every group whose members are plain nn.Linear (quantized or adapted layers are left alone).
-    Call after the model is on its final device. Returns the number of groups fused."""
+    """Fuse every group whose members are plain nn.Linear, or int4 layers in the row layout (a type with a
+    `fuse_rows` classmethod: quant.linear.QuantLinear, held in `<prefix>_packed` as a one-element tuple, so
+    the state dict keeps its names). Adapted layers are left alone. Call after the model is on its final
+    device (and, for int4 layers, after `quant.linear.use_row_layouts`). Returns the number of groups fused."""
     fused_groups = 0
     for layer in model.model.layers:
         for parent_name, prefix, names in FUSED_PROJECTIONS:
             parent = getattr(layer, parent_name)
             linears = [getattr(parent, name) for name in names]
-            if getattr(parent, f"{prefix}_weight", None) is not None or any(type(m) is not nn.Linear for m in linears):
+            if getattr(parent, f"{prefix}_weight", None) is not None or getattr(parent, f"{prefix}_packed", ()):
+                continue
+            if any(type(m) is not nn.Linear for m in linears):
+                fuse_rows = getattr(type(linears[0]), "fuse_rows", None)
+                fused = fuse_rows(linears) if fuse_rows is not None else None
+                if fused is not None:
+                    setattr(parent, f"{prefix}_packed", (fused,))
+                    fused_groups += 1
                 continue
             weight = torch.cat([m.weight.detach() for m in linears])
             has_bias = linears[0].bias is not None
@@ -52,3 +61,4 @@ def unfuse_projections(model: nn.Module) -> None:
             parent = getattr(layer, parent_name)
             setattr(parent, f"{prefix}_weight", None)
             setattr(parent, f"{prefix}_bias", None)
+            setattr(parent, f"{prefix}_packed", ())

@@ -43,6 +43,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
         self.register_buffer("qkv_weight", None, persistent=False)  # set by model.fusion.fuse_projections
         self.register_buffer("qkv_bias", None, persistent=False)
+        self.qkv_packed: tuple = ()  # (fused int4 QuantLinear,), set by model.fusion.fuse_projections
         self.qkv_sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -50,6 +51,8 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         if self.qkv_weight is not None:
             q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(self.qkv_sizes, dim=-1)
+        elif self.qkv_packed:
+            q, k, v = self.qkv_packed[0](x).split(self.qkv_sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
@@ -74,10 +77,13 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=bias)
         self.register_buffer("gate_up_weight", None, persistent=False)  # set by model.fusion.fuse_projections
         self.register_buffer("gate_up_bias", None, persistent=False)
+        self.gate_up_packed: tuple = ()  # (fused int4 QuantLinear,), set by model.fusion.fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is not None:
             gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+        elif self.gate_up_packed:
+            gate, up = self.gate_up_packed[0](x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)

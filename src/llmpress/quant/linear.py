@@ -84,6 +84,31 @@ class QuantLinear(nn.Module):
         """The unpacked levels, scales and zeros (for saving a model that already holds QuantLinear layers)."""
         return from_runtime(self.runtime_weight(), scheme)
 
+    @classmethod
+    def fuse_rows(cls, layers: list["QuantLinear"]) -> "QuantLinear | None":
+        """One layer computing all of `layers`' outputs, concatenated, for layers that read the same input
+        (model.fusion's q|k|v and gate|up): their row-layout buffers concatenated, and each layer's buffers
+        turned into views of the fused ones (no extra memory). None where they cannot fuse: another layout,
+        group size or input size, or a bias."""
+        first = layers[0]
+        if not all(type(m) is cls and m.row_layout and m.bias is None and m.in_features == first.in_features
+                   and m.group_size == first.group_size for m in layers):
+            return None
+        fused = cls(first.in_features, sum(m.out_features for m in layers), 4, first.group_size,
+                    dtype=first.scales_rows.dtype, device="meta")
+        fused.qweight = fused.scales = fused.qzeros = None
+        names = ("qweight_rows", "scales_rows", "zeros_rows")
+        for name in names:
+            fused.register_buffer(name, torch.cat([getattr(m, name) for m in layers]))
+        fused.row_layout = True
+        offset = 0
+        for m in layers:
+            rows = slice(offset, offset + m.out_features)
+            for name in names:
+                setattr(m, name, getattr(fused, name)[rows])  # contiguous row slices: views, same storage
+            offset += m.out_features
+        return fused
+
     def dequantize_weight(self) -> torch.Tensor:
         """W [out, in] in the scales' dtype, the weight an nn.Linear would hold."""
         rt = self.runtime_weight()

@@ -19,6 +19,7 @@ from llmpress.generation.cuda_graph import GraphedStep
 from llmpress.generation.generator import DECODE_MODES
 from llmpress.model import StaticKVCache
 from llmpress.model.fusion import fuse_projections
+from llmpress.quant.linear import use_row_layouts
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:
@@ -46,6 +47,8 @@ class CachedModel:
         if max_seq_len + scratch > limit:
             raise LlmpressError(f"{max_seq_len} positions (+{scratch} for speculation) requested but the model's "
                                 f"context is {limit}; shorten the prompt or lower --max-new-tokens.")
+        if model.device.type == "cuda":
+            use_row_layouts(model)  # as in Generator: int4 layers in the layout of the GPU decode kernels
         if self.mode != "eager":  # as in Generator: eager stays the plain reference path
             fuse_projections(model)
         self.scratch = scratch
