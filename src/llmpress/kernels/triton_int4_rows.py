@@ -15,9 +15,10 @@ bf16 GEMV reached 86% of the copy bandwidth with, and the x values a word needs 
   (an exact power of two, once per x element, shared by every row). Per group, with exact integers q,
   sum_k x_k (q_k - z) s = s * (sum_k x_k q_k - z * sum_k x_k): the zero point and scale cost nothing per weight.
   Split-K spreads K over programs; the last program of a tile sums the partials (`triton_int4._write_output`).
-- `dequant` (larger M, prefill): one pass writes the dense weight in x's dtype, then cuBLAS multiplies. The
-  extra bytes (writing and re-reading 16-bit weights) cost less than any int4 tile kernel of ours at these
-  sizes did on the H200 (a tl.dot GEMM over this layout ran at 1.4-1.9% of the copy bandwidth at M = 512).
+- `dequant` (larger M, prefill): one pass writes the dense weight in x's dtype, then cuBLAS multiplies. On
+  the H200 a tl.dot GEMM over this layout ran at 1.4-1.9% of the copy bandwidth at M = 512; this path is
+  1.9x faster there than the GPTQ-layout GEMM, but 1.6x slower at M = 16 (benchmarks/NOTES.md).
+Measured at M = 1 on the H200: 7-25% of the copy bandwidth on the 3B's layer shapes, 45% on its lm_head.
 Reference: `kernels.reference.int4_matmul_rows_reference`.
 """
 
