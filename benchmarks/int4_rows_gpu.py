@@ -29,6 +29,8 @@ from llmpress.kernels.triton_int4 import int4_matmul_triton
 from llmpress.kernels.triton_int4_rows import GEMV_CONFIGS, GEMV_MAX_M, int4_matmul_rows_triton
 from llmpress.quant.format import RuntimeQuantWeight, pack_columns, pack_rows, runtime_to_rows
 
+from kernels_gpu import time_per_call_us  # CUDA-graph replays over rotating weight sets (benchmarks/)
+
 GROUP = 128
 SETS = 16
 LAYERS = 28
@@ -62,31 +64,6 @@ def tinygemm_pack(w: dict):
 
 def rel_error(got, ref) -> float:
     return ((got.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def time_per_call_us(fn, arg_sets, replays: int = 20) -> float:
-    """Mean time of fn(*args) over a CUDA graph that calls it once per argument set."""
-    for args in arg_sets[:2]:
-        fn(*args)  # autotune outside the graph
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for args in arg_sets:
-            fn(*args)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for args in arg_sets:
-            fn(*args)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (replays * len(arg_sets))
 
 
 def main() -> int:
