@@ -148,7 +148,7 @@ class LLMEngine:
         self._num_sync_requests += _needs_sync(params)
 
     def abort_request(self, request_id: str) -> None:
-        seq = self.sequences.pop(request_id, None)
+        seq = self.sequences.get(request_id)
         if seq is None or seq.is_finished:
             return
         self._retire(seq)

@@ -16,6 +16,7 @@ from llmpress.engine.config import EngineConfig
 from llmpress.engine.paged_cache import PagedAttentionMetadata, PagedKVCache, bytes_per_block, full_prefill_metadata
 from llmpress.engine.scheduler import SchedulerOutput
 from llmpress.engine.sequence import PLACEHOLDER_TOKEN
+from llmpress.engine.transfer import to_device
 from llmpress.errors import LlmpressError
 from llmpress.model import LlamaForCausalLM
 from llmpress.model.fusion import fuse_projections
@@ -85,10 +86,7 @@ class ModelRunner:
 
     # -- inputs --------------------------------------------------------------------------------------
     def _to_device(self, values, dtype) -> torch.Tensor:
-        tensor = torch.from_numpy(values) if isinstance(values, np.ndarray) else torch.tensor(values, dtype=dtype)
-        if self.on_cuda:
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
+        return to_device(values, dtype, self.device)
 
     def prepare(self, out: SchedulerOutput):
         """Flat inputs of the step: token ids [N], positions [N], slots [N], seq_lens [S], query starts [S+1],

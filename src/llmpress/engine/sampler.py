@@ -12,6 +12,7 @@ from collections import defaultdict
 import torch
 
 from llmpress.engine.sequence import Sequence
+from llmpress.engine.transfer import to_device
 from llmpress.generation.sampling import sample_next_token
 
 
@@ -25,12 +26,6 @@ class Sampler:
             seq.sampler_state = torch.Generator(device=self.device).manual_seed(seq.params.seed)
         return seq.sampler_state
 
-    def _rows(self, rows: list[int]) -> torch.Tensor:
-        index = torch.tensor(rows)
-        if self.device.type == "cuda":  # a pinned, asynchronous copy: a pageable one would wait for the GPU
-            return index.pin_memory().to(self.device, non_blocking=True)
-        return index.to(self.device)
-
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """logits: [len(seqs), V]. Returns one token id per sequence."""
         return self.sample_on_device(logits, seqs).tolist() if seqs else []
@@ -43,7 +38,7 @@ class Sampler:
             return logits.argmax(dim=-1)
         tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
         if greedy:
-            index = self._rows(greedy)
+            index = to_device(greedy, torch.long, self.device)
             tokens[index] = logits[index].argmax(dim=-1)
         shared = defaultdict(list)  # rows sampled together from the engine generator, by their settings
         chosen = set(greedy)
@@ -60,6 +55,6 @@ class Sampler:
             generator = self._own_generator(seq) if p.seed is not None else self.generator
             tokens[i:i + 1] = sample_next_token(logits[i:i + 1], p, generator, seen)
         for rows in shared.values():
-            index = self._rows(rows)
+            index = to_device(rows, torch.long, self.device)
             tokens[index] = sample_next_token(logits[index], seqs[rows[0]].params, self.generator)
         return tokens

@@ -72,9 +72,8 @@ def int4_matmul_rows_reference(x: torch.Tensor, qweight: torch.Tensor, scales: t
     """x @ Wᵀ for a 4-bit weight in the row layout (quant/format.py `runtime_to_rows`): qweight int32 [N, K/8]
     (input 8w + j of row n at bits 4j of word w), scales [N, G], zeros uint8 [N, G]. Returns [M, N] in x's dtype."""
     N, G = scales.shape
-    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
-    levels = (qweight.unsqueeze(-1) >> shifts) & 0xF  # [N, K/8, 8]; the mask drops the arithmetic shift's sign bits
-    weight = (levels.view(N, G, group_size) - zeros.to(torch.int32)[:, :, None]).float() * scales.float()[:, :, None]
+    levels = unpack_rows(qweight.T, 4).T  # [N, K]: a row-layout word is the GPTQ word, transposed
+    weight = (levels.reshape(N, G, group_size) - zeros.to(torch.int32)[:, :, None]).float() * scales.float()[:, :, None]
     return x @ weight.to(x.dtype).view(N, G * group_size).T
 
 

@@ -72,13 +72,15 @@ class QuantLinear(nn.Module):
         others keep their layout and kernels. Returns whether the layer now uses the row layout."""
         if self.row_layout or self.bits != 4 or self.g_idx is not None or self.in_features % self.group_size:
             return self.row_layout
-        qweight, scales, zeros = runtime_to_rows(self.runtime_weight())
+        self._set_row_buffers(*runtime_to_rows(self.runtime_weight()))
+        return True
+
+    def _set_row_buffers(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
         self.qweight = self.scales = self.qzeros = None  # registered buffers set to None leave the state dict
         self.register_buffer("qweight_rows", qweight)
         self.register_buffer("scales_rows", scales)
         self.register_buffer("zeros_rows", zeros)
         self.row_layout = True
-        return True
 
     def quantized_weight(self, scheme: QuantScheme) -> QuantizedWeight:
         """The unpacked levels, scales and zeros (for saving a model that already holds QuantLinear layers)."""
@@ -96,11 +98,8 @@ class QuantLinear(nn.Module):
             return None
         fused = cls(first.in_features, sum(m.out_features for m in layers), 4, first.group_size,
                     dtype=first.scales_rows.dtype, device="meta")
-        fused.qweight = fused.scales = fused.qzeros = None
         names = ("qweight_rows", "scales_rows", "zeros_rows")
-        for name in names:
-            fused.register_buffer(name, torch.cat([getattr(m, name) for m in layers]))
-        fused.row_layout = True
+        fused._set_row_buffers(*(torch.cat([getattr(m, name) for m in layers]) for name in names))
         offset = 0
         for m in layers:
             rows = slice(offset, offset + m.out_features)
