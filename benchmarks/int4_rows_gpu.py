@@ -1,13 +1,14 @@
-"""int4 linear kernels at the Llama-3.2-3B's shapes, batch 1/4/16: the row layout against the GPTQ layout,
-PyTorch's own int4 kernel (tinygemm, `torch._weight_int4pack_mm`, as gpt-fast uses) and bf16 cuBLAS.
+"""int4 linear kernels at the Llama-3.2-3B's shapes, batch 1/4/16: the row layout's three paths (tensor-core
+GEMV, CUDA-core GEMV, dequantize + cuBLAS) against the GPTQ layout, PyTorch's own int4 kernel (tinygemm,
+`torch._weight_int4pack_mm`, as gpt-fast uses) and bf16 cuBLAS.
 
-Per shape (the 3B's unfused projections and its 128k-vocab lm_head): correctness of each int4 kernel
+Per shape (the 3B's projections as the model runs them, q|k|v and gate|up fused, and its 128k-vocab
+lm_head): correctness of each int4 kernel
 against exact dequantization, then the time per call as CUDA-graph replays over 16 weight sets (so L2
 cannot serve repeats). Bandwidth = bytes of the weight as each kernel stores it / time, against the copy
 bandwidth measured in the same run. The per-token line adds up one decoder layer's seven projections x
-the layer count, plus lm_head. The row layout's two paths (GEMV; dequantize + cuBLAS) are also timed
-forced at the small M where the dispatch picks the other. `--sweep` also times every row-layout GEMV
-configuration at M = 1.
+the layer count, plus lm_head. Each row-layout path is timed at every M it takes, whichever the dispatch
+picks ("int4 rows" is the dispatch). `--sweep` also times every tensor-core GEMV configuration at M = 1, lm_head included.
 
     python benchmarks/int4_rows_gpu.py --out benchmarks/results/int4_rows_h200.json
 """
@@ -26,7 +27,8 @@ import torch.nn.functional as F
 from llmpress.atomic_write import write_json_atomic
 from llmpress.bench.roofline import device_name, measure_copy_bandwidth
 from llmpress.kernels.triton_int4 import int4_matmul_triton
-from llmpress.kernels.triton_int4_rows import GEMV_CONFIGS, GEMV_MAX_M, int4_matmul_rows_triton
+from llmpress.kernels.triton_int4_rows import (MMA_MAX_M, _mma_fits, default_family, mma_candidates,
+                                               int4_matmul_rows_triton)
 from llmpress.quant.format import RuntimeQuantWeight, pack_columns, pack_rows, runtime_to_rows
 
 from kernels_gpu import time_per_call_us  # CUDA-graph replays over rotating weight sets (benchmarks/)
@@ -35,8 +37,9 @@ GROUP = 128
 SETS = 16
 LAYERS = 28
 # (name, K, N, how many per decoder layer; 0: once per token)
-SHAPES = [("q/o", 3072, 3072, 2), ("k/v", 3072, 1024, 2), ("gate/up", 3072, 8192, 2), ("down", 8192, 3072, 1),
+SHAPES = [("q|k|v", 3072, 5120, 1), ("o", 3072, 3072, 1), ("gate|up", 3072, 16384, 1), ("down", 8192, 3072, 1),
           ("lm_head", 3072, 128256, 0)]
+ROW_PATHS = {"mma": MMA_MAX_M, "gemv": 4, "dequant": 1 << 30}  # path -> largest M it takes
 
 
 def random_int4(K: int, N: int):
@@ -107,12 +110,11 @@ def main() -> int:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             ref = x.float() @ dense
             w = weights[0][0]
-            family = "gemv" if M <= GEMV_MAX_M else "dequant"
-            other = {"gemv": "dequant", "dequant": "gemv"}[family] if M <= 4 else None  # the path M does not take
+            paths = [p for p, max_m in ROW_PATHS.items() if M <= max_m]
             checks = {"gptq": int4_matmul_triton(x, *w["gptq"], None, GROUP),
-                      f"rows ({family})": int4_matmul_rows_triton(x, *w["rows"], GROUP)}
-            if other:
-                checks[f"rows ({other})"] = int4_matmul_rows_triton(x, *w["rows"], GROUP, {"family": other})
+                      "rows": int4_matmul_rows_triton(x, *w["rows"], GROUP)}
+            for path in paths:
+                checks[f"rows {path}"] = int4_matmul_rows_triton(x, *w["rows"], GROUP, {"family": path})
             if tiny and M <= 16:
                 try:
                     checks["tinygemm"] = torch.ops.aten._weight_int4pack_mm(x, tiny[0][0], GROUP, tiny[0][1])
@@ -123,31 +125,31 @@ def main() -> int:
                 report["correctness_rel_error"][f"{name} M={M} {kernel}"] = rel_error(out, ref)
             print(f"{name} M={M}: relative error " + ", ".join(f"{k} {rel_error(v, ref):.1e}" for k, v in checks.items()), flush=True)
             n_sets = 4 if M == 512 else sets
+            row_sets = [w["rows"] for w, _ in weights[:n_sets]]
             dense_sets = [(torch.randn(N, K, device="cuda", dtype=torch.bfloat16),) for _ in range(min(n_sets, 8))]
             record(name, K, N, "bf16 cuBLAS", M, time_per_call_us(lambda wt: F.linear(x, wt), dense_sets), bytes_bf16)
             del dense_sets
             record(name, K, N, "int4 gptq layout", M, time_per_call_us(
                 lambda qw, s, qz: int4_matmul_triton(x, qw, s, qz, None, GROUP), [w["gptq"] for w, _ in weights[:n_sets]]),
                 bytes_gptq)
-            record(name, K, N, "int4 rows", M, time_per_call_us(
-                lambda qw, s, z: int4_matmul_rows_triton(x, qw, s, z, GROUP), [w["rows"] for w, _ in weights[:n_sets]]),
-                bytes_rows)
-            if other:
-                record(name, K, N, f"int4 rows, {other} forced", M, time_per_call_us(
-                    lambda qw, s, z: int4_matmul_rows_triton(x, qw, s, z, GROUP, {"family": other}),
-                    [w["rows"] for w, _ in weights]), bytes_rows)
+            timed = {}
+            for path in paths:
+                timed[path] = time_per_call_us(
+                    lambda qw, s, z: int4_matmul_rows_triton(x, qw, s, z, GROUP, {"family": path}), row_sets)
+                record(name, K, N, f"int4 rows {path}", M, timed[path], bytes_rows)
+            record(name, K, N, "int4 rows", M, timed[default_family(M, GROUP)], bytes_rows)  # what the model runs
             if tiny and M <= 16:
                 record(name, K, N, "int4 tinygemm", M, time_per_call_us(
                     lambda t, sz: torch.ops.aten._weight_int4pack_mm(x, t, GROUP, sz), tiny), bytes_tiny)
-        if args.sweep and name != "lm_head":
+        if args.sweep:
             x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-            for bn, bk, sk, warps, stages in GEMV_CONFIGS:
-                if K % bk or K < bk * sk:
+            for bn, groups, warps in mma_candidates(K // GROUP):
+                if not _mma_fits(N, K // GROUP, 1, bn, groups):
                     continue
-                config = dict(family="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=warps, num_stages=stages)
+                config = dict(family="mma", BLOCK_N=bn, GROUPS=groups, num_warps=warps)
                 us = time_per_call_us(lambda qw, s, z: int4_matmul_rows_triton(x, qw, s, z, GROUP, config),
                                       [w["rows"] for w, _ in weights])
-                record(name, K, N, f"rows gemv n{bn} k{bk} s{sk} w{warps}", 1, us, bytes_rows)
+                record(name, K, N, f"rows mma n{bn} g{groups} w{warps}", 1, us, bytes_rows)
         del weights, tiny
         torch.cuda.empty_cache()
     summarize(report, batch_sizes)
@@ -163,7 +165,8 @@ def summarize(report: dict, batch_sizes: list[int]) -> None:
     report["per_token"] = {}
     print(f"\nlinear layers per decoded token ({LAYERS} layers + lm_head), {report['gpu']}")
     for M in batch_sizes + [512]:
-        for variant in ("bf16 cuBLAS", "int4 gptq layout", "int4 rows", "int4 tinygemm"):
+        for variant in ("bf16 cuBLAS", "int4 gptq layout", "int4 rows", "int4 rows mma", "int4 rows gemv",
+                        "int4 rows dequant", "int4 tinygemm"):
             rows = {r["shape"]: r for r in report["rows"] if r["variant"] == variant and r["M"] == M}
             if len(rows) < len(SHAPES):
                 continue
@@ -174,7 +177,7 @@ def summarize(report: dict, batch_sizes: list[int]) -> None:
                          layers_fraction_of_copy_bandwidth=body_bytes / (body_us * 1e-6) / report["copy_bandwidth_bytes_per_s"],
                          total_fraction_of_copy_bandwidth=total_bytes / (total_us * 1e-6) / report["copy_bandwidth_bytes_per_s"])
             report["per_token"][f"{variant} M={M}"] = entry
-            print(f"M={M:2d} {variant:18s}: layers {body_us / 1e3:6.3f} ms ({entry['layers_fraction_of_copy_bandwidth']:.1%} "
+            print(f"M={M:3d} {variant:18s}: layers {body_us / 1e3:6.3f} ms ({entry['layers_fraction_of_copy_bandwidth']:.1%} "
                   f"of copy bw), lm_head {rows['lm_head']['us']:6.1f} us, total {total_us / 1e3:6.3f} ms", flush=True)
 
 

@@ -88,14 +88,30 @@ def test_triton_row_gemv_split_k_resets_its_counters(split_k):
 
 
 @cuda_only
+@pytest.mark.parametrize("groups", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_row_mma_split_k_resets_its_counters(groups, dtype):
+    from llmpress.kernels.triton_int4_rows import int4_matmul_rows_triton
+    torch.manual_seed(groups)
+    K, N = 8192, 3072  # 64 groups: 64 or 16 programs along K per tile of rows
+    (qweight, scales, zeros), _, dense = random_rows(K, N, 128, "cuda")
+    config = dict(family="mma", BLOCK_N=64, GROUPS=groups, num_warps=4)
+    for M in (1, 7, 16) * 3:  # repeated calls: the arrival counters must be back at zero each time
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        out = int4_matmul_rows_triton(x, qweight, scales.to(dtype), zeros, 128, config)
+        assert out.dtype == dtype and rel_error(out, x.double() @ dense) < 1e-2
+
+
+@cuda_only
 @pytest.mark.parametrize("M", [1, 3, 4])
 def test_triton_row_paths_agree(M):
-    """The GEMV (forced at every M it takes) and dequantize + cuBLAS give the same products."""
+    """The tensor-core GEMV, the CUDA-core GEMV (forced at every M they take) and dequantize + cuBLAS give the
+    same products."""
     from llmpress.kernels.triton_int4_rows import int4_matmul_rows_triton
     torch.manual_seed(M)
     (qweight, scales, zeros), _, dense = random_rows(3072, 1024, 128, "cuda")
     x = torch.randn(M, 3072, device="cuda", dtype=torch.bfloat16)
-    outs = [int4_matmul_rows_triton(x, qweight, scales, zeros, 128, {"family": f}) for f in ("gemv", "dequant")]
+    outs = [int4_matmul_rows_triton(x, qweight, scales, zeros, 128, {"family": f}) for f in ("mma", "gemv", "dequant")]
     assert all(rel_error(out, x.double() @ dense) < 1e-2 for out in outs)
 
 

@@ -49,10 +49,10 @@ def _configs(table):
 
 
 @triton.jit
-def _write_output(acc, y_ptr, partial_ptr, counter_ptr, offs_m, offs_n, M, N, stride_ym, tile, pid_k,
-                  SPLIT_K: tl.constexpr):
+def _write_output(acc, y_ptr, partial_ptr, counter_ptr, offs_m, offs_n, M, N, stride_ym, tile, pid_k, SPLIT_K):
     """Store a [BLOCK_M, BLOCK_N] fp32 tile. With split-K, every program stores its partial sum and the
-    last one to arrive at this tile (an atomic counter, reset by that program) adds them up and stores."""
+    last one to arrive at this tile (an atomic counter, reset by that program) adds them up and stores.
+    SPLIT_K may be a constexpr (a static branch) or a runtime value (fewer compiled variants)."""
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     if SPLIT_K == 1:
