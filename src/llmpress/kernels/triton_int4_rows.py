@@ -24,9 +24,8 @@ bf16 GEMV reached 86% of the copy bandwidth with, and the x values a word needs 
 - `dequant` (larger M, prefill): one pass writes the dense weight in x's dtype, then cuBLAS multiplies. On
   the H200 a tl.dot GEMM over this layout ran at 1.4-1.9% of the copy bandwidth at M = 512; this path is
   1.9x faster there than the GPTQ-layout GEMM.
-Measured at M = 1 on the H200: 15-28% of the copy bandwidth on the 3B's layer shapes, 45% on its lm_head:
-by our SASS counts every path issues too many instructions per weight to stream at DRAM speed
-(benchmarks/NOTES.md).
+Measured at M = 1 on the H200: 15-28% of the copy bandwidth on the 3B's layer shapes, 45% on its lm_head
+(what limits them, from SASS counts and the timings: benchmarks/NOTES.md).
 Reference: `kernels.reference.int4_matmul_rows_reference`.
 """
 
