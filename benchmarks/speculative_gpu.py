@@ -17,6 +17,7 @@ Prints a table and writes JSON (+ PNG).
 
     python benchmarks/speculative_gpu.py --out benchmarks/results/speculative_h100.json
     python benchmarks/speculative_gpu.py --arch tiny --device cpu --new-tokens 16 --out /tmp/spec_tiny.json
+    python benchmarks/speculative_gpu.py --mode compile --int4-only   # plain bf16, then step 4 only
 """
 
 from __future__ import annotations
@@ -139,9 +140,9 @@ def main() -> int:
     checks = {}
     if args.int4_only:
         args.alphas = ""
-    tokens, rate, stats = run_speculative(target, ModelDrafter(draft), prompt, args.new_tokens, args.k, args.mode,
-                                          args.repeats) if not args.int4_only else (None, float("nan"), None)
-    if not args.int4_only:
+    else:
+        tokens, rate, stats = run_speculative(target, ModelDrafter(draft), prompt, args.new_tokens, args.k, args.mode,
+                                              args.repeats)
         checks["real_draft_matching_tokens"] = common_prefix(tokens, reference)
         rows.append({"config": "random 1B draft (real)", "k": args.k, "tokens_per_s": rate, "speedup": rate / plain_rate,
                      **stats.to_dict()})

@@ -246,7 +246,8 @@ class _MmaTuner:
     def pick(self, key: tuple, launch, M: int, N: int, G: int) -> tuple[int, int, int]:
         if key in self.best:
             return self.best[key]
-        candidates = [c for c in mma_candidates(G) if _mma_fits(N, G, M, c[0], c[1])]
+        # a whole-K tile needs no workspace: the fallback when every split-K tile would overflow it
+        candidates = [c for c in mma_candidates(G) if _mma_fits(N, G, M, c[0], c[1])] or [(64, G, 4)]
         if torch.cuda.is_current_stream_capturing() or len(candidates) == 1:
             return candidates[0]
         timings = {c: triton.testing.do_bench(lambda: launch(c), warmup=5, rep=20) for c in candidates}
