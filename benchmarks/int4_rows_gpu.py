@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from llmpress.atomic_write import write_json_atomic
 from llmpress.bench.roofline import device_name, measure_copy_bandwidth
 from llmpress.kernels.triton_int4 import int4_matmul_triton
-from llmpress.kernels.triton_int4_rows import (MMA_MAX_M, _mma_fits, default_family, mma_candidates,
-                                               int4_matmul_rows_triton)
+from llmpress.kernels.triton_int4_rows import default_family, int4_matmul_rows_triton
+from llmpress.kernels.triton_int4_rows_mma import MMA_MAX_M, mma_candidates, mma_fits
 from llmpress.quant.format import RuntimeQuantWeight, pack_columns, pack_rows, runtime_to_rows
 
 from kernels_gpu import time_per_call_us  # CUDA-graph replays over rotating weight sets (benchmarks/)
@@ -144,7 +144,7 @@ def main() -> int:
         if args.sweep:
             x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
             for bn, groups, warps in mma_candidates(K // GROUP):
-                if not _mma_fits(N, K // GROUP, 1, bn, groups):
+                if not mma_fits(N, K // GROUP, 1, bn, groups):
                     continue
                 config = dict(family="mma", BLOCK_N=bn, GROUPS=groups, num_warps=warps)
                 us = time_per_call_us(lambda qw, s, z: int4_matmul_rows_triton(x, qw, s, z, GROUP, config),
