@@ -8,7 +8,8 @@ against exact dequantization, then the time per call as CUDA-graph replays over 
 cannot serve repeats). Bandwidth = bytes of the weight as each kernel stores it / time, against the copy
 bandwidth measured in the same run. The per-token line adds up one decoder layer's seven projections x
 the layer count, plus lm_head. Each row-layout path is timed at every M it takes, whichever the dispatch
-picks ("int4 rows" is the dispatch). `--sweep` also times every tensor-core GEMV configuration at M = 1, lm_head included.
+picks ("int4 rows" is the dispatch), and the experimental half2 GEMV at M = 1. `--sweep` also times every
+half2 and tensor-core configuration at M = 1, lm_head included.
 
     python benchmarks/int4_rows_gpu.py --out benchmarks/results/int4_rows_h200.json
 """
@@ -28,6 +29,7 @@ from llmpress.atomic_write import write_json_atomic
 from llmpress.bench.roofline import device_name, measure_copy_bandwidth
 from llmpress.kernels.triton_int4 import int4_matmul_triton
 from llmpress.kernels.triton_int4_rows import default_family, int4_matmul_rows_triton
+from llmpress.kernels.triton_int4_rows_half2 import HALF2_CONFIGS, half2_fits
 from llmpress.kernels.triton_int4_rows_mma import MMA_MAX_M, mma_candidates, mma_fits
 from llmpress.quant.format import RuntimeQuantWeight, pack_columns, pack_rows, runtime_to_rows
 
@@ -39,7 +41,7 @@ LAYERS = 28
 # (name, K, N, how many per decoder layer; 0: once per token)
 SHAPES = [("q|k|v", 3072, 5120, 1), ("o", 3072, 3072, 1), ("gate|up", 3072, 16384, 1), ("down", 8192, 3072, 1),
           ("lm_head", 3072, 128256, 0)]
-ROW_PATHS = {"mma": MMA_MAX_M, "gemv": 4, "dequant": 1 << 30}  # path -> largest M it takes
+ROW_PATHS = {"mma": MMA_MAX_M, "gemv": 4, "half2": 1, "dequant": 1 << 30}  # path -> largest M it takes
 
 
 def random_int4(K: int, N: int):
@@ -143,6 +145,13 @@ def main() -> int:
                     lambda t, sz: torch.ops.aten._weight_int4pack_mm(x, t, GROUP, sz), tiny), bytes_tiny)
         if args.sweep:
             x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+            for bn, groups, warps in HALF2_CONFIGS:
+                if not half2_fits(N, K // GROUP, bn, groups):
+                    continue
+                config = dict(family="half2", BLOCK_N=bn, GROUPS=groups, num_warps=warps)
+                us = time_per_call_us(lambda qw, s, z: int4_matmul_rows_triton(x, qw, s, z, GROUP, config),
+                                      [w["rows"] for w, _ in weights])
+                record(name, K, N, f"rows half2 n{bn} g{groups} w{warps}", 1, us, bytes_rows)
             for bn, groups, warps in mma_candidates(K // GROUP):
                 if not mma_fits(N, K // GROUP, 1, bn, groups):
                     continue
@@ -166,7 +175,7 @@ def summarize(report: dict, batch_sizes: list[int]) -> None:
     print(f"\nlinear layers per decoded token ({LAYERS} layers + lm_head), {report['gpu']}")
     for M in batch_sizes + [512]:
         for variant in ("bf16 cuBLAS", "int4 gptq layout", "int4 rows", "int4 rows mma", "int4 rows gemv",
-                        "int4 rows dequant", "int4 tinygemm"):
+                        "int4 rows half2", "int4 rows dequant", "int4 tinygemm"):
             rows = {r["shape"]: r for r in report["rows"] if r["variant"] == variant and r["M"] == M}
             if len(rows) < len(SHAPES):
                 continue

@@ -103,6 +103,21 @@ def test_triton_row_mma_split_k_resets_its_counters(groups, dtype):
 
 
 @cuda_only
+@pytest.mark.parametrize("K,N", [(3072, 5120), (8192, 3072), (3072, 1000)])
+def test_triton_row_half2_gemv_matches_dequantized_weights(K, N):
+    """The experimental half2 GEMV (fp16 pair arithmetic in inline PTX), every configuration that fits."""
+    from llmpress.kernels.triton_int4_rows import int4_matmul_rows_triton
+    from llmpress.kernels.triton_int4_rows_half2 import HALF2_CONFIGS, half2_fits
+    torch.manual_seed(K + N)
+    (qweight, scales, zeros), _, dense = random_rows(K, N, 128, "cuda")
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16) * 30  # large activations: the fp16 sums must not overflow
+    for block_n, groups, warps in [c for c in HALF2_CONFIGS if half2_fits(N, K // 128, c[0], c[1])]:
+        config = dict(family="half2", BLOCK_N=block_n, GROUPS=groups, num_warps=warps)
+        for _ in range(2):  # split-K counters back at zero
+            assert rel_error(int4_matmul_rows_triton(x, qweight, scales, zeros, 128, config), x.double() @ dense) < 1e-2
+
+
+@cuda_only
 @pytest.mark.parametrize("M", [1, 3, 4])
 def test_triton_row_paths_agree(M):
     """The tensor-core GEMV, the CUDA-core GEMV (forced at every M they take) and dequantize + cuBLAS give the

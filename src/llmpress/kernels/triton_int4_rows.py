@@ -158,7 +158,8 @@ def int4_matmul_rows_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torc
                             group_size: int, config: dict | None = None) -> torch.Tensor:
     """x: [M, K] fp16/bf16; qweight: int32 [N, K/8]; scales: [N, G]; zeros: uint8 [N, G]. Returns [M, N] in x.dtype.
 
-    `config` (benchmarks) picks the path: {"family": "mma"}, {"family": "gemv"} (autotuned) or {"family": "dequant"};
+    `config` (benchmarks) picks the path: {"family": "mma"}, {"family": "gemv"} (autotuned), {"family": "dequant"}
+    or {"family": "half2"} (experimental, M = 1);
     a GEMV config with "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages" (mma: "BLOCK_N", "GROUPS",
     "num_warps") also bypasses the autotuner."""
     M, K = x.shape
@@ -170,6 +171,9 @@ def int4_matmul_rows_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torc
     family = config["family"] if config else default_family(M, group_size)
     if family == "dequant":
         return F.linear(x, dequantize_rows_triton(qweight, scales, zeros, group_size, x.dtype))
+    if family == "half2":  # experimental, never the default (triton_int4_rows_half2.py)
+        from llmpress.kernels.triton_int4_rows_half2 import half2_gemv_rows
+        return half2_gemv_rows(x, qweight, scales, zeros, group_size, config if config and "BLOCK_N" in config else None)
     if family == "mma":
         assert M <= MMA_MAX_M and group_size >= 32, "the tensor-core GEMV takes M <= 16 and groups of >= 32"
         return mma_matmul_rows(x, qweight, scales, zeros, group_size, config)
