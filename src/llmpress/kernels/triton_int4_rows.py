@@ -16,8 +16,9 @@ bf16 GEMV reached 86% of the copy bandwidth with, and the x values a word needs 
   sum_k x_k (q_k - z) s = s * (sum_k x_k q_k - z * sum_k x_k): the zero point and scale cost nothing per weight.
   Split-K spreads K over programs; the last program of a tile sums the partials (`triton_int4._write_output`).
 - `mma` (GEMV_MAX_M < M <= MMA_MAX_M: speculative verify steps, small engine batches): tensor cores,
-  in `triton_int4_rows_mma.py`. At M = 4 it takes 2.1 ms over a 3B token's linears, against 3.9 ms for the GEMV and 4.4 ms for
-  `dequant`; at M = 1 it is 1.77 ms against the GEMV's 1.72 (H200, int4_rows_h200_run5.json).
+  in `triton_int4_rows_mma.py`. At M = 4 it takes 2.1 ms over a 3B token's linears, against 3.9 ms for
+  the GEMV and 4.4 ms for `dequant`; at M = 1 it is 1.77 ms against the GEMV's 1.72 (H200, run 5).
+- `half2` (forced only): an experimental batch-1 GEMV in fp16-pair arithmetic, `triton_int4_rows_half2.py`.
 - `dequant` (larger M, prefill): one pass writes the dense weight in x's dtype, then cuBLAS multiplies. On
   the H200 a tl.dot GEMM over this layout ran at 1.4-1.9% of the copy bandwidth at M = 512; this path is
   1.9x faster there than the GPTQ-layout GEMM.
