@@ -152,7 +152,7 @@ def default_family(M: int, group_size: int) -> str:
         return "gemv"
     if M <= MMA_MAX_M and group_size >= 32:
         return "mma"
-    return "gemv" if M <= 2 else "dequant"
+    return "gemv" if M <= 2 else "dequant"  # groups under 32 (too short for a tensor-core tile): as before
 
 
 def int4_matmul_rows_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -63,7 +63,7 @@ def _half2_pair(high, low):
 
 
 @triton.jit
-def _half2_gemv_body(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, N, G, words_per_row, stride_ym,
+def _half2_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, N, G, words_per_row, stride_ym,
                      BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr, SPLIT_K,
                      X_SCALE: tl.constexpr):
     """y[0, n] for BLOCK_N rows over GROUPS groups per program (split-K over the rest), no loop."""
@@ -100,14 +100,6 @@ def _half2_gemv_body(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_pt
     acc = tl.sum(scale * (dot - zero * x_sum[None, :]), axis=1)  # [BLOCK_N]
     _write_output(acc[None, :], y_ptr, partial_ptr, counter_ptr, tl.arange(0, 1), offs_n, 1, N, stride_ym, pid_n,
                   pid_k, SPLIT_K)
-
-
-@triton.jit
-def _half2_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, N, G, words_per_row, stride_ym,
-                BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr, SPLIT_K,
-                X_SCALE: tl.constexpr):
-    _half2_gemv_body(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, N, G, words_per_row, stride_ym,
-                     BLOCK_N, GROUPS, GROUP_SIZE, SPLIT_K, X_SCALE)
 
 
 # (BLOCK_N, GROUPS, num_warps), timed by benchmarks/int4_rows_gpu.py --sweep

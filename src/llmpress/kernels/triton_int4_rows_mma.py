@@ -68,7 +68,7 @@ def _unpack_nibbles(packed, dtype: tl.constexpr, MAGIC: tl.constexpr, USE_ASM: t
 
 
 @triton.jit
-def _mma_rows_body(x_ptr, xs_ptr, qb_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, M, N, G, row_bytes,
+def _mma_rows(x_ptr, xs_ptr, qb_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, M, N, G, row_bytes,
                    stride_xm, stride_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_SIZE: tl.constexpr,
                    GROUPS: tl.constexpr, SPLIT_K, MAGIC: tl.constexpr, MAGIC_VALUE: tl.constexpr,
                    USE_ASM: tl.constexpr):
@@ -120,14 +120,6 @@ def mma_fits(N: int, G: int, M: int, block_n: int, groups: int) -> bool:
 def mma_candidates(G: int) -> list[tuple[int, int, int]]:
     """MMA_CONFIGS plus whole-K tiles (no split-K, so they fit any workspace) where K is short enough to unroll."""
     return MMA_CONFIGS + ([(64, G, 4), (128, G, 8)] if G <= 32 else [])
-
-
-@triton.jit
-def _mma_rows(x_ptr, xs_ptr, qb_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, M, N, G, row_bytes, stride_xm,
-              stride_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_SIZE: tl.constexpr,
-              GROUPS: tl.constexpr, SPLIT_K, MAGIC: tl.constexpr, MAGIC_VALUE: tl.constexpr, USE_ASM: tl.constexpr):
-    _mma_rows_body(x_ptr, xs_ptr, qb_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, M, N, G, row_bytes,
-                   stride_xm, stride_ym, BLOCK_M, BLOCK_N, GROUP_SIZE, GROUPS, SPLIT_K, MAGIC, MAGIC_VALUE, USE_ASM)
 
 
 # 16-bit float patterns whose last mantissa bit is worth exactly 1: OR-ing q in gives MAGIC_VALUE + q
