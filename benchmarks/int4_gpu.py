@@ -92,6 +92,7 @@ def main() -> int:
     parser.add_argument("--variants", default="bf16,int4-gptq-layout,int4,int4+head",
                         help="bf16; int4-gptq-layout (the GPTQ-layout kernels); int4 (row-layout kernels); int4+head "
                              "(also lm_head in int4 g128); int4-inductor (dequantization left to torch.compile)")
+    parser.add_argument("--profile", action="store_true", help="print the kernels of one decode step per variant")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -139,6 +140,10 @@ def main() -> int:
                                 setup_and_runs_s=time.perf_counter() - start)
             print(f"{arch} {label}: decode {r.decode_tokens_per_s:7.1f} tok/s, {nbytes / 1e9:.2f} GB/token, roofline "
                   f"{roofline:.0f} tok/s ({r.decode_tokens_per_s / roofline:.1%}); {time.perf_counter() - start:.0f} s", flush=True)
+            if args.profile:
+                from decode_gpu import profile_decode  # benchmarks/
+                print(f"{arch} {label}: kernels of one decode step", flush=True)
+                profile_decode(model, prompt, "compile", fuse=True)
             _flush(results, args.out)
         ops.int4_matmul = _triton_int4_matmul
         generator_module.use_row_layouts = use_row_layouts

@@ -8,8 +8,10 @@ against exact dequantization, then the time per call as CUDA-graph replays over 
 cannot serve repeats). Bandwidth = bytes of the weight as each kernel stores it / time, against the copy
 bandwidth measured in the same run. The per-token line adds up one decoder layer's seven projections x
 the layer count, plus lm_head. Each row-layout path is timed at every M it takes, whichever the dispatch
-picks ("int4 rows" is the dispatch), and the experimental half2 GEMV at M = 1. `--sweep` also times every
-half2 and tensor-core configuration at M = 1, lm_head included.
+picks ("int4 rows" is the dispatch), and the batch-1 split-tile and half2 GEMVs at M = 1. `--sweep` also
+times every split, half2 and tensor-core configuration at M = 1, lm_head included, and a read-only kernel
+with the split GEMV's tiles (loads the words, scales and zeros, stores one int per row and tile): the
+bandwidth that tiling reaches with no arithmetic, the ceiling of any GEMV built on it.
 
     python benchmarks/int4_rows_gpu.py --out benchmarks/results/int4_rows_h200.json
 """
@@ -24,6 +26,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from llmpress.atomic_write import write_json_atomic
 from llmpress.bench.roofline import device_name, measure_copy_bandwidth
@@ -31,6 +35,7 @@ from llmpress.kernels.triton_int4 import int4_matmul_triton
 from llmpress.kernels.triton_int4_rows import default_family, int4_matmul_rows_triton
 from llmpress.kernels.triton_int4_rows_half2 import HALF2_CONFIGS, half2_fits
 from llmpress.kernels.triton_int4_rows_mma import MMA_MAX_M, mma_candidates, mma_fits
+from llmpress.kernels.triton_int4_rows_split import SPLIT_CONFIGS, split_fits, split_gemv_rows
 from llmpress.quant.format import RuntimeQuantWeight, pack_columns, pack_rows, runtime_to_rows
 
 from kernels_gpu import time_per_call_us  # CUDA-graph replays over rotating weight sets (benchmarks/)
@@ -41,7 +46,30 @@ LAYERS = 28
 # (name, K, N, how many per decoder layer; 0: once per token)
 SHAPES = [("q|k|v", 3072, 5120, 1), ("o", 3072, 3072, 1), ("gate|up", 3072, 16384, 1), ("down", 8192, 3072, 1),
           ("lm_head", 3072, 128256, 0)]
-ROW_PATHS = {"mma": MMA_MAX_M, "gemv": 4, "half2": 1, "dequant": 1 << 30}  # path -> largest M it takes
+ROW_PATHS = {"mma": MMA_MAX_M, "gemv": 4, "split": 1, "split_in_kernel": 1, "half2": 1, "dequant": 1 << 30}  # path -> largest M it takes
+
+
+@triton.jit
+def _read_tiles(qw_ptr, s_ptr, z_ptr, out_ptr, N, G, words_per_row, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+                WPG: tl.constexpr):
+    """The split GEMV's loads with no arithmetic: out[pid_k, n] = sum of row n's words + scales + zeros in the tile."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_g = pid_k * GROUPS + tl.arange(0, GROUPS)
+    words = tl.load(qw_ptr + offs_n[:, None, None] * words_per_row + offs_g[None, :, None] * WPG
+                    + tl.arange(0, WPG)[None, None, :], eviction_policy="evict_first")
+    meta = tl.load(s_ptr + offs_n[:, None] * G + offs_g[None, :]).to(tl.int32)  # scales viewed as int16
+    meta += tl.load(z_ptr + offs_n[:, None] * G + offs_g[None, :]).to(tl.int32)
+    tl.store(out_ptr + pid_k * N + offs_n, tl.sum(tl.sum(words, axis=2) + meta, axis=1))
+
+
+def read_tiles(qweight, scales, zeros, block_n: int, groups: int, warps: int) -> torch.Tensor:
+    N, G = scales.shape
+    out = torch.empty(G // groups, N, dtype=torch.int32, device=qweight.device)
+    _read_tiles[(N // block_n, G // groups)](qweight, scales.view(torch.int16), zeros, out, N, G, qweight.shape[1],
+                                             BLOCK_N=block_n, GROUPS=groups, WPG=GROUP // 8, num_warps=warps)
+    return out
 
 
 def random_int4(K: int, N: int):
@@ -145,6 +173,22 @@ def main() -> int:
                     lambda t, sz: torch.ops.aten._weight_int4pack_mm(x, t, GROUP, sz), tiny), bytes_tiny)
         if args.sweep:
             x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+            for bn, groups, warps in SPLIT_CONFIGS:
+                if N % bn or not split_fits(N, K // GROUP, bn, groups, in_kernel=False):
+                    continue
+                us = time_per_call_us(lambda qw, s, z: read_tiles(qw, s, z, bn, groups, warps),
+                                      [w["rows"] for w, _ in weights])
+                record(name, K, N, f"read-only n{bn} g{groups} w{warps}", 1, us, bytes_rows)
+            for family in ("split", "split_in_kernel"):
+                for bn, groups, warps in SPLIT_CONFIGS:
+                    if not split_fits(N, K // GROUP, bn, groups, in_kernel=family == "split_in_kernel"):
+                        continue
+                    # the kernel alone: "split" leaves its fp32 partials for the consumer to add (fused there)
+                    config = dict(BLOCK_N=bn, GROUPS=groups, num_warps=warps)
+                    reduce = "in_kernel" if family == "split_in_kernel" else "partials"
+                    us = time_per_call_us(lambda qw, s, z: split_gemv_rows(x, qw, s, z, GROUP, config, reduce),
+                                          [w["rows"] for w, _ in weights])
+                    record(name, K, N, f"rows {family} n{bn} g{groups} w{warps}", 1, us, bytes_rows)
             for bn, groups, warps in HALF2_CONFIGS:
                 if not half2_fits(N, K // GROUP, bn, groups):
                     continue
@@ -175,7 +219,7 @@ def summarize(report: dict, batch_sizes: list[int]) -> None:
     print(f"\nlinear layers per decoded token ({LAYERS} layers + lm_head), {report['gpu']}")
     for M in batch_sizes + [512]:
         for variant in ("bf16 cuBLAS", "int4 gptq layout", "int4 rows", "int4 rows mma", "int4 rows gemv",
-                        "int4 rows half2", "int4 rows dequant", "int4 tinygemm"):
+                        "int4 rows split", "int4 rows split_in_kernel", "int4 rows half2", "int4 rows dequant", "int4 tinygemm"):
             rows = {r["shape"]: r for r in report["rows"] if r["variant"] == variant and r["M"] == M}
             if len(rows) < len(SHAPES):
                 continue
@@ -188,6 +232,28 @@ def summarize(report: dict, batch_sizes: list[int]) -> None:
             report["per_token"][f"{variant} M={M}"] = entry
             print(f"M={M:3d} {variant:18s}: layers {body_us / 1e3:6.3f} ms ({entry['layers_fraction_of_copy_bandwidth']:.1%} "
                   f"of copy bw), lm_head {rows['lm_head']['us']:6.1f} us, total {total_us / 1e3:6.3f} ms", flush=True)
+
+    best_of_sweep(report)
+
+
+def best_of_sweep(report: dict) -> None:
+    """Per token at M = 1 with each swept family's fastest configuration per shape (--sweep)."""
+    per_layer = {name: count for name, _, _, count in SHAPES}
+    for family in ("read-only", "rows split", "rows split_in_kernel", "rows half2", "rows mma"):
+        best = {}
+        for r in report["rows"]:
+            if r["M"] == 1 and r["variant"].startswith(family + " n") and (
+                    r["shape"] not in best or r["us"] < best[r["shape"]]["us"]):
+                best[r["shape"]] = r
+        if len(best) < len(SHAPES):
+            continue
+        total_us = sum(best[s]["us"] * (per_layer[s] * LAYERS or 1) for s in per_layer)
+        total_bytes = sum(best[s]["bytes"] * (per_layer[s] * LAYERS or 1) for s in per_layer)
+        entry = dict(total_us=total_us, configs={s: best[s]["variant"] for s in best},
+                     total_fraction_of_copy_bandwidth=total_bytes / (total_us * 1e-6) / report["copy_bandwidth_bytes_per_s"])
+        report["per_token"][f"best {family} M=1"] = entry
+        print(f"M=  1 best {family:20s}: total {total_us / 1e3:6.3f} ms ({entry['total_fraction_of_copy_bandwidth']:.1%} "
+              f"of copy bw); " + ", ".join(f"{s} {best[s]['variant'].split(' n', 1)[1]}" for s in per_layer), flush=True)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ bf16 GEMV reached 86% of the copy bandwidth with, and the x values a word needs 
 - `mma` (GEMV_MAX_M < M <= MMA_MAX_M: speculative verify steps, small engine batches): tensor cores,
   in `triton_int4_rows_mma.py`. At M = 4 it takes 2.1 ms over a 3B token's linears, against 3.9 ms for
   the GEMV and 4.4 ms for `dequant`; at M = 1 it is 1.77 ms against the GEMV's 1.72 (H200, run 5).
+- `split` / `split_in_kernel` (forced only, for now): a batch-1 GEMV as many loopless tiles,
+  `triton_int4_rows_split.py`; `split` sums the fp32 partials with torch, `split_in_kernel` in the kernel.
 - `half2` (forced only): an experimental batch-1 GEMV in fp16-pair arithmetic, `triton_int4_rows_half2.py`.
 - `dequant` (larger M, prefill): one pass writes the dense weight in x's dtype, then cuBLAS multiplies. On
   the H200 a tl.dot GEMM over this layout ran at 1.4-1.9% of the copy bandwidth at M = 512; this path is
@@ -159,8 +161,8 @@ def int4_matmul_rows_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torc
                             group_size: int, config: dict | None = None) -> torch.Tensor:
     """x: [M, K] fp16/bf16; qweight: int32 [N, K/8]; scales: [N, G]; zeros: uint8 [N, G]. Returns [M, N] in x.dtype.
 
-    `config` (benchmarks) picks the path: {"family": "mma"}, {"family": "gemv"} (autotuned), {"family": "dequant"}
-    or {"family": "half2"} (experimental, M = 1);
+    `config` (benchmarks) picks the path: {"family": "mma"}, {"family": "gemv"} (autotuned), {"family": "dequant"},
+    {"family": "split"} / {"family": "split_in_kernel"} (M = 1) or {"family": "half2"} (experimental, M = 1);
     a GEMV config with "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages" (mma: "BLOCK_N", "GROUPS",
     "num_warps") also bypasses the autotuner."""
     M, K = x.shape
@@ -175,6 +177,12 @@ def int4_matmul_rows_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torc
     if family == "half2":  # experimental, never the default (triton_int4_rows_half2.py)
         from llmpress.kernels.triton_int4_rows_half2 import half2_gemv_rows
         return half2_gemv_rows(x, qweight, scales, zeros, group_size, config if config and "BLOCK_N" in config else None)
+    if family in ("split", "split_in_kernel"):
+        from llmpress.kernels.triton_int4_rows_split import split_gemv_rows
+        forced = config if config and "BLOCK_N" in config else None
+        if family == "split_in_kernel":
+            return split_gemv_rows(x, qweight, scales, zeros, group_size, forced, reduce="in_kernel")
+        return split_gemv_rows(x, qweight, scales, zeros, group_size, forced).sum(0, keepdim=True).to(x.dtype)
     if family == "mma":
         assert M <= MMA_MAX_M and group_size >= 32, "the tensor-core GEMV takes M <= 16 and groups of >= 32"
         return mma_matmul_rows(x, qweight, scales, zeros, group_size, config)

@@ -1,0 +1,140 @@
+"""Batch-1 W4A16 GEMV over the row layout (kernels/triton_int4_rows.py) as many small loopless tiles.
+
+Why: the looped GEMV (`gemv` in triton_int4_rows.py) keeps one tile of 4-16 KB per program in flight
+and waits a DRAM round trip per step; on the H200 it read 15-28% of the copy bandwidth on the 3B's layer
+shapes. Little's law asks for ~3 MB in flight over the whole GPU (4.25 TB/s x ~0.7 us). Here every
+program loads one [BLOCK_N rows x GROUPS groups] tile at once, with no loop, and the grid holds
+(N / BLOCK_N) x (G / GROUPS) programs, so the whole weight is requested in the first wave. With many rows
+per tile each thread holds several rows of the same columns, so the x values it prepares are shared by
+all of them (the GEMV's x work per weight shrinks with BLOCK_N / threads along N).
+
+Arithmetic per weight, exact as in the GEMV: a LOP3 (mask and OR into the bits of 1.0), an FADD and an
+FFMA; the zero point and scale are applied per group: sum_k x_k (q_k - z) s = s (sum_k x_k q_k - z sum_k x_k).
+
+Each program writes its fp32 partial sums [BLOCK_N] of its groups; `reduce` picks who adds them:
+- "partials": the caller gets partials [G / GROUPS, N] and sums them (`.sum(0)`), which torch.compile
+  fuses into the next elementwise kernel (rope, silu * up, residual add): no reduction kernel of its own.
+- "in_kernel": the last program to finish a row tile adds the partials (`triton_int4._write_output`).
+Reference: `kernels.reference.int4_matmul_rows_reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llmpress.kernels.triton_int4 import _workspace, _write_output
+
+ONE_BITS = tl.constexpr(0x3F800000)  # the fp32 bit pattern of 1.0
+SPLIT_WORKSPACE = 1 << 22
+
+# (BLOCK_N, GROUPS, num_warps): timed by benchmarks/int4_rows_gpu.py --sweep; the tuner picks per shape
+SPLIT_CONFIGS = [(128, 1, 4), (256, 1, 4), (256, 1, 8), (512, 1, 8), (64, 2, 4), (128, 2, 4), (128, 2, 8),
+                 (256, 2, 8), (64, 4, 4), (128, 4, 8)]
+
+
+@triton.jit
+def _split_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, N, G, words_per_row, stride_ym,
+                BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr, IN_KERNEL: tl.constexpr,
+                EVEN_N: tl.constexpr):
+    """One [BLOCK_N, GROUPS groups] tile: partial y[n] over this program's groups."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    WPG: tl.constexpr = GROUP_SIZE // 8  # packed words per group and row
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_g = pid_k * GROUPS + tl.arange(0, GROUPS)
+    offs_w = tl.arange(0, WPG)
+    n_mask = offs_n < N
+    word_ptrs = qw_ptr + offs_n[:, None, None] * words_per_row + offs_g[None, :, None] * WPG + offs_w[None, None, :]
+    group_offsets = offs_n[:, None] * G + offs_g[None, :]
+    if EVEN_N:  # no mask: the loads stay 16-byte vectors
+        words = tl.load(word_ptrs, eviction_policy="evict_first")
+        scale = tl.load(s_ptr + group_offsets).to(tl.float32)
+        zero = tl.load(z_ptr + group_offsets).to(tl.float32)
+    else:
+        words = tl.load(word_ptrs, mask=n_mask[:, None, None], other=0, eviction_policy="evict_first")
+        scale = tl.load(s_ptr + group_offsets, mask=n_mask[:, None], other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + group_offsets, mask=n_mask[:, None], other=0).to(tl.float32)
+    high = words >> 12  # nibbles 5, 6, 7 (bits 20..31) land at bits 8..19, inside the mantissa
+    x_base = x_ptr + offs_g[:, None] * GROUP_SIZE + offs_w[None, :] * 8  # input of nibble 0 of each word
+    dot = tl.zeros([BLOCK_N, GROUPS, WPG], dtype=tl.float32)
+    x_sum = tl.zeros([GROUPS, WPG], dtype=tl.float32)
+    for j in tl.static_range(8):
+        x = tl.load(x_base + j).to(tl.float32)
+        x_sum += x
+        bit = 4 * j - 12 * (j >= 5)
+        if j < 5:
+            src = words
+        else:
+            src = high
+        level = ((src & (0xF << bit)) | ONE_BITS).to(tl.float32, bitcast=True) - 1.0  # q * 2^(bit-23), exact
+        dot += level * (x * (8388608.0 / (1 << bit)))[None, :, :]
+    acc = tl.sum(scale * (tl.sum(dot, axis=2) - zero * tl.sum(x_sum, axis=1)[None, :]), axis=1)  # [BLOCK_N]
+    if IN_KERNEL:
+        _write_output(acc[None, :], y_ptr, partial_ptr, counter_ptr, tl.arange(0, 1), offs_n, 1, N, stride_ym, pid_n,
+                      pid_k, G // GROUPS)
+    else:
+        tl.store(partial_ptr + pid_k * N + offs_n, acc, mask=n_mask)
+
+
+def split_fits(N: int, G: int, block_n: int, groups: int, in_kernel: bool) -> bool:
+    split = G // groups
+    return (G % groups == 0 and triton.cdiv(N, block_n) <= 1 << 14
+            and (not in_kernel or split == 1 or split * N <= SPLIT_WORKSPACE))
+
+
+class _SplitTuner:
+    """The fastest fitting SPLIT_CONFIGS entry per (device, N, K, group size, dtype, reduce), timed once
+    outside any CUDA graph capture; the first fitting entry while capturing (an untuned shape)."""
+
+    def __init__(self):
+        self.best: dict[tuple, tuple[int, int, int]] = {}
+
+    def pick(self, key: tuple, launch, N: int, G: int, in_kernel: bool) -> tuple[int, int, int]:
+        if key in self.best:
+            return self.best[key]
+        candidates = [c for c in SPLIT_CONFIGS if split_fits(N, G, c[0], c[1], in_kernel)] or [(128, 1, 4)]
+        if torch.cuda.is_current_stream_capturing() or len(candidates) == 1:
+            return candidates[0]
+        timings = {c: triton.testing.do_bench(lambda: launch(c), warmup=5, rep=20) for c in candidates}
+        self.best[key] = min(timings, key=timings.get)
+        return self.best[key]
+
+
+_split_tuner = _SplitTuner()
+
+
+def split_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    group_size: int, config: dict | None = None, reduce: str = "partials") -> torch.Tensor:
+    """x [1, K] fp16/bf16 @ Wᵀ. reduce="partials": fp32 partial sums [S, N] (S = G / GROUPS) for the caller to
+    add up; reduce="in_kernel": y [1, N] in x.dtype. `config` {"BLOCK_N", "GROUPS", "num_warps"} skips the tuner."""
+    M, K = x.shape
+    N, G = scales.shape
+    assert M == 1, "the split GEMV takes one row of x"
+    assert reduce in ("partials", "in_kernel"), reduce
+    in_kernel = reduce == "in_kernel"
+    y = torch.empty(1, N, dtype=x.dtype, device=x.device) if in_kernel else None
+    if in_kernel:
+        partial, counter = _workspace.get(x.device, SPLIT_WORKSPACE, 1 << 14)
+    out: dict[int, torch.Tensor] = {}
+
+    def launch(c: tuple[int, int, int]) -> None:
+        block_n, groups, warps = c
+        split = G // groups
+        if in_kernel:
+            buffer, count, target = partial, counter, y
+        else:
+            buffer = out[groups] = torch.empty(split, N, dtype=torch.float32, device=x.device)
+            count, target = buffer, buffer  # unused in this mode
+        _split_gemv[(triton.cdiv(N, block_n), split)](
+            x, qweight, scales, zeros, target, buffer, count, N, G, K // 8, N, BLOCK_N=block_n, GROUPS=groups,
+            GROUP_SIZE=group_size, IN_KERNEL=in_kernel, EVEN_N=N % block_n == 0, num_warps=warps)
+
+    if config is not None and "BLOCK_N" in config:
+        chosen = (config["BLOCK_N"], config["GROUPS"], config["num_warps"])
+        assert split_fits(N, G, chosen[0], chosen[1], in_kernel), config
+    else:
+        chosen = _split_tuner.pick((x.device, N, K, group_size, x.dtype, reduce), launch, N, G, in_kernel)
+    launch(chosen)
+    return y if in_kernel else out[chosen[1]]
