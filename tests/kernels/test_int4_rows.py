@@ -121,8 +121,9 @@ def test_triton_row_half2_gemv_matches_dequantized_weights(K, N):
 @pytest.mark.parametrize("K,N,group_size", [(3072, 5120, 128), (8192, 3072, 128), (3072, 1000, 128), (1024, 768, 64)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_row_split_gemv_matches_dequantized_weights(K, N, group_size, dtype):
-    """The split-tile GEMV, every configuration that fits, both reductions (torch sum of its partials, and
-    in the kernel, twice so the arrival counters are back at zero), and its tuned dispatch."""
+    """The split-tile GEMV, every configuration that fits, with and without inline PTX, both reductions (torch
+    sum of its partials, and in the kernel, twice so the arrival counters are back at zero), its tuned
+    dispatch and the custom op the model calls."""
     from llmpress.kernels.triton_int4_rows import int4_matmul_rows_triton
     from llmpress.kernels.triton_int4_rows_split import SPLIT_CONFIGS, split_fits, split_gemv_rows
     torch.manual_seed(K + N)
@@ -133,15 +134,18 @@ def test_triton_row_split_gemv_matches_dequantized_weights(K, N, group_size, dty
     G = K // group_size
     for block_n, groups, warps in SPLIT_CONFIGS:
         config = dict(BLOCK_N=block_n, GROUPS=groups, num_warps=warps)
-        if split_fits(N, G, block_n, groups, in_kernel=False):
-            partials = split_gemv_rows(x, qweight, scales, zeros, group_size, config)
-            assert partials.shape == (G // groups, N) and rel_error(partials.sum(0, keepdim=True), ref) < 1e-5
+        for use_asm in (False, True):  # plain Triton and the inline-PTX word dot
+            if split_fits(N, G, block_n, groups, in_kernel=False):
+                partials = split_gemv_rows(x, qweight, scales, zeros, group_size, dict(config, USE_ASM=use_asm))
+                assert partials.shape == (G // groups, N) and rel_error(partials.sum(0, keepdim=True), ref) < 1e-5
         if split_fits(N, G, block_n, groups, in_kernel=True):
             for _ in range(2):
                 y = split_gemv_rows(x, qweight, scales, zeros, group_size, config, reduce="in_kernel")
                 assert y.dtype == dtype and rel_error(y, ref) < 1e-2
     for family in ("split", "split_in_kernel"):
         assert rel_error(int4_matmul_rows_triton(x, qweight, scales, zeros, group_size, {"family": family}), ref) < 1e-2
+    y = ops.int4_matmul_rows(x, qweight, scales, zeros, group_size)
+    assert y.shape == (1, N) and y.dtype == dtype and rel_error(y, ref) < 1e-2
 
 
 @cuda_only

@@ -122,6 +122,11 @@ def int4_matmul_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     x.dtype. Triton on CUDA (fp16/bf16 activations), the dequantize-then-matmul reference otherwise."""
     use_triton = _backend == "triton" or (_backend == "auto" and x.is_cuda and HAS_TRITON)
     if use_triton and x.dtype in (torch.float16, torch.bfloat16):
+        if x.shape[0] == 1:
+            # The batch-1 GEMV leaves one fp32 partial sum per group; adding them up here, outside the op,
+            # lets torch.compile fuse the sum into whatever consumes y (rope, silu * up, residual add).
+            partials = torch.ops.llmpress.int4_gemv_rows_partials(x.contiguous(), qweight, scales, zeros, group_size)
+            return partials.sum(0, keepdim=True).to(x.dtype)
         return torch.ops.llmpress.int4_matmul_rows(x.contiguous(), qweight, scales, zeros, group_size)
     if _backend == "triton":
         raise ValueError("the triton backend covers fp16/bf16 activations on CUDA only")
@@ -138,6 +143,18 @@ def _int4_matmul_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
 @_int4_matmul_rows.register_fake
 def _(x, qweight, scales, zeros, group_size):
     return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+@torch.library.custom_op("llmpress::int4_gemv_rows_partials", mutates_args=())
+def _int4_gemv_rows_partials(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                             group_size: int) -> torch.Tensor:
+    from llmpress.kernels.triton_int4_rows_split import split_gemv_rows
+    return split_gemv_rows(x, qweight, scales, zeros, group_size)
+
+
+@_int4_gemv_rows_partials.register_fake
+def _(x, qweight, scales, zeros, group_size):
+    return x.new_empty(scales.shape[1], qweight.shape[0], dtype=torch.float32)  # [G, N]: one tile group each
 
 
 def store_kv_paged(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

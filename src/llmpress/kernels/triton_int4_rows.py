@@ -9,23 +9,24 @@ Why rows: at batch 1 a linear layer is one stream of its packed weights. With ea
 contiguous, a program streams [BLOCK_N rows x BLOCK_K/8 words] tiles in 16-byte loads, the layout our
 bf16 GEMV reached 86% of the copy bandwidth with, and the x values a word needs are reused by every row.
 
-- `gemv` (M <= GEMV_MAX_M): CUDA-core FMAs. A nibble becomes a float without a conversion instruction
-  (quarter rate): OR-ing the masked word into the bit pattern of 1.0 gives 1 + q * 2^(b-23) for the
+- `split` (M = 1, the default there): many loopless [rows x one group] tiles, in `triton_int4_rows_split.py`;
+  it returns fp32 partial sums per group that the caller adds (kernels/ops.py), so torch.compile fuses the
+  sum into the next kernel. Over a 3B token's linears on the H200: 1.07 ms, the looped `gemv` 1.72.
+- `gemv` (forced, or M = 2 with groups under 32): CUDA-core FMAs, looping over K. A nibble becomes a float
+  without a conversion instruction (quarter rate): OR-ing the masked word into the bit pattern of 1.0 gives 1 + q * 2^(b-23) for the
   nibble at bit b (exact), so one LOP3 and one FADD yield q * 2^(b-23), and x is pre-scaled by 2^(23-b)
   (an exact power of two, once per x element, shared by every row). Per group, with exact integers q,
   sum_k x_k (q_k - z) s = s * (sum_k x_k q_k - z * sum_k x_k): the zero point and scale cost nothing per weight.
   Split-K spreads K over programs; the last program of a tile sums the partials (`triton_int4._write_output`).
-- `mma` (GEMV_MAX_M < M <= MMA_MAX_M: speculative verify steps, small engine batches): tensor cores,
+- `mma` (1 < M <= MMA_MAX_M: speculative verify steps, small engine batches): tensor cores,
   in `triton_int4_rows_mma.py`. At M = 4 it takes 2.1 ms over a 3B token's linears, against 3.9 ms for
   the GEMV and 4.4 ms for `dequant`; at M = 1 it is 1.77 ms against the GEMV's 1.72 (H200, run 5).
-- `split` / `split_in_kernel` (forced only, for now): a batch-1 GEMV as many loopless tiles,
-  `triton_int4_rows_split.py`; `split` sums the fp32 partials with torch, `split_in_kernel` in the kernel.
+- `split_in_kernel` (forced only): the split GEMV adding its partials itself (last program per tile).
 - `half2` (forced only): an experimental batch-1 GEMV in fp16-pair arithmetic, `triton_int4_rows_half2.py`.
 - `dequant` (larger M, prefill): one pass writes the dense weight in x's dtype, then cuBLAS multiplies. On
   the H200 a tl.dot GEMM over this layout ran at 1.4-1.9% of the copy bandwidth at M = 512; this path is
   1.9x faster there than the GPTQ-layout GEMM.
-Measured at M = 1 on the H200: 15-28% of the copy bandwidth on the 3B's layer shapes, 45% on its lm_head
-(what limits them, from SASS counts and the timings: benchmarks/NOTES.md).
+What limits each path, from SASS counts and timings: benchmarks/NOTES.md.
 Reference: `kernels.reference.int4_matmul_rows_reference`.
 """
 
@@ -39,7 +40,6 @@ import triton.language as tl
 from llmpress.kernels.triton_int4 import MAX_SPLIT_K, SPLIT_K_MAX_M, _workspace, _write_output
 from llmpress.kernels.triton_int4_rows_mma import MMA_MAX_M, mma_matmul_rows
 
-GEMV_MAX_M = 1  # the GEMV repeats its unpacking per row of x: at M = 4 it took twice its M = 1 time on the H200
 ONE_BITS = tl.constexpr(0x3F800000)  # the fp32 bit pattern of 1.0
 
 # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); BLOCK_K is a multiple of the group size (pruned otherwise)
@@ -147,11 +147,12 @@ def _gemv_rows(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, M, 
 
 
 def default_family(M: int, group_size: int) -> str:
-    """The path for M rows of x, from the H200 runs (int4_rows_h200_run5.json): the CUDA-core GEMV at M = 1
-    (1.72 vs 1.77 ms over a 3B token's linears), the tensor-core GEMV up to MMA_MAX_M rows (2.0x the GEMV,
-    2.1x dequantize + cuBLAS at M = 4), dequantize + cuBLAS beyond."""
-    if M <= GEMV_MAX_M:
-        return "gemv"
+    """The path for M rows of x, from the H200 runs: at M = 1 the split-tile GEMV (1.07 ms of kernel time over
+    a 3B token's linears against the looped GEMV's 1.72 and tinygemm's 1.17, int4_rows_h200_run6.json), the
+    tensor-core GEMV up to MMA_MAX_M rows (2.0x the GEMV, 2.1x dequantize + cuBLAS at M = 4, run 5),
+    dequantize + cuBLAS beyond."""
+    if M == 1:
+        return "split"
     if M <= MMA_MAX_M and group_size >= 32:
         return "mma"
     return "gemv" if M <= 2 else "dequant"  # groups under 32 (too short for a tensor-core tile): as before

@@ -20,6 +20,8 @@ Reference: `kernels.reference.int4_matmul_rows_reference`.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -27,17 +29,38 @@ import triton.language as tl
 from llmpress.kernels.triton_int4 import _workspace, _write_output
 
 ONE_BITS = tl.constexpr(0x3F800000)  # the fp32 bit pattern of 1.0
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter runs no inline PTX
+
+
+def _word_dot_asm() -> str:
+    """PTX for one packed word: sum_j level_j * x'_j over its 8 nibbles, 3 instructions per weight (LOP3,
+    FADD, FFMA). Written out because the compiler turned (w & mask) | ONE into two LOP3s (both operands
+    immediates); here 1.0's bits sit in a register. $1: the word; $2..$9: x_j * 2^(23 - bit_j)."""
+    lines = ["{", ".reg .b32 one, hi, t, l, acc;", "mov.b32 one, 0x3F800000;", "shr.u32 hi, $1, 12;"]
+    for j in range(8):
+        src, bit = ("$1", 4 * j) if j < 5 else ("hi", 4 * j - 12)
+        lines.append(f"lop3.b32 t, {src}, {0xF << bit:#x}, one, 0xEA;")  # (src & mask) | one
+        lines.append("sub.f32 l, t, 0f3F800000;")  # q * 2^(bit - 23), exact
+        lines.append("mul.f32 acc, l, $2;" if j == 0 else f"fma.rn.f32 acc, l, ${j + 2}, acc;")
+    lines += ["mov.b32 $0, acc;", "}"]
+    return "\n".join(lines)
+
+
+WORD_DOT_ASM = tl.constexpr(_word_dot_asm())
 SPLIT_WORKSPACE = 1 << 22
 
-# (BLOCK_N, GROUPS, num_warps): timed by benchmarks/int4_rows_gpu.py --sweep; the tuner picks per shape
+# (BLOCK_N, GROUPS, num_warps): timed by benchmarks/int4_rows_gpu.py --sweep; the tuner picks per shape. One
+# group per tile won at every 3B shape on the H200 (int4_rows_h200_run6.json), and it fixes the partials'
+# shape at [G, N] whatever the tile, which the custom op's fake implementation needs (kernels/ops.py).
 SPLIT_CONFIGS = [(128, 1, 4), (256, 1, 4), (256, 1, 8), (512, 1, 8), (64, 2, 4), (128, 2, 4), (128, 2, 8),
                  (256, 2, 8), (64, 4, 4), (128, 4, 8)]
+PARTIALS_CONFIGS = [c for c in SPLIT_CONFIGS if c[1] == 1]
 
 
 @triton.jit
 def _split_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, N, G, words_per_row, stride_ym,
                 BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr, IN_KERNEL: tl.constexpr,
-                EVEN_N: tl.constexpr):
+                EVEN_N: tl.constexpr, USE_ASM: tl.constexpr):
     """One [BLOCK_N, GROUPS groups] tile: partial y[n] over this program's groups."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -56,21 +79,39 @@ def _split_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, N,
         words = tl.load(word_ptrs, mask=n_mask[:, None, None], other=0, eviction_policy="evict_first")
         scale = tl.load(s_ptr + group_offsets, mask=n_mask[:, None], other=0.0).to(tl.float32)
         zero = tl.load(z_ptr + group_offsets, mask=n_mask[:, None], other=0).to(tl.float32)
-    high = words >> 12  # nibbles 5, 6, 7 (bits 20..31) land at bits 8..19, inside the mantissa
     x_base = x_ptr + offs_g[:, None] * GROUP_SIZE + offs_w[None, :] * 8  # input of nibble 0 of each word
-    dot = tl.zeros([BLOCK_N, GROUPS, WPG], dtype=tl.float32)
-    x_sum = tl.zeros([GROUPS, WPG], dtype=tl.float32)
-    for j in tl.static_range(8):
-        x = tl.load(x_base + j).to(tl.float32)
-        x_sum += x
-        bit = 4 * j - 12 * (j >= 5)
-        if j < 5:
-            src = words
-        else:
-            src = high
-        level = ((src & (0xF << bit)) | ONE_BITS).to(tl.float32, bitcast=True) - 1.0  # q * 2^(bit-23), exact
-        dot += level * (x * (8388608.0 / (1 << bit)))[None, :, :]
-    acc = tl.sum(scale * (tl.sum(dot, axis=2) - zero * tl.sum(x_sum, axis=1)[None, :]), axis=1)  # [BLOCK_N]
+    if USE_ASM:
+        x0 = tl.load(x_base + 0).to(tl.float32)  # x_j scaled by 2^(23 - bit_j), bit_j = 0, 4, .., 16, 8, 12, 16
+        x1 = tl.load(x_base + 1).to(tl.float32)
+        x2 = tl.load(x_base + 2).to(tl.float32)
+        x3 = tl.load(x_base + 3).to(tl.float32)
+        x4 = tl.load(x_base + 4).to(tl.float32)
+        x5 = tl.load(x_base + 5).to(tl.float32)
+        x6 = tl.load(x_base + 6).to(tl.float32)
+        x7 = tl.load(x_base + 7).to(tl.float32)
+        x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+        word_dot = tl.inline_asm_elementwise(
+            WORD_DOT_ASM, "=r,r,r,r,r,r,r,r,r,r",
+            [words, (x0 * 8388608.0)[None], (x1 * 524288.0)[None], (x2 * 32768.0)[None], (x3 * 2048.0)[None],
+             (x4 * 128.0)[None], (x5 * 32768.0)[None], (x6 * 2048.0)[None], (x7 * 128.0)[None]],
+            dtype=tl.float32, is_pure=True, pack=1)
+        dot = tl.sum(word_dot, axis=2)
+    else:
+        high = words >> 12  # nibbles 5, 6, 7 (bits 20..31) land at bits 8..19, inside the mantissa
+        words_dot = tl.zeros([BLOCK_N, GROUPS, WPG], dtype=tl.float32)
+        x_sum = tl.zeros([GROUPS, WPG], dtype=tl.float32)
+        for j in tl.static_range(8):
+            x = tl.load(x_base + j).to(tl.float32)
+            x_sum += x
+            bit = 4 * j - 12 * (j >= 5)
+            if j < 5:
+                src = words
+            else:
+                src = high
+            level = ((src & (0xF << bit)) | ONE_BITS).to(tl.float32, bitcast=True) - 1.0  # q * 2^(bit-23), exact
+            words_dot += level * (x * (8388608.0 / (1 << bit)))[None, :, :]
+        dot = tl.sum(words_dot, axis=2)
+    acc = tl.sum(scale * (dot - zero * tl.sum(x_sum, axis=1)[None, :]), axis=1)  # [BLOCK_N]
     if IN_KERNEL:
         _write_output(acc[None, :], y_ptr, partial_ptr, counter_ptr, tl.arange(0, 1), offs_n, 1, N, stride_ym, pid_n,
                       pid_k, G // GROUPS)
@@ -94,7 +135,8 @@ class _SplitTuner:
     def pick(self, key: tuple, launch, N: int, G: int, in_kernel: bool) -> tuple[int, int, int]:
         if key in self.best:
             return self.best[key]
-        candidates = [c for c in SPLIT_CONFIGS if split_fits(N, G, c[0], c[1], in_kernel)] or [(128, 1, 4)]
+        table = SPLIT_CONFIGS if in_kernel else PARTIALS_CONFIGS
+        candidates = [c for c in table if split_fits(N, G, c[0], c[1], in_kernel)] or [(128, 1, 4)]
         if torch.cuda.is_current_stream_capturing() or len(candidates) == 1:
             return candidates[0]
         timings = {c: triton.testing.do_bench(lambda: launch(c), warmup=5, rep=20) for c in candidates}
@@ -107,8 +149,9 @@ _split_tuner = _SplitTuner()
 
 def split_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                     group_size: int, config: dict | None = None, reduce: str = "partials") -> torch.Tensor:
-    """x [1, K] fp16/bf16 @ Wᵀ. reduce="partials": fp32 partial sums [S, N] (S = G / GROUPS) for the caller to
-    add up; reduce="in_kernel": y [1, N] in x.dtype. `config` {"BLOCK_N", "GROUPS", "num_warps"} skips the tuner."""
+    """x [1, K] fp16/bf16 @ Wᵀ. reduce="partials": fp32 partial sums [S, N] (S = G / GROUPS; G when tuned) for
+    the caller to add up; reduce="in_kernel": y [1, N] in x.dtype. `config` {"BLOCK_N", "GROUPS", "num_warps"}
+    skips the tuner; its "USE_ASM" (default: on a GPU) picks the inline-PTX word dot over plain Triton."""
     M, K = x.shape
     N, G = scales.shape
     assert M == 1, "the split GEMV takes one row of x"
@@ -118,6 +161,7 @@ def split_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     if in_kernel:
         partial, counter = _workspace.get(x.device, SPLIT_WORKSPACE, 1 << 14)
     out: dict[int, torch.Tensor] = {}
+    use_asm = (config or {}).get("USE_ASM", not _INTERPRETED)
 
     def launch(c: tuple[int, int, int]) -> None:
         block_n, groups, warps = c
@@ -129,12 +173,13 @@ def split_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
             count, target = buffer, buffer  # unused in this mode
         _split_gemv[(triton.cdiv(N, block_n), split)](
             x, qweight, scales, zeros, target, buffer, count, N, G, K // 8, N, BLOCK_N=block_n, GROUPS=groups,
-            GROUP_SIZE=group_size, IN_KERNEL=in_kernel, EVEN_N=N % block_n == 0, num_warps=warps)
+            GROUP_SIZE=group_size, IN_KERNEL=in_kernel, EVEN_N=N % block_n == 0, USE_ASM=use_asm,
+            num_warps=warps)
 
     if config is not None and "BLOCK_N" in config:
         chosen = (config["BLOCK_N"], config["GROUPS"], config["num_warps"])
         assert split_fits(N, G, chosen[0], chosen[1], in_kernel), config
     else:
-        chosen = _split_tuner.pick((x.device, N, K, group_size, x.dtype, reduce), launch, N, G, in_kernel)
+        chosen = _split_tuner.pick((x.device, N, K, group_size, x.dtype, reduce, use_asm), launch, N, G, in_kernel)
     launch(chosen)
     return y if in_kernel else out[chosen[1]]
