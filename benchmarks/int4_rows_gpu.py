@@ -46,6 +46,7 @@ LAYERS = 28
 # (name, K, N, how many per decoder layer; 0: once per token)
 SHAPES = [("q|k|v", 3072, 5120, 1), ("o", 3072, 3072, 1), ("gate|up", 3072, 16384, 1), ("down", 8192, 3072, 1),
           ("lm_head", 3072, 128256, 0)]
+SWEEPS = ("read-only", "split", "split_plain", "split_in_kernel", "half2", "mma")
 ROW_PATHS = {"mma": MMA_MAX_M, "gemv": 4, "split": 1, "split_in_kernel": 1, "half2": 1, "dequant": 1 << 30}  # path -> largest M it takes
 
 
@@ -102,9 +103,13 @@ def rel_error(got, ref) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", default="1,2,4,16")
-    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep", default="", help=f"comma list of {', '.join(SWEEPS)}, or 'all': time every "
+                                                    "configuration of these at M = 1")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    sweeps = SWEEPS if args.sweep == "all" else [f for f in args.sweep.split(",") if f]
+    if unknown := set(sweeps) - set(SWEEPS):
+        parser.error(f"unknown --sweep {', '.join(sorted(unknown))}; choose from {', '.join(SWEEPS)} or 'all'")
     if not torch.cuda.is_available():
         print("this benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -171,24 +176,26 @@ def main() -> int:
             if tiny and M <= 16:
                 record(name, K, N, "int4 tinygemm", M, time_per_call_us(
                     lambda t, sz: torch.ops.aten._weight_int4pack_mm(x, t, GROUP, sz), tiny), bytes_tiny)
-        if args.sweep:
-            x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        if "read-only" in sweeps:
             for bn, groups, warps in SPLIT_CONFIGS:
                 if N % bn or not split_fits(N, K // GROUP, bn, groups, in_kernel=False):
                     continue
                 us = time_per_call_us(lambda qw, s, z: read_tiles(qw, s, z, bn, groups, warps),
                                       [w["rows"] for w, _ in weights])
                 record(name, K, N, f"read-only n{bn} g{groups} w{warps}", 1, us, bytes_rows)
-            for family in ("split", "split_in_kernel"):
-                for bn, groups, warps in SPLIT_CONFIGS:
-                    if not split_fits(N, K // GROUP, bn, groups, in_kernel=family == "split_in_kernel"):
-                        continue
-                    # the kernel alone: "split" leaves its fp32 partials for the consumer to add (fused there)
-                    config = dict(BLOCK_N=bn, GROUPS=groups, num_warps=warps)
-                    reduce = "in_kernel" if family == "split_in_kernel" else "partials"
-                    us = time_per_call_us(lambda qw, s, z: split_gemv_rows(x, qw, s, z, GROUP, config, reduce),
-                                          [w["rows"] for w, _ in weights])
-                    record(name, K, N, f"rows {family} n{bn} g{groups} w{warps}", 1, us, bytes_rows)
+        for family in [f for f in ("split", "split_plain", "split_in_kernel") if f in sweeps]:
+            for bn, groups, warps in SPLIT_CONFIGS:
+                if not split_fits(N, K // GROUP, bn, groups, in_kernel=family == "split_in_kernel"):
+                    continue
+                # the kernel alone: "split" leaves its fp32 partials for the consumer to add (fused there);
+                # "split_plain" is the same without the inline-PTX word dot
+                config = dict(BLOCK_N=bn, GROUPS=groups, num_warps=warps, USE_ASM=family != "split_plain")
+                reduce = "in_kernel" if family == "split_in_kernel" else "partials"
+                us = time_per_call_us(lambda qw, s, z: split_gemv_rows(x, qw, s, z, GROUP, config, reduce),
+                                      [w["rows"] for w, _ in weights])
+                record(name, K, N, f"rows {family} n{bn} g{groups} w{warps}", 1, us, bytes_rows)
+        if "half2" in sweeps:
             for bn, groups, warps in HALF2_CONFIGS:
                 if not half2_fits(N, K // GROUP, bn, groups):
                     continue
@@ -196,6 +203,7 @@ def main() -> int:
                 us = time_per_call_us(lambda qw, s, z: int4_matmul_rows_triton(x, qw, s, z, GROUP, config),
                                       [w["rows"] for w, _ in weights])
                 record(name, K, N, f"rows half2 n{bn} g{groups} w{warps}", 1, us, bytes_rows)
+        if "mma" in sweeps:
             for bn, groups, warps in mma_candidates(K // GROUP):
                 if not mma_fits(N, K // GROUP, 1, bn, groups):
                     continue
@@ -239,7 +247,7 @@ def summarize(report: dict, batch_sizes: list[int]) -> None:
 def best_of_sweep(report: dict) -> None:
     """Per token at M = 1 with each swept family's fastest configuration per shape (--sweep)."""
     per_layer = {name: count for name, _, _, count in SHAPES}
-    for family in ("read-only", "rows split", "rows split_in_kernel", "rows half2", "rows mma"):
+    for family in ("read-only", "rows split", "rows split_plain", "rows split_in_kernel", "rows half2", "rows mma"):
         best = {}
         for r in report["rows"]:
             if r["M"] == 1 and r["variant"].startswith(family + " n") and (
