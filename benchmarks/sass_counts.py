@@ -26,7 +26,7 @@ from triton.compiler import ASTSource
 from llmpress.atomic_write import write_json_atomic
 from llmpress.kernels.triton_int4_rows_half2 import X_SCALE, _half2_gemv
 from llmpress.kernels.triton_int4_rows_mma import _mma_rows
-from llmpress.kernels.triton_int4_rows_split import PARTIALS_CONFIGS, SPLIT_CONFIGS, _split_gemv
+from llmpress.kernels.triton_int4_rows_split import SPLIT_CONFIGS, _split_gemv
 
 GROUP = 128
 POINTERS = {"x_ptr": "*bf16", "s_ptr": "*bf16", "z_ptr": "*u8", "y_ptr": "*bf16", "partial_ptr": "*fp32",
@@ -94,7 +94,7 @@ def main() -> int:
             mma_row(64, 4, 4, use_asm=True)]
     rows += [half2_row(*c) for c in [(256, 1, 4), (128, 1, 4), (256, 1, 8), (128, 2, 8), (64, 2, 4), (32, 4, 4)]]
     rows += [split_row(*c) for c in SPLIT_CONFIGS] + [split_row(256, 1, 4, in_kernel=True)]
-    rows += [split_row(*c, use_asm=True) for c in PARTIALS_CONFIGS]
+    rows += [split_row(*c, use_asm=True) for c in SPLIT_CONFIGS]
     print(f"{'kernel':22s} {'BLOCK_N':>7s} {'GROUPS':>6s} {'warps':>5s} {'SASS':>6s} {'w/thread':>8s} {'per w':>6s}  top opcodes")
     for row in rows:
         total = sum(row["counts"].values())

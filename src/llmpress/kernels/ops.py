@@ -154,7 +154,9 @@ def _int4_gemv_rows_partials(x: torch.Tensor, qweight: torch.Tensor, scales: tor
 
 @_int4_gemv_rows_partials.register_fake
 def _(x, qweight, scales, zeros, group_size):
-    return x.new_empty(scales.shape[1], qweight.shape[0], dtype=torch.float32)  # [G, N]: one tile group each
+    from llmpress.kernels.triton_int4_rows_split import partials_groups
+    G = scales.shape[1]
+    return x.new_empty(G // partials_groups(G), qweight.shape[0], dtype=torch.float32)
 
 
 def store_kv_paged(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -49,12 +49,16 @@ def _word_dot_asm() -> str:
 WORD_DOT_ASM = tl.constexpr(_word_dot_asm())
 SPLIT_WORKSPACE = 1 << 22
 
-# (BLOCK_N, GROUPS, num_warps): timed by benchmarks/int4_rows_gpu.py --sweep; the tuner picks per shape. One
-# group per tile won at every 3B shape on the H200 (int4_rows_h200_run6.json), and it fixes the partials'
-# shape at [G, N] whatever the tile, which the custom op's fake implementation needs (kernels/ops.py).
+# (BLOCK_N, GROUPS, num_warps): timed by benchmarks/int4_rows_gpu.py --sweep; the tuner picks per shape.
 SPLIT_CONFIGS = [(128, 1, 4), (256, 1, 4), (256, 1, 8), (512, 1, 8), (64, 2, 4), (128, 2, 4), (128, 2, 8),
                  (256, 2, 8), (64, 4, 4), (128, 4, 8)]
-PARTIALS_CONFIGS = [c for c in SPLIT_CONFIGS if c[1] == 1]
+
+
+def partials_groups(G: int) -> int:
+    """Groups per tile when the caller sums the partials: fixed by the shape alone, because the custom op's
+    fake implementation must know the partials' shape [G / groups, N] before any tile is timed. Two groups
+    per tile were fastest or within 2% at every 3B shape on the H200 (int4_rows_h200_run7.json)."""
+    return 2 if G % 2 == 0 else 1
 
 
 @triton.jit
@@ -135,8 +139,8 @@ class _SplitTuner:
     def pick(self, key: tuple, launch, N: int, G: int, in_kernel: bool) -> tuple[int, int, int]:
         if key in self.best:
             return self.best[key]
-        table = SPLIT_CONFIGS if in_kernel else PARTIALS_CONFIGS
-        candidates = [c for c in table if split_fits(N, G, c[0], c[1], in_kernel)] or [(128, 1, 4)]
+        table = SPLIT_CONFIGS if in_kernel else [c for c in SPLIT_CONFIGS if c[1] == partials_groups(G)]
+        candidates = [c for c in table if split_fits(N, G, c[0], c[1], in_kernel)] or [(128, partials_groups(G), 4)]
         if torch.cuda.is_current_stream_capturing() or len(candidates) == 1:
             return candidates[0]
         timings = {c: triton.testing.do_bench(lambda: launch(c), warmup=5, rep=20) for c in candidates}
@@ -149,7 +153,8 @@ _split_tuner = _SplitTuner()
 
 def split_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                     group_size: int, config: dict | None = None, reduce: str = "partials") -> torch.Tensor:
-    """x [1, K] fp16/bf16 @ Wᵀ. reduce="partials": fp32 partial sums [S, N] (S = G / GROUPS; G when tuned) for
+    """x [1, K] fp16/bf16 @ Wᵀ. reduce="partials": fp32 partial sums [S, N] (S = G / GROUPS, tuned:
+    G / partials_groups(G)) for
     the caller to add up; reduce="in_kernel": y [1, N] in x.dtype. `config` {"BLOCK_N", "GROUPS", "num_warps"}
     skips the tuner; its "USE_ASM" (default: on a GPU) picks the inline-PTX word dot over plain Triton."""
     M, K = x.shape
