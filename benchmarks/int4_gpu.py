@@ -91,7 +91,8 @@ def main() -> int:
     parser.add_argument("--gptq-seqlen", type=int, default=2048)
     parser.add_argument("--variants", default="bf16,int4-gptq-layout,int4,int4+head",
                         help="bf16; int4-gptq-layout (the GPTQ-layout kernels); int4 (row-layout kernels); int4+head "
-                             "(also lm_head in int4 g128); int4-inductor (dequantization left to torch.compile)")
+                             "(also lm_head in int4 g128); int4-partials (int4, the batch-1 GEMV's partial sums added by "
+                             "PyTorch for Inductor to fuse); int4-inductor (dequantization left to torch.compile)")
     parser.add_argument("--profile", action="store_true", help="print the kernels of one decode step per variant")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -120,7 +121,8 @@ def main() -> int:
                 replace_linears(model, {"lm_head": quantize_rtn(model.lm_head.weight.detach(), scheme)})
                 gc.collect()
                 torch.cuda.empty_cache()
-            rows = label in ("int4", "int4+head")
+            rows = label in ("int4", "int4+head", "int4-partials")
+            ops.int4_batch1_reduce = "partials" if label == "int4-partials" else "in_kernel"
             if rows:
                 use_row_layouts(model)
                 fuse_projections(model)  # int4 q|k|v and gate|up as one layer each, as the generator does

@@ -47,7 +47,7 @@ LAYERS = 28
 SHAPES = [("q|k|v", 3072, 5120, 1), ("o", 3072, 3072, 1), ("gate|up", 3072, 16384, 1), ("down", 8192, 3072, 1),
           ("lm_head", 3072, 128256, 0)]
 SWEEPS = ("read-only", "split", "split_plain", "split_in_kernel", "half2", "mma")
-ROW_PATHS = {"mma": MMA_MAX_M, "gemv": 4, "split": 1, "split_in_kernel": 1, "half2": 1, "dequant": 1 << 30}  # path -> largest M it takes
+ROW_PATHS = {"mma": MMA_MAX_M, "gemv": 4, "split": 1, "split_partials": 1, "half2": 1, "dequant": 1 << 30}  # path -> largest M it takes
 
 
 @triton.jit
@@ -227,7 +227,7 @@ def summarize(report: dict, batch_sizes: list[int]) -> None:
     print(f"\nlinear layers per decoded token ({LAYERS} layers + lm_head), {report['gpu']}")
     for M in batch_sizes + [512]:
         for variant in ("bf16 cuBLAS", "int4 gptq layout", "int4 rows", "int4 rows mma", "int4 rows gemv",
-                        "int4 rows split", "int4 rows split_in_kernel", "int4 rows half2", "int4 rows dequant", "int4 tinygemm"):
+                        "int4 rows split", "int4 rows split_partials", "int4 rows half2", "int4 rows dequant", "int4 tinygemm"):
             rows = {r["shape"]: r for r in report["rows"] if r["variant"] == variant and r["M"] == M}
             if len(rows) < len(SHAPES):
                 continue

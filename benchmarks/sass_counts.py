@@ -77,10 +77,10 @@ def half2_row(block_n: int, groups: int, warps: int) -> dict:
 
 
 def split_row(block_n: int, groups: int, warps: int, in_kernel: bool = False, use_asm: bool = False) -> dict:
-    signature = {**POINTERS, "qw_ptr": "*i32", "N": "i32", "G": "i32", "words_per_row": "i32", "stride_ym": "i32"}
+    signature = {**POINTERS, "qw_ptr": "*i32", "N": "i32", "G": "i32", "words_per_row": "i32", "SPLIT": "i32"}
     constants = {"BLOCK_N": block_n, "GROUPS": groups, "GROUP_SIZE": GROUP, "IN_KERNEL": in_kernel, "EVEN_N": True,
-                 "USE_ASM": use_asm}
-    aligned = [*POINTERS, "qw_ptr", "N", "words_per_row", "stride_ym"]
+                 "USE_ASM": use_asm, "SPLIT_P2": 32 if in_kernel else 1}
+    aligned = [*POINTERS, "qw_ptr", "N", "words_per_row"]
     counts = opcodes(compile_sass(_split_gemv, signature, constants, aligned, warps))
     return dict(kernel="split" + (" asm" if use_asm else "") + (" in-kernel reduce" if in_kernel else ""), BLOCK_N=block_n, GROUPS=groups,
                 num_warps=warps, counts=counts, weights_per_thread=block_n * groups * GROUP / (32 * warps))
@@ -93,7 +93,7 @@ def main() -> int:
     rows = [mma_row(128, 2, 4, use_asm=False), mma_row(128, 2, 4, use_asm=True), mma_row(128, 4, 8, use_asm=True),
             mma_row(64, 4, 4, use_asm=True)]
     rows += [half2_row(*c) for c in [(256, 1, 4), (128, 1, 4), (256, 1, 8), (128, 2, 8), (64, 2, 4), (32, 4, 4)]]
-    rows += [split_row(*c) for c in SPLIT_CONFIGS] + [split_row(256, 1, 4, in_kernel=True)]
+    rows += [split_row(*c) for c in SPLIT_CONFIGS] + [split_row(256, 1, 4, in_kernel=True), split_row(256, 2, 8, in_kernel=True, use_asm=True)]
     rows += [split_row(*c, use_asm=True) for c in SPLIT_CONFIGS]
     print(f"{'kernel':22s} {'BLOCK_N':>7s} {'GROUPS':>6s} {'warps':>5s} {'SASS':>6s} {'w/thread':>8s} {'per w':>6s}  top opcodes")
     for row in rows:

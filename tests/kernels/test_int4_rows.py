@@ -142,10 +142,15 @@ def test_triton_row_split_gemv_matches_dequantized_weights(K, N, group_size, dty
             for _ in range(2):
                 y = split_gemv_rows(x, qweight, scales, zeros, group_size, config, reduce="in_kernel")
                 assert y.dtype == dtype and rel_error(y, ref) < 1e-2
-    for family in ("split", "split_in_kernel"):
+    for family in ("split", "split_partials"):
         assert rel_error(int4_matmul_rows_triton(x, qweight, scales, zeros, group_size, {"family": family}), ref) < 1e-2
-    y = ops.int4_matmul_rows(x, qweight, scales, zeros, group_size)
-    assert y.shape == (1, N) and y.dtype == dtype and rel_error(y, ref) < 1e-2
+    for reduce in ("in_kernel", "partials"):
+        ops.int4_batch1_reduce = reduce
+        try:
+            y = ops.int4_matmul_rows(x, qweight, scales, zeros, group_size)
+        finally:
+            ops.int4_batch1_reduce = "in_kernel"
+        assert y.shape == (1, N) and y.dtype == dtype and rel_error(y, ref) < 1e-2
 
 
 @cuda_only

@@ -116,15 +116,20 @@ def _(x, qweight, scales, qzeros, g_idx, group_size):
     return x.new_empty(x.shape[0], qweight.shape[1])
 
 
+# Who adds the batch-1 int4 GEMV's per-tile partial sums: "in_kernel" (its last program per row tile) or
+# "partials" (PyTorch, below). Timed both ways end to end by benchmarks/int4_gpu.py (variant int4-partials).
+int4_batch1_reduce = "in_kernel"
+
+
 def int4_matmul_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                      group_size: int) -> torch.Tensor:
     """x [M, K] @ Wᵀ for a 4-bit weight in the row layout (quant/format.py `runtime_to_rows`). Returns [M, N] in
     x.dtype. Triton on CUDA (fp16/bf16 activations), the dequantize-then-matmul reference otherwise."""
     use_triton = _backend == "triton" or (_backend == "auto" and x.is_cuda and HAS_TRITON)
     if use_triton and x.dtype in (torch.float16, torch.bfloat16):
-        if x.shape[0] == 1:
-            # The batch-1 GEMV leaves one fp32 partial sum per group; adding them up here, outside the op,
-            # lets torch.compile fuse the sum into whatever consumes y (rope, silu * up, residual add).
+        if x.shape[0] == 1 and int4_batch1_reduce == "partials":
+            # The batch-1 GEMV's fp32 partial sums, added up here, outside the op, where torch.compile can
+            # fuse the sum into what consumes y (it did for silu * up and the residual add + RMSNorm).
             partials = torch.ops.llmpress.int4_gemv_rows_partials(x.contiguous(), qweight, scales, zeros, group_size)
             return partials.sum(0, keepdim=True).to(x.dtype)
         return torch.ops.llmpress.int4_matmul_rows(x.contiguous(), qweight, scales, zeros, group_size)

@@ -9,9 +9,9 @@ Why rows: at batch 1 a linear layer is one stream of its packed weights. With ea
 contiguous, a program streams [BLOCK_N rows x BLOCK_K/8 words] tiles in 16-byte loads, the layout our
 bf16 GEMV reached 86% of the copy bandwidth with, and the x values a word needs are reused by every row.
 
-- `split` (M = 1, the default there): many loopless [rows x one group] tiles, in `triton_int4_rows_split.py`;
-  it returns fp32 partial sums per group that the caller adds (kernels/ops.py), so torch.compile fuses the
-  sum into the next kernel. Over a 3B token's linears on the H200: 1.07 ms, the looped `gemv` 1.72.
+- `split` (M = 1, the default there): many loopless [rows x 1-2 groups] tiles, `triton_int4_rows_split.py`;
+  the last program of a row tile adds the tiles' partial sums. Over a 3B token's linears on the H200, kernel
+  alone: 0.94 ms, the looped `gemv` 1.72 (int4_rows_h200_run7.json).
 - `gemv` (forced, or M = 2 with groups under 32): CUDA-core FMAs, looping over K. A nibble becomes a float
   without a conversion instruction (quarter rate): OR-ing the masked word into the bit pattern of 1.0 gives 1 + q * 2^(b-23) for the
   nibble at bit b (exact), so one LOP3 and one FADD yield q * 2^(b-23), and x is pre-scaled by 2^(23-b)
@@ -21,7 +21,7 @@ bf16 GEMV reached 86% of the copy bandwidth with, and the x values a word needs 
 - `mma` (1 < M <= MMA_MAX_M: speculative verify steps, small engine batches): tensor cores,
   in `triton_int4_rows_mma.py`. At M = 4 it takes 2.1 ms over a 3B token's linears, against 3.9 ms for
   the GEMV and 4.4 ms for `dequant`; at M = 1 it is 1.77 ms against the GEMV's 1.72 (H200, run 5).
-- `split_in_kernel` (forced only): the split GEMV adding its partials itself (last program per tile).
+- `split_partials` (forced; kernels/ops.py on request): the split GEMV's fp32 partials, summed by PyTorch.
 - `half2` (forced only): an experimental batch-1 GEMV in fp16-pair arithmetic, `triton_int4_rows_half2.py`.
 - `dequant` (larger M, prefill): one pass writes the dense weight in x's dtype, then cuBLAS multiplies. On
   the H200 a tl.dot GEMM over this layout ran at 1.4-1.9% of the copy bandwidth at M = 512; this path is
@@ -147,8 +147,8 @@ def _gemv_rows(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, M, 
 
 
 def default_family(M: int, group_size: int) -> str:
-    """The path for M rows of x, from the H200 runs: at M = 1 the split-tile GEMV (1.07 ms of kernel time over
-    a 3B token's linears against the looped GEMV's 1.72 and tinygemm's 1.17, int4_rows_h200_run6.json), the
+    """The path for M rows of x, from the H200 runs: at M = 1 the split-tile GEMV (0.94 ms of kernel time over
+    a 3B token's linears against the looped GEMV's 1.72 and tinygemm's 1.17, int4_rows_h200_run7.json), the
     tensor-core GEMV up to MMA_MAX_M rows (2.0x the GEMV, 2.1x dequantize + cuBLAS at M = 4, run 5),
     dequantize + cuBLAS beyond."""
     if M == 1:
@@ -163,7 +163,7 @@ def int4_matmul_rows_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torc
     """x: [M, K] fp16/bf16; qweight: int32 [N, K/8]; scales: [N, G]; zeros: uint8 [N, G]. Returns [M, N] in x.dtype.
 
     `config` (benchmarks) picks the path: {"family": "mma"}, {"family": "gemv"} (autotuned), {"family": "dequant"},
-    {"family": "split"} / {"family": "split_in_kernel"} (M = 1) or {"family": "half2"} (experimental, M = 1);
+    {"family": "split"} / {"family": "split_partials"} (M = 1) or {"family": "half2"} (experimental, M = 1);
     a GEMV config with "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages" (mma: "BLOCK_N", "GROUPS",
     "num_warps") also bypasses the autotuner."""
     M, K = x.shape
@@ -178,10 +178,10 @@ def int4_matmul_rows_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torc
     if family == "half2":  # experimental, never the default (triton_int4_rows_half2.py)
         from llmpress.kernels.triton_int4_rows_half2 import half2_gemv_rows
         return half2_gemv_rows(x, qweight, scales, zeros, group_size, config if config and "BLOCK_N" in config else None)
-    if family in ("split", "split_in_kernel"):
+    if family in ("split", "split_partials"):
         from llmpress.kernels.triton_int4_rows_split import split_gemv_rows
         forced = config if config and "BLOCK_N" in config else None
-        if family == "split_in_kernel":
+        if family == "split":
             return split_gemv_rows(x, qweight, scales, zeros, group_size, forced, reduce="in_kernel")
         return split_gemv_rows(x, qweight, scales, zeros, group_size, forced).sum(0, keepdim=True).to(x.dtype)
     if family == "mma":
