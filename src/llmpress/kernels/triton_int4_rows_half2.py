@@ -1,9 +1,11 @@
 """Batch-1 W4A16 GEMV over the row layout (kernels/triton_int4_rows.py) in packed half2 arithmetic.
 
-Experimental (family "half2", never picked by the dispatch): compiled and its SASS counted on our CPU
-machine, not yet run on a GPU. It exists to test one prediction on the next device run: the CUDA-core
+Experimental (family "half2", never picked by the dispatch). It tested one prediction: the CUDA-core
 GEMV issues ~4-5 instructions per weight (an FADD and an FFMA per weight, plus unpacking); doing two
 weights per instruction should cut that to ~2.5 and, if issue rate is the limit, speed it up ~1.5x.
+Outcome on the H200 (session 4, benchmarks/NOTES.md): correct (its CUDA test passes), 4.25 SASS
+instructions per weight, 1.33 ms over a 3B token's linears: 4% faster than the fp32 split-tile GEMV with
+the same reduction, slower than `triton_int4_rows_split.py` as it is now (1.25 ms), with fp16 sums.
 
 One inline-PTX block per packed word (8 weights, input 8w + j at bits 4j):
   - LOP3 with the fp16 magic 0x6400 (1024.0) turns the nibbles at bits 0 and 16 into the half pair
