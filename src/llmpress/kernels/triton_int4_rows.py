@@ -10,11 +10,11 @@ contiguous, a program streams [BLOCK_N rows x BLOCK_K/8 words] tiles in 16-byte 
 bf16 GEMV reached 86% of the copy bandwidth with, and the x values a word needs are reused by every row.
 
 - `split` (M = 1, the default there): many loopless [rows x 1-2 groups] tiles, `triton_int4_rows_split.py`;
-  the last program of a row tile adds the tiles' partial sums. Over a 3B token's linears on the H200, kernel
-  alone: 0.94 ms, the looped `gemv` 1.72 (int4_rows_h200_run7.json).
+  the last program of a row tile adds the tiles' partial sums. Over a 3B token's linears on the H200:
+  1.25 ms (0.93 ms for the kernel alone), the looped `gemv` 1.72 (int4_rows_h200_run8.json).
 - `gemv` (forced, or M = 2 with groups under 32): CUDA-core FMAs, looping over K. A nibble becomes a float
-  without a conversion instruction (quarter rate): OR-ing the masked word into the bit pattern of 1.0 gives 1 + q * 2^(b-23) for the
-  nibble at bit b (exact), so one LOP3 and one FADD yield q * 2^(b-23), and x is pre-scaled by 2^(23-b)
+  without a conversion instruction (quarter rate): OR-ing the masked word into the bit pattern of 1.0
+  gives 1 + q * 2^(b-23) for the nibble at bit b (exact), so one LOP3 and one FADD yield q * 2^(b-23), and x is pre-scaled by 2^(23-b)
   (an exact power of two, once per x element, shared by every row). Per group, with exact integers q,
   sum_k x_k (q_k - z) s = s * (sum_k x_k q_k - z * sum_k x_k): the zero point and scale cost nothing per weight.
   Split-K spreads K over programs; the last program of a tile sums the partials (`triton_int4._write_output`).
@@ -39,6 +39,7 @@ import triton.language as tl
 
 from llmpress.kernels.triton_int4 import MAX_SPLIT_K, SPLIT_K_MAX_M, _workspace, _write_output
 from llmpress.kernels.triton_int4_rows_mma import MMA_MAX_M, mma_matmul_rows
+from llmpress.kernels.triton_int4_rows_split import split_gemv_rows
 
 ONE_BITS = tl.constexpr(0x3F800000)  # the fp32 bit pattern of 1.0
 
@@ -147,8 +148,8 @@ def _gemv_rows(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, M, 
 
 
 def default_family(M: int, group_size: int) -> str:
-    """The path for M rows of x, from the H200 runs: at M = 1 the split-tile GEMV (0.94 ms of kernel time over
-    a 3B token's linears against the looped GEMV's 1.72 and tinygemm's 1.17, int4_rows_h200_run7.json), the
+    """The path for M rows of x, from the H200 runs: at M = 1 the split-tile GEMV (1.25 ms over a 3B token's
+    linears against the looped GEMV's 1.72 and tinygemm's 1.17, int4_rows_h200_run8.json), the
     tensor-core GEMV up to MMA_MAX_M rows (2.0x the GEMV, 2.1x dequantize + cuBLAS at M = 4, run 5),
     dequantize + cuBLAS beyond."""
     if M == 1:
@@ -179,7 +180,6 @@ def int4_matmul_rows_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torc
         from llmpress.kernels.triton_int4_rows_half2 import half2_gemv_rows
         return half2_gemv_rows(x, qweight, scales, zeros, group_size, config if config and "BLOCK_N" in config else None)
     if family in ("split", "split_partials"):
-        from llmpress.kernels.triton_int4_rows_split import split_gemv_rows
         forced = config if config and "BLOCK_N" in config else None
         if family == "split":
             return split_gemv_rows(x, qweight, scales, zeros, group_size, forced, reduce="in_kernel")
