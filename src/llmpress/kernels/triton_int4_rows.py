@@ -147,6 +147,9 @@ def _gemv_rows(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, M, 
                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_SIZE, SPLIT_K)
 
 
+FAMILIES = ("split", "split_partials", "gemv", "mma", "dequant", "half2")
+
+
 def default_family(M: int, group_size: int) -> str:
     """The path for M rows of x, from the H200 runs: at M = 1 the split-tile GEMV (1.25 ms over a 3B token's
     linears against the looped GEMV's 1.72 and tinygemm's 1.17, int4_rows_h200_run8.json), the
@@ -174,6 +177,8 @@ def int4_matmul_rows_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torc
     assert G * group_size == K and group_size % 8 == 0 and group_size & (group_size - 1) == 0, (G, group_size, K)
     assert x.stride(1) == 1 and qweight.is_contiguous() and scales.is_contiguous() and zeros.is_contiguous()
     family = config["family"] if config else default_family(M, group_size)
+    if family not in FAMILIES:
+        raise ValueError(f"unknown int4 row-layout kernel family {family!r}; choose from {', '.join(FAMILIES)}")
     if family == "dequant":
         return F.linear(x, dequantize_rows_triton(qweight, scales, zeros, group_size, x.dtype))
     if family == "half2":  # experimental, never the default (triton_int4_rows_half2.py)
