@@ -39,9 +39,8 @@ import triton.language as tl
 
 from llmpress.kernels.triton_int4 import MAX_SPLIT_K, SPLIT_K_MAX_M, _workspace, _write_output
 from llmpress.kernels.triton_int4_rows_mma import MMA_MAX_M, mma_matmul_rows
-from llmpress.kernels.triton_int4_rows_split import split_gemv_rows
+from llmpress.kernels.triton_int4_rows_split import nibble_level, split_gemv_rows
 
-ONE_BITS = tl.constexpr(0x3F800000)  # the fp32 bit pattern of 1.0
 
 # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); BLOCK_K is a multiple of the group size (pruned otherwise)
 GEMV_CONFIGS = [(8, 512, 1, 4, 2), (16, 512, 1, 4, 2), (32, 512, 1, 4, 2), (16, 1024, 1, 4, 2), (32, 1024, 1, 8, 2),
@@ -81,13 +80,7 @@ def _gemv_rows_body(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr
             for j in tl.static_range(8):
                 x = tl.load(x_ptr + m * stride_xm + x_base + j, mask=m < M, other=0.0).to(tl.float32)
                 x_sum += x
-                bit = 4 * j - 12 * (j >= 5)
-                if j < 5:
-                    src = words
-                else:
-                    src = high
-                level = ((src & (0xF << bit)) | ONE_BITS).to(tl.float32, bitcast=True) - 1.0  # q * 2^(bit-23)
-                dot += level * (x * (8388608.0 / (1 << bit)))[None, :, :]
+                dot += nibble_level(words, high, j) * (x * (8388608.0 / (1 << (4 * j - 12 * (j >= 5)))))[None, :, :]
             partial = tl.sum(scale * (tl.sum(dot, axis=2) - zero * tl.sum(x_sum, axis=1)[None, :]), axis=1)
             acc = tl.where(offs_m[:, None] == m, acc + partial[None, :], acc)
     _write_output(acc, y_ptr, partial_ptr, counter_ptr, offs_m, offs_n, M, N, stride_ym, pid_n, pid_k, SPLIT_K)

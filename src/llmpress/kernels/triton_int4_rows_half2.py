@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from llmpress.kernels.triton_int4 import _workspace, _write_output
+from llmpress.kernels.triton_int4_rows_split import load_word_inputs
 
 X_SCALE = 1.0 / 64  # x in fp16 is x * X_SCALE; the lanes holding 16 q take x * X_SCALE / 16
 HALF2_WORKSPACE = 1 << 22
@@ -79,14 +80,7 @@ def _half2_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, N,
     words = tl.load(qw_ptr + offs_n[:, None, None] * words_per_row + offs_g[None, :, None] * WPG
                     + offs_w[None, None, :], mask=n_mask[:, None, None], other=0, eviction_policy="evict_first")
     x_base = x_ptr + offs_g[:, None] * GROUP_SIZE + offs_w[None, :] * 8  # input 8w of each word, [GROUPS, WPG]
-    x0 = tl.load(x_base + 0).to(tl.float32)
-    x1 = tl.load(x_base + 1).to(tl.float32)
-    x2 = tl.load(x_base + 2).to(tl.float32)
-    x3 = tl.load(x_base + 3).to(tl.float32)
-    x4 = tl.load(x_base + 4).to(tl.float32)
-    x5 = tl.load(x_base + 5).to(tl.float32)
-    x6 = tl.load(x_base + 6).to(tl.float32)
-    x7 = tl.load(x_base + 7).to(tl.float32)
+    x0, x1, x2, x3, x4, x5, x6, x7 = load_word_inputs(x_base)
     x_sum = tl.sum(((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)), axis=1)  # [GROUPS]
     pair_04 = _half2_pair(x4 * X_SCALE, x0 * X_SCALE)
     pair_15 = _half2_pair(x5 * (X_SCALE / 16), x1 * (X_SCALE / 16))

@@ -17,8 +17,8 @@ import os
 import torch
 import triton
 import triton.language as tl
-import triton.testing
 
+from llmpress.kernels.tile_tuner import TileTuner
 from llmpress.kernels.triton_int4 import _workspace, _write_output
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # no inline assembly there
@@ -126,26 +126,8 @@ def mma_candidates(G: int) -> list[tuple[int, int, int]]:
 _MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
 
 
-class _MmaTuner:
-    """Picks the fastest usable MMA_CONFIGS entry per (device, M, N, K, group size, dtype), timed once outside
-    any CUDA graph capture (as triton.autotune does; ours because the grid and SPLIT_K derive from the tile)."""
-
-    def __init__(self):
-        self.best: dict[tuple, tuple[int, int, int]] = {}
-
-    def pick(self, key: tuple, launch, M: int, N: int, G: int) -> tuple[int, int, int]:
-        if key in self.best:
-            return self.best[key]
-        # a whole-K tile needs no workspace: the fallback when every split-K tile would overflow it
-        candidates = [c for c in mma_candidates(G) if mma_fits(N, G, M, c[0], c[1])] or [(64, G, 4)]
-        if torch.cuda.is_current_stream_capturing() or len(candidates) == 1:
-            return candidates[0]
-        timings = {c: triton.testing.do_bench(lambda: launch(c), warmup=5, rep=20) for c in candidates}
-        self.best[key] = min(timings, key=timings.get)
-        return self.best[key]
-
-
-_mma_tuner = _MmaTuner()
+# the fastest usable tile per (device, M, N, K, group size, dtype)
+_mma_tuner = TileTuner()
 
 
 def mma_matmul_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
@@ -170,5 +152,7 @@ def mma_matmul_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         assert mma_fits(N, G, M, config["BLOCK_N"], config["GROUPS"]), config
         launch((config["BLOCK_N"], config["GROUPS"], config["num_warps"]))
     else:
-        launch(_mma_tuner.pick((x.device, M, N, K, group_size, x.dtype), launch, M, N, G))
+        # a whole-K tile needs no workspace: the fallback when every split-K tile would overflow it
+        candidates = [c for c in mma_candidates(G) if mma_fits(N, G, M, c[0], c[1])] or [(64, G, 4)]
+        launch(_mma_tuner.pick((x.device, M, N, K, group_size, x.dtype), launch, candidates))
     return y

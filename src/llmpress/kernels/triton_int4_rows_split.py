@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llmpress.kernels.tile_tuner import TileTuner
 from llmpress.kernels.triton_int4 import _workspace
 
 ONE_BITS = tl.constexpr(0x3F800000)  # the fp32 bit pattern of 1.0
@@ -66,6 +67,32 @@ def partials_groups(G: int) -> int:
 
 
 @triton.jit
+def load_word_inputs(x_base):
+    """The 8 inputs of each packed word (x_base: pointers to input 8w of word w), as fp32."""
+    x0 = tl.load(x_base + 0).to(tl.float32)
+    x1 = tl.load(x_base + 1).to(tl.float32)
+    x2 = tl.load(x_base + 2).to(tl.float32)
+    x3 = tl.load(x_base + 3).to(tl.float32)
+    x4 = tl.load(x_base + 4).to(tl.float32)
+    x5 = tl.load(x_base + 5).to(tl.float32)
+    x6 = tl.load(x_base + 6).to(tl.float32)
+    x7 = tl.load(x_base + 7).to(tl.float32)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def nibble_level(words, high, J: tl.constexpr):
+    """Nibble J of each word (high = words >> 12) as the exact float q * 2^(bit - 23), bit = 4J (J < 5) or
+    4J - 12: OR-ing the masked word into 1.0's bits gives 1 + q * 2^(bit - 23), then 1 is subtracted."""
+    BIT: tl.constexpr = 4 * J - 12 * (J >= 5)
+    if J < 5:
+        src = words
+    else:
+        src = high
+    return ((src & (0xF << BIT)) | ONE_BITS).to(tl.float32, bitcast=True) - 1.0
+
+
+@triton.jit
 def _split_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, N, G, words_per_row, SPLIT,
                 BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr, IN_KERNEL: tl.constexpr,
                 SPLIT_P2: tl.constexpr, EVEN_N: tl.constexpr, USE_ASM: tl.constexpr):
@@ -89,15 +116,9 @@ def _split_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, N,
         zero = tl.load(z_ptr + group_offsets, mask=n_mask[:, None], other=0).to(tl.float32)
     x_base = x_ptr + offs_g[:, None] * GROUP_SIZE + offs_w[None, :] * 8  # input of nibble 0 of each word
     if USE_ASM:
-        x0 = tl.load(x_base + 0).to(tl.float32)  # x_j scaled by 2^(23 - bit_j), bit_j = 0, 4, .., 16, 8, 12, 16
-        x1 = tl.load(x_base + 1).to(tl.float32)
-        x2 = tl.load(x_base + 2).to(tl.float32)
-        x3 = tl.load(x_base + 3).to(tl.float32)
-        x4 = tl.load(x_base + 4).to(tl.float32)
-        x5 = tl.load(x_base + 5).to(tl.float32)
-        x6 = tl.load(x_base + 6).to(tl.float32)
-        x7 = tl.load(x_base + 7).to(tl.float32)
+        x0, x1, x2, x3, x4, x5, x6, x7 = load_word_inputs(x_base)
         x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+        # x_j scaled by 2^(23 - bit_j), bit_j = 0, 4, 8, 12, 16 (j < 5) and 8, 12, 16 (j >= 5, after >> 12)
         word_dot = tl.inline_asm_elementwise(
             WORD_DOT_ASM, "=r,r,r,r,r,r,r,r,r,r",
             [words, (x0 * 8388608.0)[None], (x1 * 524288.0)[None], (x2 * 32768.0)[None], (x3 * 2048.0)[None],
@@ -111,13 +132,7 @@ def _split_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, N,
         for j in tl.static_range(8):
             x = tl.load(x_base + j).to(tl.float32)
             x_sum += x
-            bit = 4 * j - 12 * (j >= 5)
-            if j < 5:
-                src = words
-            else:
-                src = high
-            level = ((src & (0xF << bit)) | ONE_BITS).to(tl.float32, bitcast=True) - 1.0  # q * 2^(bit-23), exact
-            words_dot += level * (x * (8388608.0 / (1 << bit)))[None, :, :]
+            words_dot += nibble_level(words, high, j) * (x * (8388608.0 / (1 << (4 * j - 12 * (j >= 5)))))[None, :, :]
         dot = tl.sum(words_dot, axis=2)
     acc = tl.sum(scale * (dot - zero * tl.sum(x_sum, axis=1)[None, :]), axis=1)  # [BLOCK_N]
     if not IN_KERNEL:
@@ -148,26 +163,8 @@ def split_fits(N: int, G: int, block_n: int, groups: int, in_kernel: bool) -> bo
                                                   and triton.next_power_of_2(split) * block_n <= 8192)))
 
 
-class _SplitTuner:
-    """The fastest fitting SPLIT_CONFIGS entry per (device, N, K, group size, dtype, reduce), timed once
-    outside any CUDA graph capture; the first fitting entry while capturing (an untuned shape)."""
-
-    def __init__(self):
-        self.best: dict[tuple, tuple[int, int, int]] = {}
-
-    def pick(self, key: tuple, launch, N: int, G: int, in_kernel: bool) -> tuple[int, int, int]:
-        if key in self.best:
-            return self.best[key]
-        table = SPLIT_CONFIGS if in_kernel else [c for c in SPLIT_CONFIGS if c[1] == partials_groups(G)]
-        candidates = [c for c in table if split_fits(N, G, c[0], c[1], in_kernel)] or [(128, partials_groups(G), 4)]
-        if torch.cuda.is_current_stream_capturing() or len(candidates) == 1:
-            return candidates[0]
-        timings = {c: triton.testing.do_bench(lambda: launch(c), warmup=5, rep=20) for c in candidates}
-        self.best[key] = min(timings, key=timings.get)
-        return self.best[key]
-
-
-_split_tuner = _SplitTuner()
+# the fastest fitting tile per (device, N, K, group size, dtype, reduce, inline PTX)
+_split_tuner = TileTuner()
 
 
 def split_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -204,6 +201,8 @@ def split_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         chosen = (config["BLOCK_N"], config["GROUPS"], config["num_warps"])
         assert split_fits(N, G, chosen[0], chosen[1], in_kernel), config
     else:
-        chosen = _split_tuner.pick((x.device, N, K, group_size, x.dtype, reduce, use_asm), launch, N, G, in_kernel)
+        table = SPLIT_CONFIGS if in_kernel else [c for c in SPLIT_CONFIGS if c[1] == partials_groups(G)]
+        candidates = [c for c in table if split_fits(N, G, c[0], c[1], in_kernel)] or [(128, partials_groups(G), 4)]
+        chosen = _split_tuner.pick((x.device, N, K, group_size, x.dtype, reduce, use_asm), launch, candidates)
     launch(chosen)
     return y if in_kernel else out[chosen[1]]
