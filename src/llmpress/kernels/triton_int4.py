@@ -19,6 +19,8 @@ partials, so no output zeroing or cast kernel is needed around the launch.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -39,6 +41,7 @@ GEMM_CONFIGS = [(m, n, k, s, w, st) for m, n, k, s, w, st in
 GENERAL_CONFIGS = [(m, n, k, s, w, st) for m, n, k, s, w, st in
                    [(16, 64, 128, 1, 4, 3), (16, 64, 128, 4, 4, 3), (16, 128, 128, 2, 4, 3), (16, 64, 256, 8, 4, 3),
                     (64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (128, 256, 64, 1, 8, 3)]]
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the Triton interpreter runs no inline PTX
 FP32_MAGIC = tl.constexpr(0x4B000000)  # the fp32 bit pattern of 2**23: OR a nibble q into its mantissa to get 2**23 + q
 
 

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from llmpress.kernels.triton_int4 import _workspace, _write_output
-from llmpress.kernels.triton_int4_rows_split import load_word_inputs
+from llmpress.kernels.triton_int4_rows_split import load_word_inputs, tile_pointers
 
 X_SCALE = 1.0 / 64  # x in fp16 is x * X_SCALE; the lanes holding 16 q take x * X_SCALE / 16
 HALF2_WORKSPACE = 1 << 22
@@ -72,14 +72,9 @@ def _half2_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, N,
     """y[0, n] for BLOCK_N rows over GROUPS groups per program (split-K over the rest), no loop."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    WPG: tl.constexpr = GROUP_SIZE // 8  # packed words per group and row
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_g = pid_k * GROUPS + tl.arange(0, GROUPS)
-    offs_w = tl.arange(0, WPG)
-    n_mask = offs_n < N
-    words = tl.load(qw_ptr + offs_n[:, None, None] * words_per_row + offs_g[None, :, None] * WPG
-                    + offs_w[None, None, :], mask=n_mask[:, None, None], other=0, eviction_policy="evict_first")
-    x_base = x_ptr + offs_g[:, None] * GROUP_SIZE + offs_w[None, :] * 8  # input 8w of each word, [GROUPS, WPG]
+    offs_n, n_mask, word_ptrs, group_offsets, x_base = tile_pointers(x_ptr, qw_ptr, N, G, words_per_row, BLOCK_N,
+                                                                     GROUPS, GROUP_SIZE)
+    words = tl.load(word_ptrs, mask=n_mask[:, None, None], other=0, eviction_policy="evict_first")
     x0, x1, x2, x3, x4, x5, x6, x7 = load_word_inputs(x_base)
     x_sum = tl.sum(((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)), axis=1)  # [GROUPS]
     pair_04 = _half2_pair(x4 * X_SCALE, x0 * X_SCALE)
@@ -90,7 +85,6 @@ def _half2_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, N,
                                          [words, pair_04[None, :, :], pair_15[None, :, :], pair_26[None, :, :],
                                           pair_37[None, :, :]], dtype=tl.float32, is_pure=True, pack=1)
     dot = tl.sum(per_word, axis=2) * (1.0 / X_SCALE)  # [BLOCK_N, GROUPS]: sum_k x_k q_k per group
-    group_offsets = offs_n[:, None] * G + offs_g[None, :]
     scale = tl.load(s_ptr + group_offsets, mask=n_mask[:, None], other=0.0).to(tl.float32)
     zero = tl.load(z_ptr + group_offsets, mask=n_mask[:, None], other=0).to(tl.float32)
     acc = tl.sum(scale * (dot - zero * x_sum[None, :]), axis=1)  # [BLOCK_N]

@@ -12,16 +12,13 @@ Reference: `kernels.reference.int4_matmul_rows_reference`.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from llmpress.kernels.tile_tuner import TileTuner
-from llmpress.kernels.triton_int4 import _workspace, _write_output
+from llmpress.kernels.triton_int4 import INTERPRETED as _INTERPRETED, _workspace, _write_output
 
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # no inline assembly there
 
 # (BLOCK_N, GROUPS, num_warps) of the tensor-core GEMV: each program reads one [BLOCK_N, GROUPS groups] tile
 MMA_CONFIGS = [(64, 1, 4), (64, 2, 4), (64, 4, 4), (64, 8, 4), (128, 1, 4), (128, 2, 4), (128, 4, 4), (128, 2, 8),

@@ -24,17 +24,14 @@ Reference: `kernels.reference.int4_matmul_rows_reference`.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from llmpress.kernels.tile_tuner import TileTuner
-from llmpress.kernels.triton_int4 import _workspace
+from llmpress.kernels.triton_int4 import INTERPRETED as _INTERPRETED, _workspace
 
 ONE_BITS = tl.constexpr(0x3F800000)  # the fp32 bit pattern of 1.0
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter runs no inline PTX
 
 
 def _word_dot_asm() -> str:
@@ -93,19 +90,30 @@ def nibble_level(words, high, J: tl.constexpr):
 
 
 @triton.jit
+def tile_pointers(x_ptr, qw_ptr, N, G, words_per_row, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+                  GROUP_SIZE: tl.constexpr):
+    """Program (pid_n, pid_k)'s [BLOCK_N rows x GROUPS groups] tile: its rows and their mask, its packed
+    words' pointers [BLOCK_N, GROUPS, words per group], its scale/zero offsets [BLOCK_N, GROUPS] and the
+    pointers to input 8w of each word w [GROUPS, words per group]."""
+    WPG: tl.constexpr = GROUP_SIZE // 8  # packed words per group and row
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    offs_w = tl.arange(0, WPG)
+    word_ptrs = qw_ptr + offs_n[:, None, None] * words_per_row + offs_g[None, :, None] * WPG + offs_w[None, None, :]
+    group_offsets = offs_n[:, None] * G + offs_g[None, :]
+    x_base = x_ptr + offs_g[:, None] * GROUP_SIZE + offs_w[None, :] * 8
+    return offs_n, offs_n < N, word_ptrs, group_offsets, x_base
+
+
+@triton.jit
 def _split_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, N, G, words_per_row, SPLIT,
                 BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr, IN_KERNEL: tl.constexpr,
                 SPLIT_P2: tl.constexpr, EVEN_N: tl.constexpr, USE_ASM: tl.constexpr):
     """One [BLOCK_N, GROUPS groups] tile: partial y[n] over this program's groups."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    WPG: tl.constexpr = GROUP_SIZE // 8  # packed words per group and row
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_g = pid_k * GROUPS + tl.arange(0, GROUPS)
-    offs_w = tl.arange(0, WPG)
-    n_mask = offs_n < N
-    word_ptrs = qw_ptr + offs_n[:, None, None] * words_per_row + offs_g[None, :, None] * WPG + offs_w[None, None, :]
-    group_offsets = offs_n[:, None] * G + offs_g[None, :]
+    offs_n, n_mask, word_ptrs, group_offsets, x_base = tile_pointers(x_ptr, qw_ptr, N, G, words_per_row, BLOCK_N,
+                                                                     GROUPS, GROUP_SIZE)
     if EVEN_N:  # no mask: the loads stay 16-byte vectors
         words = tl.load(word_ptrs, eviction_policy="evict_first")
         scale = tl.load(s_ptr + group_offsets).to(tl.float32)
@@ -114,7 +122,6 @@ def _split_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, N,
         words = tl.load(word_ptrs, mask=n_mask[:, None, None], other=0, eviction_policy="evict_first")
         scale = tl.load(s_ptr + group_offsets, mask=n_mask[:, None], other=0.0).to(tl.float32)
         zero = tl.load(z_ptr + group_offsets, mask=n_mask[:, None], other=0).to(tl.float32)
-    x_base = x_ptr + offs_g[:, None] * GROUP_SIZE + offs_w[None, :] * 8  # input of nibble 0 of each word
     if USE_ASM:
         x0, x1, x2, x3, x4, x5, x6, x7 = load_word_inputs(x_base)
         x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
@@ -127,8 +134,8 @@ def _split_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, N,
         dot = tl.sum(word_dot, axis=2)
     else:
         high = words >> 12  # nibbles 5, 6, 7 (bits 20..31) land at bits 8..19, inside the mantissa
-        words_dot = tl.zeros([BLOCK_N, GROUPS, WPG], dtype=tl.float32)
-        x_sum = tl.zeros([GROUPS, WPG], dtype=tl.float32)
+        words_dot = tl.zeros(words.shape, dtype=tl.float32)
+        x_sum = tl.zeros(x_base.shape, dtype=tl.float32)
         for j in tl.static_range(8):
             x = tl.load(x_base + j).to(tl.float32)
             x_sum += x
@@ -170,32 +177,28 @@ _split_tuner = TileTuner()
 def split_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                     group_size: int, config: dict | None = None, reduce: str = "partials") -> torch.Tensor:
     """x [1, K] fp16/bf16 @ Wᵀ. reduce="partials": fp32 partial sums [S, N] (S = G / GROUPS, tuned:
-    G / partials_groups(G)) for
-    the caller to add up; reduce="in_kernel": y [1, N] in x.dtype. `config` {"BLOCK_N", "GROUPS", "num_warps"}
+    G / partials_groups(G)) for the caller to add up; reduce="in_kernel": y [1, N] in x.dtype. `config` {"BLOCK_N", "GROUPS", "num_warps"}
     skips the tuner; its "USE_ASM" (default: on a GPU) picks the inline-PTX word dot over plain Triton."""
     M, K = x.shape
     N, G = scales.shape
     assert M == 1, "the split GEMV takes one row of x"
     assert reduce in ("partials", "in_kernel"), reduce
     in_kernel = reduce == "in_kernel"
-    y = torch.empty(1, N, dtype=x.dtype, device=x.device) if in_kernel else None
-    if in_kernel:
-        partial, counter = _workspace.get(x.device, SPLIT_WORKSPACE, 1 << 14)
-    out: dict[int, torch.Tensor] = {}
     use_asm = (config or {}).get("USE_ASM", not _INTERPRETED)
 
-    def launch(c: tuple[int, int, int]) -> None:
+    def launch(c: tuple[int, int, int]) -> torch.Tensor:
         block_n, groups, warps = c
         split = G // groups
         if in_kernel:
-            buffer, count, target = partial, counter, y
+            out = torch.empty(1, N, dtype=x.dtype, device=x.device)
+            partial, counter = _workspace.get(x.device, SPLIT_WORKSPACE, 1 << 14)
         else:
-            buffer = out[groups] = torch.empty(split, N, dtype=torch.float32, device=x.device)
-            count, target = buffer, buffer  # unused in this mode
+            out = partial = counter = torch.empty(split, N, dtype=torch.float32, device=x.device)  # y, counter unused
         _split_gemv[(triton.cdiv(N, block_n), split)](
-            x, qweight, scales, zeros, target, buffer, count, N, G, K // 8, split, BLOCK_N=block_n, GROUPS=groups,
+            x, qweight, scales, zeros, out, partial, counter, N, G, K // 8, split, BLOCK_N=block_n, GROUPS=groups,
             GROUP_SIZE=group_size, IN_KERNEL=in_kernel, SPLIT_P2=triton.next_power_of_2(split) if in_kernel else 1,
             EVEN_N=N % block_n == 0, USE_ASM=use_asm, num_warps=warps)
+        return out
 
     if config is not None and "BLOCK_N" in config:
         chosen = (config["BLOCK_N"], config["GROUPS"], config["num_warps"])
@@ -204,5 +207,4 @@ def split_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         table = SPLIT_CONFIGS if in_kernel else [c for c in SPLIT_CONFIGS if c[1] == partials_groups(G)]
         candidates = [c for c in table if split_fits(N, G, c[0], c[1], in_kernel)] or [(128, partials_groups(G), 4)]
         chosen = _split_tuner.pick((x.device, N, K, group_size, x.dtype, reduce, use_asm), launch, candidates)
-    launch(chosen)
-    return y if in_kernel else out[chosen[1]]
+    return launch(chosen)
