@@ -32,14 +32,15 @@ from llmpress.kernels import ops
 from llmpress.loading.loader import random_model
 from llmpress.model.fusion import unfuse_projections
 
-# variant -> (decode mode, fuse q|k|v and gate|up, attention backend)
+# variant -> (decode mode, fuse q|k|v and gate|up, attention backend, RoPE + cache write inside the attention kernel)
 VARIANTS = {
-    "eager": ("eager", False, "auto"),
-    "graph": ("graph", True, "auto"),
-    "compile-unfused-sdpa": ("compile", False, "sdpa"),
-    "compile-sdpa": ("compile", True, "sdpa"),
-    "compile": ("compile", True, "auto"),
-    "compile-unfused": ("compile", False, "auto"),
+    "eager": ("eager", False, "auto", True),
+    "graph": ("graph", True, "auto", True),
+    "compile-unfused-sdpa": ("compile", False, "sdpa", True),
+    "compile-sdpa": ("compile", True, "sdpa", True),
+    "compile": ("compile", True, "auto", True),
+    "compile-unfused": ("compile", False, "auto", True),
+    "compile-rope-apart": ("compile", True, "auto", False),  # rotate and store in kernels of their own
 }
 
 
@@ -121,10 +122,11 @@ def main() -> int:
         for mode in args.modes.split(","):
             start = time.perf_counter()
             new_tokens = args.new_tokens if mode != "eager" else min(args.new_tokens, 64)
-            decode_mode, fuse, backend = VARIANTS[mode]
+            decode_mode, fuse, backend, fuse_rope = VARIANTS[mode]
             if not fuse:
                 unfuse_projections(model)
             torch._dynamo.reset()
+            ops.fuse_rope_into_attention = fuse_rope
             with ops.use_backend(backend):
                 r = benchmark_decode(model, prompt, 1, new_tokens, mode=decode_mode, repeats=3, fuse=fuse)
                 if args.profile and mode == args.modes.split(",")[-1]:

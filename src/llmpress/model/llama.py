@@ -55,6 +55,10 @@ class Attention(nn.Module):
             q, k, v = self.qkv_packed[0](x).split(self.qkv_sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if T == 1 and hasattr(kv_cache, "attend_rope"):  # decode: one kernel rotates, stores and attends
+            out = kv_cache.attend_rope(self.layer_index, q, k, v, cos, sin, positions)
+            if out is not None:
+                return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
