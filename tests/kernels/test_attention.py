@@ -5,6 +5,7 @@ import torch
 
 from llmpress.kernels import ops
 from llmpress.kernels.reference import attention_reference, cached_attention_reference
+from llmpress.model.rope import RotaryEmbedding
 
 cuda_only = pytest.mark.skipif(not ops.triton_available(), reason="Triton decode kernel needs a CUDA GPU")
 
@@ -65,25 +66,25 @@ def test_triton_rope_attention_matches_rotate_store_attend(batch, heads, kv_head
     """The fused kernel (rotate q and k, store k and v, attend) against the three steps it replaces, run in
     float64: same output, same cache slot, and no other slot touched."""
     torch.manual_seed(cache_len + batch)
-    angles = torch.rand(1, head_dim // 2, device="cuda") * 50
-    angles = torch.cat([angles, angles], dim=-1)
-    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    rotary = RotaryEmbedding(head_dim, 500000.0, None).to("cuda")
     for position in (0, 1, cache_len // 2, cache_len - 1):
         qkv = torch.randn(batch, 1, (heads + 2 * kv_heads) * head_dim, device="cuda", dtype=dtype)
-        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)  # views, as the model has
         k_cache = torch.randn(batch, kv_heads, cache_len, head_dim, device="cuda", dtype=dtype)
         v_cache = torch.randn_like(k_cache)
         k_cache[:, :, position:] = float("nan")  # the new slot must be written before it is read
         v_cache[:, :, position:] = float("nan")
         k_ref, v_ref = k_cache.double().nan_to_num(), v_cache.double().nan_to_num()
         positions = torch.tensor([position], device="cuda")
+        cos, sin = rotary(positions, dtype)  # the kernel computes them from inv_freq itself
+        inv_freq = rotary.inv_freq
         with ops.use_backend("triton"):
-            got = ops.cached_attention_rope(q, k, v, cos, sin, k_cache, v_cache, positions)
+            got = ops.cached_attention_rope(qkv, heads, cos, sin, inv_freq, k_cache, v_cache, positions)
         with ops.use_backend("torch"):
-            ref = ops.cached_attention_rope(q.double(), k.double(), v.double(), cos.double(), sin.double(), k_ref,
-                                            v_ref, positions)
+            ref = ops.cached_attention_rope(qkv.double(), heads, cos.double(), sin.double(), inv_freq, k_ref, v_ref,
+                                            positions)
         assert rel_error(got, ref) < 1e-2, (position, rel_error(got, ref))
         assert rel_error(k_cache[:, :, position], k_ref[:, :, position]) < 1e-2
         assert torch.equal(v_cache[:, :, position].double(), v_ref[:, :, position])
+        assert torch.equal(v_cache[:, :, position], qkv[:, 0, (heads + kv_heads) * head_dim:].view(batch, kv_heads, head_dim))
         if position + 1 < cache_len:
             assert torch.isnan(k_cache[:, :, position + 1:]).all() and torch.isnan(v_cache[:, :, position + 1:]).all()

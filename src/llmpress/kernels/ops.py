@@ -97,42 +97,41 @@ def _(q, k_cache, v_cache, positions):
 fuse_rope_into_attention = True
 
 
-def rope_attention_applies(q: torch.Tensor, cos: torch.Tensor, head_dim: int) -> bool:
-    """Whether `cached_attention_rope` runs the fused Triton kernel for this new token's q ([B, 1, H * D])."""
-    return (fuse_rope_into_attention and _backend in ("auto", "triton") and q.is_cuda and HAS_TRITON
-            and q.shape[1] == 1 and cos.dim() == 2 and head_dim in (64, 128)
-            and q.dtype in (torch.float16, torch.bfloat16))
+def rope_attention_applies(qkv: torch.Tensor, cos: torch.Tensor, head_dim: int) -> bool:
+    """Whether `cached_attention_rope` runs the fused Triton kernel for this new token's qkv ([B, 1, width])."""
+    return (fuse_rope_into_attention and _backend in ("auto", "triton") and qkv.is_cuda and HAS_TRITON
+            and qkv.shape[1] == 1 and cos.dim() == 2 and head_dim in (64, 128)
+            and qkv.dtype in (torch.float16, torch.bfloat16))
 
 
-def cached_attention_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                          k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """One new token per sequence: q [B, 1, H * D], k, v [B, 1, Hkv * D] as the projections give them, cos, sin
-    [1, D]. Rotates q and k, writes k and v into the caches [B, Hkv, S, D] at `positions` [1], attends over
-    slots 0..position. Returns [B, H, 1, D]. The Triton kernel does it all (`rope_attention_applies`); the
+def cached_attention_rope(qkv: torch.Tensor, num_heads: int, cos: torch.Tensor, sin: torch.Tensor,
+                          inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          positions: torch.Tensor) -> torch.Tensor:
+    """One new token per sequence: qkv [B, 1, (H + 2 Hkv) * D] as the fused projection gives it (q, k, v), cos,
+    sin [1, D] (RotaryEmbedding's, from `inv_freq` [D / 2] at `positions` [1]). Rotates q and k, writes k and v
+    into the caches [B, Hkv, S, D] at the position, attends over slots 0..position. Returns [B, H, 1, D]. The
+    Triton kernel does it all (`rope_attention_applies`), computing cos and sin itself from inv_freq; the
     composition below is what it replaces (and the reference it is tested against)."""
-    if rope_attention_applies(q, cos, k_cache.shape[-1]):
-        return torch.ops.llmpress.decode_attention_rope(q, k, v, cos.contiguous(), sin.contiguous(), k_cache, v_cache,
-                                                        positions)
+    if rope_attention_applies(qkv, cos, k_cache.shape[-1]):
+        return torch.ops.llmpress.decode_attention_rope(qkv, num_heads, inv_freq, k_cache, v_cache, positions)
     from llmpress.model.rope import apply_rope
-    B, D = q.shape[0], k_cache.shape[-1]
-    q = apply_rope(q.view(B, 1, -1, D).transpose(1, 2), cos, sin)
-    k = apply_rope(k.view(B, 1, -1, D).transpose(1, 2), cos, sin)
-    k_cache.index_copy_(2, positions, k)
-    v_cache.index_copy_(2, positions, v.view(B, 1, -1, D).transpose(1, 2))
-    return cached_attention(q, k_cache, v_cache, positions)
+    B, Hkv, D = qkv.shape[0], k_cache.shape[1], k_cache.shape[-1]
+    q, k, v = (t.view(B, 1, -1, D).transpose(1, 2) for t in qkv.split([num_heads * D, Hkv * D, Hkv * D], dim=-1))
+    k_cache.index_copy_(2, positions, apply_rope(k, cos, sin))
+    v_cache.index_copy_(2, positions, v)
+    return cached_attention(apply_rope(q, cos, sin), k_cache, v_cache, positions)
 
 
 @torch.library.custom_op("llmpress::decode_attention_rope", mutates_args=("k_cache", "v_cache"))
-def _decode_attention_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                           k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def _decode_attention_rope(qkv: torch.Tensor, num_heads: int, inv_freq: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     from llmpress.kernels.triton_attention import decode_attention_rope_triton
-    return decode_attention_rope_triton(q, k, v, cos, sin, k_cache, v_cache, positions)
+    return decode_attention_rope_triton(qkv, num_heads, inv_freq, k_cache, v_cache, positions)
 
 
 @_decode_attention_rope.register_fake
-def _(q, k, v, cos, sin, k_cache, v_cache, positions):
-    B, D = q.shape[0], k_cache.shape[-1]
-    return q.new_empty(B, q.shape[-1] // D, 1, D)
+def _(qkv, num_heads, inv_freq, k_cache, v_cache, positions):
+    return qkv.new_empty(qkv.shape[0], num_heads, 1, k_cache.shape[-1])
 
 
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,

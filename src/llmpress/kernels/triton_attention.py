@@ -38,7 +38,7 @@ def _rotate(ptr, offs_d, cos, sin, mask, D: tl.constexpr):
 def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
                   stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                   num_kv_heads, num_heads, chunk, sm_scale,
-                  new_k_ptr, new_v_ptr, cos_ptr, sin_ptr, stride_nkb, stride_nvb,
+                  new_k_ptr, new_v_ptr, inv_freq_ptr, stride_nkb, stride_nvb,
                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                   NUM_SPLITS: tl.constexpr, ROPE: tl.constexpr):
     """ROPE: q is the projection's raw output (rotated here), and new_k/new_v ([B, Hkv * D] rows) are the new
@@ -59,8 +59,11 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
     g_mask = offs_g < GROUP
     q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
     if ROPE:
-        cos = tl.load(cos_ptr + offs_d).to(tl.float32)[None, :]
-        sin = tl.load(sin_ptr + offs_d).to(tl.float32)[None, :]
+        # cos and sin of position * inv_freq as RotaryEmbedding makes them (fp32 angles, rounded to the
+        # model's dtype), computed here: as kernel inputs, Inductor built them in two more kernels per layer.
+        angles = position.to(tl.float32) * tl.load(inv_freq_ptr + offs_d % (D // 2))
+        cos = tl.cos(angles).to(q_ptr.dtype.element_ty).to(tl.float32)[None, :]
+        sin = tl.sin(angles).to(q_ptr.dtype.element_ty).to(tl.float32)[None, :]
         q = _rotate(q_rows, offs_d[None, :], cos, sin, g_mask[:, None], D)
         if (position >= start) & (position < start + chunk):  # this program's chunk holds the new token
             one = tl.full([1, D], 1, tl.int1)
@@ -134,7 +137,7 @@ def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple) -> torch
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and q.stride(-1) == 1
     rope = bool(rope_args)
     if not rope:  # unused pointer arguments of the plain variant
-        rope_args = (q, q, q, q, 0, 0)
+        rope_args = (q, q, q, 0, 0)
     group = H // Hkv
     num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     splits = num_splits_for(B * Hkv, S, num_sms)
@@ -154,17 +157,16 @@ def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple) -> torch
     return out
 
 
-def decode_attention_rope_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                                 sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                 positions: torch.Tensor) -> torch.Tensor:
-    """One new token per sequence, straight from the projections: q [B, 1, H * D], k, v [B, 1, Hkv * D]
-    (views into the fused q|k|v output are fine), cos, sin [1, D] at `positions` [1]. Rotates q and k,
-    writes k, v into the caches [B, Hkv, S, D] at the position, attends. Returns [B, H, 1, D]."""
-    B, T, _ = q.shape
-    D = k_cache.shape[-1]
-    assert T == 1 and k.shape[1] == v.shape[1] == 1 and cos.shape == sin.shape == (1, D), (q.shape, k.shape, cos.shape)
-    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous()
-    assert k.dtype == v.dtype == q.dtype
-    q_heads = q.view(B, 1, q.shape[-1] // D, D).transpose(1, 2)  # a view: strides (stride_b, D, ., 1)
-    return _decode_attention(q_heads, k_cache, v_cache, positions,
-                             (k, v, cos, sin, k.stride(0), v.stride(0)))
+def decode_attention_rope_triton(qkv: torch.Tensor, num_heads: int, inv_freq: torch.Tensor, k_cache: torch.Tensor,
+                                 v_cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One new token per sequence, straight from the fused projection: qkv [B, 1, (H + 2 Hkv) * D] (q, then k,
+    then v) at `positions` [1]; inv_freq: float32 [D / 2], the RoPE frequencies (model.rope.RotaryEmbedding's).
+    Rotates q and k, writes k, v into the caches [B, Hkv, S, D] at the position, attends. Returns [B, H, 1, D].
+    One tensor, not three views of it: given views, Inductor copied each into a buffer of its own first."""
+    B, T, width = qkv.shape
+    Hkv, D = k_cache.shape[1], k_cache.shape[-1]
+    assert T == 1 and width == (num_heads + 2 * Hkv) * D and inv_freq.shape == (D // 2,), (qkv.shape, inv_freq.shape)
+    assert qkv.stride(-1) == 1 and inv_freq.dtype == torch.float32
+    q, k, v = qkv.split([num_heads * D, Hkv * D, Hkv * D], dim=-1)
+    q_heads = q.view(B, 1, num_heads, D).transpose(1, 2)  # a view: strides (stride_b, D, ., 1)
+    return _decode_attention(q_heads, k_cache, v_cache, positions, (k, v, inv_freq.contiguous(), k.stride(0), v.stride(0)))

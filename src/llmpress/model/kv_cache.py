@@ -44,13 +44,15 @@ class StaticKVCache:
         k_all, v_all = self.update(layer, positions, k, v)
         return ops.cached_attention(q, k_all, v_all, positions)
 
-    def attend_rope(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                    sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
-        """`attend` for one new token whose q, k ([B, 1, H * D], [B, 1, Hkv * D]) are not rotated yet, when one
-        kernel can rotate, store and attend (ops.rope_attention_applies); None: the caller rotates and attends."""
-        if not ops.rope_attention_applies(q, cos, self.keys[layer].shape[-1]):
+    def attend_rope(self, layer: int, qkv: torch.Tensor, num_heads: int, cos: torch.Tensor, sin: torch.Tensor,
+                    inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """`attend` for one new token given as the fused projection's output qkv ([B, 1, (H + 2 Hkv) * D], not
+        rotated yet), when one kernel can rotate, store and attend (ops.rope_attention_applies); None: the
+        caller rotates and attends."""
+        if not ops.rope_attention_applies(qkv, cos, self.keys[layer].shape[-1]):
             return None
-        return ops.cached_attention_rope(q, k, v, cos, sin, self.keys[layer], self.values[layer], positions)
+        return ops.cached_attention_rope(qkv, num_heads, cos, sin, inv_freq, self.keys[layer], self.values[layer],
+                                         positions)
 
     @property
     def nbytes(self) -> int:

@@ -45,20 +45,26 @@ class Attention(nn.Module):
         self.register_buffer("qkv_bias", None, persistent=False)
         self.qkv_packed: tuple = ()  # (fused int4 QuantLinear,), set by model.fusion.fuse_projections
         self.qkv_sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
+        self.rotary: tuple = ()  # (the model's RotaryEmbedding,): its inv_freq for the fused decode kernel
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 positions: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
+        qkv = None
         if self.qkv_weight is not None:
-            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(self.qkv_sizes, dim=-1)
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
         elif self.qkv_packed:
-            q, k, v = self.qkv_packed[0](x).split(self.qkv_sizes, dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if T == 1 and hasattr(kv_cache, "attend_rope"):  # decode: one kernel rotates, stores and attends
-            out = kv_cache.attend_rope(self.layer_index, q, k, v, cos, sin, positions)
+            qkv = self.qkv_packed[0](x)
+        if qkv is not None and T == 1 and self.rotary and hasattr(kv_cache, "attend_rope"):
+            # decode: one kernel rotates, stores and attends
+            out = kv_cache.attend_rope(self.layer_index, qkv, self.num_heads, cos, sin, self.rotary[0].inv_freq,
+                                       positions)
             if out is not None:
                 return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        if qkv is not None:
+            q, k, v = qkv.split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -113,6 +119,8 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        for layer in self.layers:  # a tuple, not a submodule: one RotaryEmbedding in the module tree
+            layer.self_attn.rotary = (self.rotary_emb,)
 
 
 class LlamaForCausalLM(nn.Module):
