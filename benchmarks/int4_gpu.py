@@ -92,7 +92,9 @@ def main() -> int:
     parser.add_argument("--variants", default="bf16,int4-gptq-layout,int4,int4+head",
                         help="bf16; int4-gptq-layout (the GPTQ-layout kernels); int4 (row-layout kernels); int4+head "
                              "(also lm_head in int4 g128); int4-partials (int4, the batch-1 GEMV's partial sums added by "
-                             "PyTorch for Inductor to fuse); int4-inductor (dequantization left to torch.compile)")
+                             "PyTorch for Inductor to fuse); int4-inductor (dequantization left to torch.compile); "
+                             "int4-steps-apart (int4 without RMSNorm / silu * up / residual add folded into the GEMVs); "
+                             "int4-rope-apart (int4 with RoPE and the cache write in kernels of their own)")
     parser.add_argument("--profile", action="store_true", help="print the kernels of one decode step per variant")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -121,8 +123,10 @@ def main() -> int:
                 replace_linears(model, {"lm_head": quantize_rtn(model.lm_head.weight.detach(), scheme)})
                 gc.collect()
                 torch.cuda.empty_cache()
-            rows = label in ("int4", "int4+head", "int4-partials")
+            rows = label in ("int4", "int4+head", "int4-partials", "int4-steps-apart", "int4-rope-apart")
             ops.int4_batch1_reduce = "partials" if label == "int4-partials" else "in_kernel"
+            ops.fuse_int4_layer_steps = label != "int4-steps-apart"
+            ops.fuse_rope_into_attention = label != "int4-rope-apart"
             if rows:
                 use_row_layouts(model)
                 fuse_projections(model)  # int4 q|k|v and gate|up as one layer each, as the generator does

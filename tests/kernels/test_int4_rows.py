@@ -154,6 +154,53 @@ def test_triton_row_split_gemv_matches_dequantized_weights(K, N, group_size, dty
 
 
 @cuda_only
+@pytest.mark.parametrize("K,N,group_size", [(3072, 5120, 128), (8192, 3072, 128), (3072, 1000, 128), (1024, 768, 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_split_gemv_fuses_norm_silu_and_residual(K, N, group_size, dtype):
+    """The split GEMV with the layer's steps folded in (RMSNorm before, silu * up before, residual add after), every
+    in-kernel tile with and without inline PTX, against those steps done in float64; then QuantLinear.forward_fused
+    (one kernel) against the same steps run one by one."""
+    import torch.nn.functional as F
+    from llmpress.kernels.triton_int4_rows_split import SPLIT_CONFIGS, split_fits, split_gemv_rows
+    from llmpress.model.llama import RMSNorm
+    torch.manual_seed(K + N + 1)
+    (qweight, scales, zeros), rt, dense = random_rows(K, N, group_size, "cuda")
+    scales = scales.to(dtype)
+    h = torch.randn(1, K, device="cuda", dtype=dtype) * 3
+    gate_up = torch.randn(1, 2 * K, device="cuda", dtype=dtype)
+    residual = torch.randn(1, N, device="cuda", dtype=dtype)
+    norm = RMSNorm(K, 1e-5).to("cuda", dtype)
+    norm.weight.data = (torch.rand(K, device="cuda") + 0.5).to(dtype)
+    h64 = h.double()
+    normed = h64 * torch.rsqrt(h64.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.double()
+    silu_up = F.silu(gate_up[:, :K].double()) * gate_up[:, K:].double()
+    cases = [(dict(prologue="rmsnorm", norm_weight=norm.weight, eps=1e-5), h, normed @ dense),
+             (dict(prologue="silu_mul"), gate_up, silu_up @ dense),
+             (dict(residual=residual), h, residual.double() + h64 @ dense),
+             (dict(prologue="silu_mul", residual=residual), gate_up, residual.double() + silu_up @ dense)]
+    G = K // group_size
+    for block_n, groups, warps in SPLIT_CONFIGS:
+        if not split_fits(N, G, block_n, groups, in_kernel=True):
+            continue
+        for use_asm in (False, True):
+            config = dict(BLOCK_N=block_n, GROUPS=groups, num_warps=warps, USE_ASM=use_asm)
+            for kwargs, x, ref in cases:
+                y = split_gemv_rows(x, qweight, scales, zeros, group_size, config, reduce="in_kernel", **kwargs)
+                assert y.dtype == dtype and rel_error(y, ref) < 1e-2, (block_n, groups, use_asm, list(kwargs))
+    layer = QuantLinear.from_runtime(RuntimeQuantWeight(rt.qweight, rt.scales.to(dtype), rt.qzeros, None, group_size, 4))
+    assert layer.use_row_layout()
+    for kwargs, x in [(dict(norm=norm), h), (dict(silu_mul=True), gate_up), (dict(residual=residual), h),
+                      (dict(silu_mul=True, residual=residual), gate_up)]:
+        fused = layer.forward_fused(x[None], **kwargs)  # [1, 1, K]: the model's shape
+        ops.fuse_int4_layer_steps = False
+        try:
+            apart = layer.forward_fused(x[None], **kwargs)
+        finally:
+            ops.fuse_int4_layer_steps = True
+        assert fused.shape == apart.shape == (1, 1, N) and rel_error(fused, apart) < 1e-2, list(kwargs)
+
+
+@cuda_only
 @pytest.mark.parametrize("M", [1, 3, 4])
 def test_triton_row_paths_agree(M):
     """The tensor-core GEMV, the CUDA-core GEMV (forced at every M they take) and dequantize + cuBLAS give the

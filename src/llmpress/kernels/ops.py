@@ -206,6 +206,42 @@ def _(x, qweight, scales, zeros, group_size):
     return x.new_empty(G // partials_groups(G), qweight.shape[0], dtype=torch.float32)
 
 
+# Whether batch-1 int4 layers take the RMSNorm before them, silu * up and the residual add after them into
+# their GEMV (int4_gemv_rows_fused). benchmarks/int4_gpu.py times both (variant int4-steps-apart).
+fuse_int4_layer_steps = True
+
+
+def int4_fused_gemv_applies(x: torch.Tensor) -> bool:
+    """Whether `int4_gemv_rows_fused` runs the Triton split GEMV (one row of fp16/bf16 x on CUDA) for x [M, K]."""
+    return (fuse_int4_layer_steps and int4_batch1_reduce == "in_kernel" and _backend in ("auto", "triton")
+            and x.is_cuda and HAS_TRITON and x.shape[0] == 1 and x.dtype in (torch.float16, torch.bfloat16))
+
+
+def int4_gemv_rows_fused(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                         group_size: int, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+                         silu_mul: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """y [1, N] = (residual +) W prologue(x) for a 4-bit row-layout weight, in one kernel (where
+    `int4_fused_gemv_applies`; QuantLinear.forward_fused composes the steps otherwise). prologue: RMSNorm with
+    `norm_weight` [K] and `eps` (x the residual stream [1, K]), or silu(gate) * up (x = gate|up [1, 2K])."""
+    return torch.ops.llmpress.int4_gemv_rows_fused(x.contiguous(), qweight, scales, zeros, group_size, norm_weight, eps,
+                                                   silu_mul, None if residual is None else residual.contiguous())
+
+
+@torch.library.custom_op("llmpress::int4_gemv_rows_fused", mutates_args=())
+def _int4_gemv_rows_fused(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                          group_size: int, norm_weight: torch.Tensor | None, eps: float, silu_mul: bool,
+                          residual: torch.Tensor | None) -> torch.Tensor:
+    from llmpress.kernels.triton_int4_rows_split import split_gemv_rows
+    prologue = "rmsnorm" if norm_weight is not None else "silu_mul" if silu_mul else None
+    return split_gemv_rows(x, qweight, scales, zeros, group_size, reduce="in_kernel", prologue=prologue,
+                           norm_weight=norm_weight, eps=eps, residual=residual)
+
+
+@_int4_gemv_rows_fused.register_fake
+def _(x, qweight, scales, zeros, group_size, norm_weight, eps, silu_mul, residual):
+    return x.new_empty(1, qweight.shape[0])
+
+
 def store_kv_paged(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, slot_mapping: torch.Tensor) -> None:
     """Write new tokens' K/V into the paged cache, in place (quantizing for int8/fp8 caches).

@@ -17,6 +17,12 @@ Each program writes its fp32 partial sums [BLOCK_N] of its groups; `reduce` pick
   at once, and stores y in x's dtype.
 - "partials": the caller gets partials [G / GROUPS, N] and sums them (`.sum(0)`), which torch.compile can
   fuse into the next kernel; it did for silu * up and the residual add + RMSNorm, not for q|k|v (rope).
+The kernel can also take the step before and after the product, so that a decoder layer at batch 1 runs
+no elementwise kernels between its GEMVs (`prologue`/`residual`, used by QuantLinear.forward_fused):
+- "rmsnorm": x is the residual stream h; y = W (g * h) * rsqrt(mean(h^2) + eps). Each program adds up
+  its slice's h^2 beside its partial product; the reduction sums both, so the norm costs no extra pass.
+- "silu_mul": x is the fused gate|up output [1, 2K]; the input is silu(gate) * up, made per slice.
+- residual: y = residual + W x, added by whoever stores y.
 Measured on the H200 over a 3B token's linears (benchmarks/NOTES.md, session 4): 1.25 ms in-kernel, 0.93 ms
 for the kernel alone, against 1.72 ms for the looped GEMV and 0.61 ms for a read-only kernel on these tiles.
 Reference: `kernels.reference.int4_matmul_rows_reference`.
@@ -105,15 +111,55 @@ def tile_pointers(x_ptr, qw_ptr, N, G, words_per_row, BLOCK_N: tl.constexpr, GRO
     return offs_n, offs_n < N, word_ptrs, group_offsets, x_base
 
 
+PROLOGUES = {None: 0, "rmsnorm": 1, "silu_mul": 2}
+
+
+@triton.jit
+def prologue_input(x_ptr, offs, nw_ptr, K, PROLOGUE: tl.constexpr):
+    """Inputs `offs` of the product after the prologue, in fp32, and h^2 for the norm (zeros without one).
+    silu(gate) * up is rounded to x's dtype, as the unfused product stored it."""
+    if PROLOGUE == 2:
+        gate = tl.load(x_ptr + offs).to(tl.float32)
+        x = (gate * tl.sigmoid(gate) * tl.load(x_ptr + K + offs).to(tl.float32)).to(x_ptr.dtype.element_ty)
+        x = x.to(tl.float32)
+        square = tl.zeros_like(x)
+    else:
+        h = tl.load(x_ptr + offs).to(tl.float32)
+        if PROLOGUE == 1:
+            x = h * tl.load(nw_ptr + offs).to(tl.float32)
+            square = h * h
+        else:
+            x = h
+            square = tl.zeros_like(h)
+    return x, square
+
+
+@triton.jit
+def finish_output(acc, square_sum, offs_n, n_mask, y_ptr, res_ptr, K, eps, PROLOGUE: tl.constexpr,
+                  RESIDUAL: tl.constexpr):
+    """Store y [BLOCK_N] = acc (* the norm's rsqrt) (+ residual) in y's dtype, rounding as the unfused steps do."""
+    if PROLOGUE == 1:
+        acc = acc * tl.rsqrt(square_sum / K + eps)
+    y = acc.to(y_ptr.dtype.element_ty)
+    if RESIDUAL:
+        y = (tl.load(res_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32) + y.to(tl.float32)).to(y.dtype)
+    tl.store(y_ptr + offs_n, y, mask=n_mask)
+
+
 @triton.jit
 def _split_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, N, G, words_per_row, SPLIT,
+                nw_ptr, res_ptr, eps,
                 BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr, IN_KERNEL: tl.constexpr,
-                SPLIT_P2: tl.constexpr, EVEN_N: tl.constexpr, USE_ASM: tl.constexpr):
+                SPLIT_P2: tl.constexpr, EVEN_N: tl.constexpr, USE_ASM: tl.constexpr, PROLOGUE: tl.constexpr = 0,
+                RESIDUAL: tl.constexpr = False):
     """One [BLOCK_N, GROUPS groups] tile: partial y[n] over this program's groups."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n, n_mask, word_ptrs, group_offsets, x_base = tile_pointers(x_ptr, qw_ptr, N, G, words_per_row, BLOCK_N,
                                                                      GROUPS, GROUP_SIZE)
+    K = words_per_row * 8
+    # input index of nibble 0 of each word [GROUPS, words per group] (x_base's offsets, for the prologue's loads)
+    x_offs = ((pid_k * GROUPS + tl.arange(0, GROUPS)) * GROUP_SIZE)[:, None] + (tl.arange(0, GROUP_SIZE // 8) * 8)[None, :]
     if EVEN_N:  # no mask: the loads stay 16-byte vectors
         words = tl.load(word_ptrs, eviction_policy="evict_first")
         scale = tl.load(s_ptr + group_offsets).to(tl.float32)
@@ -123,7 +169,19 @@ def _split_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, N,
         scale = tl.load(s_ptr + group_offsets, mask=n_mask[:, None], other=0.0).to(tl.float32)
         zero = tl.load(z_ptr + group_offsets, mask=n_mask[:, None], other=0).to(tl.float32)
     if USE_ASM:
-        x0, x1, x2, x3, x4, x5, x6, x7 = load_word_inputs(x_base)
+        if PROLOGUE == 0:
+            x0, x1, x2, x3, x4, x5, x6, x7 = load_word_inputs(x_base)
+            squares = tl.zeros(x_offs.shape, dtype=tl.float32)
+        else:
+            x0, q0 = prologue_input(x_ptr, x_offs + 0, nw_ptr, K, PROLOGUE)
+            x1, q1 = prologue_input(x_ptr, x_offs + 1, nw_ptr, K, PROLOGUE)
+            x2, q2 = prologue_input(x_ptr, x_offs + 2, nw_ptr, K, PROLOGUE)
+            x3, q3 = prologue_input(x_ptr, x_offs + 3, nw_ptr, K, PROLOGUE)
+            x4, q4 = prologue_input(x_ptr, x_offs + 4, nw_ptr, K, PROLOGUE)
+            x5, q5 = prologue_input(x_ptr, x_offs + 5, nw_ptr, K, PROLOGUE)
+            x6, q6 = prologue_input(x_ptr, x_offs + 6, nw_ptr, K, PROLOGUE)
+            x7, q7 = prologue_input(x_ptr, x_offs + 7, nw_ptr, K, PROLOGUE)
+            squares = ((q0 + q1) + (q2 + q3)) + ((q4 + q5) + (q6 + q7))
         x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
         # x_j scaled by 2^(23 - bit_j), bit_j = 0, 4, 8, 12, 16 (j < 5) and 8, 12, 16 (j >= 5, after >> 12)
         word_dot = tl.inline_asm_elementwise(
@@ -136,28 +194,38 @@ def _split_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, N,
         high = words >> 12  # nibbles 5, 6, 7 (bits 20..31) land at bits 8..19, inside the mantissa
         words_dot = tl.zeros(words.shape, dtype=tl.float32)
         x_sum = tl.zeros(x_base.shape, dtype=tl.float32)
+        squares = tl.zeros(x_base.shape, dtype=tl.float32)
         for j in tl.static_range(8):
-            x = tl.load(x_base + j).to(tl.float32)
+            x, square = prologue_input(x_ptr, x_offs + j, nw_ptr, K, PROLOGUE)
             x_sum += x
+            squares += square
             words_dot += nibble_level(words, high, j) * (x * (8388608.0 / (1 << (4 * j - 12 * (j >= 5)))))[None, :, :]
         dot = tl.sum(words_dot, axis=2)
     acc = tl.sum(scale * (dot - zero * tl.sum(x_sum, axis=1)[None, :]), axis=1)  # [BLOCK_N]
+    square_sum = tl.sum(tl.sum(squares, axis=1), axis=0)  # this slice's share of sum(h^2) (rmsnorm only)
     if not IN_KERNEL:
         tl.store(partial_ptr + pid_k * N + offs_n, acc, mask=n_mask)
     elif SPLIT == 1:
-        tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+        finish_output(acc, square_sum, offs_n, n_mask, y_ptr, res_ptr, K, eps, PROLOGUE, RESIDUAL)
     else:
         # Every program stores its partial; the last to arrive at this row tile (an atomic counter, reset by
         # it) loads all SPLIT partials in one [SPLIT_P2, BLOCK_N] tile, so the reduction costs one L2 round
         # trip, not one per partial as a loop over them would (~3 us per call on the H200, run 6).
         tl.store(partial_ptr + pid_k * N + offs_n, acc, mask=n_mask)
+        squares_ptr = partial_ptr + SPLIT * N + pid_n * SPLIT  # per row tile: each slice's sum(h^2)
+        if PROLOGUE == 1:
+            tl.store(squares_ptr + pid_k, square_sum)
         tl.debug_barrier()  # every thread's partial is written before the counter says so
         arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")
         if arrived == SPLIT - 1:
             offs_s = tl.arange(0, SPLIT_P2)
             parts = tl.load(partial_ptr + offs_s[:, None] * N + offs_n[None, :],
                             mask=(offs_s < SPLIT)[:, None] & n_mask[None, :], other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + offs_n, tl.sum(parts, axis=0).to(y_ptr.dtype.element_ty), mask=n_mask)
+            if PROLOGUE == 1:
+                square_sum = tl.sum(tl.load(squares_ptr + offs_s, mask=offs_s < SPLIT, other=0.0,
+                                            cache_modifier=".cg"), axis=0)
+            finish_output(tl.sum(parts, axis=0), square_sum, offs_n, n_mask, y_ptr, res_ptr, K, eps, PROLOGUE,
+                          RESIDUAL)
             tl.atomic_xchg(counter_ptr + pid_n, 0)
 
 
@@ -166,7 +234,7 @@ def split_fits(N: int, G: int, block_n: int, groups: int, in_kernel: bool) -> bo
     [split, BLOCK_N] tile of them stays within 64 fp32 registers per thread (4 warps)."""
     split = G // groups
     return (G % groups == 0 and triton.cdiv(N, block_n) <= 1 << 14
-            and (not in_kernel or split == 1 or (split * N <= SPLIT_WORKSPACE
+            and (not in_kernel or split == 1 or (split * N + triton.cdiv(N, block_n) * split <= SPLIT_WORKSPACE
                                                   and triton.next_power_of_2(split) * block_n <= 8192)))
 
 
@@ -175,15 +243,24 @@ _split_tuner = TileTuner()
 
 
 def split_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                    group_size: int, config: dict | None = None, reduce: str = "partials") -> torch.Tensor:
+                    group_size: int, config: dict | None = None, reduce: str = "partials", prologue: str | None = None,
+                    norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+                    residual: torch.Tensor | None = None) -> torch.Tensor:
     """x [1, K] fp16/bf16 @ Wᵀ. reduce="partials": fp32 partial sums [S, N] (S = G / GROUPS, tuned:
     G / partials_groups(G)) for the caller to add up; reduce="in_kernel": y [1, N] in x.dtype. `config` {"BLOCK_N", "GROUPS", "num_warps"}
-    skips the tuner; its "USE_ASM" (default: on a GPU) picks the inline-PTX word dot over plain Triton."""
-    M, K = x.shape
+    skips the tuner; its "USE_ASM" (default: on a GPU) picks the inline-PTX word dot over plain Triton.
+    In-kernel only: prologue "rmsnorm" (x is the residual stream; `norm_weight` [K], `eps`) or "silu_mul" (x is
+    [1, 2K], gate then up), and `residual` [1, N] added to y."""
+    M = x.shape[0]
     N, G = scales.shape
+    K = G * group_size
     assert M == 1, "the split GEMV takes one row of x"
     assert reduce in ("partials", "in_kernel"), reduce
+    assert prologue in PROLOGUES, prologue
+    assert x.shape[1] == (2 * K if prologue == "silu_mul" else K), (x.shape, K, prologue)
+    assert (norm_weight is not None) == (prologue == "rmsnorm"), prologue
     in_kernel = reduce == "in_kernel"
+    assert in_kernel or (prologue is None and residual is None), "prologues and residuals need the in-kernel reduction"
     use_asm = (config or {}).get("USE_ASM", not _INTERPRETED)
 
     def launch(c: tuple[int, int, int]) -> torch.Tensor:
@@ -195,9 +272,12 @@ def split_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         else:
             out = partial = counter = torch.empty(split, N, dtype=torch.float32, device=x.device)  # y, counter unused
         _split_gemv[(triton.cdiv(N, block_n), split)](
-            x, qweight, scales, zeros, out, partial, counter, N, G, K // 8, split, BLOCK_N=block_n, GROUPS=groups,
+            x, qweight, scales, zeros, out, partial, counter, N, G, K // 8, split,
+            x if norm_weight is None else norm_weight, x if residual is None else residual, eps,
+            BLOCK_N=block_n, GROUPS=groups,
             GROUP_SIZE=group_size, IN_KERNEL=in_kernel, SPLIT_P2=triton.next_power_of_2(split) if in_kernel else 1,
-            EVEN_N=N % block_n == 0, USE_ASM=use_asm, num_warps=warps)
+            EVEN_N=N % block_n == 0, USE_ASM=use_asm, PROLOGUE=PROLOGUES[prologue], RESIDUAL=residual is not None,
+            num_warps=warps)
         return out
 
     if config is not None and "BLOCK_N" in config:
@@ -206,5 +286,6 @@ def split_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     else:
         table = SPLIT_CONFIGS if in_kernel else [c for c in SPLIT_CONFIGS if c[1] == partials_groups(G)]
         candidates = [c for c in table if split_fits(N, G, c[0], c[1], in_kernel)] or [(128, partials_groups(G), 4)]
-        chosen = _split_tuner.pick((x.device, N, K, group_size, x.dtype, reduce, use_asm), launch, candidates)
+        key = (x.device, N, K, group_size, x.dtype, reduce, use_asm, prologue, residual is not None)
+        chosen = _split_tuner.pick(key, launch, candidates)
     return launch(chosen)

@@ -30,6 +30,22 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def project(linear: nn.Module, x: torch.Tensor, norm: nn.Module | None = None, silu_mul: bool = False,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
+    """(residual +) linear(prologue(x)), prologue: `norm`, or silu(gate) * up over x = gate|up. Layers with a
+    `forward_fused` (int4's QuantLinear) may do it in one kernel; for the rest these are the plain steps."""
+    fused = getattr(linear, "forward_fused", None)
+    if fused is not None:
+        return fused(x, norm=norm, silu_mul=silu_mul, residual=residual)
+    if norm is not None:
+        x = norm(x)
+    if silu_mul:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    y = linear(x)
+    return y if residual is None else residual + y
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, layer_index: int):
         super().__init__()
@@ -47,23 +63,28 @@ class Attention(nn.Module):
         self.qkv_sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
         self.rotary: tuple = ()  # (the model's RotaryEmbedding,): its inv_freq for the fused decode kernel
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                positions: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                kv_cache: KVCache | None, norm: nn.Module | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """(residual +) attention(norm(x)): the decoder layer's norm and residual add are passed in so that
+        layers able to fuse them into their products (int4 at batch 1) can."""
         B, T, _ = x.shape
         qkv = None
         if self.qkv_weight is not None:
-            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+            qkv = F.linear(x if norm is None else norm(x), self.qkv_weight, self.qkv_bias)
         elif self.qkv_packed:
-            qkv = self.qkv_packed[0](x)
+            qkv = project(self.qkv_packed[0], x, norm=norm)
         if qkv is not None and T == 1 and self.rotary and hasattr(kv_cache, "attend_rope"):
             # decode: one kernel rotates, stores and attends
             out = kv_cache.attend_rope(self.layer_index, qkv, self.num_heads, cos, sin, self.rotary[0].inv_freq,
                                        positions)
             if out is not None:
-                return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+                return project(self.o_proj, out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim),
+                               residual=residual)
         if qkv is not None:
             q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         else:
+            x = x if norm is None else norm(x)
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -73,7 +94,7 @@ class Attention(nn.Module):
             out = ops.attention(q, k, v, causal=True)
         else:  # a static cache (generation) or the engine's paged cache: each stores k/v and attends its own way
             out = kv_cache.attend(self.layer_index, q, k, v, positions)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        return project(self.o_proj, out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim), residual=residual)
 
 
 class MLP(nn.Module):
@@ -89,14 +110,16 @@ class MLP(nn.Module):
         self.register_buffer("gate_up_bias", None, persistent=False)
         self.gate_up_packed: tuple = ()  # (fused int4 QuantLinear,), set by model.fusion.fuse_projections
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """(residual +) mlp(norm(x)), for the same reason as Attention.forward's."""
         if self.gate_up_weight is not None:
-            gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+            gate_up = F.linear(x if norm is None else norm(x), self.gate_up_weight, self.gate_up_bias)
         elif self.gate_up_packed:
-            gate, up = self.gate_up_packed[0](x).chunk(2, dim=-1)
+            gate_up = project(self.gate_up_packed[0], x, norm=norm)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+            x = x if norm is None else norm(x)
+            return project(self.down_proj, F.silu(self.gate_proj(x)) * self.up_proj(x), residual=residual)
+        return project(self.down_proj, gate_up, silu_mul=True, residual=residual)
 
 
 class DecoderLayer(nn.Module):
@@ -108,8 +131,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, positions, kv_cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # x + attn(norm(x)), then h + mlp(norm(h)), with the norms and adds handed to the sublayers (see project)
+        h = self.self_attn(x, cos, sin, positions, kv_cache, norm=self.input_layernorm, residual=x)
+        return self.mlp(h, norm=self.post_attention_layernorm, residual=h)
 
 
 class LlamaModel(nn.Module):

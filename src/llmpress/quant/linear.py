@@ -7,6 +7,7 @@ and forward(x) keeps nn.Linear's contract, x [..., in] -> [..., out].
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llmpress.kernels import ops
@@ -124,6 +125,26 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def forward_fused(self, x: torch.Tensor, norm: nn.Module | None = None, silu_mul: bool = False,
+                      residual: torch.Tensor | None = None) -> torch.Tensor:
+        """(residual +) self(prologue(x)), prologue: `norm` (an RMSNorm) or silu(gate) * up over x = gate|up.
+        A decoder layer's steps between its GEMVs: at batch 1 on the GPU one kernel does all of them
+        (ops.int4_gemv_rows_fused); elsewhere they run one after another, exactly as the layer wrote them."""
+        x2d = x.reshape(-1, x.shape[-1])
+        if self.row_layout and self.bias is None and ops.int4_fused_gemv_applies(x2d) and \
+                (norm is None or hasattr(norm, "eps")):
+            y = ops.int4_gemv_rows_fused(x2d, self.qweight_rows, self.scales_rows, self.zeros_rows, self.group_size,
+                                         None if norm is None else norm.weight, 0.0 if norm is None else norm.eps,
+                                         silu_mul, None if residual is None else residual.reshape(1, -1))
+            return y.reshape(*x.shape[:-1], self.out_features)
+        if norm is not None:
+            x = norm(x)
+        if silu_mul:
+            gate, up = x.chunk(2, dim=-1)
+            x = F.silu(gate) * up
+        y = self(x)
+        return y if residual is None else residual + y
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
