@@ -41,6 +41,7 @@ from llmpress.quant.calibration import quantize_model
 from llmpress.quant.linear import QuantLinear, replace_linears, use_row_layouts
 from llmpress.quant.rtn import quantize_rtn
 import llmpress.generation.generator as generator_module
+from llmpress.model import StaticKVCache
 from llmpress.model.fusion import fuse_projections
 from llmpress.quant.scheme import QuantScheme
 
@@ -71,6 +72,26 @@ def prefill_rel_error(model, prompt) -> float:
     return ((fast - ref).norm() / ref.norm()).item()
 
 
+def decode_step_rel_error(model, prompt) -> float:
+    """The logits of one decode step after the prompt (the batch-1 path: split GEMVs with the layer's steps
+    folded in, RoPE inside attention, as this variant sets them) vs the reference ops (eager, no compile)."""
+    T = prompt.shape[1]
+    outs = []
+    with torch.inference_mode():
+        for backend in ("auto", "torch"):
+            cache = StaticKVCache(model.config, 1, T + 1, model.dtype, prompt.device)
+            with ops.use_backend(backend):
+                model(prompt, torch.arange(T, device=prompt.device), cache)
+                outs.append(model(prompt[:, -1:], torch.tensor([T], device=prompt.device), cache).float())
+    return ((outs[0] - outs[1]).norm() / outs[1].norm()).item()
+
+
+# label -> (RoPE + cache write inside attention, the layer steps int4 GEMVs take in); others: the defaults
+DEFAULT_STEPS = (ops.fuse_rope_into_attention, ops.int4_fused_steps)
+STEP_VARIANTS = {"int4-apart": (False, frozenset()), "int4-rope": (True, frozenset()),
+                 "int4-rope+res": (True, frozenset({"residual"})),
+                 "int4-rope+res+norm": (True, frozenset({"residual", "norm"})),
+                 "int4-rope+all": (True, ops.INT4_LAYER_STEPS)}
 _triton_int4_matmul = ops.int4_matmul
 
 
@@ -93,8 +114,9 @@ def main() -> int:
                         help="bf16; int4-gptq-layout (the GPTQ-layout kernels); int4 (row-layout kernels); int4+head "
                              "(also lm_head in int4 g128); int4-partials (int4, the batch-1 GEMV's partial sums added by "
                              "PyTorch for Inductor to fuse); int4-inductor (dequantization left to torch.compile); "
-                             "int4-steps-apart (int4 without RMSNorm / silu * up / residual add folded into the GEMVs); "
-                             "int4-rope-apart (int4 with RoPE and the cache write in kernels of their own)")
+                             "int4 with some of the decoder layer's steps in kernels of their own (RoPE + cache write, "
+                             "RMSNorm, silu * up, residual add): int4-apart (all of them), int4-rope (only RoPE fused "
+                             "into attention), int4-rope+res, int4-rope+res+norm, int4-rope+all (those steps fused)")
     parser.add_argument("--profile", action="store_true", help="print the kernels of one decode step per variant")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -123,16 +145,19 @@ def main() -> int:
                 replace_linears(model, {"lm_head": quantize_rtn(model.lm_head.weight.detach(), scheme)})
                 gc.collect()
                 torch.cuda.empty_cache()
-            rows = label in ("int4", "int4+head", "int4-partials", "int4-steps-apart", "int4-rope-apart")
+            rows = label in ("int4", "int4+head", "int4-partials") or label in STEP_VARIANTS
             ops.int4_batch1_reduce = "partials" if label == "int4-partials" else "in_kernel"
-            ops.fuse_int4_layer_steps = label != "int4-steps-apart"
-            ops.fuse_rope_into_attention = label != "int4-rope-apart"
+            ops.fuse_rope_into_attention, ops.int4_fused_steps = STEP_VARIANTS.get(label, DEFAULT_STEPS)
             if rows:
                 use_row_layouts(model)
                 fuse_projections(model)  # int4 q|k|v and gate|up as one layer each, as the generator does
                 key = f"{label}_prefill_logits_rel_error_triton_vs_reference"
                 entry[key] = prefill_rel_error(model, prompt)
                 print(f"{arch} {label} prefill logits, Triton vs reference: relative error {entry[key]:.2e}", flush=True)
+                key = f"{label}_decode_step_logits_rel_error_triton_vs_reference"
+                entry[key] = decode_step_rel_error(model, prompt)
+                print(f"{arch} {label} decode-step logits (batch-1 kernels, fused steps), Triton vs reference: "
+                      f"relative error {entry[key]:.2e}", flush=True)
             # The generator re-lays int4 weights for the row kernels on CUDA; the GPTQ-layout variants keep theirs.
             generator_module.use_row_layouts = use_row_layouts if rows else (lambda model: 0)
             ops.int4_matmul = inductor_int4_matmul if label == "int4-inductor" else _triton_int4_matmul

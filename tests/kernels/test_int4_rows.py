@@ -192,11 +192,11 @@ def test_triton_split_gemv_fuses_norm_silu_and_residual(K, N, group_size, dtype)
     for kwargs, x in [(dict(norm=norm), h), (dict(silu_mul=True), gate_up), (dict(residual=residual), h),
                       (dict(silu_mul=True, residual=residual), gate_up)]:
         fused = layer.forward_fused(x[None], **kwargs)  # [1, 1, K]: the model's shape
-        ops.fuse_int4_layer_steps = False
+        ops.int4_fused_steps = frozenset()
         try:
             apart = layer.forward_fused(x[None], **kwargs)
         finally:
-            ops.fuse_int4_layer_steps = True
+            ops.int4_fused_steps = ops.INT4_LAYER_STEPS
         assert fused.shape == apart.shape == (1, 1, N) and rel_error(fused, apart) < 1e-2, list(kwargs)
 
 

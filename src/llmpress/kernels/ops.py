@@ -206,14 +206,16 @@ def _(x, qweight, scales, zeros, group_size):
     return x.new_empty(G // partials_groups(G), qweight.shape[0], dtype=torch.float32)
 
 
-# Whether batch-1 int4 layers take the RMSNorm before them, silu * up and the residual add after them into
-# their GEMV (int4_gemv_rows_fused). benchmarks/int4_gpu.py times both (variant int4-steps-apart).
-fuse_int4_layer_steps = True
+# Which of a decoder layer's steps batch-1 int4 layers take into their GEMV (int4_gemv_rows_fused): "norm" (the
+# RMSNorm before q|k|v and gate|up), "silu" (silu * up before down), "residual" (the add after o and down).
+# benchmarks/int4_gpu.py times the combinations (variants int4-apart, int4-rope, int4-rope+res, ...).
+INT4_LAYER_STEPS = frozenset({"norm", "silu", "residual"})
+int4_fused_steps = frozenset({"residual"})
 
 
 def int4_fused_gemv_applies(x: torch.Tensor) -> bool:
     """Whether `int4_gemv_rows_fused` runs the Triton split GEMV (one row of fp16/bf16 x on CUDA) for x [M, K]."""
-    return (fuse_int4_layer_steps and int4_batch1_reduce == "in_kernel" and _backend in ("auto", "triton")
+    return (bool(int4_fused_steps) and int4_batch1_reduce == "in_kernel" and _backend in ("auto", "triton")
             and x.is_cuda and HAS_TRITON and x.shape[0] == 1 and x.dtype in (torch.float16, torch.bfloat16))
 
 

@@ -132,19 +132,24 @@ class QuantLinear(nn.Module):
         A decoder layer's steps between its GEMVs: at batch 1 on the GPU one kernel does all of them
         (ops.int4_gemv_rows_fused); elsewhere they run one after another, exactly as the layer wrote them."""
         x2d = x.reshape(-1, x.shape[-1])
-        if self.row_layout and self.bias is None and ops.int4_fused_gemv_applies(x2d) and \
-                (norm is None or hasattr(norm, "eps")):
-            y = ops.int4_gemv_rows_fused(x2d, self.qweight_rows, self.scales_rows, self.zeros_rows, self.group_size,
-                                         None if norm is None else norm.weight, 0.0 if norm is None else norm.eps,
-                                         silu_mul, None if residual is None else residual.reshape(1, -1))
-            return y.reshape(*x.shape[:-1], self.out_features)
-        if norm is not None:
-            x = norm(x)
-        if silu_mul:
+        fusable = self.row_layout and self.bias is None and ops.int4_fused_gemv_applies(x2d)
+        steps = ops.int4_fused_steps if fusable else frozenset()
+        if norm is not None and ("norm" not in steps or not hasattr(norm, "eps")):
+            x, norm = norm(x), None
+        if silu_mul and "silu" not in steps:
             gate, up = x.chunk(2, dim=-1)
-            x = F.silu(gate) * up
-        y = self(x)
-        return y if residual is None else residual + y
+            x, silu_mul = F.silu(gate) * up, False
+        add_after = residual if "residual" not in steps else None
+        residual = None if add_after is not None else residual
+        if norm is not None or silu_mul or residual is not None:
+            y = ops.int4_gemv_rows_fused(x.reshape(1, -1), self.qweight_rows, self.scales_rows, self.zeros_rows,
+                                         self.group_size, None if norm is None else norm.weight,
+                                         0.0 if norm is None else norm.eps, silu_mul,
+                                         None if residual is None else residual.reshape(1, -1))
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        else:
+            y = self(x)
+        return y if add_after is None else add_after + y
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
