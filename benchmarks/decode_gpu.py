@@ -32,15 +32,15 @@ from llmpress.kernels import ops
 from llmpress.loading.loader import random_model
 from llmpress.model.fusion import unfuse_projections
 
-# variant -> (decode mode, fuse q|k|v and gate|up, attention backend, RoPE + cache write inside the attention kernel)
+# variant -> (decode mode, fuse q|k|v and gate|up, attention backend, ops.fuse_rope_into_attention)
 VARIANTS = {
-    "eager": ("eager", False, "auto", True),
-    "graph": ("graph", True, "auto", True),
-    "compile-unfused-sdpa": ("compile", False, "sdpa", True),
-    "compile-sdpa": ("compile", True, "sdpa", True),
-    "compile": ("compile", True, "auto", True),
-    "compile-unfused": ("compile", False, "auto", True),
-    "compile-rope-apart": ("compile", True, "auto", False),  # rotate and store in kernels of their own
+    "eager": ("eager", False, "auto", "int4"),
+    "graph": ("graph", True, "auto", "int4"),
+    "compile-unfused-sdpa": ("compile", False, "sdpa", "int4"),
+    "compile-sdpa": ("compile", True, "sdpa", "int4"),
+    "compile": ("compile", True, "auto", "int4"),  # bf16: RoPE and the cache write in kernels of their own
+    "compile-unfused": ("compile", False, "auto", "int4"),
+    "compile-rope-fused": ("compile", True, "auto", "always"),  # RoPE and the cache write inside attention
 }
 
 
@@ -101,7 +101,7 @@ def main() -> int:
     bandwidth = measure_copy_bandwidth("cuda")
     print(f"{gpu}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); torch {torch.__version__}, "
           f"transformers {transformers.__version__}", flush=True)
-    results = {"script": "benchmarks/decode_gpu.py", "date": date.today().isoformat(), "gpu": gpu,
+    results = {"script": "benchmarks/decode_gpu.py", "command": " ".join(sys.argv), "date": date.today().isoformat(), "gpu": gpu,
                "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
                "copy_bandwidth_bytes_per_s": bandwidth, "new_tokens": args.new_tokens, "prompt_len": args.prompt_len,
                "batch_size": 1, "architectures": {}}

@@ -88,10 +88,10 @@ def decode_step_rel_error(model, prompt) -> float:
 
 # label -> (RoPE + cache write inside attention, the layer steps int4 GEMVs take in); others: the defaults
 DEFAULT_STEPS = (ops.fuse_rope_into_attention, ops.int4_fused_steps)
-STEP_VARIANTS = {"int4-apart": (False, frozenset()), "int4-rope": (True, frozenset()),
-                 "int4-rope+res": (True, frozenset({"residual"})),
-                 "int4-rope+res+norm": (True, frozenset({"residual", "norm"})),
-                 "int4-rope+all": (True, ops.INT4_LAYER_STEPS)}
+STEP_VARIANTS = {"int4-apart": ("never", frozenset()), "int4-rope": ("int4", frozenset()),
+                 "int4-rope+res": ("int4", frozenset({"residual"})),
+                 "int4-rope+res+norm": ("int4", frozenset({"residual", "norm"})),
+                 "int4-rope+all": ("int4", ops.INT4_LAYER_STEPS)}
 _triton_int4_matmul = ops.int4_matmul
 
 
@@ -124,7 +124,7 @@ def main() -> int:
         print("this benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
     bandwidth = measure_copy_bandwidth("cuda")
-    results = {"script": "benchmarks/int4_gpu.py", "date": date.today().isoformat(), "gpu": device_name("cuda"),
+    results = {"script": "benchmarks/int4_gpu.py", "command": " ".join(sys.argv), "date": date.today().isoformat(), "gpu": device_name("cuda"),
                "torch": torch.__version__, "copy_bandwidth_bytes_per_s": bandwidth, "new_tokens": args.new_tokens,
                "prompt_len": args.prompt_len, "batch_size": 1, "scheme": "int4 g128 asym (RTN)", "architectures": {}}
     print(f"{results['gpu']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)

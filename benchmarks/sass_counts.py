@@ -26,7 +26,7 @@ from triton.compiler import ASTSource
 from llmpress.atomic_write import write_json_atomic
 from llmpress.kernels.triton_int4_rows_half2 import X_SCALE, _half2_gemv
 from llmpress.kernels.triton_int4_rows_mma import _mma_rows
-from llmpress.kernels.triton_int4_rows_split import SPLIT_CONFIGS, _split_gemv
+from llmpress.kernels.triton_int4_rows_split import PROLOGUES, SPLIT_CONFIGS, _split_gemv
 
 GROUP = 128
 POINTERS = {"x_ptr": "*bf16", "s_ptr": "*bf16", "z_ptr": "*u8", "y_ptr": "*bf16", "partial_ptr": "*fp32",
@@ -76,13 +76,18 @@ def half2_row(block_n: int, groups: int, warps: int) -> dict:
                 weights_per_thread=block_n * groups * GROUP / (32 * warps))
 
 
-def split_row(block_n: int, groups: int, warps: int, in_kernel: bool = False, use_asm: bool = False) -> dict:
-    signature = {**POINTERS, "qw_ptr": "*i32", "N": "i32", "G": "i32", "words_per_row": "i32", "SPLIT": "i32"}
+def split_row(block_n: int, groups: int, warps: int, in_kernel: bool = False, use_asm: bool = False,
+              prologue: str | None = None, residual: bool = False) -> dict:
+    signature = {**POINTERS, "qw_ptr": "*i32", "N": "i32", "G": "i32", "words_per_row": "i32", "SPLIT": "i32",
+                 "nw_ptr": "*bf16", "res_ptr": "*bf16", "eps": "fp32"}
     constants = {"BLOCK_N": block_n, "GROUPS": groups, "GROUP_SIZE": GROUP, "IN_KERNEL": in_kernel, "EVEN_N": True,
-                 "USE_ASM": use_asm, "SPLIT_P2": 32 if in_kernel else 1}
-    aligned = [*POINTERS, "qw_ptr", "N", "words_per_row"]
+                 "USE_ASM": use_asm, "SPLIT_P2": 32 if in_kernel else 1, "PROLOGUE": PROLOGUES[prologue],
+                 "RESIDUAL": residual}
+    aligned = [*POINTERS, "qw_ptr", "N", "words_per_row", "nw_ptr", "res_ptr"]
     counts = opcodes(compile_sass(_split_gemv, signature, constants, aligned, warps))
-    return dict(kernel="split" + (" asm" if use_asm else "") + (" in-kernel reduce" if in_kernel else ""), BLOCK_N=block_n, GROUPS=groups,
+    name = ("split" + (" asm" if use_asm else "") + (" in-kernel reduce" if in_kernel else "")
+            + (f" +{prologue}" if prologue else "") + (" +residual" if residual else ""))
+    return dict(kernel=name, BLOCK_N=block_n, GROUPS=groups,
                 num_warps=warps, counts=counts, weights_per_thread=block_n * groups * GROUP / (32 * warps))
 
 
@@ -95,6 +100,10 @@ def main() -> int:
     rows += [half2_row(*c) for c in [(256, 1, 4), (128, 1, 4), (256, 1, 8), (128, 2, 8), (64, 2, 4), (32, 4, 4)]]
     rows += [split_row(*c) for c in SPLIT_CONFIGS] + [split_row(256, 1, 4, in_kernel=True), split_row(256, 2, 8, in_kernel=True, use_asm=True)]
     rows += [split_row(*c, use_asm=True) for c in SPLIT_CONFIGS]
+    # the decoder-layer steps folded in (in-kernel reduction, as the model runs them)
+    rows += [split_row(*c, in_kernel=True, use_asm=True, prologue=prologue, residual=residual)
+             for c in [(128, 1, 4), (256, 1, 8), (128, 2, 8)]
+             for prologue, residual in [(None, False), (None, True), ("rmsnorm", False), ("silu_mul", False)]]
     print(f"{'kernel':22s} {'BLOCK_N':>7s} {'GROUPS':>6s} {'warps':>5s} {'SASS':>6s} {'w/thread':>8s} {'per w':>6s}  top opcodes")
     for row in rows:
         total = sum(row["counts"].values())

@@ -191,12 +191,14 @@ def test_triton_split_gemv_fuses_norm_silu_and_residual(K, N, group_size, dtype)
     assert layer.use_row_layout()
     for kwargs, x in [(dict(norm=norm), h), (dict(silu_mul=True), gate_up), (dict(residual=residual), h),
                       (dict(silu_mul=True, residual=residual), gate_up)]:
-        fused = layer.forward_fused(x[None], **kwargs)  # [1, 1, K]: the model's shape
-        ops.int4_fused_steps = frozenset()
+        default = ops.int4_fused_steps
         try:
+            ops.int4_fused_steps = ops.INT4_LAYER_STEPS  # every step folded in, whatever the default
+            fused = layer.forward_fused(x[None], **kwargs)  # [1, 1, K]: the model's shape
+            ops.int4_fused_steps = frozenset()
             apart = layer.forward_fused(x[None], **kwargs)
         finally:
-            ops.int4_fused_steps = ops.INT4_LAYER_STEPS
+            ops.int4_fused_steps = default
         assert fused.shape == apart.shape == (1, 1, N) and rel_error(fused, apart) < 1e-2, list(kwargs)
 
 

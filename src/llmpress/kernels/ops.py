@@ -92,14 +92,18 @@ def _(q, k_cache, v_cache, positions):
     return torch.empty_like(q)
 
 
-# Whether one-token decode over a static cache hands RoPE and the cache write to the attention kernel
-# (decode_attention_rope) instead of three small kernels before it. benchmarks/decode_gpu.py times both.
-fuse_rope_into_attention = True
+# When one-token decode over a static cache hands RoPE and the cache write to the attention kernel
+# (decode_attention_rope) instead of three small kernels before it: "int4" (after an int4 q|k|v GEMV: +7.9%
+# for the 3B's int4 decode on the H200), "always" (bf16 too: -1.6 to -1.8% there, Inductor's own kernels
+# around it got slower), "never". benchmarks/decode_gpu.py and int4_gpu.py time them (benchmarks/NOTES.md).
+ROPE_FUSION_MODES = ("never", "int4", "always")
+fuse_rope_into_attention = "int4"
 
 
 def rope_attention_applies(qkv: torch.Tensor, cos: torch.Tensor, head_dim: int) -> bool:
-    """Whether `cached_attention_rope` runs the fused Triton kernel for this new token's qkv ([B, 1, width])."""
-    return (fuse_rope_into_attention and _backend in ("auto", "triton") and qkv.is_cuda and HAS_TRITON
+    """Whether `cached_attention_rope` runs the fused Triton kernel for this new token's qkv ([B, 1, width])
+    (the caller decides whether its projection is one the mode covers)."""
+    return (fuse_rope_into_attention != "never" and _backend in ("auto", "triton") and qkv.is_cuda and HAS_TRITON
             and qkv.shape[1] == 1 and cos.dim() == 2 and head_dim in (64, 128)
             and qkv.dtype in (torch.float16, torch.bfloat16))
 
@@ -209,8 +213,11 @@ def _(x, qweight, scales, zeros, group_size):
 # Which of a decoder layer's steps batch-1 int4 layers take into their GEMV (int4_gemv_rows_fused): "norm" (the
 # RMSNorm before q|k|v and gate|up), "silu" (silu * up before down), "residual" (the add after o and down).
 # benchmarks/int4_gpu.py times the combinations (variants int4-apart, int4-rope, int4-rope+res, ...).
+# Default: norm and residual (3B int4 decode on the H200, one run: none 561.9 tok/s, residual 566.4, residual +
+# norm 602.7, all three 567.0: silu * up is recomputed by every thread that shares a column, and costs more
+# than the kernel it saves).
 INT4_LAYER_STEPS = frozenset({"norm", "silu", "residual"})
-int4_fused_steps = frozenset({"residual"})
+int4_fused_steps = frozenset({"norm", "residual"})
 
 
 def int4_fused_gemv_applies(x: torch.Tensor) -> bool:

@@ -74,7 +74,9 @@ class Attention(nn.Module):
             qkv = F.linear(x if norm is None else norm(x), self.qkv_weight, self.qkv_bias)
         elif self.qkv_packed:
             qkv = project(self.qkv_packed[0], x, norm=norm)
-        if qkv is not None and T == 1 and self.rotary and hasattr(kv_cache, "attend_rope"):
+        rope_fusion = ops.fuse_rope_into_attention == "always" or (
+            ops.fuse_rope_into_attention == "int4" and self.qkv_weight is None)
+        if qkv is not None and T == 1 and rope_fusion and self.rotary and hasattr(kv_cache, "attend_rope"):
             # decode: one kernel rotates, stores and attends
             out = kv_cache.attend_rope(self.layer_index, qkv, self.num_heads, cos, sin, self.rotary[0].inv_freq,
                                        positions)
