@@ -18,6 +18,7 @@ Prints a table and writes JSON (+ PNG).
     python benchmarks/speculative_gpu.py --out benchmarks/results/speculative_h100.json
     python benchmarks/speculative_gpu.py --arch tiny --device cpu --new-tokens 16 --out /tmp/spec_tiny.json
     python benchmarks/speculative_gpu.py --mode compile --int4-only   # plain bf16, then step 4 only
+    python benchmarks/speculative_gpu.py --mode compile --int4-only --int4-head draft   # the draft's head in int4 too
 """
 
 from __future__ import annotations
@@ -50,11 +51,13 @@ def architectures(arch: str) -> tuple[LlamaConfig, LlamaConfig]:
     return KNOWN_ARCHITECTURES[target], KNOWN_ARCHITECTURES[draft]
 
 
-def int4_copy(model, name: str):
+def int4_copy(model, name: str, head: bool = False):
+    """RTN int4 g128 copy of `model`'s decoder linears (and of its lm_head, untied, with `head`)."""
     from llmpress.commands.quantize import quantized_copy
     from llmpress.quant.scheme import QuantScheme
     loaded = LoadedModel(model, None, model.config, name, ModelSource("random", architecture=name))
-    return quantized_copy(loaded, "rtn", QuantScheme(bits=4, group_size=128)).model
+    scheme = QuantScheme(bits=4, group_size=128)
+    return quantized_copy(loaded, "rtn", scheme, lm_head=scheme if head else None).model
 
 
 def time_plain(model, prompt, new_tokens: int, mode: str, repeats: int) -> tuple[list[int], float]:
@@ -117,6 +120,8 @@ def main() -> int:
     parser.add_argument("--skip-int4", action="store_true")
     parser.add_argument("--int4-only", action="store_true",
                         help="plain bf16 for reference, then only the int4 rows (skips the bf16 draft and alpha sweep)")
+    parser.add_argument("--int4-head", choices=("none", "draft", "both"), default="none",
+                        help="int4 rows: also quantize the lm_head of the draft (or of both models) to int4 g128")
     parser.add_argument("--out", default="benchmarks/results/speculative_h100.json")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -157,7 +162,8 @@ def main() -> int:
                                plain_rate, vocab))
         log(f"{rows[-1]['config']}: {rows[-1]['tokens_per_s']:.1f} tok/s, acceptance {rows[-1]['acceptance_rate']:.2f}")
     if not args.skip_int4:
-        target4, draft4 = int4_copy(target, "target"), int4_copy(draft, "draft")
+        target4 = int4_copy(target, "target", head=args.int4_head == "both")
+        draft4 = int4_copy(draft, "draft", head=args.int4_head != "none")
         del target, draft
         reference4, plain4 = time_plain(target4, prompt, args.new_tokens + spare, args.mode, args.repeats)
         rows.append({"config": "plain int4 target", "tokens_per_s": plain4, "speedup": plain4 / plain_rate})
@@ -169,7 +175,8 @@ def main() -> int:
     from llmpress.bench.roofline import device_name
     result = {"target": args.arch.split(",")[0], "draft": args.arch.split(",")[-1], "device": device_name(device),
               "dtype": str(dtype).removeprefix("torch."), "mode": args.mode, "batch_size": 1,
-              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "k": args.k, "checks": checks,
+              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "k": args.k, "int4_head": args.int4_head,
+              "checks": checks,
               "rows": rows, "seconds": round(time.perf_counter() - started, 1), "date": date.today().isoformat(),
               "torch": torch.__version__, "python": platform.python_version(), "command": " ".join(sys.argv)}
     print(format_table(result))
