@@ -41,6 +41,7 @@ from llmpress.quant.calibration import quantize_model
 from llmpress.quant.linear import QuantLinear, replace_linears, use_row_layouts
 from llmpress.quant.rtn import quantize_rtn
 import llmpress.generation.generator as generator_module
+import llmpress.kernels.triton_int4_rows_split as split_module
 from llmpress.model import StaticKVCache
 from llmpress.model.fusion import fuse_projections
 from llmpress.quant.scheme import QuantScheme
@@ -86,12 +87,15 @@ def decode_step_rel_error(model, prompt) -> float:
     return ((outs[0] - outs[1]).norm() / outs[1].norm()).item()
 
 
-# label -> (RoPE + cache write inside attention, the layer steps int4 GEMVs take in); others: the defaults
-DEFAULT_STEPS = (ops.fuse_rope_into_attention, ops.int4_fused_steps)
-STEP_VARIANTS = {"int4-apart": ("never", frozenset()), "int4-rope": ("int4", frozenset()),
-                 "int4-rope+res": ("int4", frozenset({"residual"})),
-                 "int4-rope+res+norm": ("int4", frozenset({"residual", "norm"})),
-                 "int4-rope+all": ("int4", ops.INT4_LAYER_STEPS)}
+# label -> (RoPE + cache write inside attention, the layer steps int4 GEMVs take in, prologue made on a spread
+# tile: triton_int4_rows_split.spread_prologue); other labels: the defaults
+DEFAULT_STEPS = (ops.fuse_rope_into_attention, ops.int4_fused_steps, split_module.spread_prologue)
+STEP_VARIANTS = {"int4-apart": ("never", frozenset(), False), "int4-rope": ("int4", frozenset(), False),
+                 "int4-rope+res": ("int4", frozenset({"residual"}), False),
+                 "int4-rope+res+norm": ("int4", frozenset({"residual", "norm"}), False),
+                 "int4-rope+all": ("int4", ops.INT4_LAYER_STEPS, False),
+                 "int4-spread": ("int4", frozenset({"residual", "norm"}), True),
+                 "int4-spread+all": ("int4", ops.INT4_LAYER_STEPS, True)}
 _triton_int4_matmul = ops.int4_matmul
 
 
@@ -116,7 +120,9 @@ def main() -> int:
                              "PyTorch for Inductor to fuse); int4-inductor (dequantization left to torch.compile); "
                              "int4 with some of the decoder layer's steps in kernels of their own (RoPE + cache write, "
                              "RMSNorm, silu * up, residual add): int4-apart (all of them), int4-rope (only RoPE fused "
-                             "into attention), int4-rope+res, int4-rope+res+norm, int4-rope+all (those steps fused)")
+                             "into attention), int4-rope+res, int4-rope+res+norm, int4-rope+all (those steps fused); "
+                             "int4-spread, int4-spread+all (norm + residual, or all three, with the prologue made on "
+                             "a spread tile)")
     parser.add_argument("--profile", action="store_true", help="print the kernels of one decode step per variant")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -147,7 +153,8 @@ def main() -> int:
                 torch.cuda.empty_cache()
             rows = label in ("int4", "int4+head", "int4-partials") or label in STEP_VARIANTS
             ops.int4_batch1_reduce = "partials" if label == "int4-partials" else "in_kernel"
-            ops.fuse_rope_into_attention, ops.int4_fused_steps = STEP_VARIANTS.get(label, DEFAULT_STEPS)
+            ops.fuse_rope_into_attention, ops.int4_fused_steps, split_module.spread_prologue = STEP_VARIANTS.get(
+                label, DEFAULT_STEPS)
             if rows:
                 use_row_layouts(model)
                 fuse_projections(model)  # int4 q|k|v and gate|up as one layer each, as the generator does

@@ -77,16 +77,16 @@ def half2_row(block_n: int, groups: int, warps: int) -> dict:
 
 
 def split_row(block_n: int, groups: int, warps: int, in_kernel: bool = False, use_asm: bool = False,
-              prologue: str | None = None, residual: bool = False) -> dict:
+              prologue: str | None = None, residual: bool = False, spread: bool = False) -> dict:
     signature = {**POINTERS, "qw_ptr": "*i32", "N": "i32", "G": "i32", "words_per_row": "i32", "SPLIT": "i32",
                  "nw_ptr": "*bf16", "res_ptr": "*bf16", "eps": "fp32"}
     constants = {"BLOCK_N": block_n, "GROUPS": groups, "GROUP_SIZE": GROUP, "IN_KERNEL": in_kernel, "EVEN_N": True,
                  "USE_ASM": use_asm, "SPLIT_P2": 32 if in_kernel else 1, "PROLOGUE": PROLOGUES[prologue],
-                 "RESIDUAL": residual}
+                 "RESIDUAL": residual, "SPREAD_PROLOGUE": spread}
     aligned = [*POINTERS, "qw_ptr", "N", "words_per_row", "nw_ptr", "res_ptr"]
     counts = opcodes(compile_sass(_split_gemv, signature, constants, aligned, warps))
     name = ("split" + (" asm" if use_asm else "") + (" in-kernel reduce" if in_kernel else "")
-            + (f" +{prologue}" if prologue else "") + (" +residual" if residual else ""))
+            + (f" +{prologue}" if prologue else "") + (" spread" if spread else "") + (" +residual" if residual else ""))
     return dict(kernel=name, BLOCK_N=block_n, GROUPS=groups,
                 num_warps=warps, counts=counts, weights_per_thread=block_n * groups * GROUP / (32 * warps))
 
@@ -104,6 +104,8 @@ def main() -> int:
     rows += [split_row(*c, in_kernel=True, use_asm=True, prologue=prologue, residual=residual)
              for c in [(128, 1, 4), (256, 1, 8), (128, 2, 8)]
              for prologue, residual in [(None, False), (None, True), ("rmsnorm", False), ("silu_mul", False)]]
+    rows += [split_row(*c, in_kernel=True, use_asm=True, prologue=prologue, spread=True)
+             for c in [(128, 1, 4), (256, 1, 8), (128, 2, 8)] for prologue in ("rmsnorm", "silu_mul")]
     print(f"{'kernel':22s} {'BLOCK_N':>7s} {'GROUPS':>6s} {'warps':>5s} {'SASS':>6s} {'w/thread':>8s} {'per w':>6s}  top opcodes")
     for row in rows:
         total = sum(row["counts"].values())

@@ -182,11 +182,11 @@ def test_triton_split_gemv_fuses_norm_silu_and_residual(K, N, group_size, dtype)
     G = K // group_size
     for block_n, groups, warps in [(128, 1, 4), (128, 2, 8), (64, 4, 4)]:
         assert split_fits(N, G, block_n, groups, in_kernel=True)
-        for use_asm in (False, True):
-            config = dict(BLOCK_N=block_n, GROUPS=groups, num_warps=warps, USE_ASM=use_asm)
+        for use_asm, spread in [(False, False), (True, False), (True, True)]:  # spread: the prologue on its own tile
+            config = dict(BLOCK_N=block_n, GROUPS=groups, num_warps=warps, USE_ASM=use_asm, SPREAD=spread)
             for kwargs, x, ref in cases:
                 y = split_gemv_rows(x, qweight, scales, zeros, group_size, config, reduce="in_kernel", **kwargs)
-                assert y.dtype == dtype and rel_error(y, ref) < 1e-2, (block_n, groups, use_asm, list(kwargs))
+                assert y.dtype == dtype and rel_error(y, ref) < 1e-2, (block_n, groups, use_asm, spread, list(kwargs))
     layer = QuantLinear.from_runtime(RuntimeQuantWeight(rt.qweight, rt.scales.to(dtype), rt.qzeros, None, group_size, 4))
     assert layer.use_row_layout()
     for kwargs, x in [(dict(norm=norm), h), (dict(silu_mul=True), gate_up), (dict(residual=residual), h),

@@ -112,6 +112,11 @@ def tile_pointers(x_ptr, qw_ptr, N, G, words_per_row, BLOCK_N: tl.constexpr, GRO
 
 
 PROLOGUES = {None: 0, "rmsnorm": 1, "silu_mul": 2}
+# Make the prologue's inputs on one [groups, words, 8] tile per program, then split them apart, instead of in
+# the word dot's layout, where every thread sharing a column repeats them. SASS per thread on sm_90, in-kernel
+# [128 x 1 group] tile: silu * up 1616 -> 944, RMSNorm 1080 -> 944 (896 without a prologue;
+# benchmarks/sass_counts.py). Off until timed on a GPU (benchmarks/int4_gpu.py variants int4-spread*).
+spread_prologue = False
 
 
 @triton.jit
@@ -135,6 +140,25 @@ def prologue_input(x_ptr, offs, nw_ptr, K, PROLOGUE: tl.constexpr):
 
 
 @triton.jit
+def spread_prologue_inputs(x_ptr, x_offs, nw_ptr, K, GROUPS: tl.constexpr, WPG: tl.constexpr,
+                           PROLOGUE: tl.constexpr):
+    """`prologue_input` for the 8 inputs of every packed word at once, on one [GROUPS, WPG, 8] tile, then split
+    into the 8 [GROUPS, WPG] tensors the word dot takes: each input is made once per program instead of once
+    per thread that shares its column. Returns x0..x7 and the tile's h^2 per word."""
+    offs = x_offs[:, :, None] + tl.arange(0, 8)[None, None, :]
+    x, square = prologue_input(x_ptr, offs, nw_ptr, K, PROLOGUE)
+    x = tl.reshape(x, [GROUPS, WPG, 2, 2, 2])  # input j = 4a + 2b + c of a word at [a, b, c]
+    c0, c1 = tl.split(x)
+    b0c0, b1c0 = tl.split(c0)
+    b0c1, b1c1 = tl.split(c1)
+    x0, x4 = tl.split(b0c0)
+    x2, x6 = tl.split(b1c0)
+    x1, x5 = tl.split(b0c1)
+    x3, x7 = tl.split(b1c1)
+    return x0, x1, x2, x3, x4, x5, x6, x7, tl.sum(square, axis=2)
+
+
+@triton.jit
 def finish_output(acc, square_sum, offs_n, n_mask, y_ptr, res_ptr, K, eps, PROLOGUE: tl.constexpr,
                   RESIDUAL: tl.constexpr):
     """Store y [BLOCK_N] = acc (* the norm's rsqrt) (+ residual) in y's dtype, rounding as the unfused steps do."""
@@ -151,7 +175,7 @@ def _split_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, N,
                 nw_ptr, res_ptr, eps,
                 BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr, IN_KERNEL: tl.constexpr,
                 SPLIT_P2: tl.constexpr, EVEN_N: tl.constexpr, USE_ASM: tl.constexpr, PROLOGUE: tl.constexpr = 0,
-                RESIDUAL: tl.constexpr = False):
+                RESIDUAL: tl.constexpr = False, SPREAD_PROLOGUE: tl.constexpr = False):
     """One [BLOCK_N, GROUPS groups] tile: partial y[n] over this program's groups."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -172,6 +196,9 @@ def _split_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, N,
         if PROLOGUE == 0:
             x0, x1, x2, x3, x4, x5, x6, x7 = load_word_inputs(x_base)
             squares = tl.zeros(x_offs.shape, dtype=tl.float32)
+        elif SPREAD_PROLOGUE:
+            x0, x1, x2, x3, x4, x5, x6, x7, squares = spread_prologue_inputs(x_ptr, x_offs, nw_ptr, K, GROUPS,
+                                                                             GROUP_SIZE // 8, PROLOGUE)
         else:
             x0, q0 = prologue_input(x_ptr, x_offs + 0, nw_ptr, K, PROLOGUE)
             x1, q1 = prologue_input(x_ptr, x_offs + 1, nw_ptr, K, PROLOGUE)
@@ -190,6 +217,16 @@ def _split_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, N,
              (x4 * 128.0)[None], (x5 * 32768.0)[None], (x6 * 2048.0)[None], (x7 * 128.0)[None]],
             dtype=tl.float32, is_pure=True, pack=1)
         dot = tl.sum(word_dot, axis=2)
+    elif SPREAD_PROLOGUE and PROLOGUE != 0:  # the plain twin of the branch above (the interpreter checks it)
+        high = words >> 12
+        x0, x1, x2, x3, x4, x5, x6, x7, squares = spread_prologue_inputs(x_ptr, x_offs, nw_ptr, K, GROUPS,
+                                                                         GROUP_SIZE // 8, PROLOGUE)
+        x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+        words_dot = (nibble_level(words, high, 0) * (x0 * 8388608.0)[None] + nibble_level(words, high, 1) * (x1 * 524288.0)[None]
+                     + nibble_level(words, high, 2) * (x2 * 32768.0)[None] + nibble_level(words, high, 3) * (x3 * 2048.0)[None]
+                     + nibble_level(words, high, 4) * (x4 * 128.0)[None] + nibble_level(words, high, 5) * (x5 * 32768.0)[None]
+                     + nibble_level(words, high, 6) * (x6 * 2048.0)[None] + nibble_level(words, high, 7) * (x7 * 128.0)[None])
+        dot = tl.sum(words_dot, axis=2)
     else:
         high = words >> 12  # nibbles 5, 6, 7 (bits 20..31) land at bits 8..19, inside the mantissa
         words_dot = tl.zeros(words.shape, dtype=tl.float32)
@@ -250,7 +287,7 @@ def split_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     G / partials_groups(G)) for the caller to add up; reduce="in_kernel": y [1, N] in x.dtype. `config` {"BLOCK_N", "GROUPS", "num_warps"}
     skips the tuner; its "USE_ASM" (default: on a GPU) picks the inline-PTX word dot over plain Triton.
     In-kernel only: prologue "rmsnorm" (x is the residual stream; `norm_weight` [K], `eps`) or "silu_mul" (x is
-    [1, 2K], gate then up), and `residual` [1, N] added to y."""
+    [1, 2K], gate then up), and `residual` [1, N] added to y. config "SPREAD" overrides `spread_prologue`."""
     M = x.shape[0]
     N, G = scales.shape
     K = G * group_size
@@ -262,6 +299,7 @@ def split_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     in_kernel = reduce == "in_kernel"
     assert in_kernel or (prologue is None and residual is None), "prologues and residuals need the in-kernel reduction"
     use_asm = (config or {}).get("USE_ASM", not _INTERPRETED)
+    spread = (config or {}).get("SPREAD", spread_prologue)
 
     def launch(c: tuple[int, int, int]) -> torch.Tensor:
         block_n, groups, warps = c
@@ -277,7 +315,7 @@ def split_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
             BLOCK_N=block_n, GROUPS=groups,
             GROUP_SIZE=group_size, IN_KERNEL=in_kernel, SPLIT_P2=triton.next_power_of_2(split) if in_kernel else 1,
             EVEN_N=N % block_n == 0, USE_ASM=use_asm, PROLOGUE=PROLOGUES[prologue], RESIDUAL=residual is not None,
-            num_warps=warps)
+            SPREAD_PROLOGUE=spread, num_warps=warps)
         return out
 
     if config is not None and "BLOCK_N" in config:
@@ -286,6 +324,6 @@ def split_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     else:
         table = SPLIT_CONFIGS if in_kernel else [c for c in SPLIT_CONFIGS if c[1] == partials_groups(G)]
         candidates = [c for c in table if split_fits(N, G, c[0], c[1], in_kernel)] or [(128, partials_groups(G), 4)]
-        key = (x.device, N, K, group_size, x.dtype, reduce, use_asm, prologue, residual is not None)
+        key = (x.device, N, K, group_size, x.dtype, reduce, use_asm, prologue, residual is not None, spread)
         chosen = _split_tuner.pick(key, launch, candidates)
     return launch(chosen)
