@@ -30,6 +30,12 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's silu(gate) * up over the fused gate|up output [..., 2I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def project(linear: nn.Module, x: torch.Tensor, norm: nn.Module | None = None, silu_mul: bool = False,
             residual: torch.Tensor | None = None) -> torch.Tensor:
     """(residual +) linear(prologue(x)), prologue: `norm`, or silu(gate) * up over x = gate|up. Layers with a
@@ -40,8 +46,7 @@ def project(linear: nn.Module, x: torch.Tensor, norm: nn.Module | None = None, s
     if norm is not None:
         x = norm(x)
     if silu_mul:
-        gate, up = x.chunk(2, dim=-1)
-        x = F.silu(gate) * up
+        x = swiglu(x)
     y = linear(x)
     return y if residual is None else residual + y
 

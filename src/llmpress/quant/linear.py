@@ -7,11 +7,11 @@ and forward(x) keeps nn.Linear's contract, x [..., in] -> [..., out].
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmpress.kernels import ops
 from llmpress.model.fusion import unfuse_projections
+from llmpress.model.llama import swiglu
 from llmpress.quant.format import (RuntimeQuantWeight, dequantize_runtime, from_runtime, rows_to_runtime,
                                    runtime_to_rows, to_runtime)
 from llmpress.quant.scheme import QuantizedWeight, QuantScheme
@@ -137,8 +137,7 @@ class QuantLinear(nn.Module):
         if norm is not None and ("norm" not in steps or not hasattr(norm, "eps")):
             x, norm = norm(x), None
         if silu_mul and "silu" not in steps:
-            gate, up = x.chunk(2, dim=-1)
-            x, silu_mul = F.silu(gate) * up, False
+            x, silu_mul = swiglu(x), False
         add_after = residual if "residual" not in steps else None
         residual = None if add_after is not None else residual
         if norm is not None or silu_mul or residual is not None:
