@@ -41,6 +41,8 @@ from llmpress.quant.calibration import quantize_model
 from llmpress.quant.linear import QuantLinear, replace_linears, use_row_layouts
 from llmpress.quant.rtn import quantize_rtn
 import llmpress.generation.generator as generator_module
+import llmpress.kernels.pdl as pdl_module
+import llmpress.kernels.triton_attention as attention_module
 import llmpress.kernels.triton_int4_rows_split as split_module
 from llmpress.model import StaticKVCache
 from llmpress.model.fusion import fuse_projections
@@ -87,15 +89,32 @@ def decode_step_rel_error(model, prompt) -> float:
     return ((outs[0] - outs[1]).norm() / outs[1].norm()).item()
 
 
-# label -> (RoPE + cache write inside attention, the layer steps int4 GEMVs take in, prologue made on a spread
-# tile: triton_int4_rows_split.spread_prologue); other labels: the defaults
-DEFAULT_STEPS = (ops.fuse_rope_into_attention, ops.int4_fused_steps, split_module.spread_prologue)
-STEP_VARIANTS = {"int4-apart": ("never", frozenset(), False), "int4-rope": ("int4", frozenset(), False),
-                 "int4-rope+res": ("int4", frozenset({"residual"}), False),
-                 "int4-rope+res+norm": ("int4", frozenset({"residual", "norm"}), False),
-                 "int4-rope+all": ("int4", ops.INT4_LAYER_STEPS, False),
-                 "int4-spread": ("int4", frozenset({"residual", "norm"}), True),
-                 "int4-spread+all": ("int4", ops.INT4_LAYER_STEPS, True)}
+# label -> the batch-1 decode settings it changes from the defaults: "rope" (RoPE + cache write inside attention,
+# ops.fuse_rope_into_attention), "steps" (the layer steps int4 GEMVs take in, ops.int4_fused_steps), "spread"
+# (the prologue made on a spread tile: triton_int4_rows_split.spread_prologue), "pdl" (programmatic dependent
+# launch, kernels/pdl.py), "combine" (who combines decode attention's splits, triton_attention.combine)
+SETTINGS = {"rope": (ops, "fuse_rope_into_attention"), "steps": (ops, "int4_fused_steps"),
+            "spread": (split_module, "spread_prologue"), "pdl": (pdl_module, "enabled"),
+            "combine": (attention_module, "combine")}
+DEFAULTS = {name: getattr(module, attr) for name, (module, attr) in SETTINGS.items()}
+NORM_RES = frozenset({"residual", "norm"})
+STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl=False, combine="kernel"),
+                 "int4-rope": dict(steps=frozenset(), pdl=False, combine="kernel"),
+                 "int4-rope+res": dict(steps=frozenset({"residual"}), pdl=False, combine="kernel"),
+                 "int4-rope+res+norm": dict(steps=NORM_RES, pdl=False, combine="kernel"),
+                 "int4-rope+all": dict(steps=ops.INT4_LAYER_STEPS, pdl=False, combine="kernel"),
+                 "int4-combine": dict(steps=NORM_RES, pdl=False),
+                 "bf16-before": dict(pdl=False, combine="kernel"),
+                 "int4-spread": dict(steps=NORM_RES, spread=True),
+                 "int4-spread+all": dict(steps=ops.INT4_LAYER_STEPS, spread=True)}
+
+
+def apply_settings(label: str) -> None:
+    for name, value in {**DEFAULTS, **STEP_VARIANTS.get(label, {})}.items():
+        module, attr = SETTINGS[name]
+        setattr(module, attr, value)
+
+
 _triton_int4_matmul = ops.int4_matmul
 
 
@@ -120,10 +139,12 @@ def main() -> int:
                              "PyTorch for Inductor to fuse); int4-inductor (dequantization left to torch.compile); "
                              "int4 with some of the decoder layer's steps in kernels of their own (RoPE + cache write, "
                              "RMSNorm, silu * up, residual add): int4-apart (all of them), int4-rope (only RoPE fused "
-                             "into attention), int4-rope+res, int4-rope+res+norm, int4-rope+all (those steps fused); "
-                             "int4-spread, int4-spread+all (norm + residual, or all three, with the prologue made on "
-                             "a spread tile)")
-    parser.add_argument("--profile", action="store_true", help="print the kernels of one decode step per variant")
+                             "into attention), int4-rope+res, int4-rope+res+norm, int4-rope+all (those steps fused; "
+                             "all five without PDL, attention's splits combined by a kernel of their own); "
+                             "int4-combine (norm + residual, splits combined in the attention kernel, no PDL; int4 adds "
+                             "PDL); bf16-before (bf16 without PDL, the splits combined apart); int4-spread, int4-spread+all (norm + residual, or all three, with the prologue "
+                             "made on a spread tile)")
+    parser.add_argument("--profile", default="", help="comma-separated variants whose decode step's kernels are printed")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -143,7 +164,7 @@ def main() -> int:
         model = random_model(config, torch.device("cuda"), torch.bfloat16, seed=0)
         prompt = prompt_token_ids(None, args.prompt_len, config.vocab_size).cuda()
         for label in variants:
-            if label != "bf16" and not any(isinstance(m, QuantLinear) for m in model.modules()):
+            if not label.startswith("bf16") and not any(isinstance(m, QuantLinear) for m in model.modules()):
                 replace_linears(model, quantize_model(model, "rtn", scheme, progress=False))
                 gc.collect()
                 torch.cuda.empty_cache()
@@ -153,40 +174,44 @@ def main() -> int:
                 torch.cuda.empty_cache()
             rows = label in ("int4", "int4+head", "int4-partials") or label in STEP_VARIANTS
             ops.int4_batch1_reduce = "partials" if label == "int4-partials" else "in_kernel"
-            ops.fuse_rope_into_attention, ops.int4_fused_steps, split_module.spread_prologue = STEP_VARIANTS.get(
-                label, DEFAULT_STEPS)
-            if rows:
-                use_row_layouts(model)
-                fuse_projections(model)  # int4 q|k|v and gate|up as one layer each, as the generator does
-                key = f"{label}_prefill_logits_rel_error_triton_vs_reference"
-                entry[key] = prefill_rel_error(model, prompt)
-                print(f"{arch} {label} prefill logits, Triton vs reference: relative error {entry[key]:.2e}", flush=True)
-                key = f"{label}_decode_step_logits_rel_error_triton_vs_reference"
-                entry[key] = decode_step_rel_error(model, prompt)
-                print(f"{arch} {label} decode-step logits (batch-1 kernels, fused steps), Triton vs reference: "
-                      f"relative error {entry[key]:.2e}", flush=True)
-            # The generator re-lays int4 weights for the row kernels on CUDA; the GPTQ-layout variants keep theirs.
-            generator_module.use_row_layouts = use_row_layouts if rows else (lambda model: 0)
-            ops.int4_matmul = inductor_int4_matmul if label == "int4-inductor" else _triton_int4_matmul
-            torch._dynamo.reset()
-            nbytes = decode_bytes(model, mean_context)  # before the generator allocates anything
-            start = time.perf_counter()
-            r = benchmark_decode(model, prompt, 1, args.new_tokens, mode="compile", repeats=3)
-            roofline = bandwidth / nbytes
-            entry[label] = dict(r.to_dict(), bytes_per_token=nbytes, roofline_tokens_per_s=roofline,
-                                fraction_of_roofline=r.decode_tokens_per_s / roofline,
-                                setup_and_runs_s=time.perf_counter() - start)
-            print(f"{arch} {label}: decode {r.decode_tokens_per_s:7.1f} tok/s, {nbytes / 1e9:.2f} GB/token, roofline "
-                  f"{roofline:.0f} tok/s ({r.decode_tokens_per_s / roofline:.1%}); {time.perf_counter() - start:.0f} s", flush=True)
-            if args.profile:
-                from decode_gpu import profile_decode  # benchmarks/
-                print(f"{arch} {label}: kernels of one decode step", flush=True)
-                profile_decode(model, prompt, "compile", fuse=True)
+            try:  # one variant failing (a kernel that does not compile here, say) leaves the others' numbers
+                apply_settings(label)
+                if rows:
+                    use_row_layouts(model)
+                    fuse_projections(model)  # int4 q|k|v and gate|up as one layer each, as the generator does
+                    key = f"{label}_prefill_logits_rel_error_triton_vs_reference"
+                    entry[key] = prefill_rel_error(model, prompt)
+                    print(f"{arch} {label} prefill logits, Triton vs reference: relative error {entry[key]:.2e}", flush=True)
+                    key = f"{label}_decode_step_logits_rel_error_triton_vs_reference"
+                    entry[key] = decode_step_rel_error(model, prompt)
+                    print(f"{arch} {label} decode-step logits (batch-1 kernels, fused steps), Triton vs reference: "
+                          f"relative error {entry[key]:.2e}", flush=True)
+                # The generator re-lays int4 weights for the row kernels on CUDA; the GPTQ-layout variants keep theirs.
+                generator_module.use_row_layouts = use_row_layouts if rows else (lambda model: 0)
+                ops.int4_matmul = inductor_int4_matmul if label == "int4-inductor" else _triton_int4_matmul
+                torch._dynamo.reset()
+                nbytes = decode_bytes(model, mean_context)  # before the generator allocates anything
+                start = time.perf_counter()
+                r = benchmark_decode(model, prompt, 1, args.new_tokens, mode="compile", repeats=3)
+                roofline = bandwidth / nbytes
+                entry[label] = dict(r.to_dict(), bytes_per_token=nbytes, roofline_tokens_per_s=roofline,
+                                    fraction_of_roofline=r.decode_tokens_per_s / roofline,
+                                    setup_and_runs_s=time.perf_counter() - start)
+                print(f"{arch} {label}: decode {r.decode_tokens_per_s:7.1f} tok/s, {nbytes / 1e9:.2f} GB/token, roofline "
+                      f"{roofline:.0f} tok/s ({r.decode_tokens_per_s / roofline:.1%}); {time.perf_counter() - start:.0f} s", flush=True)
+                if label in args.profile.split(","):
+                    from decode_gpu import profile_decode  # benchmarks/
+                    print(f"{arch} {label}: kernels of one decode step", flush=True)
+                    profile_decode(model, prompt, "compile", fuse=True)
+            except Exception as error:  # noqa: BLE001 - recorded and reported, not swallowed
+                entry[label] = {"error": f"{type(error).__name__}: {error}"}
+                print(f"{arch} {label}: FAILED {entry[label]['error']}", flush=True)
+                torch._dynamo.reset()
             _flush(results, args.out)
         ops.int4_matmul = _triton_int4_matmul
         generator_module.use_row_layouts = use_row_layouts
-        if "bf16" in entry:
-            for label in variants:
+        if "decode_tokens_per_s" in entry.get("bf16", {}):
+            for label in [v for v in variants if "decode_tokens_per_s" in entry[v]]:
                 entry[f"{label}_over_bf16"] = entry[label]["decode_tokens_per_s"] / entry["bf16"]["decode_tokens_per_s"]
         del model
         gc.collect()
@@ -210,10 +235,10 @@ def main() -> int:
     print(f"\nBatch-1 decode, {results['gpu']}, prompt {args.prompt_len}, {args.new_tokens} new tokens")
     print(f"{'model':14s} {'variant':14s} {'tok/s':>8s} {'roofline':>9s} {'% roof':>7s} {'x bf16':>7s}")
     for arch, e in results["architectures"].items():
-        for label in variants:
+        for label in [v for v in variants if "decode_tokens_per_s" in e.get(v, {})]:
             v = e[label]
             print(f"{arch:14s} {label:14s} {v['decode_tokens_per_s']:8.1f} {v['roofline_tokens_per_s']:9.0f} "
-                  f"{v['fraction_of_roofline']:7.1%} {v['decode_tokens_per_s'] / e['bf16']['decode_tokens_per_s'] if 'bf16' in e else float('nan'):6.2f}x")
+                  f"{v['fraction_of_roofline']:7.1%} {v['decode_tokens_per_s'] / e['bf16']['decode_tokens_per_s'] if 'decode_tokens_per_s' in e.get('bf16', {}) else float('nan'):6.2f}x")
     _flush(results, args.out)
     return 0
 

@@ -9,6 +9,9 @@ program rotates its q heads (RoPE), and the program whose chunk holds the new po
 writes k, v into the cache before reading it. That replaces three small kernels per layer (rotate q,
 rotate k + write it, write v: ~3.8 us per layer on the H200 for 1-1.4 us of work each) with a few
 instructions inside this one.
+The split programs' partial results are combined by the last program of each KV head to finish (an
+atomic arrival counter, as in the split GEMV), not by a kernel of its own: one kernel per layer, not two.
+With PDL (kernels/pdl.py) the kernel launches while the q|k|v projection is still running.
 Reference: `kernels.reference.attention_reference` with the causal-by-position mask (and `apply_rope`,
 `StaticKVCache.update` before it for the fused variant).
 """
@@ -21,7 +24,13 @@ import torch
 import triton
 import triton.language as tl
 
+from llmpress.kernels.pdl import gdc_launch_dependents, gdc_wait, use_pdl
+from llmpress.kernels.triton_int4 import _workspace
+
 BLOCK_N = 64  # keys per inner step
+# Who combines the splits: "in_kernel" (the last split program of each KV head) or "kernel" (a combine kernel
+# after the split kernel, the way it was first written). benchmarks/decode_gpu.py and int4_gpu.py time both.
+combine = "in_kernel"
 
 
 @triton.jit
@@ -38,12 +47,17 @@ def _rotate(ptr, offs_d, cos, sin, mask, D: tl.constexpr):
 def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
                   stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                   num_kv_heads, num_heads, chunk, sm_scale,
-                  new_k_ptr, new_v_ptr, inv_freq_ptr, stride_nkb, stride_nvb,
+                  new_k_ptr, new_v_ptr, inv_freq_ptr, stride_nkb, stride_nvb, out_ptr, counter_ptr,
                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr, ROPE: tl.constexpr):
+                  NUM_SPLITS: tl.constexpr, ROPE: tl.constexpr, COMBINE: tl.constexpr, BLOCK_S: tl.constexpr,
+                  PDL: tl.constexpr):
     """ROPE: q is the projection's raw output (rotated here), and new_k/new_v ([B, Hkv * D] rows) are the new
     token's k/v, rotated and written at slot `position` by the program whose chunk holds it; otherwise
-    q is rotated already and the cache holds the new token."""
+    q is rotated already and the cache holds the new token. COMBINE: the last split program of this KV head
+    to finish combines all splits into out (else `_combine_kernel` does)."""
+    if PDL:  # nothing here is read-only across kernels (the cache grows each step): wait before any load
+        gdc_launch_dependents()
+        gdc_wait()
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // num_kv_heads
@@ -101,21 +115,37 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
     rows = (b * num_heads + heads) * NUM_SPLITS + split
     tl.store(part_out_ptr + rows[:, None] * D + offs_d[None, :], out, mask=g_mask[:, None])
     tl.store(part_lse_ptr + rows, lse, mask=g_mask)
+    if COMBINE:
+        tl.debug_barrier()  # every thread's partial is written before the counter says so
+        arrived = tl.atomic_add(counter_ptr + bh, 1, sem="acq_rel")
+        if arrived == NUM_SPLITS - 1:
+            for g in tl.static_range(GROUP):
+                _combine_row(part_out_ptr, part_lse_ptr, out_ptr, b * num_heads + kvh * GROUP + g, NUM_SPLITS,
+                             BLOCK_S, D)
+            tl.atomic_xchg(counter_ptr + bh, 0)
+
+
+@triton.jit
+def _combine_row(part_out_ptr, part_lse_ptr, out_ptr, row, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+                 D: tl.constexpr):
+    """out[row] = the splits' outputs weighted by their softmax mass. Loads bypass L1 (.cg): other programs
+    wrote the partials."""
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, D)
+    s_mask = offs_s < NUM_SPLITS
+    lse = tl.load(part_lse_ptr + row * NUM_SPLITS + offs_s, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
+    weights = tl.exp(lse - tl.max(lse, 0))
+    weights = weights / tl.sum(weights, 0)
+    parts = tl.load(part_out_ptr + (row * NUM_SPLITS + offs_s[:, None]) * D + offs_d[None, :], mask=s_mask[:, None],
+                    other=0.0, cache_modifier=".cg")
+    out = tl.sum(parts * weights[:, None], 0)
+    tl.store(out_ptr + row * D + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
 def _combine_kernel(part_out_ptr, part_lse_ptr, out_ptr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
                     D: tl.constexpr):
-    row = tl.program_id(0)  # b * num_heads + head
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, D)
-    s_mask = offs_s < NUM_SPLITS
-    lse = tl.load(part_lse_ptr + row * NUM_SPLITS + offs_s, mask=s_mask, other=float("-inf"))
-    weights = tl.exp(lse - tl.max(lse, 0))
-    weights = weights / tl.sum(weights, 0)
-    parts = tl.load(part_out_ptr + (row * NUM_SPLITS + offs_s[:, None]) * D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
-    out = tl.sum(parts * weights[:, None], 0)
-    tl.store(out_ptr + row * D + offs_d, out.to(out_ptr.dtype.element_ty))
+    _combine_row(part_out_ptr, part_lse_ptr, out_ptr, tl.program_id(0), NUM_SPLITS, BLOCK_S, D)  # b * H + head
 
 
 def num_splits_for(batch_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
@@ -144,16 +174,20 @@ def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple) -> torch
     chunk = math.ceil(math.ceil(S / splits) / BLOCK_N) * BLOCK_N
     part_out = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
+    out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
+    in_kernel = combine == "in_kernel"
+    _, counters = _workspace.get(q.device, 1, B * Hkv)  # the split-K counters: zero between launches
+    pdl = use_pdl(q.device)
+    block_s = max(2, triton.next_power_of_2(splits))
     _split_kernel[(B * Hkv, splits)](
         q, k_cache, v_cache, positions, part_out, part_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        Hkv, H, chunk, 1.0 / math.sqrt(D), *rope_args,
+        Hkv, H, chunk, 1.0 / math.sqrt(D), *rope_args, out, counters,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, D=D, NUM_SPLITS=splits,
-        ROPE=rope, num_warps=4)
-    out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
-    _combine_kernel[(B * H,)](part_out, part_lse, out, NUM_SPLITS=splits,
-                              BLOCK_S=max(2, triton.next_power_of_2(splits)), D=D, num_warps=4)
+        ROPE=rope, COMBINE=in_kernel, BLOCK_S=block_s, PDL=pdl, num_warps=4, launch_pdl=pdl)
+    if not in_kernel:
+        _combine_kernel[(B * H,)](part_out, part_lse, out, NUM_SPLITS=splits, BLOCK_S=block_s, D=D, num_warps=4)
     return out
 
 

@@ -1,0 +1,41 @@
+"""Programmatic dependent launch (PDL, Hopper and later) for our batch-1 decode kernels.
+
+Why: at batch 1 a decoder layer is a chain of small kernels, and each one pays a fixed cost before its
+first byte arrives (launch, then a DRAM round trip): 3.0-3.7 us for the 3B's q|k|v and o GEMVs on the
+H200, as long as the weight read itself (benchmarks/NOTES.md, session 4). With PDL the next kernel is
+launched while this one is still running: its programs start, issue the loads that depend on nothing
+before them (the weights), and wait at `griddepcontrol.wait` for the previous grid to finish and flush
+before they read or write anything else. The fixed cost then overlaps the previous kernel's tail.
+
+The rule every kernel launched this way follows: before `gdc_wait`, only loads of tensors no kernel ever
+writes (weights); every other load and every store after it. `gdc_launch_dependents` at the start lets
+the next kernel launch as soon as all of this kernel's programs run. Both are no-ops on a launch
+without PDL, and CUDA graphs keep the launch attribute as a programmatic edge.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from triton.language.extra import cuda as tl_cuda
+
+from llmpress.kernels.triton_int4 import INTERPRETED
+
+# Switched off by benchmarks for A/B timing (benchmarks/int4_gpu.py variants *-nopdl); on by default where
+# the GPU supports it.
+enabled = True
+
+gdc_wait = tl_cuda.gdc_wait
+gdc_launch_dependents = tl_cuda.gdc_launch_dependents
+
+
+@functools.lru_cache(maxsize=None)
+def _supports_pdl(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether kernels on `device` launch with PDL (and so take PDL=True): Hopper or later, not interpreted."""
+    return enabled and not INTERPRETED and device.type == "cuda" and _supports_pdl(
+        torch.cuda.current_device() if device.index is None else device.index)
