@@ -94,23 +94,30 @@ def decode_step_rel_error(model, prompt) -> float:
 # (the prologue made on a spread tile: triton_int4_rows_split.spread_prologue), "pdl" (programmatic dependent
 # launch, kernels/pdl.py), "combine" (who combines decode attention's splits, triton_attention.combine)
 SETTINGS = {"rope": (ops, "fuse_rope_into_attention"), "steps": (ops, "int4_fused_steps"),
-            "spread": (split_module, "spread_prologue"), "pdl": (pdl_module, "enabled"),
+            "spread": (split_module, "spread_prologue"), "pdl": (pdl_module, "mode"),
             "combine": (attention_module, "combine")}
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr) in SETTINGS.items()}
 NORM_RES = frozenset({"residual", "norm"})
-STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl=False, combine="kernel"),
-                 "int4-rope": dict(steps=frozenset(), pdl=False, combine="kernel"),
-                 "int4-rope+res": dict(steps=frozenset({"residual"}), pdl=False, combine="kernel"),
-                 "int4-rope+res+norm": dict(steps=NORM_RES, pdl=False, combine="kernel"),
-                 "int4-rope+all": dict(steps=ops.INT4_LAYER_STEPS, pdl=False, combine="kernel"),
-                 "int4-combine": dict(steps=NORM_RES, pdl=False),
-                 "bf16-before": dict(pdl=False, combine="kernel"),
+STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", combine="kernel"),
+                 "int4-rope": dict(steps=frozenset(), pdl="off", combine="kernel"),
+                 "int4-rope+res": dict(steps=frozenset({"residual"}), pdl="off", combine="kernel"),
+                 "int4-rope+res+norm": dict(steps=NORM_RES, pdl="off", combine="kernel"),
+                 "int4-rope+all": dict(steps=ops.INT4_LAYER_STEPS, pdl="off", combine="kernel"),
+                 "int4-combine": dict(steps=NORM_RES, pdl="off"),
+                 "int4-pdl-late": dict(steps=NORM_RES, pdl="late"),
                  "int4-spread": dict(steps=NORM_RES, spread=True),
-                 "int4-spread+all": dict(steps=ops.INT4_LAYER_STEPS, spread=True)}
+                 "int4-spread+all": dict(steps=ops.INT4_LAYER_STEPS, spread=True),
+                 "int4-spread+all+head": dict(steps=ops.INT4_LAYER_STEPS, spread=True),
+                 "bf16-before": dict(pdl="off", combine="kernel")}
+
+
+def base_label(label: str) -> str:
+    """A variant's settings name: "int4#2" is int4 again (run twice in one run to see the spread between runs)."""
+    return label.split("#")[0]
 
 
 def apply_settings(label: str) -> None:
-    for name, value in {**DEFAULTS, **STEP_VARIANTS.get(label, {})}.items():
+    for name, value in {**DEFAULTS, **STEP_VARIANTS.get(base_label(label), {})}.items():
         module, attr = SETTINGS[name]
         setattr(module, attr, value)
 
@@ -143,7 +150,7 @@ def main() -> int:
                              "all five without PDL, attention's splits combined by a kernel of their own); "
                              "int4-combine (norm + residual, splits combined in the attention kernel, no PDL; int4 adds "
                              "PDL); bf16-before (bf16 without PDL, the splits combined apart); int4-spread, int4-spread+all (norm + residual, or all three, with the prologue "
-                             "made on a spread tile)")
+                             "made on a spread tile; int4-spread+all+head with lm_head in int4 too)")
     parser.add_argument("--profile", default="", help="comma-separated variants whose decode step's kernels are printed")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -158,6 +165,9 @@ def main() -> int:
     scheme = QuantScheme(bits=4, group_size=128)
     mean_context = args.prompt_len + args.new_tokens // 2
     variants = [v for v in args.variants.split(",") if v]
+    first_int4 = next((i for i, v in enumerate(variants) if not v.startswith("bf16")), len(variants))
+    if any(v.startswith("bf16") for v in variants[first_int4:]):
+        parser.error("list the bf16 variants first: the int4 variants quantize the model in place")
     for arch in [a for a in args.archs.split(",") if a]:
         config = KNOWN_ARCHITECTURES[arch]
         entry = results["architectures"][arch] = {}
@@ -168,12 +178,12 @@ def main() -> int:
                 replace_linears(model, quantize_model(model, "rtn", scheme, progress=False))
                 gc.collect()
                 torch.cuda.empty_cache()
-            if label == "int4+head" and not isinstance(model.lm_head, QuantLinear):
+            if base_label(label).endswith("+head") and not isinstance(model.lm_head, QuantLinear):
                 replace_linears(model, {"lm_head": quantize_rtn(model.lm_head.weight.detach(), scheme)})
                 gc.collect()
                 torch.cuda.empty_cache()
-            rows = label in ("int4", "int4+head", "int4-partials") or label in STEP_VARIANTS
-            ops.int4_batch1_reduce = "partials" if label == "int4-partials" else "in_kernel"
+            rows = base_label(label) in ("int4", "int4+head", "int4-partials") or base_label(label) in STEP_VARIANTS
+            ops.int4_batch1_reduce = "partials" if base_label(label) == "int4-partials" else "in_kernel"
             try:  # one variant failing (a kernel that does not compile here, say) leaves the others' numbers
                 apply_settings(label)
                 if rows:
@@ -188,7 +198,7 @@ def main() -> int:
                           f"relative error {entry[key]:.2e}", flush=True)
                 # The generator re-lays int4 weights for the row kernels on CUDA; the GPTQ-layout variants keep theirs.
                 generator_module.use_row_layouts = use_row_layouts if rows else (lambda model: 0)
-                ops.int4_matmul = inductor_int4_matmul if label == "int4-inductor" else _triton_int4_matmul
+                ops.int4_matmul = inductor_int4_matmul if base_label(label) == "int4-inductor" else _triton_int4_matmul
                 torch._dynamo.reset()
                 nbytes = decode_bytes(model, mean_context)  # before the generator allocates anything
                 start = time.perf_counter()

@@ -88,3 +88,38 @@ def test_triton_rope_attention_matches_rotate_store_attend(batch, heads, kv_head
         assert torch.equal(v_cache[:, :, position], qkv[:, 0, (heads + kv_heads) * head_dim:].view(batch, kv_heads, head_dim))
         if position + 1 < cache_len:
             assert torch.isnan(k_cache[:, :, position + 1:]).all() and torch.isnan(v_cache[:, :, position + 1:]).all()
+
+
+@cuda_only
+@pytest.mark.parametrize("batch,heads,kv_heads,head_dim,cache_len", [(1, 24, 8, 128, 512), (2, 9, 3, 64, 200)])
+def test_triton_decode_attention_launch_options_agree(batch, heads, kv_heads, head_dim, cache_len):
+    """The splits combined by the last split program or by a kernel of their own, launched with or without PDL
+    (early or late trigger): the same arithmetic in the same order, so the same bits, plain and fused with RoPE."""
+    import llmpress.kernels.pdl as pdl
+    import llmpress.kernels.triton_attention as attention
+    torch.manual_seed(cache_len)
+    rotary = RotaryEmbedding(head_dim, 500000.0, None).to("cuda")
+    position = cache_len // 2
+    positions = torch.tensor([position], device="cuda")
+    q = torch.randn(batch, heads, 1, head_dim, device="cuda", dtype=torch.bfloat16)
+    qkv = torch.randn(batch, 1, (heads + 2 * kv_heads) * head_dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, kv_heads, cache_len, head_dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    cos, sin = rotary(positions, torch.bfloat16)
+    outputs = []
+    defaults = attention.combine, pdl.mode
+    try:
+        for combine in ("kernel", "in_kernel"):
+            for mode in ("off", "early", "late"):
+                attention.combine, pdl.mode = combine, mode
+                k_cache, v_cache = k.clone(), v.clone()
+                with ops.use_backend("triton"):
+                    plain = ops.cached_attention(q, k, v, positions)
+                    fused = ops.cached_attention_rope(qkv, heads, cos, sin, rotary.inv_freq, k_cache, v_cache, positions)
+                outputs.append((plain, fused, k_cache, v_cache))
+    finally:
+        attention.combine, pdl.mode = defaults
+    ref = cached_attention_reference(q.double(), k.double(), v.double(), positions)
+    assert rel_error(outputs[0][0], ref) < 1e-2
+    for other in outputs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outputs[0], other))

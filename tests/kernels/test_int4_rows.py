@@ -203,6 +203,33 @@ def test_triton_split_gemv_fuses_norm_silu_and_residual(K, N, group_size, dtype)
 
 
 @cuda_only
+def test_triton_split_gemv_with_pdl_gives_the_same_bits():
+    """Launched with programmatic dependent launch (early or late trigger), the split GEMV reads the weights
+    before it waits and everything else after: same tile, same arithmetic, so the same bits as without PDL,
+    also back to back in one stream with the workspace they share."""
+    import llmpress.kernels.pdl as pdl
+    from llmpress.kernels.triton_int4_rows_split import split_gemv_rows
+    torch.manual_seed(5)
+    (qweight, scales, zeros), _, dense = random_rows(3072, 1024, 128, "cuda")
+    h = torch.randn(1, 3072, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+    norm_weight = torch.rand(3072, device="cuda", dtype=torch.bfloat16) + 0.5
+    config = dict(BLOCK_N=128, GROUPS=2, num_warps=4)
+    runs = []
+    default = pdl.mode
+    try:
+        for mode in ("off", "early", "late"):
+            pdl.mode = mode
+            runs.append([split_gemv_rows(h, qweight, scales, zeros, 128, config, reduce="in_kernel", prologue="rmsnorm",
+                                         norm_weight=norm_weight, eps=1e-5, residual=residual) for _ in range(3)])
+    finally:
+        pdl.mode = default
+    assert rel_error(runs[0][0], residual.double() + (h.double() * torch.rsqrt(h.double().pow(2).mean() + 1e-5)
+                                                      * norm_weight.double()) @ dense) < 1e-2
+    assert all(torch.equal(runs[0][0], y) for run in runs for y in run)
+
+
+@cuda_only
 @pytest.mark.parametrize("M", [1, 3, 4])
 def test_triton_row_paths_agree(M):
     """The tensor-core GEMV, the CUDA-core GEMV (forced at every M they take) and dequantize + cuBLAS give the

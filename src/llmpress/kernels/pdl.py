@@ -8,9 +8,10 @@ before them (the weights), and wait at `griddepcontrol.wait` for the previous gr
 before they read or write anything else. The fixed cost then overlaps the previous kernel's tail.
 
 The rule every kernel launched this way follows: before `gdc_wait`, only loads of tensors no kernel ever
-writes (weights); every other load and every store after it. `gdc_launch_dependents` at the start lets
-the next kernel launch as soon as all of this kernel's programs run. Both are no-ops on a launch
-without PDL, and CUDA graphs keep the launch attribute as a programmatic edge.
+writes (weights); every other load and every store after it. `gdc_launch_dependents` lets the next kernel
+launch as soon as all of this kernel's programs have called it: at their start ("early") or once their own
+wait is over ("late", so that at most two kernels' programs are resident at a time). Both are no-ops on a
+launch without PDL, and CUDA graphs keep the launch attribute as a programmatic edge.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from triton.language.extra import cuda as tl_cuda
 
 from llmpress.kernels.triton_int4 import INTERPRETED
 
-# Switched off by benchmarks for A/B timing (benchmarks/int4_gpu.py variants *-nopdl); on by default where
-# the GPU supports it.
-enabled = True
+# "off", "early" or "late" (above). Off by default: measured slower. 3B int4 decode on the H200, batch 1, each
+# twice in one run (int4_gpu.py, results/int4_h200_pdl_ab.*): off 581.2 / 580.8 tok/s, early 552.4 / 551.5, late
+# 545.5 / 545.6 (the GEMVs' tiles the same in all three).
+MODES = {"off": 0, "early": 1, "late": 2}
+mode = "off"
 
 gdc_wait = tl_cuda.gdc_wait
 gdc_launch_dependents = tl_cuda.gdc_launch_dependents
@@ -35,7 +38,8 @@ def _supports_pdl(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-def use_pdl(device: torch.device) -> bool:
-    """Whether kernels on `device` launch with PDL (and so take PDL=True): Hopper or later, not interpreted."""
-    return enabled and not INTERPRETED and device.type == "cuda" and _supports_pdl(
-        torch.cuda.current_device() if device.index is None else device.index)
+def launch_mode(device: torch.device) -> int:
+    """The PDL constexpr for kernels on `device` (0: launched without PDL; 1 early, 2 late trigger): `mode` on
+    Hopper or later, 0 elsewhere and in the interpreter. Launch with launch_pdl=bool(it)."""
+    return MODES[mode] * (not INTERPRETED and device.type == "cuda" and _supports_pdl(
+        torch.cuda.current_device() if device.index is None else device.index))

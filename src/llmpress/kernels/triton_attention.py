@@ -9,9 +9,9 @@ program rotates its q heads (RoPE), and the program whose chunk holds the new po
 writes k, v into the cache before reading it. That replaces three small kernels per layer (rotate q,
 rotate k + write it, write v: ~3.8 us per layer on the H200 for 1-1.4 us of work each) with a few
 instructions inside this one.
-The split programs' partial results are combined by the last program of each KV head to finish (an
-atomic arrival counter, as in the split GEMV), not by a kernel of its own: one kernel per layer, not two.
-With PDL (kernels/pdl.py) the kernel launches while the q|k|v projection is still running.
+The split programs' partial results are combined by a second kernel, or (`combine = "in_kernel"`) by the
+last program of each KV head to finish (an atomic arrival counter, as in the split GEMV). With PDL
+(kernels/pdl.py, off by default) the kernel launches while the q|k|v projection is still running.
 Reference: `kernels.reference.attention_reference` with the causal-by-position mask (and `apply_rope`,
 `StaticKVCache.update` before it for the fused variant).
 """
@@ -24,13 +24,16 @@ import torch
 import triton
 import triton.language as tl
 
-from llmpress.kernels.pdl import gdc_launch_dependents, gdc_wait, use_pdl
+from llmpress.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_mode
 from llmpress.kernels.triton_int4 import _workspace
 
 BLOCK_N = 64  # keys per inner step
 # Who combines the splits: "in_kernel" (the last split program of each KV head) or "kernel" (a combine kernel
-# after the split kernel, the way it was first written). benchmarks/decode_gpu.py and int4_gpu.py time both.
-combine = "in_kernel"
+# after the split kernel). "kernel" by default: with one kernel fewer per layer, the 3B's int4 decode on the H200
+# still ran 2.3% slower (int4_gpu.py, results/int4_h200_pdl_ab.*: 594.3-595.0 vs 580.8-581.2 tok/s, twice each).
+# The last program combines its GROUP heads one after another after an atomic round trip; a combine kernel
+# does every head at once.
+combine = "kernel"
 
 
 @triton.jit
@@ -56,8 +59,11 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
     q is rotated already and the cache holds the new token. COMBINE: the last split program of this KV head
     to finish combines all splits into out (else `_combine_kernel` does)."""
     if PDL:  # nothing here is read-only across kernels (the cache grows each step): wait before any load
-        gdc_launch_dependents()
+        if PDL == 1:
+            gdc_launch_dependents()
         gdc_wait()
+        if PDL == 2:
+            gdc_launch_dependents()
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // num_kv_heads
@@ -177,7 +183,7 @@ def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple) -> torch
     out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
     in_kernel = combine == "in_kernel"
     _, counters = _workspace.get(q.device, 1, B * Hkv)  # the split-K counters: zero between launches
-    pdl = use_pdl(q.device)
+    pdl = launch_mode(q.device)
     block_s = max(2, triton.next_power_of_2(splits))
     _split_kernel[(B * Hkv, splits)](
         q, k_cache, v_cache, positions, part_out, part_lse,
@@ -185,7 +191,7 @@ def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple) -> torch
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         Hkv, H, chunk, 1.0 / math.sqrt(D), *rope_args, out, counters,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, D=D, NUM_SPLITS=splits,
-        ROPE=rope, COMBINE=in_kernel, BLOCK_S=block_s, PDL=pdl, num_warps=4, launch_pdl=pdl)
+        ROPE=rope, COMBINE=in_kernel, BLOCK_S=block_s, PDL=pdl, num_warps=4, launch_pdl=bool(pdl))
     if not in_kernel:
         _combine_kernel[(B * H,)](part_out, part_lse, out, NUM_SPLITS=splits, BLOCK_S=block_s, D=D, num_warps=4)
     return out

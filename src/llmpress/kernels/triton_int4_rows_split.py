@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmpress.kernels.pdl import gdc_launch_dependents, gdc_wait, use_pdl
+from llmpress.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_mode
 from llmpress.kernels.tile_tuner import TileTuner
 from llmpress.kernels.triton_int4 import INTERPRETED as _INTERPRETED, _workspace
 
@@ -176,10 +176,10 @@ def _split_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, N,
                 nw_ptr, res_ptr, eps,
                 BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr, IN_KERNEL: tl.constexpr,
                 SPLIT_P2: tl.constexpr, EVEN_N: tl.constexpr, USE_ASM: tl.constexpr, PROLOGUE: tl.constexpr = 0,
-                RESIDUAL: tl.constexpr = False, SPREAD_PROLOGUE: tl.constexpr = False, PDL: tl.constexpr = False):
+                RESIDUAL: tl.constexpr = False, SPREAD_PROLOGUE: tl.constexpr = False, PDL: tl.constexpr = 0):
     """One [BLOCK_N, GROUPS groups] tile: partial y[n] over this program's groups. PDL (kernels/pdl.py): the
     weights are requested before the previous kernel has finished; x, the workspace and y only after."""
-    if PDL:
+    if PDL == 1:
         gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -198,6 +198,8 @@ def _split_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, N,
         zero = tl.load(z_ptr + group_offsets, mask=n_mask[:, None], other=0).to(tl.float32)
     if PDL:
         gdc_wait()
+    if PDL == 2:
+        gdc_launch_dependents()
     if USE_ASM:
         if PROLOGUE == 0:
             x0, x1, x2, x3, x4, x5, x6, x7 = load_word_inputs(x_base)
@@ -306,9 +308,9 @@ def split_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     assert in_kernel or (prologue is None and residual is None), "prologues and residuals need the in-kernel reduction"
     use_asm = (config or {}).get("USE_ASM", not _INTERPRETED)
     spread = (config or {}).get("SPREAD", spread_prologue)
-    pdl = use_pdl(x.device)
+    pdl = launch_mode(x.device)
 
-    def launch(c: tuple[int, int, int]) -> torch.Tensor:
+    def launch(c: tuple[int, int, int], pdl: int = pdl) -> torch.Tensor:
         block_n, groups, warps = c
         split = G // groups
         if in_kernel:
@@ -322,7 +324,7 @@ def split_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
             BLOCK_N=block_n, GROUPS=groups,
             GROUP_SIZE=group_size, IN_KERNEL=in_kernel, SPLIT_P2=triton.next_power_of_2(split) if in_kernel else 1,
             EVEN_N=N % block_n == 0, USE_ASM=use_asm, PROLOGUE=PROLOGUES[prologue], RESIDUAL=residual is not None,
-            SPREAD_PROLOGUE=spread, PDL=pdl, num_warps=warps, launch_pdl=pdl)
+            SPREAD_PROLOGUE=spread, PDL=pdl, num_warps=warps, launch_pdl=bool(pdl))
         return out
 
     if config is not None and "BLOCK_N" in config:
@@ -331,6 +333,7 @@ def split_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     else:
         table = SPLIT_CONFIGS if in_kernel else [c for c in SPLIT_CONFIGS if c[1] == partials_groups(G)]
         candidates = [c for c in table if split_fits(N, G, c[0], c[1], in_kernel)] or [(128, partials_groups(G), 4)]
-        key = (x.device, N, K, group_size, x.dtype, reduce, use_asm, prologue, residual is not None, spread, pdl)
-        chosen = _split_tuner.pick(key, launch, candidates)
+        key = (x.device, N, K, group_size, x.dtype, reduce, use_asm, prologue, residual is not None, spread)
+        # timed as launches of their own: back-to-back PDL launches of one kernel would overlap each other
+        chosen = _split_tuner.pick(key, lambda c: launch(c, pdl=0), candidates)
     return launch(chosen)
