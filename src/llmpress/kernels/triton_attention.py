@@ -182,7 +182,8 @@ def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple) -> torch
     part_lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
     out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
     in_kernel = combine == "in_kernel"
-    _, counters = _workspace.get(q.device, 1, B * Hkv)  # the split-K counters: zero between launches
+    # the split-K arrival counters (zero between launches); unused by the combine kernel's path
+    counters = _workspace.get(q.device, 1, B * Hkv)[1] if in_kernel else part_lse
     pdl = launch_mode(q.device)
     block_s = max(2, triton.next_power_of_2(splits))
     _split_kernel[(B * Hkv, splits)](
