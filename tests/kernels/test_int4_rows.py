@@ -272,3 +272,34 @@ def test_int4_projections_fuse_in_the_row_layout_without_changing_outputs():
         unfuse_projections(model)
         assert not attn.qkv_packed and not model.model.layers[1].mlp.gate_up_packed
         assert torch.allclose(model(ids), before, atol=1e-5)
+
+
+@cuda_only
+@pytest.mark.parametrize("K,N,group_size", [(3072, 1024, 128), (8192, 512, 128), (1024, 256, 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_fragment_gemv_matches_dequantized_weights(K, N, group_size, dtype):
+    """The tensor-core batch-1 GEMV (one inline-PTX block per lane, fragment layout) on every tile it has, with
+    and without the residual add, against float64; its x sums and magic offsets come off exactly enough that
+    the result is as close as the CUDA-core GEMV's."""
+    from llmpress.kernels.triton_int4_frag import FRAG_CONFIGS, frag_fits, frag_gemv
+    from llmpress.quant.format import rows_to_fragments
+    torch.manual_seed(K + N)
+    (qweight, scales, zeros), _, _ = random_rows(K, N, group_size, "cuda")
+    scales = scales.to(dtype)
+    G = K // group_size
+    g = torch.arange(K, device="cuda") // group_size
+    levels = ((qweight.unsqueeze(-1) >> torch.arange(0, 32, 4, device="cuda", dtype=torch.int32)) & 15).view(N, K)
+    dense = ((levels - zeros[:, g].int()).double() * scales.double()[:, g]).T  # [K, N] with this dtype's scales
+    fragments = rows_to_fragments(qweight, group_size)
+    x = torch.randn(1, K, device="cuda", dtype=dtype)
+    residual = torch.randn(1, N, device="cuda", dtype=dtype)
+    tried = 0
+    for config in FRAG_CONFIGS:
+        if not frag_fits(N, G, *config):
+            continue
+        tried += 1
+        y = frag_gemv(x, fragments, scales, zeros, group_size, config)
+        assert y.dtype == dtype and rel_error(y, x.double() @ dense) < 1e-2, config
+        y = frag_gemv(x, fragments, scales, zeros, group_size, config, residual=residual)
+        assert rel_error(y, residual.double() + x.double() @ dense) < 1e-2, config
+    assert tried >= 2

@@ -16,6 +16,9 @@ AutoAWQ GEMM (`quant_method: awq`, `version: gemm`), 4-bit only:
 Runtime (QuantLinear buffers and `kernels.ops.int4_matmul`): GPTQ packing with the REAL zero points:
   qweight int32 [in*bits/32, out], scales [groups, out] in the model dtype,
   qzeros int32 [groups, out*bits/32], g_idx int32 [in] or None when g_idx[i] == i // group_size.
+Row layout (`runtime_to_rows`, the CUDA decode kernels): qweight int32 [out, in/8], word w of row n holding input
+  8w + j at bits 4j; scales [out, groups]; zeros uint8 [out, groups].
+Fragment layout (`rows_to_fragments`, kernels/triton_int4_frag.py): each lane's tensor-core operand, in order.
 """
 
 from __future__ import annotations
@@ -289,3 +292,38 @@ def rows_to_runtime(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     return RuntimeQuantWeight(qweight=qweight.T.contiguous(), scales=scales.T.contiguous(),
                               qzeros=pack_columns(zeros.T.to(torch.int32), 4), g_idx=None,
                               group_size=group_size, bits=4)
+
+
+# Fragment layout: the A operand of mma.m16n8k16 (16 weight rows x 16 inputs) as each of a warp's 32 lanes holds
+# it, so that a lane's words load straight into its registers. Word m = 2 s + h of lane L = 4 i + j, for row tile
+# t (rows 16 t .. 16 t + 15) and group g, holds rows r0 = 16 t + i and r1 = r0 + 8 at inputs k0 .. k0 + 3, with
+# k0 = group_size * g + 32 s + 8 j + 4 h, nibble n at bits 4n:
+FRAGMENT_NIBBLES = ((0, 0), (1, 0), (0, 2), (1, 2), (0, 1), (1, 1), (0, 3), (1, 3))  # nibble n -> (r1?, input - k0)
+# The masks 0x000F000F of w, w >> 4, w >> 8, w >> 12 then give the operand's four registers: rows (r0, r1, r0, r1)
+# at fragment columns (2j, 2j + 1) and (2j + 8, 2j + 9), which the kernel maps to inputs k0, k0 + 1 and k0 + 2, k0 + 3
+# (the x fragment of lane j is then x[k0 .. k0 + 3], one 8-byte load; both halves h: x[k0 - 4h .. + 7], 16 bytes).
+
+
+def rows_to_fragments(qweight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Row layout int32 [N, K/8] -> fragment layout int32 [N/16, K/group_size, 32, group_size/16] (above)."""
+    N, K = qweight.shape[0], qweight.shape[1] * 8
+    assert N % 16 == 0 and group_size % 32 == 0 and K % group_size == 0, (N, K, group_size)
+    G, S = K // group_size, group_size // 32
+    levels = unpack_columns(qweight, 4).view(N // 16, 2, 8, G, S, 4, 2, 4)  # [t, r1?, i, g, s, j, h, c]
+    tiles = levels.permute(0, 3, 2, 5, 4, 6, 1, 7).reshape(N // 16, G, 32, 2 * S, 2, 4)  # [t, g, lane, m, r1?, c]
+    nibbles = torch.stack([tiles[..., half, c] for half, c in FRAGMENT_NIBBLES], dim=-1).to(torch.int64)
+    shifts = torch.arange(8, device=qweight.device, dtype=torch.int64) * 4
+    return _as_int32((nibbles << shifts).sum(dim=-1))
+
+
+def fragments_to_rows(fragments: torch.Tensor) -> torch.Tensor:
+    """Inverse of `rows_to_fragments`."""
+    T, G, _, M = fragments.shape
+    S = M // 2
+    shifts = torch.arange(0, 32, 4, device=fragments.device, dtype=torch.int32)
+    nibbles = (fragments.unsqueeze(-1) >> shifts) & 15  # [t, g, lane, m, n]
+    tiles = torch.empty(*nibbles.shape[:4], 2, 4, dtype=torch.int32, device=fragments.device)
+    for n, (half, c) in enumerate(FRAGMENT_NIBBLES):
+        tiles[..., half, c] = nibbles[..., n]
+    levels = tiles.view(T, G, 8, 4, S, 2, 2, 4).permute(0, 6, 2, 1, 4, 3, 5, 7)  # [t, r1?, i, g, s, j, h, c]
+    return pack_columns(levels.reshape(T * 16, G * S * 32), 4)

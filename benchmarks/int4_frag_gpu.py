@@ -1,0 +1,91 @@
+"""The tensor-core batch-1 int4 GEMV (kernels/triton_int4_frag.py) against the split GEMV the model runs now.
+
+For each linear shape of a Llama-3.2-3B decode step (q|k|v, o, gate|up, down, lm_head), int4 g128 random
+weights: first each kernel's result against exact float64 dequantization, then the time per call as
+CUDA-graph replays over rotating weight sets (so L2 cannot hold them; benchmarks/kernels_gpu.py), every tile
+of the new kernel and the tuned split GEMV, then the linears of one token (28 layers + lm_head). Prints a
+table and writes JSON.
+
+    PYTHONPATH=src python benchmarks/int4_frag_gpu.py --out benchmarks/results/int4_frag_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from int4_rows_gpu import GROUP, LAYERS, SHAPES, random_int4, rel_error  # benchmarks/
+from kernels_gpu import time_per_call_us  # benchmarks/
+from llmpress.atomic_write import write_json_atomic
+from llmpress.bench.roofline import device_name, measure_copy_bandwidth
+from llmpress.kernels.triton_int4_frag import FRAG_CONFIGS, frag_fits, frag_gemv
+from llmpress.kernels.triton_int4_rows_split import split_gemv_rows
+from llmpress.quant.format import rows_to_fragments
+
+SETS = 16
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("this benchmark needs a CUDA GPU", file=sys.stderr)
+        return 2
+    bandwidth = measure_copy_bandwidth("cuda")
+    report = {"script": "benchmarks/int4_frag_gpu.py", "command": " ".join(sys.argv), "date": date.today().isoformat(),
+              "gpu": device_name("cuda"), "torch": torch.__version__, "copy_bandwidth_bytes_per_s": bandwidth,
+              "group_size": GROUP, "rows": [], "errors": {}, "per_token_us": {}}
+    print(f"{report['gpu']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    print(f"\n{'shape':8s} {'K':>5s} {'N':>6s} {'kernel':22s} {'rel err':>8s} {'us':>8s} {'% copy bw':>9s}", flush=True)
+    best = {"frag": 0.0, "split": 0.0}
+    for name, K, N, per_layer in SHAPES:
+        sets = SETS if N < 100000 else 4
+        torch.manual_seed(K + N)
+        first, dense = random_int4(K, N)  # dense [K, N]: the exact weights of the first set
+        weights = [first["rows"]] + [random_int4(K, N)[0]["rows"] for _ in range(sets - 1)]
+        fragments = [rows_to_fragments(qw, GROUP) for qw, _, _ in weights]
+        xs = [torch.randn(1, K, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
+        nbytes = N * K // 2 + (K // GROUP) * N * 3  # packed words, bf16 scales, uint8 zeros
+        reference = xs[0].double() @ dense.double()
+        G = K // GROUP
+        variants = {f"frag w{w} g{g}": (lambda x, qw, fr, s, z, c=(w, g): frag_gemv(x, fr, s, z, GROUP, c))
+                    for w, g in FRAG_CONFIGS if frag_fits(N, G, w, g)}
+        variants["frag tuned"] = lambda x, qw, fr, s, z: frag_gemv(x, fr, s, z, GROUP)
+        variants["split tuned"] = lambda x, qw, fr, s, z: split_gemv_rows(x, qw, s, z, GROUP, reduce="in_kernel")
+        arg_sets = [(xs[i], *weights[i][:1], fragments[i], *weights[i][1:]) for i in range(sets)]
+        for label, fn in variants.items():
+            try:
+                error = rel_error(fn(*arg_sets[0]), reference)
+                us = time_per_call_us(fn, arg_sets)
+            except Exception as exc:  # noqa: BLE001 - recorded and reported
+                report["errors"][f"{name} {label}"] = f"{type(exc).__name__}: {exc}"
+                print(f"{name:8s} {K:5d} {N:6d} {label:22s} FAILED {type(exc).__name__}: {exc}", flush=True)
+                continue
+            fraction = nbytes / (us * 1e-6) / bandwidth
+            report["rows"].append(dict(shape=name, K=K, N=N, kernel=label, rel_error=error, us=us, bytes=nbytes,
+                                       fraction_of_copy_bandwidth=fraction))
+            print(f"{name:8s} {K:5d} {N:6d} {label:22s} {error:8.1e} {us:8.1f} {fraction:9.1%}", flush=True)
+            if label in ("frag tuned", "split tuned"):
+                best[label.split()[0]] += us * (LAYERS if per_layer else 1)
+        _flush(report, args.out)
+    report["per_token_us"] = best
+    print(f"\nlinears of one 3B token (28 layers + lm_head), batch 1: tensor-core GEMV {best['frag'] / 1e3:.3f} ms, "
+          f"split GEMV {best['split'] / 1e3:.3f} ms", flush=True)
+    _flush(report, args.out)
+    return 0
+
+
+def _flush(report: dict, out: str | None) -> None:
+    for path in ([Path(out)] if out else []) + ([Path(os.environ["OUT"]) / "int4_frag_gpu.json"] if os.environ.get("OUT") else []):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, report)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

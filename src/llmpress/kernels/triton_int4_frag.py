@@ -1,0 +1,233 @@
+"""Batch-1 W4A16 GEMV on the tensor cores, over the fragment layout (quant/format.py `rows_to_fragments`).
+
+Why: the split GEMV (triton_int4_rows_split.py) does its arithmetic on the CUDA cores, ~4.5 instructions per
+weight, and is bound by how fast it issues them (1.17 ms over a 3B token's layers on the H200, against 0.61 ms
+for a kernel that only loads the same tiles). Here a warp multiplies a 16-row x 16-input block of weights
+with x in one mma.m16n8k16 (bf16 or fp16 operands, fp32 sums); the weights reach the operand registers with
+one LOP3 per two weights and a shift per two registers:
+  - each lane's packed words hold exactly its A-operand nibbles (the fragment layout), so 16-byte loads put
+    them in registers with no shuffling;
+  - OR-ing a nibble pair (mask 0x000F000F) into the bits of the magic value (128.0 in bf16, 1024.0 in fp16)
+    gives (magic + q) for both halves, exact;
+  - B holds x in all 8 columns (only column 0 is needed; the tensor core has throughput to spare at batch 1);
+    lane j loads x[k0 .. k0 + 3] for its two B registers, 16 bytes covering two blocks;
+  - a second mma with an all-ones A gives sum(x) per block, so the magic and the zero point come off per
+    group in fp32: y_r += s_rg (sum_k (magic + q_rk) x_k - (magic + z_rg) sum_k x_k).
+About 10 instructions per lane per 8 weights: 3 SHF + 4 LOP3 + 2 MMA + the loads.
+
+The whole per-warp body is one inline-PTX block that finds its data from %laneid, %tid and %ctaid itself, so
+it does not depend on how Triton lays out a tensor over threads; Triton only launches it once per thread
+(a [32 * num_warps] tensor) and adds the partial sums of the programs that share a row tile (the last one to
+arrive loads them all, as in the split GEMV), with the residual add in the store.
+Program (pid_n, pid_k): warp w takes row tile pid_n * num_warps + w (16 rows) over groups
+pid_k * GROUPS_PER_WARP onwards. Needs N a multiple of 16 * num_warps. Off the GPU: `kernels.reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llmpress.kernels.tile_tuner import TileTuner
+from llmpress.kernels.triton_int4 import _workspace
+from llmpress.kernels.triton_int4_rows_split import SPLIT_WORKSPACE, finish_output
+
+# (num_warps, groups per warp): the tuner picks per shape
+# (num_warps, groups per warp): the tuner picks per shape. More groups per warp spread a program's fixed
+# instructions over more weights; beyond 4 the x registers (16 per group, all loaded first) would spill.
+FRAG_CONFIGS = [(4, 1), (4, 2), (4, 4), (8, 4)]
+
+# per activation dtype: the magic value's bits (both halves), its value, 1.0 in both halves, the mma type
+_TYPES = {torch.bfloat16: (0x43004300, 128.0, 0x3F803F80, "bf16"), torch.float16: (0x64006400, 1024.0, 0x3C003C00, "f16")}
+
+
+def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: torch.dtype) -> str:
+    """PTX for one thread's share of a warp's row tile over GROUPS_PER_WARP groups, ending in a store of the
+    row tile's partial sums (by lanes with j = 0). Operands: $0 dummy output; $1 words, $2 x, $3 scales,
+    $4 zeros, $5 partials (u64 addresses); $6 N, $7 G (u32).
+
+    Every load comes first. ptxas otherwise issued a lane's second 16-byte word load, and the scale and zero
+    loads, only after the first mmas had used the first words: three DRAM round trips in a row instead of
+    one. So the first group's accumulators start as 0 * (a sum of one value from each load): the same zeros
+    (every such value is finite), but the first mma now waits for every load, so all are issued before it."""
+    magic, magic_value, ones, mma_type = _TYPES[dtype]
+    words_per_lane = group_size // 16  # per group: 2 blocks of 16 inputs per 32
+    blocks32 = group_size // 32
+    groups = range(groups_per_warp)
+    words = [[f"w{g}_{m}" for m in range(words_per_lane)] for g in groups]
+    xs_regs = [[f"x{g}_{v}" for v in range(4 * blocks32)] for g in groups]
+    per_group = lambda names: ", ".join(f"{n}{g}" for g in groups for n in names)  # noqa: E731
+    L = ["{",
+         ".reg .pred p;",
+         ".reg .b32 lane, warp, i, j, tile, r0, grp, t32, e0, e4, e8, e12, tmp, magic, one, "
+         + ", ".join(sum(words, []) + sum(xs_regs, [])) + ";",
+         ".reg .b64 wa, xa, sa, za, pa, off;",
+         f".reg .b16 zero16, {per_group(['s0h', 's1h'])};",
+         ".reg .f32 acc0, acc1, acc2, acc3, xs0, xs1, xs2, xs3, y0, y1, t0, t1, dep, "
+         f"{per_group(['sc0_', 'sc1_', 'zf0_', 'zf1_'])};",
+         f"mov.b32 magic, {magic:#x};",
+         f"mov.b32 one, {ones:#x};",
+         "mov.b16 zero16, 0;",
+         "mov.u32 lane, %laneid;",
+         "mov.u32 warp, %tid.x;",
+         "shr.u32 warp, warp, 5;",
+         "shr.u32 i, lane, 2;",
+         "and.b32 j, lane, 3;",
+         "mov.u32 tile, %ctaid.x;",
+         f"mad.lo.u32 tile, tile, {num_warps}, warp;",
+         "mad.lo.u32 r0, tile, 16, i;",  # rows r0 and r0 + 8
+         "mov.f32 y0, 0f00000000;",
+         "mov.f32 y1, 0f00000000;"]
+    for g in groups:  # loads
+        L += ["mov.u32 grp, %ctaid.y;",
+              f"mad.lo.u32 grp, grp, {groups_per_warp}, {g};",
+              # words: (((tile * G + grp) * 32 + lane) * words_per_lane) * 4 bytes
+              "mad.lo.u32 t32, tile, $7, grp;",
+              "mad.lo.u32 t32, t32, 32, lane;",
+              f"mul.wide.u32 off, t32, {4 * words_per_lane};",
+              "add.u64 wa, $1, off;"]
+        for v in range(words_per_lane // 4):
+            L.append(f"ld.global.nc.v4.b32 {{{', '.join(words[g][4 * v:4 * v + 4])}}}, [wa+{16 * v}];")
+        # x: element grp * group_size + 8 j (2 bytes each), then 32 elements per block of 32 inputs
+        L += [f"mul.lo.u32 t32, grp, {group_size};",
+              "mad.lo.u32 t32, j, 8, t32;",
+              "mul.wide.u32 off, t32, 2;",
+              "add.u64 xa, $2, off;"]
+        for b in range(blocks32):
+            L.append(f"ld.global.v4.b32 {{{', '.join(xs_regs[g][4 * b:4 * b + 4])}}}, [xa+{64 * b}];")
+        # scale and zero of rows r0, r0 + 8 in this group: index r * G + grp
+        L += ["mad.lo.u32 t32, r0, $7, grp;",
+              "mul.wide.u32 off, t32, 2;",
+              "add.u64 sa, $3, off;",
+              f"ld.global.nc.b16 s0h{g}, [sa];",
+              "mul.lo.u32 tmp, $7, 16;",  # 8 rows further, 2 bytes each
+              "cvt.u64.u32 off, tmp;",
+              "add.u64 sa, sa, off;",
+              f"ld.global.nc.b16 s1h{g}, [sa];",
+              "cvt.u64.u32 off, t32;",
+              "add.u64 za, $4, off;",
+              "ld.global.nc.u8 tmp, [za];",
+              f"cvt.rn.f32.u32 zf0_{g}, tmp;",
+              "mul.lo.u32 tmp, $7, 8;",
+              "cvt.u64.u32 off, tmp;",
+              "add.u64 za, za, off;",
+              "ld.global.nc.u8 tmp, [za];",
+              f"cvt.rn.f32.u32 zf1_{g}, tmp;"]
+    for g in groups:  # scales to fp32, zero points plus the magic value
+        if dtype == torch.bfloat16:
+            L += [f"mov.b32 tmp, {{zero16, s0h{g}}};", f"mov.b32 sc0_{g}, tmp;",
+                  f"mov.b32 tmp, {{zero16, s1h{g}}};", f"mov.b32 sc1_{g}, tmp;"]
+        else:
+            L += [f"cvt.f32.f16 sc0_{g}, s0h{g};", f"cvt.f32.f16 sc1_{g}, s1h{g};"]
+        L += [f"add.f32 zf0_{g}, zf0_{g}, {_f32(magic_value)};", f"add.f32 zf1_{g}, zf1_{g}, {_f32(magic_value)};"]
+    # dep: one value from every load (see the docstring)
+    L += ["mov.f32 dep, 0f00000000;"]
+    for g in groups:
+        for v in range(words_per_lane // 4):
+            L += [f"cvt.rn.f32.u32 t0, {words[g][4 * v]};", "add.f32 dep, dep, t0;"]
+        for b in range(blocks32):
+            L += [f"mov.b32 t0, {xs_regs[g][4 * b]};", "abs.f32 t0, t0;", "min.f32 t0, t0, 0f3F800000;",
+                  "add.f32 dep, dep, t0;"]  # any bits, even NaN's, become a finite number (min of NaN gives 1.0)
+        L += [f"add.f32 dep, dep, sc0_{g};", f"add.f32 dep, dep, sc1_{g};",
+              f"add.f32 dep, dep, zf0_{g};", f"add.f32 dep, dep, zf1_{g};"]
+    for g in groups:  # the products
+        zero = "0f00000000"
+        if g == 0:
+            L += [f"mul.f32 {r}, dep, {zero};" for r in ("acc0", "acc1", "acc2", "acc3", "xs0", "xs1", "xs2", "xs3")]
+        else:
+            L += [f"mov.f32 {r}, {zero};" for r in ("acc0", "acc1", "acc2", "acc3", "xs0", "xs1", "xs2", "xs3")]
+        for m in range(words_per_lane):
+            b, h = divmod(m, 2)
+            b0, b1 = xs_regs[g][4 * b + 2 * h], xs_regs[g][4 * b + 2 * h + 1]
+            w = words[g][m]
+            L += [f"lop3.b32 e0, {w}, 0x000F000F, magic, 0xEA;",
+                  f"shr.u32 tmp, {w}, 4;", "lop3.b32 e4, tmp, 0x000F000F, magic, 0xEA;",
+                  f"shr.u32 tmp, {w}, 8;", "lop3.b32 e8, tmp, 0x000F000F, magic, 0xEA;",
+                  f"shr.u32 tmp, {w}, 12;", "lop3.b32 e12, tmp, 0x000F000F, magic, 0xEA;",
+                  # D = C in place; columns 1 (acc1, acc3) repeat column 0, as every B column is x
+                  f"mma.sync.aligned.m16n8k16.row.col.f32.{mma_type}.{mma_type}.f32 {{acc0, acc1, acc2, acc3}}, "
+                  f"{{e0, e4, e8, e12}}, {{{b0}, {b1}}}, {{acc0, acc1, acc2, acc3}};",
+                  f"mma.sync.aligned.m16n8k16.row.col.f32.{mma_type}.{mma_type}.f32 {{xs0, xs1, xs2, xs3}}, "
+                  f"{{one, one, one, one}}, {{{b0}, {b1}}}, {{xs0, xs1, xs2, xs3}};"]
+        L += [f"neg.f32 t0, zf0_{g};", f"neg.f32 t1, zf1_{g};",
+              "fma.rn.f32 t0, t0, xs0, acc0;", "fma.rn.f32 t1, t1, xs2, acc2;",
+              f"fma.rn.f32 y0, sc0_{g}, t0, y0;", f"fma.rn.f32 y1, sc1_{g}, t1, y1;"]
+    # partials[pid_k, r]: lanes with j = 0 hold rows r0 (y0) and r0 + 8 (y1)
+    L += ["mov.u32 t32, %ctaid.y;",
+          "mad.lo.u32 t32, t32, $6, r0;",
+          "mul.wide.u32 off, t32, 4;",
+          "add.u64 pa, $5, off;",
+          "setp.eq.u32 p, j, 0;",
+          "@p st.global.f32 [pa], y0;",
+          "@p st.global.f32 [pa+32], y1;",
+          "mov.b32 $0, 0;",
+          "}"]
+    return "\n".join(L)
+
+
+def _f32(value: float) -> str:
+    import struct
+    return "0f%08X" % struct.unpack("<I", struct.pack("<f", value))[0]
+
+
+@triton.jit
+def _frag_gemv(qw_ptr, x_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, res_ptr, N, G, SPLIT,
+               ASM: tl.constexpr, NUM_WARPS: tl.constexpr, SPLIT_P2: tl.constexpr, RESIDUAL: tl.constexpr):
+    pid_n = tl.program_id(0)
+    lanes = tl.zeros([32 * NUM_WARPS], dtype=tl.int64)
+    tl.inline_asm_elementwise(
+        ASM, "=r,l,l,l,l,l,r,r",
+        [lanes + qw_ptr.to(tl.int64), lanes + x_ptr.to(tl.int64), lanes + s_ptr.to(tl.int64),
+         lanes + z_ptr.to(tl.int64), lanes + partial_ptr.to(tl.int64), lanes.to(tl.int32) + N,
+         lanes.to(tl.int32) + G],
+        dtype=tl.int32, is_pure=False, pack=1)
+    BLOCK_N: tl.constexpr = 16 * NUM_WARPS
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    tl.debug_barrier()  # every lane's partial is written before the counter says so
+    arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")
+    if arrived == SPLIT - 1:
+        offs_s = tl.arange(0, SPLIT_P2)
+        parts = tl.load(partial_ptr + offs_s[:, None] * N + offs_n[None, :],
+                        mask=(offs_s < SPLIT)[:, None] & n_mask[None, :], other=0.0, cache_modifier=".cg")
+        finish_output(tl.sum(parts, axis=0), 0.0, offs_n, n_mask, y_ptr, res_ptr, 1, 0.0, 0, RESIDUAL)
+        tl.atomic_xchg(counter_ptr + pid_n, 0)
+
+
+def frag_fits(N: int, G: int, num_warps: int, groups_per_warp: int) -> bool:
+    split = G // groups_per_warp
+    return (N % (16 * num_warps) == 0 and G % groups_per_warp == 0 and split * N <= SPLIT_WORKSPACE
+            and triton.next_power_of_2(split) * 16 * num_warps <= 8192 and N // (16 * num_warps) <= 1 << 14)
+
+
+_frag_tuner = TileTuner()
+
+
+def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+              config: tuple[int, int] | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [1, K] bf16/fp16 @ Wᵀ (+ residual [1, N]) -> [1, N] in x.dtype. fragments: int32 [N/16, G, 32, group_size/16]
+    (`rows_to_fragments`); scales [N, G] (x's dtype), zeros uint8 [N, G] as in the row layout. `config`:
+    (num_warps, groups per warp), else tuned."""
+    N, G = scales.shape
+    assert x.shape == (1, G * group_size) and x.dtype in _TYPES and scales.dtype == x.dtype, (x.shape, x.dtype)
+    assert fragments.shape == (N // 16, G, 32, group_size // 16) and group_size % 64 == 0, fragments.shape
+    x = x.contiguous()
+
+    def launch(c: tuple[int, int]) -> torch.Tensor:
+        warps, groups_per_warp = c
+        split = G // groups_per_warp
+        y = torch.empty(1, N, dtype=x.dtype, device=x.device)
+        partial, counter = _workspace.get(x.device, SPLIT_WORKSPACE, 1 << 14)
+        _frag_gemv[(N // (16 * warps), split)](
+            fragments, x, scales, zeros, y, partial, counter, x if residual is None else residual, N, G, split,
+            ASM=frag_gemv_asm(warps, groups_per_warp, group_size, x.dtype), NUM_WARPS=warps,
+            SPLIT_P2=triton.next_power_of_2(split), RESIDUAL=residual is not None, num_warps=warps)
+        return y
+
+    if config is not None:
+        assert frag_fits(N, G, *config), config
+        return launch(config)
+    candidates = [c for c in FRAG_CONFIGS if frag_fits(N, G, *c)]
+    assert candidates, f"no fragment-GEMV tile fits N={N}, G={G}"
+    return launch(_frag_tuner.pick((x.device, N, G, group_size, x.dtype, residual is not None), launch, candidates))
