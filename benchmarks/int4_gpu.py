@@ -38,7 +38,7 @@ from llmpress.kernels import ops
 from llmpress.kernels.reference import int4_matmul_grouped
 from llmpress.loading.loader import random_model
 from llmpress.quant.calibration import quantize_model
-from llmpress.quant.linear import QuantLinear, replace_linears, use_row_layouts
+from llmpress.quant.linear import QuantLinear, replace_linears, use_fragment_layouts, use_row_layouts
 from llmpress.quant.rtn import quantize_rtn
 import llmpress.generation.generator as generator_module
 import llmpress.kernels.pdl as pdl_module
@@ -95,7 +95,7 @@ def decode_step_rel_error(model, prompt) -> float:
 # launch, kernels/pdl.py), "combine" (who combines decode attention's splits, triton_attention.combine)
 SETTINGS = {"rope": (ops, "fuse_rope_into_attention"), "steps": (ops, "int4_fused_steps"),
             "spread": (split_module, "spread_prologue"), "pdl": (pdl_module, "mode"),
-            "combine": (attention_module, "combine")}
+            "combine": (attention_module, "combine"), "tc": (ops, "int4_tensor_core_gemv")}
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr) in SETTINGS.items()}
 NORM_RES = frozenset({"residual", "norm"})
 STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", combine="kernel"),
@@ -108,6 +108,7 @@ STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", 
                  "int4-spread": dict(steps=NORM_RES, spread=True),
                  "int4-spread+all": dict(steps=ops.INT4_LAYER_STEPS, spread=True),
                  "int4-spread+all+head": dict(steps=ops.INT4_LAYER_STEPS, spread=True),
+                 "int4-tc": dict(tc=True), "int4-tc+head": dict(tc=True),
                  "bf16-before": dict(pdl="off", combine="kernel")}
 
 
@@ -150,7 +151,8 @@ def main() -> int:
                              "all five without PDL, attention's splits combined by a kernel of their own); "
                              "int4-combine (norm + residual, splits combined in the attention kernel, no PDL; int4 adds "
                              "PDL); bf16-before (bf16 without PDL, the splits combined apart); int4-spread, int4-spread+all (norm + residual, or all three, with the prologue "
-                             "made on a spread tile; int4-spread+all+head with lm_head in int4 too)")
+                             "made on a spread tile; int4-spread+all+head with lm_head in int4 too); int4-tc, int4-tc+head (o, down "
+                             "and lm_head on the tensor-core GEMV, kernels/triton_int4_frag.py)")
     parser.add_argument("--profile", default="", help="comma-separated variants whose decode step's kernels are printed")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -189,6 +191,8 @@ def main() -> int:
                 if rows:
                     use_row_layouts(model)
                     fuse_projections(model)  # int4 q|k|v and gate|up as one layer each, as the generator does
+                    if ops.int4_tensor_core_gemv:
+                        print(f"{arch} {label}: {use_fragment_layouts(model)} layers hold tensor-core fragments", flush=True)
                     key = f"{label}_prefill_logits_rel_error_triton_vs_reference"
                     entry[key] = prefill_rel_error(model, prompt)
                     print(f"{arch} {label} prefill logits, Triton vs reference: relative error {entry[key]:.2e}", flush=True)

@@ -303,3 +303,37 @@ def test_triton_fragment_gemv_matches_dequantized_weights(K, N, group_size, dtyp
         y = frag_gemv(x, fragments, scales, zeros, group_size, config, residual=residual)
         assert rel_error(y, residual.double() + x.double() @ dense) < 1e-2, config
     assert tried >= 2
+
+
+def test_fragment_layout_of_a_quant_linear_is_a_copy_of_its_rows():
+    from llmpress.quant.format import fragments_to_rows
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(256, 128, bias=False)
+    layer = QuantLinear.from_quantized(quantize_rtn(linear.weight.detach(), QuantScheme(bits=4, group_size=64)))
+    assert not layer.use_fragment_layout()  # needs the row layout first
+    assert layer.use_row_layout() and layer.use_fragment_layout()
+    assert torch.equal(fragments_to_rows(layer.fragments), layer.qweight_rows)
+    x = torch.randn(1, 256)
+    ops.int4_tensor_core_gemv = True
+    try:
+        assert torch.equal(layer(x), layer.forward_fused(x))  # on the CPU: the reference path, switch or not
+    finally:
+        ops.int4_tensor_core_gemv = False
+
+
+@cuda_only
+def test_quant_linear_runs_the_tensor_core_gemv_when_switched_on():
+    torch.manual_seed(4)
+    linear = torch.nn.Linear(3072, 1024, bias=False).cuda()
+    layer = QuantLinear.from_quantized(quantize_rtn(linear.weight.detach(), QuantScheme(bits=4, group_size=128)),
+                                       dtype=torch.bfloat16)
+    assert layer.use_row_layout() and layer.use_fragment_layout()
+    x = torch.randn(1, 1, 3072, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn(1, 1, 1024, device="cuda", dtype=torch.bfloat16)
+    split, split_res = layer(x), layer.forward_fused(x, residual=residual)
+    ops.int4_tensor_core_gemv = True
+    try:
+        tc, tc_res = layer(x), layer.forward_fused(x, residual=residual)
+    finally:
+        ops.int4_tensor_core_gemv = False
+    assert rel_error(tc, split.double()) < 1e-2 and rel_error(tc_res, split_res.double()) < 1e-2

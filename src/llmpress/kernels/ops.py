@@ -251,6 +251,40 @@ def _(x, qweight, scales, zeros, group_size, norm_weight, eps, silu_mul, residua
     return x.new_empty(1, qweight.shape[0])
 
 
+# Batch-1 int4 layers with no prologue folded in (o_proj, down_proj with the residual add, lm_head) run the
+# tensor-core GEMV over the fragment layout (kernels/triton_int4_frag.py) where they hold one
+# (quant.linear.use_fragment_layouts). Off by default until timed end to end: the kernel alone took 1.11 ms over
+# a 3B token's linears against the split GEMV's 1.34 (H200, benchmarks/int4_frag_gpu.py); the fragments are a
+# second copy of those weights.
+int4_tensor_core_gemv = False
+
+
+def int4_fragment_gemv_applies(x: torch.Tensor) -> bool:
+    """Whether `int4_gemv_fragments` runs for x [M, K]: switched on, one row of fp16/bf16 x on CUDA."""
+    return (int4_tensor_core_gemv and _backend in ("auto", "triton") and x.is_cuda and HAS_TRITON and x.shape[0] == 1
+            and x.dtype in (torch.float16, torch.bfloat16))
+
+
+def int4_gemv_fragments(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                        group_size: int, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """y [1, N] = (residual +) x W^T for a 4-bit weight held as tensor-core fragments (quant/format.py
+    `rows_to_fragments`) with the row layout's scales [N, G] and zeros [N, G]."""
+    return torch.ops.llmpress.int4_gemv_fragments(x.contiguous(), fragments, scales, zeros, group_size,
+                                                  None if residual is None else residual.contiguous())
+
+
+@torch.library.custom_op("llmpress::int4_gemv_fragments", mutates_args=())
+def _int4_gemv_fragments(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                         group_size: int, residual: torch.Tensor | None) -> torch.Tensor:
+    from llmpress.kernels.triton_int4_frag import frag_gemv
+    return frag_gemv(x, fragments, scales, zeros, group_size, residual=residual)
+
+
+@_int4_gemv_fragments.register_fake
+def _(x, fragments, scales, zeros, group_size, residual):
+    return x.new_empty(1, scales.shape[0])
+
+
 def store_kv_paged(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, slot_mapping: torch.Tensor) -> None:
     """Write new tokens' K/V into the paged cache, in place (quantizing for int8/fp8 caches).

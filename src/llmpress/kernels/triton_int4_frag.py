@@ -34,9 +34,13 @@ from llmpress.kernels.triton_int4 import _workspace
 from llmpress.kernels.triton_int4_rows_split import SPLIT_WORKSPACE, finish_output
 
 # (num_warps, groups per warp): the tuner picks per shape
-# (num_warps, groups per warp): the tuner picks per shape. More groups per warp spread a program's fixed
-# instructions over more weights; beyond 4 the x registers (16 per group, all loaded first) would spill.
+# (num_warps, groups per warp). More groups per warp spread a program's fixed instructions over more weights;
+# beyond 4 the x registers (16 per group, all loaded first) would spill. (4, 2) was the fastest at every 3B
+# shape on the H200 (benchmarks/int4_frag_gpu.py, results/int4_frag_h200.*), where the tile tuner, timing one
+# weight that stays in L2, picked others: so it is the default wherever it fits, and the tuner only decides
+# where it does not.
 FRAG_CONFIGS = [(4, 1), (4, 2), (4, 4), (8, 4)]
+DEFAULT_CONFIG = (4, 2)
 
 # per activation dtype: the magic value's bits (both halves), its value, 1.0 in both halves, the mma type
 _TYPES = {torch.bfloat16: (0x43004300, 128.0, 0x3F803F80, "bf16"), torch.float16: (0x64006400, 1024.0, 0x3C003C00, "f16")}
@@ -208,7 +212,7 @@ def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, ze
               config: tuple[int, int] | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """x [1, K] bf16/fp16 @ Wᵀ (+ residual [1, N]) -> [1, N] in x.dtype. fragments: int32 [N/16, G, 32, group_size/16]
     (`rows_to_fragments`); scales [N, G] (x's dtype), zeros uint8 [N, G] as in the row layout. `config`:
-    (num_warps, groups per warp), else tuned."""
+    (num_warps, groups per warp); default DEFAULT_CONFIG where it fits, else the tuner's pick."""
     N, G = scales.shape
     assert x.shape == (1, G * group_size) and x.dtype in _TYPES and scales.dtype == x.dtype, (x.shape, x.dtype)
     assert fragments.shape == (N // 16, G, 32, group_size // 16) and group_size % 64 == 0, fragments.shape
@@ -225,6 +229,8 @@ def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, ze
             SPLIT_P2=triton.next_power_of_2(split), RESIDUAL=residual is not None, num_warps=warps)
         return y
 
+    if config is None and frag_fits(N, G, *DEFAULT_CONFIG):
+        config = DEFAULT_CONFIG
     if config is not None:
         assert frag_fits(N, G, *config), config
         return launch(config)

@@ -12,8 +12,8 @@ from torch import nn
 from llmpress.kernels import ops
 from llmpress.model.fusion import unfuse_projections
 from llmpress.model.llama import swiglu
-from llmpress.quant.format import (RuntimeQuantWeight, dequantize_runtime, from_runtime, rows_to_runtime,
-                                   runtime_to_rows, to_runtime)
+from llmpress.quant.format import (RuntimeQuantWeight, dequantize_runtime, from_runtime, rows_to_fragments,
+                                   rows_to_runtime, runtime_to_rows, to_runtime)
 from llmpress.quant.scheme import QuantizedWeight, QuantScheme
 
 
@@ -41,6 +41,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("g_idx", torch.zeros(in_features, **int32) if act_order else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.row_layout = False
+        self.fragments = None  # the row-layout weight again as tensor-core fragments (`use_fragment_layout`)
 
     @classmethod
     def from_runtime(cls, rt: RuntimeQuantWeight, bias: torch.Tensor | None = None) -> "QuantLinear":
@@ -83,6 +84,15 @@ class QuantLinear(nn.Module):
         self.register_buffer("zeros_rows", zeros)
         self.row_layout = True
 
+    def use_fragment_layout(self) -> bool:
+        """Also hold the row-layout weight as tensor-core fragments (quant/format.py `rows_to_fragments`, a
+        second copy) for the batch-1 GEMV of kernels/triton_int4_frag.py, used while
+        `ops.int4_tensor_core_gemv` is on. Needs out_features % 64 == 0 and groups of a multiple of 64."""
+        if self.fragments is None and self.row_layout and self.bias is None and self.out_features % 64 == 0 \
+                and self.group_size % 64 == 0:
+            self.fragments = rows_to_fragments(self.qweight_rows, self.group_size)
+        return self.fragments is not None
+
     def quantized_weight(self, scheme: QuantScheme) -> QuantizedWeight:
         """The unpacked levels, scales and zeros (for saving a model that already holds QuantLinear layers)."""
         return from_runtime(self.runtime_weight(), scheme)
@@ -116,6 +126,10 @@ class QuantLinear(nn.Module):
                                   rt.scales.dtype).T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fragments is not None and ops.int4_fragment_gemv_applies(x.reshape(-1, self.in_features)):
+            y = ops.int4_gemv_fragments(x.reshape(1, -1), self.fragments, self.scales_rows, self.zeros_rows,
+                                        self.group_size)
+            return y.reshape(*x.shape[:-1], self.out_features)
         if self.row_layout:
             y = ops.int4_matmul_rows(x.reshape(-1, self.in_features), self.qweight_rows, self.scales_rows,
                                      self.zeros_rows, self.group_size)
@@ -140,7 +154,11 @@ class QuantLinear(nn.Module):
             x, silu_mul = swiglu(x), False
         add_after = residual if "residual" not in steps else None
         residual = None if add_after is not None else residual
-        if norm is not None or silu_mul or residual is not None:
+        if norm is None and not silu_mul and residual is not None and self.fragments is not None \
+                and ops.int4_fragment_gemv_applies(x2d):
+            y = ops.int4_gemv_fragments(x.reshape(1, -1), self.fragments, self.scales_rows, self.zeros_rows,
+                                        self.group_size, residual.reshape(1, -1)).reshape(*x.shape[:-1], self.out_features)
+        elif norm is not None or silu_mul or residual is not None:
             y = ops.int4_gemv_rows_fused(x.reshape(1, -1), self.qweight_rows, self.scales_rows, self.zeros_rows,
                                          self.group_size, None if norm is None else norm.weight,
                                          0.0 if norm is None else norm.eps, silu_mul,
@@ -182,3 +200,11 @@ def use_row_layouts(model: nn.Module) -> int:
     """`QuantLinear.use_row_layout` for every quantized layer of `model` (the GPU decode path calls this once
     the model is on its device). Returns how many layers changed layout."""
     return sum(not m.row_layout and m.use_row_layout() for m in model.modules() if isinstance(m, QuantLinear))
+
+
+def use_fragment_layouts(model: nn.Module, names: tuple[str, ...] = ("o_proj", "down_proj", "lm_head")) -> int:
+    """`QuantLinear.use_fragment_layout` for the quantized layers of `model` whose name ends in one of `names`
+    (by default the ones that fold no prologue into their GEMV, which the tensor-core GEMV does not have).
+    Returns how many layers hold fragments."""
+    return sum(m.use_fragment_layout() for name, m in model.named_modules()
+               if isinstance(m, QuantLinear) and name.rsplit(".", 1)[-1] in names)
