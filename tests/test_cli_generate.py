@@ -72,8 +72,14 @@ def test_chat_session_keeps_history_and_reuses_its_cache(embedded):
 # -- CLI (each call loads the model: ~15 s on CPU) ------------------------------------------------
 
 def test_cli_generate_streams_and_writes_json(cli_main, capsys, tmp_path):
+    from llmpress.kernels import ops
     out = tmp_path / "gen.json"
-    assert cli_main(["generate", "--prompt", QUESTION, "--max-new-tokens", "16", "--json", str(out)]) == 0
+    try:  # --int4-tensor-cores switches the GPU kernel; on the CPU (and for a float model) nothing changes
+        assert cli_main(["generate", "--prompt", QUESTION, "--max-new-tokens", "16", "--json", str(out),
+                         "--int4-tensor-cores"]) == 0
+        assert ops.int4_tensor_core_gemv
+    finally:
+        ops.int4_tensor_core_gemv = False
     captured = capsys.readouterr()
     assert "Paris" in captured.out
     assert "prompt +" in captured.err and "finish: stop" in captured.err  # the stats line

@@ -13,7 +13,8 @@ from llmpress.bench.roofline import decode_roofline, device_name, measure_copy_b
 from llmpress.bench.throughput import DEFAULT_CHAT_PROMPT, benchmark_decode, prompt_token_ids
 from llmpress.commands import common
 from llmpress.commands.engine_args import add_engine_args, engine_config_from_args
-from llmpress.commands.generate import add_decode_mode_arg, add_speculative_args, speculative_config_from_args
+from llmpress.commands.generate import (add_decode_mode_arg, add_speculative_args, apply_kernel_args,
+                                       speculative_config_from_args)
 from llmpress.commands.output import format_rows, write_json_atomic
 from llmpress.errors import LlmpressError
 from llmpress.loading import LoadedModel
@@ -116,6 +117,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if args.engine is not None:
         return run_engine_bench_command(args)
     # Every option is checked before the model load, so a typo fails at once.
+    apply_kernel_args(args)
     batch_sizes = parse_batch_sizes(args.batch_sizes)
     for name in ("prompt_len", "new_tokens", "repeats"):
         value = getattr(args, name)

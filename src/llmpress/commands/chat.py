@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from llmpress.commands import common
-from llmpress.commands.generate import (add_decode_mode_arg, add_sampling_args, format_stats, generate_from_ids,
+from llmpress.commands.generate import (add_decode_mode_arg, apply_kernel_args, add_sampling_args, format_stats, generate_from_ids,
                                         sampling_params_from_args)
 from llmpress.errors import LlmpressError
 from llmpress.generation import GenerationOutput, Generator, SamplingParams
@@ -70,6 +70,7 @@ class ChatSession:
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    apply_kernel_args(args)
     params = sampling_params_from_args(args)
     loaded = common.load_from_args(args)
     if not getattr(loaded.tokenizer, "chat_template", None):

@@ -19,7 +19,8 @@ from llmpress.generation.cuda_graph import GraphedStep
 from llmpress.generation.generator import DECODE_MODES
 from llmpress.model import StaticKVCache
 from llmpress.model.fusion import fuse_projections
-from llmpress.quant.linear import use_row_layouts
+from llmpress.kernels import ops
+from llmpress.quant.linear import use_fragment_layouts, use_row_layouts
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:
@@ -51,6 +52,8 @@ class CachedModel:
             use_row_layouts(model)  # as in Generator: int4 layers in the layout of the GPU decode kernels
         if self.mode != "eager":  # as in Generator: eager stays the plain reference path
             fuse_projections(model)
+        if model.device.type == "cuda" and ops.int4_tensor_core_gemv:
+            use_fragment_layouts(model)  # as in Generator
         self.scratch = scratch
         self.cache = StaticKVCache(model.config, 1, max_seq_len + scratch, model.dtype, model.device)
         self._steps: dict[int, Callable] = {}
