@@ -330,10 +330,33 @@ def test_quant_linear_runs_the_tensor_core_gemv_when_switched_on():
     assert layer.use_row_layout() and layer.use_fragment_layout()
     x = torch.randn(1, 1, 3072, device="cuda", dtype=torch.bfloat16)
     residual = torch.randn(1, 1, 1024, device="cuda", dtype=torch.bfloat16)
-    split, split_res = layer(x), layer.forward_fused(x, residual=residual)
+    rows6 = torch.randn(1, 6, 3072, device="cuda", dtype=torch.bfloat16)  # a verify step's k + 1 tokens
+    split, split_res, split6 = layer(x), layer.forward_fused(x, residual=residual), layer(rows6)
     ops.int4_tensor_core_gemv = True
     try:
-        tc, tc_res = layer(x), layer.forward_fused(x, residual=residual)
+        tc, tc_res, tc6 = layer(x), layer.forward_fused(x, residual=residual), layer(rows6)
     finally:
         ops.int4_tensor_core_gemv = False
     assert rel_error(tc, split.double()) < 1e-2 and rel_error(tc_res, split_res.double()) < 1e-2
+    assert tc6.shape == (1, 6, 1024) and rel_error(tc6, split6.double()) < 1e-2
+
+
+@cuda_only
+@pytest.mark.parametrize("M", [2, 5, 8])
+def test_triton_fragment_gemv_takes_up_to_eight_rows(M):
+    """Rows of x as the columns of the mma's B operand (a speculative verify step): each row of y against float64,
+    with the residual add, on the default tile; rows past M repeat the last row inside the kernel and must not
+    leak into y."""
+    from llmpress.kernels.triton_int4_frag import frag_gemv
+    from llmpress.quant.format import rows_to_fragments
+    torch.manual_seed(M)
+    (qweight, scales, zeros), _, dense = random_rows(3072, 1024, 128, "cuda")
+    fragments = rows_to_fragments(qweight, 128)
+    x = torch.randn(M, 3072, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn(M, 1024, device="cuda", dtype=torch.bfloat16)
+    y = frag_gemv(x, fragments, scales, zeros, 128, residual=residual)
+    ref = residual.double() + x.double() @ dense
+    assert y.shape == (M, 1024)
+    assert all(rel_error(y[m], ref[m]) < 1e-2 for m in range(M)), [rel_error(y[m], ref[m]) for m in range(M)]
+    alone = torch.cat([frag_gemv(x[m:m + 1], fragments, scales, zeros, 128, residual=residual[m:m + 1]) for m in range(M)])
+    assert rel_error(y, alone.double()) < 1e-2

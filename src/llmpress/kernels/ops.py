@@ -251,24 +251,26 @@ def _(x, qweight, scales, zeros, group_size, norm_weight, eps, silu_mul, residua
     return x.new_empty(1, qweight.shape[0])
 
 
-# Batch-1 int4 layers with no prologue folded in (o_proj, down_proj with the residual add, lm_head) run the
-# tensor-core GEMV over the fragment layout (kernels/triton_int4_frag.py) where they hold one
-# (quant.linear.use_fragment_layouts). Off by default until timed end to end: the kernel alone took 1.11 ms over
-# a 3B token's linears against the split GEMV's 1.34 (H200, benchmarks/int4_frag_gpu.py); the fragments are a
-# second copy of those weights.
+# int4 layers that hold tensor-core fragments (quant.linear.use_fragment_layouts) run their products for 1..8 rows
+# of x on kernels/triton_int4_frag.py, except where a batch-1 GEMV folds the RMSNorm in (q|k|v, gate|up: the
+# split GEMV keeps those). Off by default: the fragments are a second copy of the weights. Measured (H200): the
+# kernel alone 1.11 ms over a 3B token's linears against the split GEMV's 1.34 (benchmarks/int4_frag_gpu.py);
+# 3B int4 decode +6.4% (+8.9% with an int4 head; benchmarks/int4_gpu.py variants int4-tc*). 2..8 rows (a
+# speculative verify step) have not run on a GPU yet.
 int4_tensor_core_gemv = False
+FRAG_MAX_M = 8  # kernels/triton_int4_frag.py: the rows of x are the columns of the mma's B operand
 
 
 def int4_fragment_gemv_applies(x: torch.Tensor) -> bool:
-    """Whether `int4_gemv_fragments` runs for x [M, K]: switched on, one row of fp16/bf16 x on CUDA."""
-    return (int4_tensor_core_gemv and _backend in ("auto", "triton") and x.is_cuda and HAS_TRITON and x.shape[0] == 1
-            and x.dtype in (torch.float16, torch.bfloat16))
+    """Whether `int4_gemv_fragments` runs for x [M, K]: switched on, 1..8 rows of fp16/bf16 x on CUDA."""
+    return (int4_tensor_core_gemv and _backend in ("auto", "triton") and x.is_cuda and HAS_TRITON
+            and 1 <= x.shape[0] <= FRAG_MAX_M and x.dtype in (torch.float16, torch.bfloat16))
 
 
 def int4_gemv_fragments(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                         group_size: int, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """y [1, N] = (residual +) x W^T for a 4-bit weight held as tensor-core fragments (quant/format.py
-    `rows_to_fragments`) with the row layout's scales [N, G] and zeros [N, G]."""
+    """y [M, N] = (residual +) x W^T, x [M <= 8, K], for a 4-bit weight held as tensor-core fragments
+    (quant/format.py `rows_to_fragments`) with the row layout's scales [N, G] and zeros [N, G]."""
     return torch.ops.llmpress.int4_gemv_fragments(x.contiguous(), fragments, scales, zeros, group_size,
                                                   None if residual is None else residual.contiguous())
 
@@ -282,7 +284,7 @@ def _int4_gemv_fragments(x: torch.Tensor, fragments: torch.Tensor, scales: torch
 
 @_int4_gemv_fragments.register_fake
 def _(x, fragments, scales, zeros, group_size, residual):
-    return x.new_empty(1, scales.shape[0])
+    return x.new_empty(x.shape[0], scales.shape[0])
 
 
 def store_kv_paged(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

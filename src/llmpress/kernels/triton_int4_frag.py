@@ -48,10 +48,14 @@ DEFAULT_CONFIG = (4, 2)
 _TYPES = {torch.bfloat16: (0x43004300, 128.0, 0x3F803F80, "bf16"), torch.float16: (0x64006400, 1024.0, 0x3C003C00, "f16")}
 
 
-def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: torch.dtype) -> str:
+def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: torch.dtype, rows: int = 1) -> str:
     """PTX for one thread's share of a warp's row tile over GROUPS_PER_WARP groups, ending in a store of the
-    row tile's partial sums (by lanes with j = 0). Operands: $0 dummy output; $1 words, $2 x, $3 scales,
-    $4 zeros, $5 partials (u64 addresses); $6 N, $7 G (u32).
+    row tile's partial sums. Operands: $0 dummy output; $1 words, $2 x, $3 scales, $4 zeros, $5 partials (u64
+    addresses); $6 N, $7 G (u32).
+
+    `rows` (M) rows of x, up to 8: B's column n is x row n (rows past M repeat row M - 1), so D's column n is
+    y row n, and lane (i, j) ends with rows 2j, 2j + 1 of y at weight rows r0 and r0 + 8; it stores those below M
+    into partials [SPLIT, M, N]. At M = 1 every column is x, and lanes with j = 0 store.
 
     Every load comes first. ptxas otherwise issued a lane's second 16-byte word load, and the scale and zero
     loads, only after the first mmas had used the first words: three DRAM round trips in a row instead of
@@ -70,7 +74,8 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
          + ", ".join(sum(words, []) + sum(xs_regs, [])) + ";",
          ".reg .b64 wa, xa, sa, za, pa, off;",
          f".reg .b16 zero16, {per_group(['s0h', 's1h'])};",
-         ".reg .f32 acc0, acc1, acc2, acc3, xs0, xs1, xs2, xs3, y0, y1, t0, t1, dep, "
+         ".reg .b32 kk, nrow;",
+         ".reg .f32 acc0, acc1, acc2, acc3, xs0, xs1, xs2, xs3, y0, y1, y2, y3, t0, t1, dep, "
          f"{per_group(['sc0_', 'sc1_', 'zf0_', 'zf1_'])};",
          f"mov.b32 magic, {magic:#x};",
          f"mov.b32 one, {ones:#x};",
@@ -83,8 +88,10 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
          "mov.u32 tile, %ctaid.x;",
          f"mad.lo.u32 tile, tile, {num_warps}, warp;",
          "mad.lo.u32 r0, tile, 16, i;",  # rows r0 and r0 + 8
-         "mov.f32 y0, 0f00000000;",
-         "mov.f32 y1, 0f00000000;"]
+         *[f"mov.f32 y{n}, 0f00000000;" for n in range(4)],
+         # x row of this lane's B column (groupID i), clamped to the last row; K = G * group_size inputs a row
+         f"min.u32 nrow, i, {rows - 1};",
+         f"mul.lo.u32 kk, $7, {group_size};"]
     for g in groups:  # loads
         L += ["mov.u32 grp, %ctaid.y;",
               f"mad.lo.u32 grp, grp, {groups_per_warp}, {g};",
@@ -97,8 +104,10 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
             L.append(f"ld.global.nc.v4.b32 {{{', '.join(words[g][4 * v:4 * v + 4])}}}, [wa+{16 * v}];")
         # x: element grp * group_size + 8 j (2 bytes each), then 32 elements per block of 32 inputs
         L += [f"mul.lo.u32 t32, grp, {group_size};",
-              "mad.lo.u32 t32, j, 8, t32;",
-              "mul.wide.u32 off, t32, 2;",
+              "mad.lo.u32 t32, j, 8, t32;"]
+        if rows > 1:
+            L.append("mad.lo.u32 t32, nrow, kk, t32;")
+        L += ["mul.wide.u32 off, t32, 2;",
               "add.u64 xa, $2, off;"]
         for b in range(blocks32):
             L.append(f"ld.global.v4.b32 {{{', '.join(xs_regs[g][4 * b:4 * b + 4])}}}, [xa+{64 * b}];")
@@ -156,19 +165,29 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
                   f"{{e0, e4, e8, e12}}, {{{b0}, {b1}}}, {{acc0, acc1, acc2, acc3}};",
                   f"mma.sync.aligned.m16n8k16.row.col.f32.{mma_type}.{mma_type}.f32 {{xs0, xs1, xs2, xs3}}, "
                   f"{{one, one, one, one}}, {{{b0}, {b1}}}, {{xs0, xs1, xs2, xs3}};"]
-        L += [f"neg.f32 t0, zf0_{g};", f"neg.f32 t1, zf1_{g};",
-              "fma.rn.f32 t0, t0, xs0, acc0;", "fma.rn.f32 t1, t1, xs2, acc2;",
-              f"fma.rn.f32 y0, sc0_{g}, t0, y0;", f"fma.rn.f32 y1, sc1_{g}, t1, y1;"]
-    # partials[pid_k, r]: lanes with j = 0 hold rows r0 (y0) and r0 + 8 (y1)
+        L += [f"neg.f32 zf0_{g}, zf0_{g};", f"neg.f32 zf1_{g}, zf1_{g};"]
+        # y0, y1: rows r0, r0 + 8 of y's column 2j; y2, y3: of column 2j + 1 (M > 1 only)
+        for y, acc, xs, zf, sc in [("y0", "acc0", "xs0", "zf0", "sc0"), ("y1", "acc2", "xs2", "zf1", "sc1"),
+                                   ("y2", "acc1", "xs1", "zf0", "sc0"), ("y3", "acc3", "xs3", "zf1", "sc1")][:2 if rows == 1 else 4]:
+            L += [f"fma.rn.f32 t0, {zf}_{g}, {xs}, {acc};", f"fma.rn.f32 {y}, {sc}_{g}, t0, {y};"]
+    # partials[pid_k, m, r] for y rows m = 2j (y0, y1 at r0, r0 + 8) and 2j + 1 (y2, y3) below M
     L += ["mov.u32 t32, %ctaid.y;",
-          "mad.lo.u32 t32, t32, $6, r0;",
+          f"mul.lo.u32 t32, t32, {rows};",
+          "mad.lo.u32 t32, j, 2, t32;",
+          "mul.lo.u32 t32, t32, $6;",
+          "add.u32 t32, t32, r0;",
           "mul.wide.u32 off, t32, 4;",
           "add.u64 pa, $5, off;",
-          "setp.eq.u32 p, j, 0;",
+          f"setp.lt.u32 p, j, {(rows + 1) // 2};",  # 2j < M
           "@p st.global.f32 [pa], y0;",
-          "@p st.global.f32 [pa+32], y1;",
-          "mov.b32 $0, 0;",
-          "}"]
+          "@p st.global.f32 [pa+32], y1;"]
+    if rows > 1:
+        L += ["mul.wide.u32 off, $6, 4;",  # the next row of y: N floats further
+              "add.u64 pa, pa, off;",
+              f"setp.lt.u32 p, j, {rows // 2};",  # 2j + 1 < M
+              "@p st.global.f32 [pa], y2;",
+              "@p st.global.f32 [pa+32], y3;"]
+    L += ["mov.b32 $0, 0;", "}"]
     return "\n".join(L)
 
 
@@ -179,7 +198,8 @@ def _f32(value: float) -> str:
 
 @triton.jit
 def _frag_gemv(qw_ptr, x_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, res_ptr, N, G, SPLIT,
-               ASM: tl.constexpr, NUM_WARPS: tl.constexpr, SPLIT_P2: tl.constexpr, RESIDUAL: tl.constexpr):
+               ASM: tl.constexpr, NUM_WARPS: tl.constexpr, SPLIT_P2: tl.constexpr, RESIDUAL: tl.constexpr,
+               ROWS: tl.constexpr = 1):
     pid_n = tl.program_id(0)
     lanes = tl.zeros([32 * NUM_WARPS], dtype=tl.int64)
     tl.inline_asm_elementwise(
@@ -195,15 +215,20 @@ def _frag_gemv(qw_ptr, x_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, res
     arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")
     if arrived == SPLIT - 1:
         offs_s = tl.arange(0, SPLIT_P2)
-        parts = tl.load(partial_ptr + offs_s[:, None] * N + offs_n[None, :],
-                        mask=(offs_s < SPLIT)[:, None] & n_mask[None, :], other=0.0, cache_modifier=".cg")
-        finish_output(tl.sum(parts, axis=0), 0.0, offs_n, n_mask, y_ptr, res_ptr, 1, 0.0, 0, RESIDUAL)
+        for m in tl.static_range(ROWS):  # partials [SPLIT, ROWS, N]
+            parts = tl.load(partial_ptr + (offs_s[:, None] * ROWS + m) * N + offs_n[None, :],
+                            mask=(offs_s < SPLIT)[:, None] & n_mask[None, :], other=0.0, cache_modifier=".cg")
+            finish_output(tl.sum(parts, axis=0), 0.0, offs_n, n_mask, y_ptr + m * N, res_ptr + m * N, 1, 0.0, 0,
+                          RESIDUAL)
         tl.atomic_xchg(counter_ptr + pid_n, 0)
 
 
-def frag_fits(N: int, G: int, num_warps: int, groups_per_warp: int) -> bool:
+FRAG_MAX_M = 8  # rows of x: the columns of the mma's B operand
+
+
+def frag_fits(N: int, G: int, num_warps: int, groups_per_warp: int, M: int = 1) -> bool:
     split = G // groups_per_warp
-    return (N % (16 * num_warps) == 0 and G % groups_per_warp == 0 and split * N <= SPLIT_WORKSPACE
+    return (N % (16 * num_warps) == 0 and G % groups_per_warp == 0 and split * M * N <= SPLIT_WORKSPACE
             and triton.next_power_of_2(split) * 16 * num_warps <= 8192 and N // (16 * num_warps) <= 1 << 14)
 
 
@@ -212,30 +237,34 @@ _frag_tuner = TileTuner()
 
 def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
               config: tuple[int, int] | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x [1, K] bf16/fp16 @ Wᵀ (+ residual [1, N]) -> [1, N] in x.dtype. fragments: int32 [N/16, G, 32, group_size/16]
-    (`rows_to_fragments`); scales [N, G] (x's dtype), zeros uint8 [N, G] as in the row layout. `config`:
-    (num_warps, groups per warp); default DEFAULT_CONFIG where it fits, else the tuner's pick."""
+    """x [M, K] bf16/fp16 (M <= 8) @ Wᵀ (+ residual [M, N]) -> [M, N] in x.dtype. fragments: int32
+    [N/16, G, 32, group_size/16] (`rows_to_fragments`); scales [N, G] (x's dtype), zeros uint8 [N, G] as in the row
+    layout. `config`: (num_warps, groups per warp); default DEFAULT_CONFIG where it fits, else the tuner's pick.
+    M = 1 is what was timed; M = 2..8 (a speculative verify step, small batches) costs nearly the same mmas."""
+    M = x.shape[0]
     N, G = scales.shape
-    assert x.shape == (1, G * group_size) and x.dtype in _TYPES and scales.dtype == x.dtype, (x.shape, x.dtype)
+    assert 1 <= M <= FRAG_MAX_M and x.shape[1] == G * group_size, (x.shape, G, group_size)
+    assert x.dtype in _TYPES and scales.dtype == x.dtype, (x.dtype, scales.dtype)
     assert fragments.shape == (N // 16, G, 32, group_size // 16) and group_size % 64 == 0, fragments.shape
+    assert residual is None or residual.shape == (M, N), (None if residual is None else residual.shape)
     x = x.contiguous()
 
     def launch(c: tuple[int, int]) -> torch.Tensor:
         warps, groups_per_warp = c
         split = G // groups_per_warp
-        y = torch.empty(1, N, dtype=x.dtype, device=x.device)
+        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
         partial, counter = _workspace.get(x.device, SPLIT_WORKSPACE, 1 << 14)
         _frag_gemv[(N // (16 * warps), split)](
-            fragments, x, scales, zeros, y, partial, counter, x if residual is None else residual, N, G, split,
-            ASM=frag_gemv_asm(warps, groups_per_warp, group_size, x.dtype), NUM_WARPS=warps,
-            SPLIT_P2=triton.next_power_of_2(split), RESIDUAL=residual is not None, num_warps=warps)
+            fragments, x, scales, zeros, y, partial, counter, x if residual is None else residual.contiguous(), N, G,
+            split, ASM=frag_gemv_asm(warps, groups_per_warp, group_size, x.dtype, M), NUM_WARPS=warps,
+            SPLIT_P2=triton.next_power_of_2(split), RESIDUAL=residual is not None, ROWS=M, num_warps=warps)
         return y
 
-    if config is None and frag_fits(N, G, *DEFAULT_CONFIG):
+    if config is None and frag_fits(N, G, *DEFAULT_CONFIG, M):
         config = DEFAULT_CONFIG
     if config is not None:
-        assert frag_fits(N, G, *config), config
+        assert frag_fits(N, G, *config, M), config
         return launch(config)
-    candidates = [c for c in FRAG_CONFIGS if frag_fits(N, G, *c)]
-    assert candidates, f"no fragment-GEMV tile fits N={N}, G={G}"
-    return launch(_frag_tuner.pick((x.device, N, G, group_size, x.dtype, residual is not None), launch, candidates))
+    candidates = [c for c in FRAG_CONFIGS if frag_fits(N, G, *c, M)]
+    assert candidates, f"no fragment-GEMV tile fits N={N}, G={G}, M={M}"
+    return launch(_frag_tuner.pick((x.device, N, G, group_size, x.dtype, M, residual is not None), launch, candidates))

@@ -127,8 +127,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fragments is not None and ops.int4_fragment_gemv_applies(x.reshape(-1, self.in_features)):
-            y = ops.int4_gemv_fragments(x.reshape(1, -1), self.fragments, self.scales_rows, self.zeros_rows,
-                                        self.group_size)
+            y = ops.int4_gemv_fragments(x.reshape(-1, self.in_features), self.fragments, self.scales_rows,
+                                        self.zeros_rows, self.group_size)
             return y.reshape(*x.shape[:-1], self.out_features)
         if self.row_layout:
             y = ops.int4_matmul_rows(x.reshape(-1, self.in_features), self.qweight_rows, self.scales_rows,
@@ -202,9 +202,14 @@ def use_row_layouts(model: nn.Module) -> int:
     return sum(not m.row_layout and m.use_row_layout() for m in model.modules() if isinstance(m, QuantLinear))
 
 
-def use_fragment_layouts(model: nn.Module, names: tuple[str, ...] = ("o_proj", "down_proj", "lm_head")) -> int:
+def use_fragment_layouts(model: nn.Module, names: tuple[str, ...] = ("o_proj", "down_proj", "lm_head"),
+                         packed: bool = True) -> int:
     """`QuantLinear.use_fragment_layout` for the quantized layers of `model` whose name ends in one of `names`
-    (by default the ones that fold no prologue into their GEMV, which the tensor-core GEMV does not have).
-    Returns how many layers hold fragments."""
-    return sum(m.use_fragment_layout() for name, m in model.named_modules()
-               if isinstance(m, QuantLinear) and name.rsplit(".", 1)[-1] in names)
+    (the ones whose batch-1 GEMV folds no RMSNorm in), and with `packed` the fused q|k|v and gate|up layers of
+    model.fusion too (their products for 2..8 rows: a speculative verify step). Returns how many layers hold
+    fragments."""
+    layers = [m for name, m in model.named_modules() if isinstance(m, QuantLinear) and name.rsplit(".", 1)[-1] in names]
+    if packed:
+        layers += [getattr(m, attr)[0] for m in model.modules() for attr in ("qkv_packed", "gate_up_packed")
+                   if getattr(m, attr, ()) and isinstance(getattr(m, attr)[0], QuantLinear)]
+    return sum(m.use_fragment_layout() for m in layers)
