@@ -3,8 +3,9 @@
 For each linear shape of a Llama-3.2-3B decode step (q|k|v, o, gate|up, down, lm_head), int4 g128 random
 weights: first each kernel's result against exact float64 dequantization, then the time per call as
 CUDA-graph replays over rotating weight sets (so L2 cannot hold them; benchmarks/kernels_gpu.py), every tile
-of the new kernel and the tuned split GEMV, then the linears of one token (28 layers + lm_head). Prints a
-table and writes JSON.
+of the new kernel and the tuned split GEMV, then the linears of one token (28 layers + lm_head). With
+--rows 1,6: also M = 6 rows of x (a speculative verify step at k = 5), the new kernel against the row layout's
+tensor-core path that such steps run now (kernels/triton_int4_rows_mma.py). Prints a table and writes JSON.
 
     PYTHONPATH=src python benchmarks/int4_frag_gpu.py --out benchmarks/results/int4_frag_h200.json
 """
@@ -24,6 +25,7 @@ from kernels_gpu import time_per_call_us  # benchmarks/
 from llmpress.atomic_write import write_json_atomic
 from llmpress.bench.roofline import device_name, measure_copy_bandwidth
 from llmpress.kernels.triton_int4_frag import FRAG_CONFIGS, frag_fits, frag_gemv
+from llmpress.kernels.triton_int4_rows import int4_matmul_rows_triton
 from llmpress.kernels.triton_int4_rows_split import split_gemv_rows
 from llmpress.quant.format import rows_to_fragments
 
@@ -32,8 +34,10 @@ SETS = 16
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="1", help="comma-separated rows of x (M <= 8)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    row_counts = [int(m) for m in args.rows.split(",")]
     if not torch.cuda.is_available():
         print("this benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -43,7 +47,7 @@ def main() -> int:
               "group_size": GROUP, "rows": [], "errors": {}, "per_token_us": {}}
     print(f"{report['gpu']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     print(f"\n{'shape':8s} {'K':>5s} {'N':>6s} {'kernel':22s} {'rel err':>8s} {'us':>8s} {'% copy bw':>9s}", flush=True)
-    best = {"frag": 0.0, "split": 0.0}
+    best = {"frag": 0.0, "split": 0.0, **{f"{kind} M={m}": 0.0 for m in row_counts if m > 1 for kind in ("frag", "mma")}}
     for name, K, N, per_layer in SHAPES:
         sets = SETS if N < 100000 else 4
         torch.manual_seed(K + N)
@@ -59,7 +63,15 @@ def main() -> int:
         variants["frag tuned"] = lambda x, qw, fr, s, z: frag_gemv(x, fr, s, z, GROUP)
         variants["split tuned"] = lambda x, qw, fr, s, z: split_gemv_rows(x, qw, s, z, GROUP, reduce="in_kernel")
         arg_sets = [(xs[i], *weights[i][:1], fragments[i], *weights[i][1:]) for i in range(sets)]
-        for label, fn in variants.items():
+        cases = [(label, fn, arg_sets, reference) for label, fn in variants.items()]
+        for m in [m for m in row_counts if m > 1]:
+            xm = [torch.randn(m, K, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
+            sets_m = [(xm[i], *weights[i][:1], fragments[i], *weights[i][1:]) for i in range(sets)]
+            ref_m = xm[0].double() @ dense.double()
+            cases += [(f"frag M={m}", variants["frag tuned"], sets_m, ref_m),
+                      (f"mma M={m}", lambda x, qw, fr, s, z: int4_matmul_rows_triton(x, qw, s, z, GROUP, {"family": "mma"}),
+                       sets_m, ref_m)]
+        for label, fn, arg_sets, reference in cases:
             try:
                 error = rel_error(fn(*arg_sets[0]), reference)
                 us = time_per_call_us(fn, arg_sets)
@@ -73,10 +85,15 @@ def main() -> int:
             print(f"{name:8s} {K:5d} {N:6d} {label:22s} {error:8.1e} {us:8.1f} {fraction:9.1%}", flush=True)
             if label in ("frag tuned", "split tuned"):
                 best[label.split()[0]] += us * (LAYERS if per_layer else 1)
+            elif label in best:
+                best[label] += us * (LAYERS if per_layer else 1)
         _flush(report, args.out)
     report["per_token_us"] = best
     print(f"\nlinears of one 3B token (28 layers + lm_head), batch 1: tensor-core GEMV {best['frag'] / 1e3:.3f} ms, "
           f"split GEMV {best['split'] / 1e3:.3f} ms", flush=True)
+    for m in [m for m in row_counts if m > 1]:
+        print(f"same at M = {m}: tensor-core GEMV {best[f'frag M={m}'] / 1e3:.3f} ms, row-layout mma "
+              f"{best[f'mma M={m}'] / 1e3:.3f} ms", flush=True)
     _flush(report, args.out)
     return 0
 

@@ -122,6 +122,9 @@ def main() -> int:
                         help="plain bf16 for reference, then only the int4 rows (skips the bf16 draft and alpha sweep)")
     parser.add_argument("--int4-head", choices=("none", "draft", "both"), default="none",
                         help="int4 rows: also quantize the lm_head of the draft (or of both models) to int4 g128")
+    parser.add_argument("--int4-tensor-cores", action="store_true",
+                        help="int4 rows: run the products of 1..8 rows on the tensor-core GEMV (kernels/triton_int4_frag.py, "
+                             "ops.int4_tensor_core_gemv), the verify step's included")
     parser.add_argument("--out", default="benchmarks/results/speculative_h100.json")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -165,6 +168,8 @@ def main() -> int:
         target4 = int4_copy(target, "target", head=args.int4_head == "both")
         draft4 = int4_copy(draft, "draft", head=args.int4_head != "none")
         del target, draft
+        from llmpress.kernels import ops
+        ops.int4_tensor_core_gemv = args.int4_tensor_cores  # the int4 models' steps build their fragments
         reference4, plain4 = time_plain(target4, prompt, args.new_tokens + spare, args.mode, args.repeats)
         rows.append({"config": "plain int4 target", "tokens_per_s": plain4, "speedup": plain4 / plain_rate})
         row = oracle_row(f"int4: oracle alpha={args.int4_alpha:g} + int4 1B draft", target4, draft4, reference4,
@@ -176,6 +181,7 @@ def main() -> int:
     result = {"target": args.arch.split(",")[0], "draft": args.arch.split(",")[-1], "device": device_name(device),
               "dtype": str(dtype).removeprefix("torch."), "mode": args.mode, "batch_size": 1,
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "k": args.k, "int4_head": args.int4_head,
+              "int4_tensor_cores": args.int4_tensor_cores,
               "checks": checks,
               "rows": rows, "seconds": round(time.perf_counter() - started, 1), "date": date.today().isoformat(),
               "torch": torch.__version__, "python": platform.python_version(), "command": " ".join(sys.argv)}

@@ -224,11 +224,12 @@ def _frag_gemv(qw_ptr, x_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, res
 
 
 FRAG_MAX_M = 8  # rows of x: the columns of the mma's B operand
+FRAG_WORKSPACE_MAX = 1 << 24  # fp32 partial sums [split, M, N]: up to 64 MB (the 128k-vocab head at M = 8)
 
 
 def frag_fits(N: int, G: int, num_warps: int, groups_per_warp: int, M: int = 1) -> bool:
     split = G // groups_per_warp
-    return (N % (16 * num_warps) == 0 and G % groups_per_warp == 0 and split * M * N <= SPLIT_WORKSPACE
+    return (N % (16 * num_warps) == 0 and G % groups_per_warp == 0 and split * M * N <= FRAG_WORKSPACE_MAX
             and triton.next_power_of_2(split) * 16 * num_warps <= 8192 and N // (16 * num_warps) <= 1 << 14)
 
 
@@ -253,7 +254,8 @@ def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, ze
         warps, groups_per_warp = c
         split = G // groups_per_warp
         y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        partial, counter = _workspace.get(x.device, SPLIT_WORKSPACE, 1 << 14)
+        # the split GEMV's workspace, grown where M rows of partials need more (first call: before any graph capture)
+        partial, counter = _workspace.get(x.device, max(SPLIT_WORKSPACE, split * M * N), 1 << 14)
         _frag_gemv[(N // (16 * warps), split)](
             fragments, x, scales, zeros, y, partial, counter, x if residual is None else residual.contiguous(), N, G,
             split, ASM=frag_gemv_asm(warps, groups_per_warp, group_size, x.dtype, M), NUM_WARPS=warps,
