@@ -35,6 +35,7 @@ SETS = 16
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1", help="comma-separated rows of x (M <= 8)")
+    parser.add_argument("--norm", action="store_true", help="also both kernels with the RMSNorm folded in (M = 1)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     row_counts = [int(m) for m in args.rows.split(",")]
@@ -71,6 +72,15 @@ def main() -> int:
             cases += [(f"frag M={m}", variants["frag tuned"], sets_m, ref_m),
                       (f"mma M={m}", lambda x, qw, fr, s, z: int4_matmul_rows_triton(x, qw, s, z, GROUP, {"family": "mma"}),
                        sets_m, ref_m)]
+        if args.norm:
+            weight = (torch.rand(K, device="cuda") + 0.5).to(torch.bfloat16)
+            h64 = xs[0].double()
+            ref_norm = (h64 * torch.rsqrt(h64.pow(2).mean() + 1e-5) * weight.double()) @ dense.double()
+            cases += [("frag norm", lambda x, qw, fr, s, z: frag_gemv(x, fr, s, z, GROUP, norm_weight=weight, eps=1e-5),
+                       arg_sets, ref_norm),
+                      ("split norm", lambda x, qw, fr, s, z: split_gemv_rows(x, qw, s, z, GROUP, reduce="in_kernel",
+                                                                             prologue="rmsnorm", norm_weight=weight,
+                                                                             eps=1e-5), arg_sets, ref_norm)]
         for label, fn, arg_sets, reference in cases:
             try:
                 error = rel_error(fn(*arg_sets[0]), reference)

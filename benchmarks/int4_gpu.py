@@ -95,7 +95,8 @@ def decode_step_rel_error(model, prompt) -> float:
 # launch, kernels/pdl.py), "combine" (who combines decode attention's splits, triton_attention.combine)
 SETTINGS = {"rope": (ops, "fuse_rope_into_attention"), "steps": (ops, "int4_fused_steps"),
             "spread": (split_module, "spread_prologue"), "pdl": (pdl_module, "mode"),
-            "combine": (attention_module, "combine"), "tc": (ops, "int4_tensor_core_gemv")}
+            "combine": (attention_module, "combine"), "tc": (ops, "int4_tensor_core_gemv"),
+            "tc_norm": (ops, "int4_tensor_core_norm")}
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr) in SETTINGS.items()}
 NORM_RES = frozenset({"residual", "norm"})
 STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", combine="kernel"),
@@ -109,6 +110,7 @@ STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", 
                  "int4-spread+all": dict(steps=ops.INT4_LAYER_STEPS, spread=True),
                  "int4-spread+all+head": dict(steps=ops.INT4_LAYER_STEPS, spread=True),
                  "int4-tc": dict(tc=True), "int4-tc+head": dict(tc=True),
+                 "int4-tc-norm": dict(tc=True, tc_norm=True), "int4-tc-norm+head": dict(tc=True, tc_norm=True),
                  "bf16-before": dict(pdl="off", combine="kernel")}
 
 

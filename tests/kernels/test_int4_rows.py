@@ -360,3 +360,43 @@ def test_triton_fragment_gemv_takes_up_to_eight_rows(M):
     assert all(rel_error(y[m], ref[m]) < 1e-2 for m in range(M)), [rel_error(y[m], ref[m]) for m in range(M)]
     alone = torch.cat([frag_gemv(x[m:m + 1], fragments, scales, zeros, 128, residual=residual[m:m + 1]) for m in range(M)])
     assert rel_error(y, alone.double()) < 1e-2
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_fragment_gemv_folds_the_rmsnorm(dtype):
+    """The RMSNorm before q|k|v and gate|up in the tensor-core GEMV (B = h * w, sum(h^2) from an mma of h with
+    itself, the rsqrt once all programs' shares are in), with and without a residual, on every tile, against
+    float64; then QuantLinear.forward_fused with the switches on against the split GEMV."""
+    from llmpress.kernels.triton_int4_frag import FRAG_CONFIGS, frag_fits, frag_gemv
+    from llmpress.model.llama import RMSNorm
+    from llmpress.quant.format import rows_to_fragments
+    torch.manual_seed(6)
+    K, N = 3072, 1024
+    (qweight, scales, zeros), rt, _ = random_rows(K, N, 128, "cuda")
+    scales = scales.to(dtype)
+    g = torch.arange(K, device="cuda") // 128
+    levels = ((qweight.unsqueeze(-1) >> torch.arange(0, 32, 4, device="cuda", dtype=torch.int32)) & 15).view(N, K)
+    dense = ((levels - zeros[:, g].int()).double() * scales.double()[:, g]).T
+    fragments = rows_to_fragments(qweight, 128)
+    h = torch.randn(1, K, device="cuda", dtype=dtype) * 3
+    weight = (torch.rand(K, device="cuda") + 0.5).to(dtype)
+    residual = torch.randn(1, N, device="cuda", dtype=dtype)
+    h64 = h.double()
+    ref = (h64 * torch.rsqrt(h64.pow(2).mean() + 1e-5) * weight.double()) @ dense
+    for config in [c for c in FRAG_CONFIGS if frag_fits(N, K // 128, *c)]:
+        y = frag_gemv(h, fragments, scales, zeros, 128, config, norm_weight=weight, eps=1e-5)
+        assert rel_error(y, ref) < 1e-2, config
+        y = frag_gemv(h, fragments, scales, zeros, 128, config, residual=residual, norm_weight=weight, eps=1e-5)
+        assert rel_error(y, residual.double() + ref) < 1e-2, config
+    layer = QuantLinear.from_runtime(RuntimeQuantWeight(rt.qweight, rt.scales.to(dtype), rt.qzeros, None, 128, 4))
+    assert layer.use_row_layout() and layer.use_fragment_layout()
+    norm = RMSNorm(K, 1e-5).to("cuda", dtype)
+    norm.weight.data = weight
+    split = layer.forward_fused(h[None], norm=norm)
+    ops.int4_tensor_core_gemv = ops.int4_tensor_core_norm = True
+    try:
+        tc = layer.forward_fused(h[None], norm=norm)
+    finally:
+        ops.int4_tensor_core_gemv = ops.int4_tensor_core_norm = False
+    assert tc.shape == split.shape == (1, 1, N) and rel_error(tc, split.double()) < 1e-2

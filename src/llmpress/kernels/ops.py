@@ -258,6 +258,9 @@ def _(x, qweight, scales, zeros, group_size, norm_weight, eps, silu_mul, residua
 # 3B int4 decode +6.4% (+8.9% with an int4 head; benchmarks/int4_gpu.py variants int4-tc*). 2..8 rows (a
 # speculative verify step) have not run on a GPU yet.
 int4_tensor_core_gemv = False
+# With it, q|k|v and gate|up at batch 1 too, their RMSNorm folded into the tensor-core GEMV (prepared, not yet run
+# on a GPU: off until tests/kernels/test_int4_rows.py -k fragment passes there and int4_gpu.py times it).
+int4_tensor_core_norm = False
 FRAG_MAX_M = 8  # kernels/triton_int4_frag.py: the rows of x are the columns of the mma's B operand
 
 
@@ -268,22 +271,25 @@ def int4_fragment_gemv_applies(x: torch.Tensor) -> bool:
 
 
 def int4_gemv_fragments(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                        group_size: int, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """y [M, N] = (residual +) x W^T, x [M <= 8, K], for a 4-bit weight held as tensor-core fragments
-    (quant/format.py `rows_to_fragments`) with the row layout's scales [N, G] and zeros [N, G]."""
+                        group_size: int, residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+                        eps: float = 0.0) -> torch.Tensor:
+    """y [M, N] = (residual +) prologue(x) W^T, x [M <= 8, K], for a 4-bit weight held as tensor-core fragments
+    (quant/format.py `rows_to_fragments`) with the row layout's scales [N, G] and zeros [N, G]; prologue: the
+    RMSNorm with `norm_weight` [K] and `eps` (M = 1, x the residual stream), or none."""
     return torch.ops.llmpress.int4_gemv_fragments(x.contiguous(), fragments, scales, zeros, group_size,
-                                                  None if residual is None else residual.contiguous())
+                                                  None if residual is None else residual.contiguous(), norm_weight, eps)
 
 
 @torch.library.custom_op("llmpress::int4_gemv_fragments", mutates_args=())
 def _int4_gemv_fragments(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                         group_size: int, residual: torch.Tensor | None) -> torch.Tensor:
+                         group_size: int, residual: torch.Tensor | None, norm_weight: torch.Tensor | None,
+                         eps: float) -> torch.Tensor:
     from llmpress.kernels.triton_int4_frag import frag_gemv
-    return frag_gemv(x, fragments, scales, zeros, group_size, residual=residual)
+    return frag_gemv(x, fragments, scales, zeros, group_size, residual=residual, norm_weight=norm_weight, eps=eps)
 
 
 @_int4_gemv_fragments.register_fake
-def _(x, fragments, scales, zeros, group_size, residual):
+def _(x, fragments, scales, zeros, group_size, residual, norm_weight, eps):
     return x.new_empty(x.shape[0], scales.shape[0])
 
 

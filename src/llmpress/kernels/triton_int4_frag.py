@@ -48,7 +48,8 @@ DEFAULT_CONFIG = (4, 2)
 _TYPES = {torch.bfloat16: (0x43004300, 128.0, 0x3F803F80, "bf16"), torch.float16: (0x64006400, 1024.0, 0x3C003C00, "f16")}
 
 
-def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: torch.dtype, rows: int = 1) -> str:
+def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: torch.dtype, rows: int = 1,
+                  norm: bool = False) -> str:
     """PTX for one thread's share of a warp's row tile over GROUPS_PER_WARP groups, ending in a store of the
     row tile's partial sums. Operands: $0 dummy output; $1 words, $2 x, $3 scales, $4 zeros, $5 partials (u64
     addresses); $6 N, $7 G (u32).
@@ -57,22 +58,30 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
     y row n, and lane (i, j) ends with rows 2j, 2j + 1 of y at weight rows r0 and r0 + 8; it stores those below M
     into partials [SPLIT, M, N]. At M = 1 every column is x, and lanes with j = 0 store.
 
+    `norm` (M = 1): x is the residual stream h, $8 the RMSNorm weight w [K], $9 where this program's share of
+    sum(h^2) goes. The B operand is h * w in x's dtype (one packed multiply per two inputs), and sum(h^2) comes
+    from one more mma with A = B = h (a lane's A registers at a block's inputs are its B registers): the caller
+    multiplies y by rsqrt(mean(h^2) + eps) once all shares are in.
+
     Every load comes first. ptxas otherwise issued a lane's second 16-byte word load, and the scale and zero
     loads, only after the first mmas had used the first words: three DRAM round trips in a row instead of
     one. So the first group's accumulators start as 0 * (a sum of one value from each load): the same zeros
     (every such value is finite), but the first mma now waits for every load, so all are issued before it."""
+    assert not norm or rows == 1, "the RMSNorm prologue takes one row of x"
     magic, magic_value, ones, mma_type = _TYPES[dtype]
     words_per_lane = group_size // 16  # per group: 2 blocks of 16 inputs per 32
     blocks32 = group_size // 32
     groups = range(groups_per_warp)
     words = [[f"w{g}_{m}" for m in range(words_per_lane)] for g in groups]
     xs_regs = [[f"x{g}_{v}" for v in range(4 * blocks32)] for g in groups]
+    norm_regs = [[f"n{g}_{v}" for v in range(4 * blocks32)] for g in groups] if norm else [[] for g in groups]
     per_group = lambda names: ", ".join(f"{n}{g}" for g in groups for n in names)  # noqa: E731
     L = ["{",
          ".reg .pred p;",
          ".reg .b32 lane, warp, i, j, tile, r0, grp, t32, e0, e4, e8, e12, tmp, magic, one, "
-         + ", ".join(sum(words, []) + sum(xs_regs, [])) + ";",
-         ".reg .b64 wa, xa, sa, za, pa, off;",
+         + ", ".join(sum(words, []) + sum(xs_regs, []) + sum(norm_regs, [])) + ";",
+         ".reg .b64 wa, xa, na, sa, za, pa, off;",
+         ".reg .f32 sq0, sq1, sq2, sq3;",
          f".reg .b16 zero16, {per_group(['s0h', 's1h'])};",
          ".reg .b32 kk, nrow;",
          ".reg .f32 acc0, acc1, acc2, acc3, xs0, xs1, xs2, xs3, y0, y1, y2, y3, t0, t1, dep, "
@@ -111,6 +120,10 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
               "add.u64 xa, $2, off;"]
         for b in range(blocks32):
             L.append(f"ld.global.v4.b32 {{{', '.join(xs_regs[g][4 * b:4 * b + 4])}}}, [xa+{64 * b}];")
+        if norm:  # the norm weight at the same inputs
+            L.append("add.u64 na, $8, off;")
+            for b in range(blocks32):
+                L.append(f"ld.global.nc.v4.b32 {{{', '.join(norm_regs[g][4 * b:4 * b + 4])}}}, [na+{64 * b}];")
         # scale and zero of rows r0, r0 + 8 in this group: index r * G + grp
         L += ["mad.lo.u32 t32, r0, $7, grp;",
               "mul.wide.u32 off, t32, 2;",
@@ -142,20 +155,30 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
         for v in range(words_per_lane // 4):
             L += [f"cvt.rn.f32.u32 t0, {words[g][4 * v]};", "add.f32 dep, dep, t0;"]
         for b in range(blocks32):
-            L += [f"mov.b32 t0, {xs_regs[g][4 * b]};", "abs.f32 t0, t0;", "min.f32 t0, t0, 0f3F800000;",
-                  "add.f32 dep, dep, t0;"]  # any bits, even NaN's, become a finite number (min of NaN gives 1.0)
+            for reg in [xs_regs[g][4 * b]] + ([norm_regs[g][4 * b]] if norm else []):
+                L += [f"mov.b32 t0, {reg};", "abs.f32 t0, t0;", "min.f32 t0, t0, 0f3F800000;",
+                      "add.f32 dep, dep, t0;"]  # any bits, even NaN's, become a finite number (min of NaN gives 1.0)
         L += [f"add.f32 dep, dep, sc0_{g};", f"add.f32 dep, dep, sc1_{g};",
               f"add.f32 dep, dep, zf0_{g};", f"add.f32 dep, dep, zf1_{g};"]
+    if norm:
+        L += [f"mov.f32 sq{n}, 0f00000000;" for n in range(4)]
     for g in groups:  # the products
         zero = "0f00000000"
+        if norm:  # B = h * w, in place of the weight's registers
+            L += [f"mul.rn.{mma_type}x2 {n}, {x}, {n};" for x, n in zip(xs_regs[g], norm_regs[g])]
         if g == 0:
             L += [f"mul.f32 {r}, dep, {zero};" for r in ("acc0", "acc1", "acc2", "acc3", "xs0", "xs1", "xs2", "xs3")]
         else:
             L += [f"mov.f32 {r}, {zero};" for r in ("acc0", "acc1", "acc2", "acc3", "xs0", "xs1", "xs2", "xs3")]
+        operand = norm_regs[g] if norm else xs_regs[g]
         for m in range(words_per_lane):
             b, h = divmod(m, 2)
-            b0, b1 = xs_regs[g][4 * b + 2 * h], xs_regs[g][4 * b + 2 * h + 1]
+            b0, b1 = operand[4 * b + 2 * h], operand[4 * b + 2 * h + 1]
             w = words[g][m]
+            if norm:  # sum(h^2): A's registers at this block's inputs are B's, rows r0 and r0 + 8 alike
+                h0, h1 = xs_regs[g][4 * b + 2 * h], xs_regs[g][4 * b + 2 * h + 1]
+                L.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{mma_type}.{mma_type}.f32 {{sq0, sq1, sq2, sq3}}, "
+                         f"{{{h0}, {h0}, {h1}, {h1}}}, {{{h0}, {h1}}}, {{sq0, sq1, sq2, sq3}};")
             L += [f"lop3.b32 e0, {w}, 0x000F000F, magic, 0xEA;",
                   f"shr.u32 tmp, {w}, 4;", "lop3.b32 e4, tmp, 0x000F000F, magic, 0xEA;",
                   f"shr.u32 tmp, {w}, 8;", "lop3.b32 e8, tmp, 0x000F000F, magic, 0xEA;",
@@ -187,6 +210,8 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
               f"setp.lt.u32 p, j, {rows // 2};",  # 2j + 1 < M
               "@p st.global.f32 [pa], y2;",
               "@p st.global.f32 [pa+32], y3;"]
+    if norm:  # one thread per program stores its share of sum(h^2); every warp has the same
+        L += ["mov.u32 tmp, %tid.x;", "setp.eq.u32 p, tmp, 0;", "@p st.global.f32 [$9], sq0;"]
     L += ["mov.b32 $0, 0;", "}"]
     return "\n".join(L)
 
@@ -197,17 +222,22 @@ def _f32(value: float) -> str:
 
 
 @triton.jit
-def _frag_gemv(qw_ptr, x_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, res_ptr, N, G, SPLIT,
+def _frag_gemv(qw_ptr, x_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, res_ptr, nw_ptr, eps, N, G, SPLIT,
                ASM: tl.constexpr, NUM_WARPS: tl.constexpr, SPLIT_P2: tl.constexpr, RESIDUAL: tl.constexpr,
-               ROWS: tl.constexpr = 1):
+               ROWS: tl.constexpr = 1, NORM: tl.constexpr = False, GROUP_SIZE: tl.constexpr = 128):
+    """Partials [SPLIT, ROWS, N], then (NORM) each program's sum(h^2) share at [SPLIT * N + pid_n * SPLIT + pid_k]."""
     pid_n = tl.program_id(0)
     lanes = tl.zeros([32 * NUM_WARPS], dtype=tl.int64)
-    tl.inline_asm_elementwise(
-        ASM, "=r,l,l,l,l,l,r,r",
-        [lanes + qw_ptr.to(tl.int64), lanes + x_ptr.to(tl.int64), lanes + s_ptr.to(tl.int64),
-         lanes + z_ptr.to(tl.int64), lanes + partial_ptr.to(tl.int64), lanes.to(tl.int32) + N,
-         lanes.to(tl.int32) + G],
-        dtype=tl.int32, is_pure=False, pack=1)
+    squares_ptr = partial_ptr + SPLIT * N + pid_n * SPLIT
+    operands = [lanes + qw_ptr.to(tl.int64), lanes + x_ptr.to(tl.int64), lanes + s_ptr.to(tl.int64),
+                lanes + z_ptr.to(tl.int64), lanes + partial_ptr.to(tl.int64), lanes.to(tl.int32) + N,
+                lanes.to(tl.int32) + G]
+    if NORM:
+        tl.inline_asm_elementwise(ASM, "=r,l,l,l,l,l,r,r,l,l",
+                                  operands + [lanes + nw_ptr.to(tl.int64), lanes + (squares_ptr + tl.program_id(1)).to(tl.int64)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.inline_asm_elementwise(ASM, "=r,l,l,l,l,l,r,r", operands, dtype=tl.int32, is_pure=False, pack=1)
     BLOCK_N: tl.constexpr = 16 * NUM_WARPS
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -215,11 +245,14 @@ def _frag_gemv(qw_ptr, x_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, res
     arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")
     if arrived == SPLIT - 1:
         offs_s = tl.arange(0, SPLIT_P2)
+        square_sum = 0.0
+        if NORM:
+            square_sum = tl.sum(tl.load(squares_ptr + offs_s, mask=offs_s < SPLIT, other=0.0, cache_modifier=".cg"), axis=0)
         for m in tl.static_range(ROWS):  # partials [SPLIT, ROWS, N]
             parts = tl.load(partial_ptr + (offs_s[:, None] * ROWS + m) * N + offs_n[None, :],
                             mask=(offs_s < SPLIT)[:, None] & n_mask[None, :], other=0.0, cache_modifier=".cg")
-            finish_output(tl.sum(parts, axis=0), 0.0, offs_n, n_mask, y_ptr + m * N, res_ptr + m * N, 1, 0.0, 0,
-                          RESIDUAL)
+            finish_output(tl.sum(parts, axis=0), square_sum, offs_n, n_mask, y_ptr + m * N, res_ptr + m * N,
+                          G * GROUP_SIZE, eps, 1 if NORM else 0, RESIDUAL)
         tl.atomic_xchg(counter_ptr + pid_n, 0)
 
 
@@ -229,7 +262,8 @@ FRAG_WORKSPACE_MAX = 1 << 24  # fp32 partial sums [split, M, N]: up to 64 MB (th
 
 def frag_fits(N: int, G: int, num_warps: int, groups_per_warp: int, M: int = 1) -> bool:
     split = G // groups_per_warp
-    return (N % (16 * num_warps) == 0 and G % groups_per_warp == 0 and split * M * N <= FRAG_WORKSPACE_MAX
+    return (N % (16 * num_warps) == 0 and G % groups_per_warp == 0
+            and split * M * N + N // (16 * num_warps) * split <= FRAG_WORKSPACE_MAX
             and triton.next_power_of_2(split) * 16 * num_warps <= 8192 and N // (16 * num_warps) <= 1 << 14)
 
 
@@ -237,29 +271,37 @@ _frag_tuner = TileTuner()
 
 
 def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-              config: tuple[int, int] | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+              config: tuple[int, int] | None = None, residual: torch.Tensor | None = None,
+              norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
     """x [M, K] bf16/fp16 (M <= 8) @ Wᵀ (+ residual [M, N]) -> [M, N] in x.dtype. fragments: int32
     [N/16, G, 32, group_size/16] (`rows_to_fragments`); scales [N, G] (x's dtype), zeros uint8 [N, G] as in the row
     layout. `config`: (num_warps, groups per warp); default DEFAULT_CONFIG where it fits, else the tuner's pick.
-    M = 1 is what was timed; M = 2..8 (a speculative verify step, small batches) costs nearly the same mmas."""
+    M = 1 is what was timed; M = 2..8 (a speculative verify step, small batches) costs nearly the same mmas.
+    `norm_weight` [K] (M = 1): x is the residual stream h and y = W (w * h) * rsqrt(mean(h^2) + eps), the RMSNorm
+    before q|k|v and gate|up folded in (prepared: not yet run on a GPU)."""
     M = x.shape[0]
     N, G = scales.shape
     assert 1 <= M <= FRAG_MAX_M and x.shape[1] == G * group_size, (x.shape, G, group_size)
     assert x.dtype in _TYPES and scales.dtype == x.dtype, (x.dtype, scales.dtype)
     assert fragments.shape == (N // 16, G, 32, group_size // 16) and group_size % 64 == 0, fragments.shape
     assert residual is None or residual.shape == (M, N), (None if residual is None else residual.shape)
+    assert norm_weight is None or (M == 1 and norm_weight.shape == (x.shape[1],) and norm_weight.dtype == x.dtype)
     x = x.contiguous()
+    norm = norm_weight is not None
 
     def launch(c: tuple[int, int]) -> torch.Tensor:
         warps, groups_per_warp = c
         split = G // groups_per_warp
         y = torch.empty(M, N, dtype=x.dtype, device=x.device)
         # the split GEMV's workspace, grown where M rows of partials need more (first call: before any graph capture)
-        partial, counter = _workspace.get(x.device, max(SPLIT_WORKSPACE, split * M * N), 1 << 14)
-        _frag_gemv[(N // (16 * warps), split)](
-            fragments, x, scales, zeros, y, partial, counter, x if residual is None else residual.contiguous(), N, G,
-            split, ASM=frag_gemv_asm(warps, groups_per_warp, group_size, x.dtype, M), NUM_WARPS=warps,
-            SPLIT_P2=triton.next_power_of_2(split), RESIDUAL=residual is not None, ROWS=M, num_warps=warps)
+        tiles = N // (16 * warps)
+        partial, counter = _workspace.get(x.device, max(SPLIT_WORKSPACE, split * M * N + tiles * split), 1 << 14)
+        _frag_gemv[(tiles, split)](
+            fragments, x, scales, zeros, y, partial, counter, x if residual is None else residual.contiguous(),
+            norm_weight.contiguous() if norm else x, eps, N, G, split,
+            ASM=frag_gemv_asm(warps, groups_per_warp, group_size, x.dtype, M, norm), NUM_WARPS=warps,
+            SPLIT_P2=triton.next_power_of_2(split), RESIDUAL=residual is not None, ROWS=M, NORM=norm,
+            GROUP_SIZE=group_size, num_warps=warps)
         return y
 
     if config is None and frag_fits(N, G, *DEFAULT_CONFIG, M):
@@ -269,4 +311,5 @@ def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, ze
         return launch(config)
     candidates = [c for c in FRAG_CONFIGS if frag_fits(N, G, *c, M)]
     assert candidates, f"no fragment-GEMV tile fits N={N}, G={G}, M={M}"
-    return launch(_frag_tuner.pick((x.device, N, G, group_size, x.dtype, M, residual is not None), launch, candidates))
+    return launch(_frag_tuner.pick((x.device, N, G, group_size, x.dtype, M, residual is not None, norm), launch,
+                                   candidates))

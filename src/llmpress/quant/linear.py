@@ -154,10 +154,13 @@ class QuantLinear(nn.Module):
             x, silu_mul = swiglu(x), False
         add_after = residual if "residual" not in steps else None
         residual = None if add_after is not None else residual
-        if norm is None and not silu_mul and residual is not None and self.fragments is not None \
-                and ops.int4_fragment_gemv_applies(x2d):
+        on_fragments = (self.fragments is not None and not silu_mul and ops.int4_fragment_gemv_applies(x2d)
+                        and (norm is None or ops.int4_tensor_core_norm))
+        if on_fragments and (norm is not None or residual is not None):
             y = ops.int4_gemv_fragments(x.reshape(1, -1), self.fragments, self.scales_rows, self.zeros_rows,
-                                        self.group_size, residual.reshape(1, -1)).reshape(*x.shape[:-1], self.out_features)
+                                        self.group_size, None if residual is None else residual.reshape(1, -1),
+                                        None if norm is None else norm.weight, 0.0 if norm is None else norm.eps)
+            y = y.reshape(*x.shape[:-1], self.out_features)
         elif norm is not None or silu_mul or residual is not None:
             y = ops.int4_gemv_rows_fused(x.reshape(1, -1), self.qweight_rows, self.scales_rows, self.zeros_rows,
                                          self.group_size, None if norm is None else norm.weight,
