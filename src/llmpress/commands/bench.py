@@ -114,10 +114,10 @@ def parse_batch_sizes(text: str) -> list[int]:
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
+    apply_kernel_args(args)
     if args.engine is not None:
         return run_engine_bench_command(args)
     # Every option is checked before the model load, so a typo fails at once.
-    apply_kernel_args(args)
     batch_sizes = parse_batch_sizes(args.batch_sizes)
     for name in ("prompt_len", "new_tokens", "repeats"):
         value = getattr(args, name)

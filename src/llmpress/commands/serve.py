@@ -6,6 +6,7 @@ import argparse
 
 from llmpress.commands import common
 from llmpress.commands.engine_args import add_engine_args, add_engine_draft_args, engine_config_from_args
+from llmpress.commands.generate import add_kernel_args, apply_kernel_args
 from llmpress.errors import LlmpressError
 
 
@@ -21,6 +22,7 @@ def register(subparsers) -> None:
                         help="model id clients ask for (default: the --model value)")
     add_engine_args(parser)
     add_engine_draft_args(parser)
+    add_kernel_args(parser)
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn's log level (default: info)")
     parser.set_defaults(func=run_serve)
@@ -38,6 +40,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from llmpress.server import AsyncEngine
     from llmpress.server.app import build_app
 
+    apply_kernel_args(args)
     config = engine_config_from_args(args)
     engine = LLMEngine.from_model_spec(args.model, config, dtype=args.dtype, device=args.device)
     app = build_app(AsyncEngine(engine), args.served_model_name or args.model)

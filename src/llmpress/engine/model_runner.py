@@ -20,7 +20,8 @@ from llmpress.engine.transfer import to_device
 from llmpress.errors import LlmpressError
 from llmpress.model import LlamaForCausalLM
 from llmpress.model.fusion import fuse_projections
-from llmpress.quant.linear import use_row_layouts
+from llmpress.kernels import ops
+from llmpress.quant.linear import use_fragment_layouts, use_row_layouts
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class ModelRunner:
         if self.on_cuda:
             use_row_layouts(model)  # int4 layers: the layout the GPU kernels stream fastest
             fuse_projections(model)  # one q|k|v and one gate|up matmul per layer, as the generator does
+            if ops.int4_tensor_core_gemv:
+                use_fragment_layouts(model)  # steps of 1-8 tokens on the tensor-core GEMV, as the generator does
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.num_blocks = config.num_gpu_blocks or self._blocks_that_fit()
         self.cache = PagedKVCache(model.config, self.num_blocks, self.block_size, self.dtype,
