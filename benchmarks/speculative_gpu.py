@@ -170,6 +170,7 @@ def main() -> int:
         del target, draft
         from llmpress.kernels import ops
         ops.int4_tensor_core_gemv = args.int4_tensor_cores  # the int4 models' steps build their fragments
+        ops.int4_tensor_core_max_rows = ops.FRAG_MAX_M if args.int4_tensor_cores else 1  # the verify step's k + 1 rows too
         reference4, plain4 = time_plain(target4, prompt, args.new_tokens + spare, args.mode, args.repeats)
         rows.append({"config": "plain int4 target", "tokens_per_s": plain4, "speedup": plain4 / plain_rate})
         row = oracle_row(f"int4: oracle alpha={args.int4_alpha:g} + int4 1B draft", target4, draft4, reference4,

@@ -262,12 +262,16 @@ int4_tensor_core_gemv = False
 # on a GPU: off until tests/kernels/test_int4_rows.py -k fragment passes there and int4_gpu.py times it).
 int4_tensor_core_norm = False
 FRAG_MAX_M = 8  # kernels/triton_int4_frag.py: the rows of x are the columns of the mma's B operand
+# The most rows of x that go to it: 1 (what has run on a GPU) until the 2..8-row path has passed its CUDA tests
+# (benchmarks/speculative_gpu.py --int4-tensor-cores sets FRAG_MAX_M to time a verify step on it).
+int4_tensor_core_max_rows = 1
 
 
 def int4_fragment_gemv_applies(x: torch.Tensor) -> bool:
-    """Whether `int4_gemv_fragments` runs for x [M, K]: switched on, 1..8 rows of fp16/bf16 x on CUDA."""
+    """Whether `int4_gemv_fragments` runs for x [M, K]: switched on, 1..int4_tensor_core_max_rows rows of fp16/bf16
+    x on CUDA."""
     return (int4_tensor_core_gemv and _backend in ("auto", "triton") and x.is_cuda and HAS_TRITON
-            and 1 <= x.shape[0] <= FRAG_MAX_M and x.dtype in (torch.float16, torch.bfloat16))
+            and 1 <= x.shape[0] <= min(int4_tensor_core_max_rows, FRAG_MAX_M) and x.dtype in (torch.float16, torch.bfloat16))
 
 
 def int4_gemv_fragments(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
