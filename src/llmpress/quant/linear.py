@@ -206,11 +206,13 @@ def use_row_layouts(model: nn.Module) -> int:
 
 
 def use_fragment_layouts(model: nn.Module, names: tuple[str, ...] = ("o_proj", "down_proj", "lm_head"),
-                         packed: bool = True) -> int:
+                         packed: bool | None = None) -> int:
     """`QuantLinear.use_fragment_layout` for the quantized layers of `model` whose name ends in one of `names`
     (the ones whose batch-1 GEMV folds no RMSNorm in), and with `packed` the fused q|k|v and gate|up layers of
-    model.fusion too (their products for 2..8 rows: a speculative verify step). Returns how many layers hold
-    fragments."""
+    model.fusion too; by default only where they would run on it (`ops.int4_tensor_core_norm` at batch 1, or
+    more than one row allowed: a speculative verify step). Returns how many layers hold fragments."""
+    if packed is None:
+        packed = ops.int4_tensor_core_norm or ops.int4_tensor_core_max_rows > 1
     layers = [m for name, m in model.named_modules() if isinstance(m, QuantLinear) and name.rsplit(".", 1)[-1] in names]
     if packed:
         layers += [getattr(m, attr)[0] for m in model.modules() for attr in ("qkv_packed", "gate_up_packed")
