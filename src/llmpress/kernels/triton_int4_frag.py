@@ -313,3 +313,38 @@ def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, ze
     assert candidates, f"no fragment-GEMV tile fits N={N}, G={G}, M={M}"
     return launch(_frag_tuner.pick((x.device, N, G, group_size, x.dtype, M, residual is not None, norm), launch,
                                    candidates))
+
+
+@triton.jit
+def _dequantize_fragments(fr_ptr, s_ptr, z_ptr, w_ptr, N, K, G, GROUP_SIZE: tl.constexpr):
+    """W [N, K] in w's dtype from the fragment layout, one [16 rows, GROUP_SIZE] tile (row tile t, group g) per
+    program. Each weight is gathered from where `rows_to_fragments` put it: lane 4i + j, word 2s + h, nibble
+    (r1?) + 2 (c // 2) + 4 (c % 2) for row 16t + 8 (r1?) + i and input GROUP_SIZE g + 32 s + 8 j + 4 h + c."""
+    t = tl.program_id(0)
+    g = tl.program_id(1)
+    r = tl.arange(0, 16)
+    kk = tl.arange(0, GROUP_SIZE)
+    half, i = r // 8, r % 8
+    s, j, h, c = kk // 32, (kk % 32) // 8, (kk % 8) // 4, kk % 4
+    lane = 4 * i[:, None] + j[None, :]
+    word = 2 * s + h
+    nibble = half[:, None] + (2 * (c // 2) + 4 * (c % 2))[None, :]
+    words = tl.load(fr_ptr + ((t * G + g) * 32 + lane) * (GROUP_SIZE // 16) + word[None, :])
+    levels = (words >> (4 * nibble)) & 0xF
+    rows = 16 * t + r
+    scale = tl.load(s_ptr + rows * G + g).to(tl.float32)
+    zero = tl.load(z_ptr + rows * G + g).to(tl.float32)
+    w = (levels.to(tl.float32) - zero[:, None]) * scale[:, None]
+    tl.store(w_ptr + rows[:, None] * K + (g * GROUP_SIZE + kk)[None, :], w.to(w_ptr.dtype.element_ty))
+
+
+def dequantize_fragments_triton(fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                                dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight [N, K] in `dtype` (nn.Linear's layout) from the fragment layout: what a prefill step would
+    multiply by if the fragments were a layer's only copy (not used by the model yet)."""
+    N, G = scales.shape
+    assert fragments.shape == (N // 16, G, 32, group_size // 16), fragments.shape
+    w = torch.empty(N, G * group_size, dtype=dtype, device=fragments.device)
+    _dequantize_fragments[(N // 16, G)](fragments, scales, zeros, w, N, G * group_size, G, GROUP_SIZE=group_size,
+                                        num_warps=4)
+    return w
