@@ -1,4 +1,5 @@
-"""Batch-1 W4A16 GEMV on the tensor cores, over the fragment layout (quant/format.py `rows_to_fragments`).
+"""Batch-1 (up to 8 rows) W4A16 GEMV on the tensor cores, over the fragment layout (quant/format.py
+`rows_to_fragments`).
 
 Why: the split GEMV (triton_int4_rows_split.py) does its arithmetic on the CUDA cores, ~4.5 instructions per
 weight, and is bound by how fast it issues them (1.17 ms over a 3B token's layers on the H200, against 0.61 ms
@@ -9,7 +10,8 @@ one LOP3 per two weights and a shift per two registers:
     them in registers with no shuffling;
   - OR-ing a nibble pair (mask 0x000F000F) into the bits of the magic value (128.0 in bf16, 1024.0 in fp16)
     gives (magic + q) for both halves, exact;
-  - B holds x in all 8 columns (only column 0 is needed; the tensor core has throughput to spare at batch 1);
+  - at batch 1 B holds x in all 8 columns (only column 0 is needed; the tensor core has throughput to spare),
+    with M <= 8 rows each column is a row of x (`frag_gemv_asm`);
     lane j loads x[k0 .. k0 + 3] for its two B registers, 16 bytes covering two blocks;
   - a second mma with an all-ones A gives sum(x) per block, so the magic and the zero point come off per
     group in fp32: y_r += s_rg (sum_k (magic + q_rk) x_k - (magic + z_rg) sum_k x_k).
@@ -35,7 +37,6 @@ from llmpress.kernels.tile_tuner import TileTuner
 from llmpress.kernels.triton_int4 import _workspace
 from llmpress.kernels.triton_int4_rows_split import SPLIT_WORKSPACE, finish_output
 
-# (num_warps, groups per warp): the tuner picks per shape
 # (num_warps, groups per warp). More groups per warp spread a program's fixed instructions over more weights;
 # beyond 4 the x registers (16 per group, all loaded first) would spill. (4, 2) was the fastest at every 3B
 # shape on the H200 (benchmarks/int4_frag_gpu.py, results/int4_frag_h200.*), where the tile tuner, timing one
