@@ -287,21 +287,19 @@ def test_triton_fragment_gemv_matches_dequantized_weights(K, N, group_size, dtyp
     (qweight, scales, zeros), _, _ = random_rows(K, N, group_size, "cuda")
     scales = scales.to(dtype)
     G = K // group_size
-    g = torch.arange(K, device="cuda") // group_size
-    levels = ((qweight.unsqueeze(-1) >> torch.arange(0, 32, 4, device="cuda", dtype=torch.int32)) & 15).view(N, K)
-    dense = ((levels - zeros[:, g].int()).double() * scales.double()[:, g]).T  # [K, N] with this dtype's scales
     fragments = rows_to_fragments(qweight, group_size)
     x = torch.randn(1, K, device="cuda", dtype=dtype)
     residual = torch.randn(1, N, device="cuda", dtype=dtype)
+    ref = int4_matmul_rows_reference(x.double(), qweight, scales, zeros, group_size)  # with this dtype's scales
     tried = 0
     for config in FRAG_CONFIGS:
         if not frag_fits(N, G, *config):
             continue
         tried += 1
         y = frag_gemv(x, fragments, scales, zeros, group_size, config)
-        assert y.dtype == dtype and rel_error(y, x.double() @ dense) < 1e-2, config
+        assert y.dtype == dtype and rel_error(y, ref) < 1e-2, config
         y = frag_gemv(x, fragments, scales, zeros, group_size, config, residual=residual)
-        assert rel_error(y, residual.double() + x.double() @ dense) < 1e-2, config
+        assert rel_error(y, residual.double() + ref) < 1e-2, config
     assert tried >= 2
 
 
@@ -375,15 +373,13 @@ def test_triton_fragment_gemv_folds_the_rmsnorm(dtype):
     K, N = 3072, 1024
     (qweight, scales, zeros), rt, _ = random_rows(K, N, 128, "cuda")
     scales = scales.to(dtype)
-    g = torch.arange(K, device="cuda") // 128
-    levels = ((qweight.unsqueeze(-1) >> torch.arange(0, 32, 4, device="cuda", dtype=torch.int32)) & 15).view(N, K)
-    dense = ((levels - zeros[:, g].int()).double() * scales.double()[:, g]).T
     fragments = rows_to_fragments(qweight, 128)
     h = torch.randn(1, K, device="cuda", dtype=dtype) * 3
     weight = (torch.rand(K, device="cuda") + 0.5).to(dtype)
     residual = torch.randn(1, N, device="cuda", dtype=dtype)
     h64 = h.double()
-    ref = (h64 * torch.rsqrt(h64.pow(2).mean() + 1e-5) * weight.double()) @ dense
+    ref = int4_matmul_rows_reference(h64 * torch.rsqrt(h64.pow(2).mean() + 1e-5) * weight.double(), qweight, scales,
+                                     zeros, 128)
     for config in [c for c in FRAG_CONFIGS if frag_fits(N, K // 128, *c)]:
         y = frag_gemv(h, fragments, scales, zeros, 128, config, norm_weight=weight, eps=1e-5)
         assert rel_error(y, ref) < 1e-2, config
