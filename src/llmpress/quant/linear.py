@@ -144,7 +144,8 @@ class QuantLinear(nn.Module):
                       residual: torch.Tensor | None = None) -> torch.Tensor:
         """(residual +) self(prologue(x)), prologue: `norm` (an RMSNorm) or silu(gate) * up over x = gate|up.
         A decoder layer's steps between its GEMVs: at batch 1 on the GPU one kernel does all of them
-        (ops.int4_gemv_rows_fused); elsewhere they run one after another, exactly as the layer wrote them."""
+        (ops.int4_gemv_rows_fused, or ops.int4_gemv_fragments for the steps it takes, on a layer holding
+        fragments); elsewhere they run one after another, exactly as the layer wrote them."""
         x2d = x.reshape(-1, x.shape[-1])
         fusable = self.row_layout and self.bias is None and ops.int4_fused_gemv_applies(x2d)
         steps = ops.int4_fused_steps if fusable else frozenset()
