@@ -330,11 +330,12 @@ def test_quant_linear_runs_the_tensor_core_gemv_when_switched_on():
     residual = torch.randn(1, 1, 1024, device="cuda", dtype=torch.bfloat16)
     rows6 = torch.randn(1, 6, 3072, device="cuda", dtype=torch.bfloat16)  # a verify step's k + 1 tokens
     split, split_res, split6 = layer(x), layer.forward_fused(x, residual=residual), layer(rows6)
+    saved = ops.int4_tensor_core_gemv, ops.int4_tensor_core_max_rows
     ops.int4_tensor_core_gemv, ops.int4_tensor_core_max_rows = True, ops.FRAG_MAX_M
     try:
         tc, tc_res, tc6 = layer(x), layer.forward_fused(x, residual=residual), layer(rows6)
     finally:
-        ops.int4_tensor_core_gemv, ops.int4_tensor_core_max_rows = False, 1
+        ops.int4_tensor_core_gemv, ops.int4_tensor_core_max_rows = saved
     assert rel_error(tc, split.double()) < 1e-2 and rel_error(tc_res, split_res.double()) < 1e-2
     assert tc6.shape == (1, 6, 1024) and rel_error(tc6, split6.double()) < 1e-2
 

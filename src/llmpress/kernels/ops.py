@@ -254,17 +254,17 @@ def _(x, qweight, scales, zeros, group_size, norm_weight, eps, silu_mul, residua
 # int4 layers that hold tensor-core fragments (quant.linear.use_fragment_layouts) run their products for 1..8 rows
 # of x on kernels/triton_int4_frag.py, except where a batch-1 GEMV folds the RMSNorm in (q|k|v, gate|up: the
 # split GEMV keeps those). Off by default: the fragments are a second copy of the weights. Measured (H200): the
-# kernel alone 1.11 ms over a 3B token's linears against the split GEMV's 1.34 (benchmarks/int4_frag_gpu.py);
-# 3B int4 decode +6.4% (+8.9% with an int4 head; benchmarks/int4_gpu.py variants int4-tc*). 2..8 rows (a
-# speculative verify step) have not run on a GPU yet.
+# kernel alone 1.11 ms over a 3B token's linears against the split GEMV's 1.23-1.34, and 1.57 ms against 2.16 for
+# the row layout's mma path at 6 rows, a verify step at k = 5 (benchmarks/int4_frag_gpu.py, int4_frag_h200_rows.*);
+# 3B int4 decode +6.4% (+8.9% with an int4 head; benchmarks/int4_gpu.py variants int4-tc*).
 int4_tensor_core_gemv = False
-# With it, q|k|v and gate|up at batch 1 too, their RMSNorm folded into the tensor-core GEMV (prepared, not yet run
-# on a GPU: off until tests/kernels/test_int4_rows.py -k fragment passes there and int4_gpu.py times it).
+# With it, q|k|v and gate|up at batch 1 too, their RMSNorm folded into the tensor-core GEMV. Correct on the H200
+# (tests/kernels/test_int4_rows.py -k fragment) but off: slower than the split GEMV's fold where it matters,
+# gate|up 18.6 us against 16.8 (q|k|v 9.0 against 9.2; int4_frag_h200_rows.*).
 int4_tensor_core_norm = False
 FRAG_MAX_M = 8  # kernels/triton_int4_frag.py: the rows of x are the columns of the mma's B operand
-# The most rows of x that go to it: 1 (what has run on a GPU) until the 2..8-row path has passed its CUDA tests
-# (benchmarks/speculative_gpu.py --int4-tensor-cores sets FRAG_MAX_M to time a verify step on it).
-int4_tensor_core_max_rows = 1
+# The most rows of x that go to it (the 2..8-row path passed its CUDA tests on the H200: pytest_gpu_frag_rows_h200.log).
+int4_tensor_core_max_rows = FRAG_MAX_M
 
 
 def int4_fragment_gemv_applies(x: torch.Tensor) -> bool:
