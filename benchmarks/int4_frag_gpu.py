@@ -27,7 +27,7 @@ from llmpress.bench.roofline import device_name, measure_copy_bandwidth
 from llmpress.kernels.triton_int4_frag import FRAG_CONFIGS, frag_fits, frag_gemv
 from llmpress.kernels.triton_int4_rows import int4_matmul_rows_triton
 from llmpress.kernels.triton_int4_rows_split import split_gemv_rows
-from llmpress.quant.format import rows_to_fragments
+from llmpress.quant.format import fragment_scales_zeros, rows_to_fragments
 
 SETS = 16
 
@@ -54,14 +54,14 @@ def main() -> int:
         torch.manual_seed(K + N)
         first, dense = random_int4(K, N)  # dense [K, N]: the exact weights of the first set
         weights = [first["rows"]] + [random_int4(K, N)[0]["rows"] for _ in range(sets - 1)]
-        fragments = [rows_to_fragments(qw, GROUP) for qw, _, _ in weights]
+        fragments = [(rows_to_fragments(qw, GROUP), *fragment_scales_zeros(s, z)) for qw, s, z in weights]
         xs = [torch.randn(1, K, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
         nbytes = N * K // 2 + (K // GROUP) * N * 3  # packed words, bf16 scales, uint8 zeros
         reference = xs[0].double() @ dense.double()
         G = K // GROUP
-        variants = {f"frag w{w} g{g}": (lambda x, qw, fr, s, z, c=(w, g): frag_gemv(x, fr, s, z, GROUP, c))
+        variants = {f"frag w{w} g{g}": (lambda x, qw, fr, s, z, c=(w, g): frag_gemv(x, *fr, GROUP, c))
                     for w, g in FRAG_CONFIGS if frag_fits(N, G, w, g)}
-        variants["frag tuned"] = lambda x, qw, fr, s, z: frag_gemv(x, fr, s, z, GROUP)
+        variants["frag tuned"] = lambda x, qw, fr, s, z: frag_gemv(x, *fr, GROUP)
         variants["split tuned"] = lambda x, qw, fr, s, z: split_gemv_rows(x, qw, s, z, GROUP, reduce="in_kernel")
         arg_sets = [(xs[i], *weights[i][:1], fragments[i], *weights[i][1:]) for i in range(sets)]
         cases = [(label, fn, arg_sets, reference) for label, fn in variants.items()]
@@ -76,7 +76,7 @@ def main() -> int:
             weight = (torch.rand(K, device="cuda") + 0.5).to(torch.bfloat16)
             h64 = xs[0].double()
             ref_norm = (h64 * torch.rsqrt(h64.pow(2).mean() + 1e-5) * weight.double()) @ dense.double()
-            cases += [("frag norm", lambda x, qw, fr, s, z: frag_gemv(x, fr, s, z, GROUP, norm_weight=weight, eps=1e-5),
+            cases += [("frag norm", lambda x, qw, fr, s, z: frag_gemv(x, *fr, GROUP, norm_weight=weight, eps=1e-5),
                        arg_sets, ref_norm),
                       ("split norm", lambda x, qw, fr, s, z: split_gemv_rows(x, qw, s, z, GROUP, reduce="in_kernel",
                                                                              prologue="rmsnorm", norm_weight=weight,

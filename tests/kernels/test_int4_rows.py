@@ -282,12 +282,13 @@ def test_triton_fragment_gemv_matches_dequantized_weights(K, N, group_size, dtyp
     and without the residual add, against float64; its x sums and magic offsets come off exactly enough that
     the result is as close as the CUDA-core GEMV's."""
     from llmpress.kernels.triton_int4_frag import FRAG_CONFIGS, frag_fits, frag_gemv
-    from llmpress.quant.format import rows_to_fragments
+    from llmpress.quant.format import fragment_scales_zeros, rows_to_fragments
     torch.manual_seed(K + N)
     (qweight, scales, zeros), _, _ = random_rows(K, N, group_size, "cuda")
     scales = scales.to(dtype)
     G = K // group_size
     fragments = rows_to_fragments(qweight, group_size)
+    fscales, fzeros = fragment_scales_zeros(scales, zeros)
     x = torch.randn(1, K, device="cuda", dtype=dtype)
     residual = torch.randn(1, N, device="cuda", dtype=dtype)
     ref = int4_matmul_rows_reference(x.double(), qweight, scales, zeros, group_size)  # with this dtype's scales
@@ -296,9 +297,9 @@ def test_triton_fragment_gemv_matches_dequantized_weights(K, N, group_size, dtyp
         if not frag_fits(N, G, *config):
             continue
         tried += 1
-        y = frag_gemv(x, fragments, scales, zeros, group_size, config)
+        y = frag_gemv(x, fragments, fscales, fzeros, group_size, config)
         assert y.dtype == dtype and rel_error(y, ref) < 1e-2, config
-        y = frag_gemv(x, fragments, scales, zeros, group_size, config, residual=residual)
+        y = frag_gemv(x, fragments, fscales, fzeros, group_size, config, residual=residual)
         assert rel_error(y, residual.double() + ref) < 1e-2, config
     assert tried >= 2
 
@@ -347,17 +348,19 @@ def test_triton_fragment_gemv_takes_up_to_eight_rows(M):
     with the residual add, on the default tile; rows past M repeat the last row inside the kernel and must not
     leak into y."""
     from llmpress.kernels.triton_int4_frag import frag_gemv
-    from llmpress.quant.format import rows_to_fragments
+    from llmpress.quant.format import fragment_scales_zeros, rows_to_fragments
     torch.manual_seed(M)
     (qweight, scales, zeros), _, dense = random_rows(3072, 1024, 128, "cuda")
     fragments = rows_to_fragments(qweight, 128)
+    fscales, fzeros = fragment_scales_zeros(scales, zeros)
     x = torch.randn(M, 3072, device="cuda", dtype=torch.bfloat16)
     residual = torch.randn(M, 1024, device="cuda", dtype=torch.bfloat16)
-    y = frag_gemv(x, fragments, scales, zeros, 128, residual=residual)
+    y = frag_gemv(x, fragments, fscales, fzeros, 128, residual=residual)
     ref = residual.double() + x.double() @ dense
     assert y.shape == (M, 1024)
     assert all(rel_error(y[m], ref[m]) < 1e-2 for m in range(M)), [rel_error(y[m], ref[m]) for m in range(M)]
-    alone = torch.cat([frag_gemv(x[m:m + 1], fragments, scales, zeros, 128, residual=residual[m:m + 1]) for m in range(M)])
+    alone = torch.cat([frag_gemv(x[m:m + 1], fragments, fscales, fzeros, 128, residual=residual[m:m + 1])
+                       for m in range(M)])
     assert rel_error(y, alone.double()) < 1e-2
 
 
@@ -369,12 +372,13 @@ def test_triton_fragment_gemv_folds_the_rmsnorm(dtype):
     float64; then QuantLinear.forward_fused with the switches on against the split GEMV."""
     from llmpress.kernels.triton_int4_frag import FRAG_CONFIGS, frag_fits, frag_gemv
     from llmpress.model.llama import RMSNorm
-    from llmpress.quant.format import rows_to_fragments
+    from llmpress.quant.format import fragment_scales_zeros, rows_to_fragments
     torch.manual_seed(6)
     K, N = 3072, 1024
     (qweight, scales, zeros), rt, _ = random_rows(K, N, 128, "cuda")
     scales = scales.to(dtype)
     fragments = rows_to_fragments(qweight, 128)
+    fscales, fzeros = fragment_scales_zeros(scales, zeros)
     h = torch.randn(1, K, device="cuda", dtype=dtype) * 3
     weight = (torch.rand(K, device="cuda") + 0.5).to(dtype)
     residual = torch.randn(1, N, device="cuda", dtype=dtype)
@@ -382,9 +386,9 @@ def test_triton_fragment_gemv_folds_the_rmsnorm(dtype):
     ref = int4_matmul_rows_reference(h64 * torch.rsqrt(h64.pow(2).mean() + 1e-5) * weight.double(), qweight, scales,
                                      zeros, 128)
     for config in [c for c in FRAG_CONFIGS if frag_fits(N, K // 128, *c)]:
-        y = frag_gemv(h, fragments, scales, zeros, 128, config, norm_weight=weight, eps=1e-5)
+        y = frag_gemv(h, fragments, fscales, fzeros, 128, config, norm_weight=weight, eps=1e-5)
         assert rel_error(y, ref) < 1e-2, config
-        y = frag_gemv(h, fragments, scales, zeros, 128, config, residual=residual, norm_weight=weight, eps=1e-5)
+        y = frag_gemv(h, fragments, fscales, fzeros, 128, config, residual=residual, norm_weight=weight, eps=1e-5)
         assert rel_error(y, residual.double() + ref) < 1e-2, config
     layer = QuantLinear.from_runtime(RuntimeQuantWeight(rt.qweight, rt.scales.to(dtype), rt.qzeros, None, 128, 4))
     assert layer.use_row_layout() and layer.use_fragment_layout()
@@ -406,8 +410,9 @@ def test_triton_fragment_dequantizer_is_exact(K, N, group_size):
     (prepared for layers holding only fragments; also checked in the Triton interpreter on CPU)."""
     from llmpress.kernels.triton_int4_frag import dequantize_fragments_triton
     from llmpress.kernels.triton_int4_rows import dequantize_rows_triton
-    from llmpress.quant.format import rows_to_fragments
+    from llmpress.quant.format import fragment_scales_zeros, rows_to_fragments
     torch.manual_seed(K)
     (qweight, scales, zeros), _, _ = random_rows(K, N, group_size, "cuda")
-    dense = dequantize_fragments_triton(rows_to_fragments(qweight, group_size), scales, zeros, group_size, torch.bfloat16)
+    dense = dequantize_fragments_triton(rows_to_fragments(qweight, group_size), *fragment_scales_zeros(scales, zeros),
+                                        group_size, torch.bfloat16)
     assert torch.equal(dense, dequantize_rows_triton(qweight, scales, zeros, group_size, torch.bfloat16))

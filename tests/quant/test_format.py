@@ -196,8 +196,10 @@ def emulate_fragment_gemv(fragments: torch.Tensor, x: torch.Tensor, group_size: 
     from the packing code): lane L = 4i + j gets A registers from w & 0x000F000F, (w >> 4) & .., (w >> 8) & ..,
     (w >> 12) & .. (low half, high half): A[i][2j..2j+1], A[i+8][2j..2j+1], A[i][2j+8..2j+9], A[i+8][2j+8..2j+9];
     B registers b0 = (B[2j][.], B[2j+1][.]), b1 = (B[2j+8][.], B[2j+9][.]), loaded from x[k0 .. k0+3],
-    k0 = group_size g + 32 s + 8 j + 4 h for word m = 2s + h. Returns y [N] in float64."""
-    T, G, _, M = fragments.shape
+    k0 = group_size g + 32 s + 8 j + 4 h for word m = 2s + h, stored at [t, g, m // 4, lane, m % 4]. Returns y [N]
+    in float64."""
+    T, G, chunks = fragments.shape[:3]
+    M = 4 * chunks
     y = torch.zeros(T * 16, dtype=torch.float64)
     for t in range(T):
         for g in range(G):
@@ -207,7 +209,7 @@ def emulate_fragment_gemv(fragments: torch.Tensor, x: torch.Tensor, group_size: 
                 B = torch.zeros(16, dtype=torch.float64)
                 for lane in range(32):
                     i, j = divmod(lane, 4)
-                    word = int(fragments[t, g, lane, m]) & 0xFFFFFFFF
+                    word = int(fragments[t, g, m // 4, lane, m % 4]) & 0xFFFFFFFF
                     regs = [((word >> shift) & 0xF, (word >> (shift + 16)) & 0xF) for shift in (0, 4, 8, 12)]
                     for (row, col), (lo, hi) in zip([(i, 2 * j), (i + 8, 2 * j), (i, 2 * j + 8), (i + 8, 2 * j + 8)], regs):
                         A[row, col], A[row, col + 1] = lo, hi
@@ -224,7 +226,7 @@ def test_fragment_layout_feeds_the_tensor_core_operands_of_each_lane(N, K, group
     levels = torch.randint(0, 16, (N, K), dtype=torch.int32)
     rows = fmt.pack_columns(levels, 4)  # the row layout: input 8w + j of row n at bits 4j of word w
     fragments = rows_to_fragments(rows, group_size)
-    assert fragments.shape == (N // 16, K // group_size, 32, group_size // 16)
+    assert fragments.shape == (N // 16, K // group_size, group_size // 64, 32, 4)
     assert torch.equal(fragments_to_rows(fragments), rows)
     x = torch.randn(K, dtype=torch.float64)
     assert torch.allclose(emulate_fragment_gemv(fragments, x, group_size), levels.double() @ x)

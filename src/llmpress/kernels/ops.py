@@ -278,7 +278,7 @@ def int4_gemv_fragments(x: torch.Tensor, fragments: torch.Tensor, scales: torch.
                         group_size: int, residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
                         eps: float = 0.0) -> torch.Tensor:
     """y [M, N] = (residual +) prologue(x) W^T, x [M <= 8, K], for a 4-bit weight held as tensor-core fragments
-    (quant/format.py `rows_to_fragments`) with the row layout's scales [N, G] and zeros [N, G]; prologue: the
+    (quant/format.py `rows_to_fragments`) with scales and zeros [G, N] (`fragment_scales_zeros`); prologue: the
     RMSNorm with `norm_weight` [K] and `eps` (M = 1, x the residual stream), or none."""
     return torch.ops.llmpress.int4_gemv_fragments(x.contiguous(), fragments, scales, zeros, group_size,
                                                   None if residual is None else residual.contiguous(), norm_weight, eps)
@@ -294,7 +294,7 @@ def _int4_gemv_fragments(x: torch.Tensor, fragments: torch.Tensor, scales: torch
 
 @_int4_gemv_fragments.register_fake
 def _(x, fragments, scales, zeros, group_size, residual, norm_weight, eps):
-    return x.new_empty(x.shape[0], scales.shape[0])
+    return x.new_empty(x.shape[0], scales.shape[1])
 
 
 def store_kv_paged(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -105,13 +105,13 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
     for g in groups:  # loads
         L += ["mov.u32 grp, %ctaid.y;",
               f"mad.lo.u32 grp, grp, {groups_per_warp}, {g};",
-              # words: (((tile * G + grp) * 32 + lane) * words_per_lane) * 4 bytes
+              # words [tile, grp, chunk, lane, 4]: ((tile * G + grp) * chunks * 32 + lane) * 16 bytes, chunk v 512 on
               "mad.lo.u32 t32, tile, $7, grp;",
-              "mad.lo.u32 t32, t32, 32, lane;",
-              f"mul.wide.u32 off, t32, {4 * words_per_lane};",
+              f"mad.lo.u32 t32, t32, {32 * (words_per_lane // 4)}, lane;",
+              "mul.wide.u32 off, t32, 16;",
               "add.u64 wa, $1, off;"]
         for v in range(words_per_lane // 4):
-            L.append(f"ld.global.nc.v4.b32 {{{', '.join(words[g][4 * v:4 * v + 4])}}}, [wa+{16 * v}];")
+            L.append(f"ld.global.nc.v4.b32 {{{', '.join(words[g][4 * v:4 * v + 4])}}}, [wa+{512 * v}];")
         # x: element grp * group_size + 8 j (2 bytes each), then 32 elements per block of 32 inputs
         L += [f"mul.lo.u32 t32, grp, {group_size};",
               "mad.lo.u32 t32, j, 8, t32;"]
@@ -125,23 +125,17 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
             L.append("add.u64 na, $8, off;")
             for b in range(blocks32):
                 L.append(f"ld.global.nc.v4.b32 {{{', '.join(norm_regs[g][4 * b:4 * b + 4])}}}, [na+{64 * b}];")
-        # scale and zero of rows r0, r0 + 8 in this group: index r * G + grp
-        L += ["mad.lo.u32 t32, r0, $7, grp;",
+        # scale and zero of rows r0, r0 + 8 in this group, [G, N]: index grp * N + r (a group's 16 rows side by side)
+        L += ["mad.lo.u32 t32, grp, $6, r0;",
               "mul.wide.u32 off, t32, 2;",
               "add.u64 sa, $3, off;",
               f"ld.global.nc.b16 s0h{g}, [sa];",
-              "mul.lo.u32 tmp, $7, 16;",  # 8 rows further, 2 bytes each
-              "cvt.u64.u32 off, tmp;",
-              "add.u64 sa, sa, off;",
-              f"ld.global.nc.b16 s1h{g}, [sa];",
+              f"ld.global.nc.b16 s1h{g}, [sa+16];",  # 8 rows further, 2 bytes each
               "cvt.u64.u32 off, t32;",
               "add.u64 za, $4, off;",
               "ld.global.nc.u8 tmp, [za];",
               f"cvt.rn.f32.u32 zf0_{g}, tmp;",
-              "mul.lo.u32 tmp, $7, 8;",
-              "cvt.u64.u32 off, tmp;",
-              "add.u64 za, za, off;",
-              "ld.global.nc.u8 tmp, [za];",
+              "ld.global.nc.u8 tmp, [za+8];",
               f"cvt.rn.f32.u32 zf1_{g}, tmp;"]
     for g in groups:  # scales to fp32, zero points plus the magic value
         if dtype == torch.bfloat16:
@@ -275,16 +269,18 @@ def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, ze
               config: tuple[int, int] | None = None, residual: torch.Tensor | None = None,
               norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
     """x [M, K] bf16/fp16 (M <= 8) @ Wᵀ (+ residual [M, N]) -> [M, N] in x.dtype. fragments: int32
-    [N/16, G, 32, group_size/16] (`rows_to_fragments`); scales [N, G] (x's dtype), zeros uint8 [N, G] as in the row
-    layout. `config`: (num_warps, groups per warp); default DEFAULT_CONFIG where it fits, else the tuner's pick.
+    [N/16, G, group_size/64, 32, 4] (`rows_to_fragments`); scales [G, N] (x's dtype) and zeros uint8 [G, N]: the
+    row layout's transposed, so that a group's 16 rows are side by side (quant/format.py `fragment_scales_zeros`).
+    `config`: (num_warps, groups per warp); default DEFAULT_CONFIG where it fits, else the tuner's pick.
     M = 1 is what was timed; M = 2..8 (a speculative verify step, small batches) costs nearly the same mmas.
     `norm_weight` [K] (M = 1): x is the residual stream h and y = W (w * h) * rsqrt(mean(h^2) + eps), the RMSNorm
     before q|k|v and gate|up folded in (prepared: not yet run on a GPU)."""
     M = x.shape[0]
-    N, G = scales.shape
+    G, N = scales.shape
     assert 1 <= M <= FRAG_MAX_M and x.shape[1] == G * group_size, (x.shape, G, group_size)
+    assert zeros.shape == (G, N) and scales.is_contiguous() and zeros.is_contiguous(), (zeros.shape, N, G)
     assert x.dtype in _TYPES and scales.dtype == x.dtype, (x.dtype, scales.dtype)
-    assert fragments.shape == (N // 16, G, 32, group_size // 16) and group_size % 64 == 0, fragments.shape
+    assert fragments.shape == (N // 16, G, group_size // 64, 32, 4) and group_size % 64 == 0, fragments.shape
     assert residual is None or residual.shape == (M, N), (None if residual is None else residual.shape)
     assert norm_weight is None or (M == 1 and norm_weight.shape == (x.shape[1],) and norm_weight.dtype == x.dtype)
     x = x.contiguous()
@@ -319,8 +315,9 @@ def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, ze
 @triton.jit
 def _dequantize_fragments(fr_ptr, s_ptr, z_ptr, w_ptr, N, K, G, GROUP_SIZE: tl.constexpr):
     """W [N, K] in w's dtype from the fragment layout, one [16 rows, GROUP_SIZE] tile (row tile t, group g) per
-    program. Each weight is gathered from where `rows_to_fragments` put it: lane 4i + j, word 2s + h, nibble
-    (r1?) + 2 (c // 2) + 4 (c % 2) for row 16t + 8 (r1?) + i and input GROUP_SIZE g + 32 s + 8 j + 4 h + c."""
+    program. Each weight is gathered from where `rows_to_fragments` put it: lane 4i + j, word m = 2s + h (chunk
+    m // 4, place m % 4), nibble (r1?) + 2 (c // 2) + 4 (c % 2) for row 16t + 8 (r1?) + i and input
+    GROUP_SIZE g + 32 s + 8 j + 4 h + c."""
     t = tl.program_id(0)
     g = tl.program_id(1)
     r = tl.arange(0, 16)
@@ -330,21 +327,23 @@ def _dequantize_fragments(fr_ptr, s_ptr, z_ptr, w_ptr, N, K, G, GROUP_SIZE: tl.c
     lane = 4 * i[:, None] + j[None, :]
     word = 2 * s + h
     nibble = half[:, None] + (2 * (c // 2) + 4 * (c % 2))[None, :]
-    words = tl.load(fr_ptr + ((t * G + g) * 32 + lane) * (GROUP_SIZE // 16) + word[None, :])
+    chunks: tl.constexpr = GROUP_SIZE // 64
+    words = tl.load(fr_ptr + (((t * G + g) * chunks + word[None, :] // 4) * 32 + lane) * 4 + word[None, :] % 4)
     levels = (words >> (4 * nibble)) & 0xF
     rows = 16 * t + r
-    scale = tl.load(s_ptr + rows * G + g).to(tl.float32)
-    zero = tl.load(z_ptr + rows * G + g).to(tl.float32)
+    scale = tl.load(s_ptr + g * N + rows).to(tl.float32)
+    zero = tl.load(z_ptr + g * N + rows).to(tl.float32)
     w = (levels.to(tl.float32) - zero[:, None]) * scale[:, None]
     tl.store(w_ptr + rows[:, None] * K + (g * GROUP_SIZE + kk)[None, :], w.to(w_ptr.dtype.element_ty))
 
 
 def dequantize_fragments_triton(fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                                 dtype: torch.dtype) -> torch.Tensor:
-    """The dense weight [N, K] in `dtype` (nn.Linear's layout) from the fragment layout: what a prefill step would
-    multiply by if the fragments were a layer's only copy (not used by the model yet)."""
-    N, G = scales.shape
-    assert fragments.shape == (N // 16, G, 32, group_size // 16), fragments.shape
+    """The dense weight [N, K] in `dtype` (nn.Linear's layout) from the fragment layout, with scales and zeros
+    [G, N] as `frag_gemv` takes them: what a prefill step would multiply by if the fragments were a layer's only
+    copy (not used by the model yet)."""
+    G, N = scales.shape
+    assert fragments.shape == (N // 16, G, group_size // 64, 32, 4), fragments.shape
     w = torch.empty(N, G * group_size, dtype=dtype, device=fragments.device)
     _dequantize_fragments[(N // 16, G)](fragments, scales, zeros, w, N, G * group_size, G, GROUP_SIZE=group_size,
                                         num_warps=4)

@@ -295,7 +295,10 @@ def rows_to_runtime(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
 
 
 # Fragment layout: the A operand of mma.m16n8k16 (16 weight rows x 16 inputs) as each of a warp's 32 lanes holds
-# it, so that a lane's words load straight into its registers. Word m = 2 s + h of lane L = 4 i + j, for row tile
+# it, so that a lane's words load straight into its registers. Stored int32 [N/16, G, group_size/64, 32, 4]: per
+# row tile and group, chunks of 4 words (one 16-byte load) for lanes 0..31 side by side, so that each load
+# instruction of a warp reads 512 contiguous bytes (a lane's 8 words in a row would leave every 32-byte sector
+# half used by each of its two loads). Word m = 2 s + h (chunk m // 4, place m % 4) of lane L = 4 i + j, for row tile
 # t (rows 16 t .. 16 t + 15) and group g, holds rows r0 = 16 t + i and r1 = r0 + 8 at inputs k0 .. k0 + 3, with
 # k0 = group_size * g + 32 s + 8 j + 4 h, nibble n at bits 4n:
 FRAGMENT_NIBBLES = ((0, 0), (1, 0), (0, 2), (1, 2), (0, 1), (1, 1), (0, 3), (1, 3))  # nibble n -> (r1?, input - k0)
@@ -305,23 +308,31 @@ FRAGMENT_NIBBLES = ((0, 0), (1, 0), (0, 2), (1, 2), (0, 1), (1, 1), (0, 3), (1, 
 
 
 def rows_to_fragments(qweight: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Row layout int32 [N, K/8] -> fragment layout int32 [N/16, K/group_size, 32, group_size/16] (above)."""
+    """Row layout int32 [N, K/8] -> fragment layout int32 [N/16, K/group_size, group_size/64, 32, 4] (above)."""
     N, K = qweight.shape[0], qweight.shape[1] * 8
-    assert N % 16 == 0 and group_size % 32 == 0 and K % group_size == 0, (N, K, group_size)
+    assert N % 16 == 0 and group_size % 64 == 0 and K % group_size == 0, (N, K, group_size)
     G, S = K // group_size, group_size // 32
     levels = unpack_columns(qweight, 4).view(N // 16, 2, 8, G, S, 4, 2, 4)  # [t, r1?, i, g, s, j, h, c]
     tiles = levels.permute(0, 3, 2, 5, 4, 6, 1, 7).reshape(N // 16, G, 32, 2 * S, 2, 4)  # [t, g, lane, m, r1?, c]
     nibbles = torch.stack([tiles[..., half, c] for half, c in FRAGMENT_NIBBLES], dim=-1).to(torch.int64)
     shifts = torch.arange(8, device=qweight.device, dtype=torch.int64) * 4
-    return _as_int32((nibbles << shifts).sum(dim=-1))
+    words = _as_int32((nibbles << shifts).sum(dim=-1))  # [t, g, lane, m]
+    return words.view(N // 16, G, 32, S // 2, 4).transpose(2, 3).contiguous()
+
+
+def fragment_scales_zeros(scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row layout's scales and zeros [N, G] as the fragment GEMV reads them, [G, N]: the 16 rows of a group
+    that a warp needs side by side (one 32-byte sector of scales, not 16)."""
+    return scales.T.contiguous(), zeros.T.contiguous()
 
 
 def fragments_to_rows(fragments: torch.Tensor) -> torch.Tensor:
     """Inverse of `rows_to_fragments`."""
-    T, G, _, M = fragments.shape
-    S = M // 2
+    T, G, chunks = fragments.shape[:3]
+    S = 2 * chunks
+    words = fragments.transpose(2, 3).reshape(T, G, 32, 2 * S)  # [t, g, lane, m]
     shifts = torch.arange(0, 32, 4, device=fragments.device, dtype=torch.int32)
-    nibbles = (fragments.unsqueeze(-1) >> shifts) & 15  # [t, g, lane, m, n]
+    nibbles = (words.unsqueeze(-1) >> shifts) & 15  # [t, g, lane, m, n]
     tiles = torch.empty(*nibbles.shape[:4], 2, 4, dtype=torch.int32, device=fragments.device)
     for n, (half, c) in enumerate(FRAGMENT_NIBBLES):
         tiles[..., half, c] = nibbles[..., n]

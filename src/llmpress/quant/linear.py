@@ -12,8 +12,8 @@ from torch import nn
 from llmpress.kernels import ops
 from llmpress.model.fusion import unfuse_projections
 from llmpress.model.llama import swiglu
-from llmpress.quant.format import (RuntimeQuantWeight, dequantize_runtime, from_runtime, rows_to_fragments,
-                                   rows_to_runtime, runtime_to_rows, to_runtime)
+from llmpress.quant.format import (RuntimeQuantWeight, dequantize_runtime, fragment_scales_zeros, from_runtime,
+                                   rows_to_fragments, rows_to_runtime, runtime_to_rows, to_runtime)
 from llmpress.quant.scheme import QuantizedWeight, QuantScheme
 
 
@@ -42,6 +42,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.row_layout = False
         self.fragments = None  # the row-layout weight again as tensor-core fragments (`use_fragment_layout`)
+        self.fragment_scales = self.fragment_zeros = None  # and its scales and zeros [G, N], as that GEMV reads them
 
     @classmethod
     def from_runtime(cls, rt: RuntimeQuantWeight, bias: torch.Tensor | None = None) -> "QuantLinear":
@@ -91,6 +92,7 @@ class QuantLinear(nn.Module):
         if self.fragments is None and self.row_layout and self.bias is None and self.out_features % 64 == 0 \
                 and self.group_size % 64 == 0:
             self.fragments = rows_to_fragments(self.qweight_rows, self.group_size)
+            self.fragment_scales, self.fragment_zeros = fragment_scales_zeros(self.scales_rows, self.zeros_rows)
         return self.fragments is not None
 
     def quantized_weight(self, scheme: QuantScheme) -> QuantizedWeight:
@@ -127,8 +129,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fragments is not None and ops.int4_fragment_gemv_applies(x.reshape(-1, self.in_features)):
-            y = ops.int4_gemv_fragments(x.reshape(-1, self.in_features), self.fragments, self.scales_rows,
-                                        self.zeros_rows, self.group_size)
+            y = ops.int4_gemv_fragments(x.reshape(-1, self.in_features), self.fragments, self.fragment_scales,
+                                        self.fragment_zeros, self.group_size)
             return y.reshape(*x.shape[:-1], self.out_features)
         if self.row_layout:
             y = ops.int4_matmul_rows(x.reshape(-1, self.in_features), self.qweight_rows, self.scales_rows,
@@ -158,7 +160,7 @@ class QuantLinear(nn.Module):
         on_fragments = (self.fragments is not None and not silu_mul and ops.int4_fragment_gemv_applies(x2d)
                         and (norm is None or ops.int4_tensor_core_norm))
         if on_fragments and (norm is not None or residual is not None):
-            y = ops.int4_gemv_fragments(x.reshape(1, -1), self.fragments, self.scales_rows, self.zeros_rows,
+            y = ops.int4_gemv_fragments(x.reshape(1, -1), self.fragments, self.fragment_scales, self.fragment_zeros,
                                         self.group_size, None if residual is None else residual.reshape(1, -1),
                                         None if norm is None else norm.weight, 0.0 if norm is None else norm.eps)
             y = y.reshape(*x.shape[:-1], self.out_features)
