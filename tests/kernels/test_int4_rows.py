@@ -345,9 +345,9 @@ def test_quant_linear_runs_the_tensor_core_gemv_when_switched_on():
 @pytest.mark.parametrize("M", [2, 5, 8])
 def test_triton_fragment_gemv_takes_up_to_eight_rows(M):
     """Rows of x as the columns of the mma's B operand (a speculative verify step): each row of y against float64,
-    with the residual add, on the default tile; rows past M repeat the last row inside the kernel and must not
-    leak into y."""
-    from llmpress.kernels.triton_int4_frag import frag_gemv
+    with the residual add, on the default tile and with 2 and 4 row tiles per warp; rows past M repeat the last
+    row inside the kernel and must not leak into y."""
+    from llmpress.kernels.triton_int4_frag import DEFAULT_CONFIG, frag_gemv
     from llmpress.quant.format import fragment_scales_zeros, rows_to_fragments
     torch.manual_seed(M)
     (qweight, scales, zeros), _, dense = random_rows(3072, 1024, 128, "cuda")
@@ -355,13 +355,14 @@ def test_triton_fragment_gemv_takes_up_to_eight_rows(M):
     fscales, fzeros = fragment_scales_zeros(scales, zeros)
     x = torch.randn(M, 3072, device="cuda", dtype=torch.bfloat16)
     residual = torch.randn(M, 1024, device="cuda", dtype=torch.bfloat16)
-    y = frag_gemv(x, fragments, fscales, fzeros, 128, residual=residual)
     ref = residual.double() + x.double() @ dense
-    assert y.shape == (M, 1024)
-    assert all(rel_error(y[m], ref[m]) < 1e-2 for m in range(M)), [rel_error(y[m], ref[m]) for m in range(M)]
-    alone = torch.cat([frag_gemv(x[m:m + 1], fragments, fscales, fzeros, 128, residual=residual[m:m + 1])
-                       for m in range(M)])
-    assert rel_error(y, alone.double()) < 1e-2
+    for config in (DEFAULT_CONFIG, (4, 1, 2), (4, 1, 4)):  # one and several row tiles per warp
+        y = frag_gemv(x, fragments, fscales, fzeros, 128, config, residual=residual)
+        assert y.shape == (M, 1024)
+        assert all(rel_error(y[m], ref[m]) < 1e-2 for m in range(M)), (config, [rel_error(y[m], ref[m]) for m in range(M)])
+        alone = torch.cat([frag_gemv(x[m:m + 1], fragments, fscales, fzeros, 128, config, residual=residual[m:m + 1])
+                           for m in range(M)])
+        assert rel_error(y, alone.double()) < 1e-2, config
 
 
 @cuda_only

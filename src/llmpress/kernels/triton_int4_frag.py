@@ -23,8 +23,9 @@ The whole per-warp body is one inline-PTX block that finds its data from %laneid
 it does not depend on how Triton lays out a tensor over threads; Triton only launches it once per thread
 (a [32 * num_warps] tensor) and adds the partial sums of the programs that share a row tile (the last one to
 arrive loads them all, as in the split GEMV), with the residual add in the store.
-Program (pid_n, pid_k): warp w takes row tile pid_n * num_warps + w (16 rows) over groups
-pid_k * GROUPS_PER_WARP onwards. Needs N a multiple of 16 * num_warps. Off the GPU: `kernels.reference`.
+Program (pid_n, pid_k): warp w takes row tiles (pid_n * num_warps + w) * TILES_PER_WARP onwards (16 rows each)
+over groups pid_k * GROUPS_PER_WARP onwards. Needs N a multiple of 16 * num_warps * TILES_PER_WARP.
+Off the GPU: `kernels.reference`.
 """
 
 from __future__ import annotations
@@ -37,22 +38,26 @@ from llmpress.kernels.tile_tuner import TileTuner
 from llmpress.kernels.triton_int4 import _workspace
 from llmpress.kernels.triton_int4_rows_split import SPLIT_WORKSPACE, finish_output
 
-# (num_warps, groups per warp). More groups per warp spread a program's fixed instructions over more weights;
-# beyond 4 the x registers (16 per group, all loaded first) would spill. (4, 2) was the fastest at every 3B
-# shape on the H200 (benchmarks/int4_frag_gpu.py, results/int4_frag_h200.*), where the tile tuner, timing one
-# weight that stays in L2, picked others: so it is the default wherever it fits, and the tuner only decides
-# where it does not.
-FRAG_CONFIGS = [(4, 1), (4, 2), (4, 4), (8, 4)]
-DEFAULT_CONFIG = (4, 2)
+# (num_warps, groups per warp, row tiles per warp). More groups per warp spread a program's fixed instructions
+# over more weights, but each group adds 16 x registers (all loaded first; beyond 4 they would spill); more row
+# tiles share the x registers, so they put more weight bytes in flight per register (sm_90 registers per thread:
+# (4, 2, 1) 80, (4, 1, 2) 72, (4, 1, 4) 120, (4, 2, 2) 113). (4, 2, 1) was the fastest of the one-tile
+# configurations at every 3B shape on the H200 (benchmarks/int4_frag_gpu.py, results/int4_frag_h200.*), where the
+# tile tuner, timing one weight that stays in L2, picked others: so the default is fixed wherever it fits, and the
+# tuner only decides where it does not.
+FRAG_CONFIGS = [(4, 1, 1), (4, 2, 1), (4, 4, 1), (8, 4, 1), (4, 1, 2), (8, 1, 2), (4, 2, 2), (4, 1, 4), (2, 1, 4)]
+DEFAULT_CONFIG = (4, 2, 1)
 
 # per activation dtype: the magic value's bits (both halves), its value, 1.0 in both halves, the mma type
 _TYPES = {torch.bfloat16: (0x43004300, 128.0, 0x3F803F80, "bf16"), torch.float16: (0x64006400, 1024.0, 0x3C003C00, "f16")}
 
 
 def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: torch.dtype, rows: int = 1,
-                  norm: bool = False) -> str:
-    """PTX for one thread's share of a warp's row tile over GROUPS_PER_WARP groups, ending in a store of the
-    row tile's partial sums. Operands: $0 dummy output; $1 words, $2 x, $3 scales, $4 zeros, $5 partials (u64
+                  norm: bool = False, tiles_per_warp: int = 1) -> str:
+    """PTX for one thread's share of a warp's TILES_PER_WARP row tiles over GROUPS_PER_WARP groups, ending in a
+    store of the row tiles' partial sums. The tiles of a warp share its x registers and its sum(x) mmas, so more
+    tiles put more weight bytes in flight per register than more groups do (16 x registers a group, 8 word
+    registers a tile and group). Operands: $0 dummy output; $1 words, $2 x, $3 scales, $4 zeros, $5 partials (u64
     addresses); $6 N, $7 G (u32).
 
     `rows` (M) rows of x, up to 8: B's column n is x row n (rows past M repeat row M - 1), so D's column n is
@@ -72,21 +77,24 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
     magic, magic_value, ones, mma_type = _TYPES[dtype]
     words_per_lane = group_size // 16  # per group: 2 blocks of 16 inputs per 32
     blocks32 = group_size // 32
-    groups = range(groups_per_warp)
-    words = [[f"w{g}_{m}" for m in range(words_per_lane)] for g in groups]
+    groups, tiles = range(groups_per_warp), range(tiles_per_warp)
+    words = [[[f"w{g}_{t}_{m}" for m in range(words_per_lane)] for t in tiles] for g in groups]
     xs_regs = [[f"x{g}_{v}" for v in range(4 * blocks32)] for g in groups]
     norm_regs = [[f"n{g}_{v}" for v in range(4 * blocks32)] for g in groups] if norm else [[] for g in groups]
-    per_group = lambda names: ", ".join(f"{n}{g}" for g in groups for n in names)  # noqa: E731
+    per_gt = lambda names: ", ".join(f"{n}{g}_{t}" for g in groups for t in tiles for n in names)  # noqa: E731
+    accs = [[f"acc{t}_{n}" for n in range(4)] for t in tiles]
+    ys = [[f"y{t}_{n}" for n in range(4)] for t in tiles]
+    flat = lambda nested: sum((sum(x, []) if x and isinstance(x[0], list) else x for x in nested), [])  # noqa: E731
     L = ["{",
          ".reg .pred p;",
-         ".reg .b32 lane, warp, i, j, tile, r0, grp, t32, e0, e4, e8, e12, tmp, magic, one, "
-         + ", ".join(sum(words, []) + sum(xs_regs, []) + sum(norm_regs, [])) + ";",
+         ".reg .b32 lane, warp, i, j, tile, grp, t32, e0, e4, e8, e12, tmp, magic, one, "
+         + ", ".join([f"r0_{t}" for t in tiles] + flat(words) + flat(xs_regs) + flat(norm_regs)) + ";",
          ".reg .b64 wa, xa, na, sa, za, pa, off;",
          ".reg .f32 sq0, sq1, sq2, sq3;",
-         f".reg .b16 zero16, {per_group(['s0h', 's1h'])};",
+         f".reg .b16 zero16, {per_gt(['s0h', 's1h'])};",
          ".reg .b32 kk, nrow;",
-         ".reg .f32 acc0, acc1, acc2, acc3, xs0, xs1, xs2, xs3, y0, y1, y2, y3, t0, t1, dep, "
-         f"{per_group(['sc0_', 'sc1_', 'zf0_', 'zf1_'])};",
+         ".reg .f32 xs0, xs1, xs2, xs3, t0, t1, dep, " + ", ".join(flat(accs) + flat(ys))
+         + f", {per_gt(['sc0_', 'sc1_', 'zf0_', 'zf1_'])};",
          f"mov.b32 magic, {magic:#x};",
          f"mov.b32 one, {ones:#x};",
          "mov.b16 zero16, 0;",
@@ -97,21 +105,25 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
          "and.b32 j, lane, 3;",
          "mov.u32 tile, %ctaid.x;",
          f"mad.lo.u32 tile, tile, {num_warps}, warp;",
-         "mad.lo.u32 r0, tile, 16, i;",  # rows r0 and r0 + 8
-         *[f"mov.f32 y{n}, 0f00000000;" for n in range(4)],
+         f"mul.lo.u32 tile, tile, {tiles_per_warp};",  # the warp's first row tile
+         *[f"mad.lo.u32 r0_{t}, tile, 16, {16 * t};" for t in tiles],
+         *[f"add.u32 r0_{t}, r0_{t}, i;" for t in tiles],  # rows r0 and r0 + 8 of each tile
+         *[f"mov.f32 {y}, 0f00000000;" for y in flat(ys)],
          # x row of this lane's B column (groupID i), clamped to the last row; K = G * group_size inputs a row
          f"min.u32 nrow, i, {rows - 1};",
          f"mul.lo.u32 kk, $7, {group_size};"]
     for g in groups:  # loads
         L += ["mov.u32 grp, %ctaid.y;",
-              f"mad.lo.u32 grp, grp, {groups_per_warp}, {g};",
-              # words [tile, grp, chunk, lane, 4]: ((tile * G + grp) * chunks * 32 + lane) * 16 bytes, chunk v 512 on
-              "mad.lo.u32 t32, tile, $7, grp;",
-              f"mad.lo.u32 t32, t32, {32 * (words_per_lane // 4)}, lane;",
-              "mul.wide.u32 off, t32, 16;",
-              "add.u64 wa, $1, off;"]
-        for v in range(words_per_lane // 4):
-            L.append(f"ld.global.nc.v4.b32 {{{', '.join(words[g][4 * v:4 * v + 4])}}}, [wa+{512 * v}];")
+              f"mad.lo.u32 grp, grp, {groups_per_warp}, {g};"]
+        for t in tiles:
+            # words [tile, grp, chunk, lane, 4]: ((tile * G + grp) * chunks * 32 + lane) * 16 bytes, chunk v 512 on
+            L += [f"add.u32 t32, tile, {t};",
+                  "mad.lo.u32 t32, t32, $7, grp;",
+                  f"mad.lo.u32 t32, t32, {32 * (words_per_lane // 4)}, lane;",
+                  "mul.wide.u32 off, t32, 16;",
+                  "add.u64 wa, $1, off;"]
+            for v in range(words_per_lane // 4):
+                L.append(f"ld.global.nc.v4.b32 {{{', '.join(words[g][t][4 * v:4 * v + 4])}}}, [wa+{512 * v}];")
         # x: element grp * group_size + 8 j (2 bytes each), then 32 elements per block of 32 inputs
         L += [f"mul.lo.u32 t32, grp, {group_size};",
               "mad.lo.u32 t32, j, 8, t32;"]
@@ -125,86 +137,98 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
             L.append("add.u64 na, $8, off;")
             for b in range(blocks32):
                 L.append(f"ld.global.nc.v4.b32 {{{', '.join(norm_regs[g][4 * b:4 * b + 4])}}}, [na+{64 * b}];")
-        # scale and zero of rows r0, r0 + 8 in this group, [G, N]: index grp * N + r (a group's 16 rows side by side)
-        L += ["mad.lo.u32 t32, grp, $6, r0;",
-              "mul.wide.u32 off, t32, 2;",
-              "add.u64 sa, $3, off;",
-              f"ld.global.nc.b16 s0h{g}, [sa];",
-              f"ld.global.nc.b16 s1h{g}, [sa+16];",  # 8 rows further, 2 bytes each
-              "cvt.u64.u32 off, t32;",
-              "add.u64 za, $4, off;",
-              "ld.global.nc.u8 tmp, [za];",
-              f"cvt.rn.f32.u32 zf0_{g}, tmp;",
-              "ld.global.nc.u8 tmp, [za+8];",
-              f"cvt.rn.f32.u32 zf1_{g}, tmp;"]
+        for t in tiles:
+            # scale and zero of rows r0, r0 + 8 in this group, [G, N]: index grp * N + r (a group's rows side by side)
+            L += [f"mad.lo.u32 t32, grp, $6, r0_{t};",
+                  "mul.wide.u32 off, t32, 2;",
+                  "add.u64 sa, $3, off;",
+                  f"ld.global.nc.b16 s0h{g}_{t}, [sa];",
+                  f"ld.global.nc.b16 s1h{g}_{t}, [sa+16];",  # 8 rows further, 2 bytes each
+                  "cvt.u64.u32 off, t32;",
+                  "add.u64 za, $4, off;",
+                  "ld.global.nc.u8 tmp, [za];",
+                  f"cvt.rn.f32.u32 zf0_{g}_{t}, tmp;",
+                  "ld.global.nc.u8 tmp, [za+8];",
+                  f"cvt.rn.f32.u32 zf1_{g}_{t}, tmp;"]
     for g in groups:  # scales to fp32, zero points plus the magic value
-        if dtype == torch.bfloat16:
-            L += [f"mov.b32 tmp, {{zero16, s0h{g}}};", f"mov.b32 sc0_{g}, tmp;",
-                  f"mov.b32 tmp, {{zero16, s1h{g}}};", f"mov.b32 sc1_{g}, tmp;"]
-        else:
-            L += [f"cvt.f32.f16 sc0_{g}, s0h{g};", f"cvt.f32.f16 sc1_{g}, s1h{g};"]
-        L += [f"add.f32 zf0_{g}, zf0_{g}, {_f32(magic_value)};", f"add.f32 zf1_{g}, zf1_{g}, {_f32(magic_value)};"]
+        for t in tiles:
+            gt = f"{g}_{t}"
+            if dtype == torch.bfloat16:
+                L += [f"mov.b32 tmp, {{zero16, s0h{gt}}};", f"mov.b32 sc0_{gt}, tmp;",
+                      f"mov.b32 tmp, {{zero16, s1h{gt}}};", f"mov.b32 sc1_{gt}, tmp;"]
+            else:
+                L += [f"cvt.f32.f16 sc0_{gt}, s0h{gt};", f"cvt.f32.f16 sc1_{gt}, s1h{gt};"]
+            L += [f"add.f32 zf{h}_{gt}, zf{h}_{gt}, {_f32(magic_value)};" for h in (0, 1)]
     # dep: one value from every load (see the docstring)
     L += ["mov.f32 dep, 0f00000000;"]
     for g in groups:
-        for v in range(words_per_lane // 4):
-            L += [f"cvt.rn.f32.u32 t0, {words[g][4 * v]};", "add.f32 dep, dep, t0;"]
+        for t in tiles:
+            for v in range(words_per_lane // 4):
+                L += [f"cvt.rn.f32.u32 t0, {words[g][t][4 * v]};", "add.f32 dep, dep, t0;"]
         for b in range(blocks32):
             for reg in [xs_regs[g][4 * b]] + ([norm_regs[g][4 * b]] if norm else []):
                 L += [f"mov.b32 t0, {reg};", "abs.f32 t0, t0;", "min.f32 t0, t0, 0f3F800000;",
                       "add.f32 dep, dep, t0;"]  # any bits, even NaN's, become a finite number (min of NaN gives 1.0)
-        L += [f"add.f32 dep, dep, sc0_{g};", f"add.f32 dep, dep, sc1_{g};",
-              f"add.f32 dep, dep, zf0_{g};", f"add.f32 dep, dep, zf1_{g};"]
+        for t in tiles:
+            L += [f"add.f32 dep, dep, sc0_{g}_{t};", f"add.f32 dep, dep, sc1_{g}_{t};",
+                  f"add.f32 dep, dep, zf0_{g}_{t};", f"add.f32 dep, dep, zf1_{g}_{t};"]
     if norm:
         L += [f"mov.f32 sq{n}, 0f00000000;" for n in range(4)]
+    zero = "0f00000000"
     for g in groups:  # the products
-        zero = "0f00000000"
         if norm:  # B = h * w, in place of the weight's registers
             L += [f"mul.rn.{mma_type}x2 {n}, {x}, {n};" for x, n in zip(xs_regs[g], norm_regs[g])]
-        if g == 0:
-            L += [f"mul.f32 {r}, dep, {zero};" for r in ("acc0", "acc1", "acc2", "acc3", "xs0", "xs1", "xs2", "xs3")]
-        else:
-            L += [f"mov.f32 {r}, {zero};" for r in ("acc0", "acc1", "acc2", "acc3", "xs0", "xs1", "xs2", "xs3")]
+        init = [f"mul.f32 {r}, dep, {zero};" if g == 0 else f"mov.f32 {r}, {zero};"
+                for r in flat(accs) + ["xs0", "xs1", "xs2", "xs3"]]
+        L += init
         operand = norm_regs[g] if norm else xs_regs[g]
         for m in range(words_per_lane):
             b, h = divmod(m, 2)
             b0, b1 = operand[4 * b + 2 * h], operand[4 * b + 2 * h + 1]
-            w = words[g][m]
             if norm:  # sum(h^2): A's registers at this block's inputs are B's, rows r0 and r0 + 8 alike
                 h0, h1 = xs_regs[g][4 * b + 2 * h], xs_regs[g][4 * b + 2 * h + 1]
                 L.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{mma_type}.{mma_type}.f32 {{sq0, sq1, sq2, sq3}}, "
                          f"{{{h0}, {h0}, {h1}, {h1}}}, {{{h0}, {h1}}}, {{sq0, sq1, sq2, sq3}};")
-            L += [f"lop3.b32 e0, {w}, 0x000F000F, magic, 0xEA;",
-                  f"shr.u32 tmp, {w}, 4;", "lop3.b32 e4, tmp, 0x000F000F, magic, 0xEA;",
-                  f"shr.u32 tmp, {w}, 8;", "lop3.b32 e8, tmp, 0x000F000F, magic, 0xEA;",
-                  f"shr.u32 tmp, {w}, 12;", "lop3.b32 e12, tmp, 0x000F000F, magic, 0xEA;",
-                  # D = C in place; columns 1 (acc1, acc3) repeat column 0, as every B column is x
-                  f"mma.sync.aligned.m16n8k16.row.col.f32.{mma_type}.{mma_type}.f32 {{acc0, acc1, acc2, acc3}}, "
-                  f"{{e0, e4, e8, e12}}, {{{b0}, {b1}}}, {{acc0, acc1, acc2, acc3}};",
-                  f"mma.sync.aligned.m16n8k16.row.col.f32.{mma_type}.{mma_type}.f32 {{xs0, xs1, xs2, xs3}}, "
-                  f"{{one, one, one, one}}, {{{b0}, {b1}}}, {{xs0, xs1, xs2, xs3}};"]
-        L += [f"neg.f32 zf0_{g}, zf0_{g};", f"neg.f32 zf1_{g}, zf1_{g};"]
-        # y0, y1: rows r0, r0 + 8 of y's column 2j; y2, y3: of column 2j + 1 (M > 1 only)
-        for y, acc, xs, zf, sc in [("y0", "acc0", "xs0", "zf0", "sc0"), ("y1", "acc2", "xs2", "zf1", "sc1"),
-                                   ("y2", "acc1", "xs1", "zf0", "sc0"), ("y3", "acc3", "xs3", "zf1", "sc1")][:2 if rows == 1 else 4]:
-            L += [f"fma.rn.f32 t0, {zf}_{g}, {xs}, {acc};", f"fma.rn.f32 {y}, {sc}_{g}, t0, {y};"]
+            for t in tiles:
+                w, acc = words[g][t][m], ", ".join(accs[t])
+                L += [f"lop3.b32 e0, {w}, 0x000F000F, magic, 0xEA;",
+                      f"shr.u32 tmp, {w}, 4;", "lop3.b32 e4, tmp, 0x000F000F, magic, 0xEA;",
+                      f"shr.u32 tmp, {w}, 8;", "lop3.b32 e8, tmp, 0x000F000F, magic, 0xEA;",
+                      f"shr.u32 tmp, {w}, 12;", "lop3.b32 e12, tmp, 0x000F000F, magic, 0xEA;",
+                      # D = C in place; columns 1 (acc1, acc3) repeat column 0, as every B column is x (M = 1)
+                      f"mma.sync.aligned.m16n8k16.row.col.f32.{mma_type}.{mma_type}.f32 {{{acc}}}, "
+                      f"{{e0, e4, e8, e12}}, {{{b0}, {b1}}}, {{{acc}}};"]
+            # sum(x) over the block, once for all the warp's tiles
+            L.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{mma_type}.{mma_type}.f32 {{xs0, xs1, xs2, xs3}}, "
+                     f"{{one, one, one, one}}, {{{b0}, {b1}}}, {{xs0, xs1, xs2, xs3}};")
+        for t in tiles:
+            gt = f"{g}_{t}"
+            a, y = accs[t], ys[t]
+            L += [f"neg.f32 zf0_{gt}, zf0_{gt};", f"neg.f32 zf1_{gt}, zf1_{gt};"]
+            # y0, y1: rows r0, r0 + 8 of y's column 2j; y2, y3: of column 2j + 1 (M > 1 only)
+            outputs = [(y[0], a[0], "xs0", "zf0", "sc0"), (y[1], a[2], "xs2", "zf1", "sc1"),
+                       (y[2], a[1], "xs1", "zf0", "sc0"), (y[3], a[3], "xs3", "zf1", "sc1")]
+            for yr, ar, xs, zf, sc in outputs[:2 if rows == 1 else 4]:
+                L += [f"fma.rn.f32 t0, {zf}_{gt}, {xs}, {ar};", f"fma.rn.f32 {yr}, {sc}_{gt}, t0, {yr};"]
     # partials[pid_k, m, r] for y rows m = 2j (y0, y1 at r0, r0 + 8) and 2j + 1 (y2, y3) below M
-    L += ["mov.u32 t32, %ctaid.y;",
-          f"mul.lo.u32 t32, t32, {rows};",
-          "mad.lo.u32 t32, j, 2, t32;",
-          "mul.lo.u32 t32, t32, $6;",
-          "add.u32 t32, t32, r0;",
-          "mul.wide.u32 off, t32, 4;",
-          "add.u64 pa, $5, off;",
-          f"setp.lt.u32 p, j, {(rows + 1) // 2};",  # 2j < M
-          "@p st.global.f32 [pa], y0;",
-          "@p st.global.f32 [pa+32], y1;"]
-    if rows > 1:
-        L += ["mul.wide.u32 off, $6, 4;",  # the next row of y: N floats further
-              "add.u64 pa, pa, off;",
-              f"setp.lt.u32 p, j, {rows // 2};",  # 2j + 1 < M
-              "@p st.global.f32 [pa], y2;",
-              "@p st.global.f32 [pa+32], y3;"]
+    for t in tiles:
+        y = ys[t]
+        L += ["mov.u32 t32, %ctaid.y;",
+              f"mul.lo.u32 t32, t32, {rows};",
+              "mad.lo.u32 t32, j, 2, t32;",
+              "mul.lo.u32 t32, t32, $6;",
+              f"add.u32 t32, t32, r0_{t};",
+              "mul.wide.u32 off, t32, 4;",
+              "add.u64 pa, $5, off;",
+              f"setp.lt.u32 p, j, {(rows + 1) // 2};",  # 2j < M
+              f"@p st.global.f32 [pa], {y[0]};",
+              f"@p st.global.f32 [pa+32], {y[1]};"]
+        if rows > 1:
+            L += ["mul.wide.u32 off, $6, 4;",  # the next row of y: N floats further
+                  "add.u64 pa, pa, off;",
+                  f"setp.lt.u32 p, j, {rows // 2};",  # 2j + 1 < M
+                  f"@p st.global.f32 [pa], {y[2]};",
+                  f"@p st.global.f32 [pa+32], {y[3]};"]
     if norm:  # one thread per program stores its share of sum(h^2); every warp has the same
         L += ["mov.u32 tmp, %tid.x;", "setp.eq.u32 p, tmp, 0;", "@p st.global.f32 [$9], sq0;"]
     L += ["mov.b32 $0, 0;", "}"]
@@ -219,7 +243,8 @@ def _f32(value: float) -> str:
 @triton.jit
 def _frag_gemv(qw_ptr, x_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, res_ptr, nw_ptr, eps, N, G, SPLIT,
                ASM: tl.constexpr, NUM_WARPS: tl.constexpr, SPLIT_P2: tl.constexpr, RESIDUAL: tl.constexpr,
-               ROWS: tl.constexpr = 1, NORM: tl.constexpr = False, GROUP_SIZE: tl.constexpr = 128):
+               ROWS: tl.constexpr = 1, NORM: tl.constexpr = False, GROUP_SIZE: tl.constexpr = 128,
+               TILES: tl.constexpr = 1):
     """Partials [SPLIT, ROWS, N], then (NORM) each program's sum(h^2) share at [SPLIT * N + pid_n * SPLIT + pid_k]."""
     pid_n = tl.program_id(0)
     lanes = tl.zeros([32 * NUM_WARPS], dtype=tl.int64)
@@ -233,7 +258,7 @@ def _frag_gemv(qw_ptr, x_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, res
                                   dtype=tl.int32, is_pure=False, pack=1)
     else:
         tl.inline_asm_elementwise(ASM, "=r,l,l,l,l,l,r,r", operands, dtype=tl.int32, is_pure=False, pack=1)
-    BLOCK_N: tl.constexpr = 16 * NUM_WARPS
+    BLOCK_N: tl.constexpr = 16 * NUM_WARPS * TILES  # TILES row tiles of 16 per warp
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     tl.debug_barrier()  # every lane's partial is written before the counter says so
@@ -255,26 +280,27 @@ FRAG_MAX_M = 8  # rows of x: the columns of the mma's B operand
 FRAG_WORKSPACE_MAX = 1 << 24  # fp32 partial sums [split, M, N]: up to 64 MB (the 128k-vocab head at M = 8)
 
 
-def frag_fits(N: int, G: int, num_warps: int, groups_per_warp: int, M: int = 1) -> bool:
-    split = G // groups_per_warp
-    return (N % (16 * num_warps) == 0 and G % groups_per_warp == 0
-            and split * M * N + N // (16 * num_warps) * split <= FRAG_WORKSPACE_MAX
-            and triton.next_power_of_2(split) * 16 * num_warps <= 8192 and N // (16 * num_warps) <= 1 << 14)
+def frag_fits(N: int, G: int, num_warps: int, groups_per_warp: int, tiles_per_warp: int = 1, M: int = 1) -> bool:
+    split, block_n = G // groups_per_warp, 16 * num_warps * tiles_per_warp
+    return (N % block_n == 0 and G % groups_per_warp == 0
+            and split * M * N + N // block_n * split <= FRAG_WORKSPACE_MAX
+            and triton.next_power_of_2(split) * block_n <= 8192 and N // block_n <= 1 << 14)
 
 
 _frag_tuner = TileTuner()
 
 
 def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-              config: tuple[int, int] | None = None, residual: torch.Tensor | None = None,
+              config: tuple[int, int, int] | None = None, residual: torch.Tensor | None = None,
               norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
     """x [M, K] bf16/fp16 (M <= 8) @ Wᵀ (+ residual [M, N]) -> [M, N] in x.dtype. fragments: int32
     [N/16, G, group_size/64, 32, 4] (`rows_to_fragments`); scales [G, N] (x's dtype) and zeros uint8 [G, N]: the
     row layout's transposed, so that a group's 16 rows are side by side (quant/format.py `fragment_scales_zeros`).
-    `config`: (num_warps, groups per warp); default DEFAULT_CONFIG where it fits, else the tuner's pick.
+    `config`: (num_warps, groups per warp, row tiles per warp); default DEFAULT_CONFIG where it fits, else the
+    tuner's pick.
     M = 1 is what was timed; M = 2..8 (a speculative verify step, small batches) costs nearly the same mmas.
     `norm_weight` [K] (M = 1): x is the residual stream h and y = W (w * h) * rsqrt(mean(h^2) + eps), the RMSNorm
-    before q|k|v and gate|up folded in (prepared: not yet run on a GPU)."""
+    before q|k|v and gate|up folded in."""
     M = x.shape[0]
     G, N = scales.shape
     assert 1 <= M <= FRAG_MAX_M and x.shape[1] == G * group_size, (x.shape, G, group_size)
@@ -286,27 +312,27 @@ def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, ze
     x = x.contiguous()
     norm = norm_weight is not None
 
-    def launch(c: tuple[int, int]) -> torch.Tensor:
-        warps, groups_per_warp = c
+    def launch(c: tuple[int, int, int]) -> torch.Tensor:
+        warps, groups_per_warp, tiles_per_warp = c
         split = G // groups_per_warp
         y = torch.empty(M, N, dtype=x.dtype, device=x.device)
         # the split GEMV's workspace, grown where M rows of partials need more (first call: before any graph capture)
-        tiles = N // (16 * warps)
-        partial, counter = _workspace.get(x.device, max(SPLIT_WORKSPACE, split * M * N + tiles * split), 1 << 14)
-        _frag_gemv[(tiles, split)](
+        programs = N // (16 * warps * tiles_per_warp)
+        partial, counter = _workspace.get(x.device, max(SPLIT_WORKSPACE, split * M * N + programs * split), 1 << 14)
+        _frag_gemv[(programs, split)](
             fragments, x, scales, zeros, y, partial, counter, x if residual is None else residual.contiguous(),
             norm_weight.contiguous() if norm else x, eps, N, G, split,
-            ASM=frag_gemv_asm(warps, groups_per_warp, group_size, x.dtype, M, norm), NUM_WARPS=warps,
+            ASM=frag_gemv_asm(warps, groups_per_warp, group_size, x.dtype, M, norm, tiles_per_warp), NUM_WARPS=warps,
             SPLIT_P2=triton.next_power_of_2(split), RESIDUAL=residual is not None, ROWS=M, NORM=norm,
-            GROUP_SIZE=group_size, num_warps=warps)
+            GROUP_SIZE=group_size, TILES=tiles_per_warp, num_warps=warps)
         return y
 
-    if config is None and frag_fits(N, G, *DEFAULT_CONFIG, M):
+    if config is None and frag_fits(N, G, *DEFAULT_CONFIG, M=M):
         config = DEFAULT_CONFIG
     if config is not None:
-        assert frag_fits(N, G, *config, M), config
+        assert frag_fits(N, G, *config, M=M), config
         return launch(config)
-    candidates = [c for c in FRAG_CONFIGS if frag_fits(N, G, *c, M)]
+    candidates = [c for c in FRAG_CONFIGS if frag_fits(N, G, *c, M=M)]
     assert candidates, f"no fragment-GEMV tile fits N={N}, G={G}, M={M}"
     return launch(_frag_tuner.pick((x.device, N, G, group_size, x.dtype, M, residual is not None, norm), launch,
                                    candidates))
