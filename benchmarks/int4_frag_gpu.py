@@ -62,7 +62,7 @@ def main() -> int:
         G = K // GROUP
         variants = {f"frag w{w} g{g} t{t}": (lambda x, qw, fr, s, z, c=(w, g, t): frag_gemv(x, *fr, GROUP, c))
                     for w, g, t in FRAG_CONFIGS if frag_fits(N, G, w, g, t)}
-        variants["frag tuned"] = lambda x, qw, fr, s, z: frag_gemv(x, *fr, GROUP)
+        variants["frag default"] = lambda x, qw, fr, s, z: frag_gemv(x, *fr, GROUP)
         variants["split tuned"] = lambda x, qw, fr, s, z: split_gemv_rows(x, qw, s, z, GROUP, reduce="in_kernel")
         arg_sets = [(xs[i], *weights[i][:1], fragments[i], *weights[i][1:]) for i in range(sets)]
         cases = [(label, fn, arg_sets, reference) for label, fn in variants.items()]
@@ -70,7 +70,7 @@ def main() -> int:
             xm = [torch.randn(m, K, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
             sets_m = [(xm[i], *weights[i][:1], fragments[i], *weights[i][1:]) for i in range(sets)]
             ref_m = xm[0].double() @ dense.double()
-            cases += [(f"frag M={m}", variants["frag tuned"], sets_m, ref_m),
+            cases += [(f"frag M={m}", variants["frag default"], sets_m, ref_m),
                       (f"mma M={m}", lambda x, qw, fr, s, z: int4_matmul_rows_triton(x, qw, s, z, GROUP, {"family": "mma"}),
                        sets_m, ref_m)]
         if args.norm:
@@ -97,7 +97,7 @@ def main() -> int:
             print(f"{name:8s} {K:5d} {N:6d} {label:22s} {error:8.1e} {us:8.1f} {fraction:9.1%}", flush=True)
             if label.startswith("frag w"):
                 fastest_tile = min(fastest_tile, us)
-            if label in ("frag tuned", "split tuned"):
+            if label in ("frag default", "split tuned"):
                 best[label.split()[0]] += us * (LAYERS if per_layer else 1)
             elif label in best:
                 best[label] += us * (LAYERS if per_layer else 1)

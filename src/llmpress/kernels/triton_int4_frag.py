@@ -41,12 +41,15 @@ from llmpress.kernels.triton_int4_rows_split import SPLIT_WORKSPACE, finish_outp
 # (num_warps, groups per warp, row tiles per warp). More groups per warp spread a program's fixed instructions
 # over more weights, but each group adds 16 x registers (all loaded first; beyond 4 they would spill); more row
 # tiles share the x registers, so they put more weight bytes in flight per register (sm_90 registers per thread:
-# (4, 2, 1) 80, (4, 1, 2) 72, (4, 1, 4) 120, (4, 2, 2) 113). (4, 2, 1) was the fastest of the one-tile
-# configurations at every 3B shape on the H200 (benchmarks/int4_frag_gpu.py, results/int4_frag_h200.*), where the
-# tile tuner, timing one weight that stays in L2, picked others: so the default is fixed wherever it fits, and the
-# tuner only decides where it does not.
+# (4, 2, 1) 80, (4, 1, 2) 72, (4, 1, 4) 120, (4, 2, 2) 113). On the H200 (benchmarks/int4_frag_gpu.py,
+# results/int4_frag_h200_tiles.*) 4 tiles per warp won where there are many rows: lm_head 65.0 us (75% of the
+# copy bandwidth) against 82.2 for (4, 2, 1), gate|up 12.6 against 13.9, q|k|v 7.3 against 7.6; on o and down
+# (3072 rows) every tile was within 0.3 us of (4, 2, 1). The tile tuner, timing one weight that stays in L2, picked
+# worse tiles, so the defaults are fixed (`default_config`), and the tuner only decides where they do not fit.
 FRAG_CONFIGS = [(4, 1, 1), (4, 2, 1), (4, 4, 1), (8, 4, 1), (4, 1, 2), (8, 1, 2), (4, 2, 2), (4, 1, 4), (2, 1, 4)]
 DEFAULT_CONFIG = (4, 2, 1)
+WIDE_CONFIG = (4, 1, 4)  # for N >= WIDE_ROWS at one row of x (more rows: not timed with several tiles yet)
+WIDE_ROWS = 4096
 
 # per activation dtype: the magic value's bits (both halves), its value, 1.0 in both halves, the mma type
 _TYPES = {torch.bfloat16: (0x43004300, 128.0, 0x3F803F80, "bf16"), torch.float16: (0x64006400, 1024.0, 0x3C003C00, "f16")}
@@ -290,13 +293,21 @@ def frag_fits(N: int, G: int, num_warps: int, groups_per_warp: int, tiles_per_wa
 _frag_tuner = TileTuner()
 
 
+def default_config(N: int, G: int, M: int = 1) -> tuple[int, int, int] | None:
+    """The measured-best tile for a product of M rows with N outputs and G groups, None where neither fits."""
+    for config in ([WIDE_CONFIG] if N >= WIDE_ROWS and M == 1 else []) + [DEFAULT_CONFIG]:
+        if frag_fits(N, G, *config, M=M):
+            return config
+    return None
+
+
 def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
               config: tuple[int, int, int] | None = None, residual: torch.Tensor | None = None,
               norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
     """x [M, K] bf16/fp16 (M <= 8) @ Wᵀ (+ residual [M, N]) -> [M, N] in x.dtype. fragments: int32
     [N/16, G, group_size/64, 32, 4] (`rows_to_fragments`); scales [G, N] (x's dtype) and zeros uint8 [G, N]: the
     row layout's transposed, so that a group's 16 rows are side by side (quant/format.py `fragment_scales_zeros`).
-    `config`: (num_warps, groups per warp, row tiles per warp); default DEFAULT_CONFIG where it fits, else the
+    `config`: (num_warps, groups per warp, row tiles per warp); default `default_config` where it fits, else the
     tuner's pick.
     M = 1 is what was timed; M = 2..8 (a speculative verify step, small batches) costs nearly the same mmas.
     `norm_weight` [K] (M = 1): x is the residual stream h and y = W (w * h) * rsqrt(mean(h^2) + eps), the RMSNorm
@@ -327,8 +338,8 @@ def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, ze
             GROUP_SIZE=group_size, TILES=tiles_per_warp, num_warps=warps)
         return y
 
-    if config is None and frag_fits(N, G, *DEFAULT_CONFIG, M=M):
-        config = DEFAULT_CONFIG
+    if config is None:
+        config = default_config(N, G, M)
     if config is not None:
         assert frag_fits(N, G, *config, M=M), config
         return launch(config)
