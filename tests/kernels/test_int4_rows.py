@@ -396,11 +396,12 @@ def test_triton_fragment_gemv_folds_the_rmsnorm(dtype):
     norm = RMSNorm(K, 1e-5).to("cuda", dtype)
     norm.weight.data = weight
     split = layer.forward_fused(h[None], norm=norm)
+    saved = ops.int4_tensor_core_gemv, ops.int4_tensor_core_norm
     ops.int4_tensor_core_gemv = ops.int4_tensor_core_norm = True
     try:
         tc = layer.forward_fused(h[None], norm=norm)
     finally:
-        ops.int4_tensor_core_gemv = ops.int4_tensor_core_norm = False
+        ops.int4_tensor_core_gemv, ops.int4_tensor_core_norm = saved
     assert tc.shape == split.shape == (1, 1, N) and rel_error(tc, split.double()) < 1e-2
 
 

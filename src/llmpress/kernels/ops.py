@@ -258,10 +258,10 @@ def _(x, qweight, scales, zeros, group_size, norm_weight, eps, silu_mul, residua
 # the row layout's mma path at 6 rows, a verify step at k = 5 (benchmarks/int4_frag_gpu.py, int4_frag_h200_rows.*);
 # 3B int4 decode +6.4% (+8.9% with an int4 head; benchmarks/int4_gpu.py variants int4-tc*).
 int4_tensor_core_gemv = False
-# With it, q|k|v and gate|up at batch 1 too, their RMSNorm folded into the tensor-core GEMV. Correct on the H200
-# (tests/kernels/test_int4_rows.py -k fragment) but off: slower than the split GEMV's fold where it matters,
-# gate|up 18.6 us against 16.8 (q|k|v 9.0 against 9.2; int4_frag_h200_rows.*).
-int4_tensor_core_norm = False
+# With it, q|k|v and gate|up at batch 1 too, their RMSNorm folded into the tensor-core GEMV (correct on the H200:
+# tests/kernels/test_int4_rows.py -k fragment). On by default once 4 row tiles per warp made that GEMV the faster
+# one there: 3B int4 decode 559.7 -> 661.2 tok/s with it, 600.0 -> 714.7 with an int4 head (int4_h200_tiles.*).
+int4_tensor_core_norm = True
 FRAG_MAX_M = 8  # kernels/triton_int4_frag.py: the rows of x are the columns of the mma's B operand
 # The most rows of x that go to it (the 2..8-row path passed its CUDA tests on the H200: pytest_gpu_frag_rows_h200.log).
 int4_tensor_core_max_rows = FRAG_MAX_M
