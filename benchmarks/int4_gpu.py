@@ -58,7 +58,9 @@ def decode_bytes(model, context_len: int) -> int:
     skip = set() if head_is_embedding else {model.model.embed_tokens.weight.untyped_storage().data_ptr()}
     skip |= {b.untyped_storage().data_ptr() for b in model.model.rotary_emb.buffers()}
     storages = {}
-    for t in list(model.parameters()) + list(model.buffers()):
+    held_apart = [t for m in model.modules() if getattr(m, "fragments_only", False)  # quant.linear: not buffers
+                  for t in (m.fragments, m.fragment_scales, m.fragment_zeros)]
+    for t in list(model.parameters()) + list(model.buffers()) + held_apart:
         storage = t.untyped_storage()
         if storage.data_ptr() not in skip:
             storages[storage.data_ptr()] = storage.nbytes()
@@ -96,7 +98,7 @@ def decode_step_rel_error(model, prompt) -> float:
 SETTINGS = {"rope": (ops, "fuse_rope_into_attention"), "steps": (ops, "int4_fused_steps"),
             "spread": (split_module, "spread_prologue"), "pdl": (pdl_module, "mode"),
             "combine": (attention_module, "combine"), "tc": (ops, "int4_tensor_core_gemv"),
-            "tc_norm": (ops, "int4_tensor_core_norm")}
+            "tc_norm": (ops, "int4_tensor_core_norm"), "frag_only": (ops, "int4_fragments_only")}
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr) in SETTINGS.items()}
 NORM_RES = frozenset({"residual", "norm"})
 STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", combine="kernel"),
@@ -111,6 +113,8 @@ STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", 
                  "int4-spread+all+head": dict(steps=ops.INT4_LAYER_STEPS, spread=True),
                  "int4-tc": dict(tc=True), "int4-tc+head": dict(tc=True),
                  "int4-tc-norm": dict(tc=True, tc_norm=True), "int4-tc-norm+head": dict(tc=True, tc_norm=True),
+                 # the fragments as the only copy: they replace the row layout in place, so these come last
+                 "int4-tc-only": dict(tc=True, frag_only=True), "int4-tc-only+head": dict(tc=True, frag_only=True),
                  "bf16-before": dict(pdl="off", combine="kernel")}
 
 
@@ -161,8 +165,10 @@ def main() -> int:
                              "all five without PDL, attention's splits combined by a kernel of their own); "
                              "int4-combine (norm + residual, splits combined in the attention kernel, no PDL; int4 adds "
                              "PDL); bf16-before (bf16 without PDL, the splits combined apart); int4-spread, int4-spread+all (norm + residual, or all three, with the prologue "
-                             "made on a spread tile; int4-spread+all+head with lm_head in int4 too); int4-tc, int4-tc+head (o, down "
-                             "and lm_head on the tensor-core GEMV, kernels/triton_int4_frag.py)")
+                             "made on a spread tile; int4-spread+all+head with lm_head in int4 too); int4-tc, int4-tc+head (every int4 "
+                             "layer on the tensor-core GEMV, kernels/triton_int4_frag.py, RMSNorm folded in; -norm: "
+                             "that fold named explicitly); int4-tc-only, int4-tc-only+head (the same with the fragments "
+                             "as the only copy of the weights; list them last); bf16#2, int4#2, ...: a variant again")
     parser.add_argument("--profile", default="", help="comma-separated variants whose decode step's kernels are printed")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -180,6 +186,9 @@ def main() -> int:
     first_int4 = next((i for i, v in enumerate(variants) if not v.startswith("bf16")), len(variants))
     if any(v.startswith("bf16") for v in variants[first_int4:]):
         parser.error("list the bf16 variants first: the int4 variants quantize the model in place")
+    first_only = next((i for i, v in enumerate(variants) if base_label(v).startswith("int4-tc-only")), len(variants))
+    if any(not base_label(v).startswith("int4-tc-only") for v in variants[first_only:]):
+        parser.error("list the int4-tc-only variants last: they drop the row layout the others run on")
     for arch in [a for a in args.archs.split(",") if a]:
         config = KNOWN_ARCHITECTURES[arch]
         entry = results["architectures"][arch] = {}
@@ -202,7 +211,8 @@ def main() -> int:
                     use_row_layouts(model)
                     fuse_projections(model)  # int4 q|k|v and gate|up as one layer each, as the generator does
                     if ops.int4_tensor_core_gemv:
-                        print(f"{arch} {label}: {use_fragment_layouts(model)} layers hold tensor-core fragments", flush=True)
+                        print(f"{arch} {label}: {use_fragment_layouts(model)} layers hold tensor-core fragments"
+                              f"{' only' if ops.int4_fragments_only else ''}", flush=True)
                     key = f"{label}_prefill_logits_rel_error_triton_vs_reference"
                     entry[key] = prefill_rel_error(model, prompt)
                     print(f"{arch} {label} prefill logits, Triton vs reference: relative error {entry[key]:.2e}", flush=True)
@@ -215,14 +225,19 @@ def main() -> int:
                 ops.int4_matmul = inductor_int4_matmul if base_label(label) == "int4-inductor" else _triton_int4_matmul
                 torch._dynamo.reset()
                 nbytes = decode_bytes(model, mean_context)  # before the generator allocates anything
+                gc.collect()
+                torch.cuda.empty_cache()
+                allocated = torch.cuda.memory_allocated()  # the model's weights, every copy of them
                 start = time.perf_counter()
                 r = benchmark_decode(model, prompt, 1, args.new_tokens, mode="compile", repeats=3)
                 roofline = bandwidth / nbytes
                 entry[label] = dict(r.to_dict(), bytes_per_token=nbytes, roofline_tokens_per_s=roofline,
+                                    memory_allocated_before_decode_gb=allocated / 1e9,
                                     fraction_of_roofline=r.decode_tokens_per_s / roofline,
                                     setup_and_runs_s=time.perf_counter() - start)
                 print(f"{arch} {label}: decode {r.decode_tokens_per_s:7.1f} tok/s, {nbytes / 1e9:.2f} GB/token, roofline "
-                      f"{roofline:.0f} tok/s ({r.decode_tokens_per_s / roofline:.1%}); {time.perf_counter() - start:.0f} s", flush=True)
+                      f"{roofline:.0f} tok/s ({r.decode_tokens_per_s / roofline:.1%}), {allocated / 1e9:.2f} GB allocated; "
+                      f"{time.perf_counter() - start:.0f} s", flush=True)
                 if label in args.profile.split(","):
                     from decode_gpu import profile_decode  # benchmarks/
                     print(f"{arch} {label}: kernels of one decode step", flush=True)

@@ -274,6 +274,57 @@ def test_int4_projections_fuse_in_the_row_layout_without_changing_outputs():
         assert torch.allclose(model(ids), before, atol=1e-5)
 
 
+def test_fragments_only_layer_computes_what_its_row_layout_did():
+    """A layer that keeps only its tensor-core fragments (the row copy dropped) gives the same products at every
+    row count, folded steps included, and the same weights back for saving (on the CPU: the reference path)."""
+    from llmpress.model.llama import RMSNorm
+    torch.manual_seed(4)
+    linear = torch.nn.Linear(256, 128, bias=False)
+    layer = QuantLinear.from_quantized(quantize_rtn(linear.weight.detach(), QuantScheme(bits=4, group_size=64)))
+    assert layer.use_row_layout()
+    xs = [torch.randn(m, 256) for m in (1, 5, 20)]
+    norm, residual = RMSNorm(256, 1e-5), torch.randn(1, 128)
+    norm.weight.data = torch.rand(256) + 0.5
+    before = [layer(x) for x in xs] + [layer.forward_fused(xs[0], norm=norm, residual=residual)]
+    saved = layer.quantized_weight(QuantScheme(bits=4, group_size=64))
+    assert layer.use_fragment_layout(only=True) and layer.fragments_only
+    assert layer.qweight_rows is None and not any(k.endswith("_rows") for k in layer.state_dict())
+    after = [layer(x) for x in xs] + [layer.forward_fused(xs[0], norm=norm, residual=residual)]
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+    again = layer.quantized_weight(QuantScheme(bits=4, group_size=64))
+    assert torch.equal(again.qweight, saved.qweight) and torch.equal(again.zeros, saved.zeros)
+    assert torch.equal(again.scales, saved.scales)
+    assert "layout=fragments" in repr(layer)
+
+
+def test_fragments_only_model_gives_the_same_logits_and_frees_the_row_copy():
+    """use_fragment_layouts(only=True) on a fused int4 model: every layer that can holds only fragments, the q/k/v
+    and gate/up layers as views of their fused layer's, and the model's logits do not change."""
+    from llmpress.model import LlamaForCausalLM
+    from llmpress.model.fusion import fuse_projections
+    from llmpress.quant.calibration import quantize_model
+    from llmpress.quant.linear import replace_linears, use_fragment_layouts
+    from tests.conftest import tiny_config
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(tiny_config(hidden_size=128, intermediate_size=256)).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    with torch.no_grad():
+        replace_linears(model, quantize_model(model, "rtn", QuantScheme(bits=4, group_size=64), progress=False))
+        use_row_layouts(model)
+        assert fuse_projections(model) == 2 * 2
+        ids = torch.randint(0, 256, (1, 7))
+        before = model(ids)
+        assert use_fragment_layouts(model, only=True) == 2 * (2 + 2)  # o and down, fused q|k|v and gate|up
+        layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        assert layers and all(m.fragments_only for m in layers)
+        attn = model.model.layers[0].self_attn
+        fused = attn.qkv_packed[0]
+        assert fused.fragments_only
+        assert attn.v_proj.fragments.untyped_storage().data_ptr() == fused.fragments.untyped_storage().data_ptr()
+        assert torch.equal(model(ids), before)
+
+
 @cuda_only
 @pytest.mark.parametrize("K,N,group_size", [(3072, 1024, 128), (8192, 512, 128), (1024, 256, 64)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -342,6 +393,29 @@ def test_quant_linear_runs_the_tensor_core_gemv_when_switched_on():
 
 
 @cuda_only
+def test_fragments_only_layer_on_the_gpu_matches_its_row_layout():
+    """Without the row copy, every row count runs from the fragments: 1..8 rows on the fragment GEMV (and the
+    RMSNorm and residual folded in at one row), 12 in two chunks of 8, 40 through the fragment dequantizer and
+    cuBLAS; each against what the row layout computed before the copy was dropped."""
+    from llmpress.model.llama import RMSNorm
+    torch.manual_seed(5)
+    linear = torch.nn.Linear(3072, 1024, bias=False).cuda()
+    layer = QuantLinear.from_quantized(quantize_rtn(linear.weight.detach(), QuantScheme(bits=4, group_size=128)),
+                                       dtype=torch.bfloat16)
+    assert layer.use_row_layout()
+    xs = [torch.randn(1, m, 3072, device="cuda", dtype=torch.bfloat16) for m in (1, 6, 12, 40)]
+    norm = RMSNorm(3072, 1e-5).to("cuda", torch.bfloat16)
+    norm.weight.data = (torch.rand(3072, device="cuda") + 0.5).to(torch.bfloat16)
+    residual = torch.randn(1, 1, 1024, device="cuda", dtype=torch.bfloat16)
+    before = [layer(x) for x in xs] + [layer.forward_fused(xs[0], norm=norm, residual=residual)]
+    assert layer.use_fragment_layout(only=True) and layer.fragments_only and layer.qweight_rows is None
+    after = [layer(x) for x in xs] + [layer.forward_fused(xs[0], norm=norm, residual=residual)]
+    for got, want in zip(after, before):
+        error = rel_error(got, want.double())
+        assert got.shape == want.shape and error < 1e-2, (got.shape, error)
+
+
+@cuda_only
 @pytest.mark.parametrize("M", [2, 5, 8])
 def test_triton_fragment_gemv_takes_up_to_eight_rows(M):
     """Rows of x as the columns of the mma's B operand (a speculative verify step): each row of y against float64,
@@ -359,7 +433,8 @@ def test_triton_fragment_gemv_takes_up_to_eight_rows(M):
     for config in (DEFAULT_CONFIG, (4, 1, 2), (4, 1, 4)):  # one and several row tiles per warp
         y = frag_gemv(x, fragments, fscales, fzeros, 128, config, residual=residual)
         assert y.shape == (M, 1024)
-        assert all(rel_error(y[m], ref[m]) < 1e-2 for m in range(M)), (config, [rel_error(y[m], ref[m]) for m in range(M)])
+        errors = [rel_error(y[m], ref[m]) for m in range(M)]
+        assert all(error < 1e-2 for error in errors), (config, errors)
         alone = torch.cat([frag_gemv(x[m:m + 1], fragments, fscales, fzeros, 128, config, residual=residual[m:m + 1])
                            for m in range(M)])
         assert rel_error(y, alone.double()) < 1e-2, config

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from llmpress.kernels.reference import (attention_reference, cache_attention_mask, int4_matmul_reference,
-                                       int4_matmul_rows_reference,
-                                        paged_attention_reference, store_kv_paged_reference)
+                                       int4_matmul_fragments_reference, int4_matmul_rows_reference,
+                                       paged_attention_reference, store_kv_paged_reference)
 
 BACKENDS = ("auto", "torch", "sdpa", "triton")
 _backend = "auto"
@@ -252,11 +252,12 @@ def _(x, qweight, scales, zeros, group_size, norm_weight, eps, silu_mul, residua
 
 
 # int4 layers that hold tensor-core fragments (quant.linear.use_fragment_layouts) run their products for 1..8 rows
-# of x on kernels/triton_int4_frag.py, except where a batch-1 GEMV folds the RMSNorm in (q|k|v, gate|up: the
-# split GEMV keeps those). Off by default: the fragments are a second copy of the weights. Measured (H200): the
-# kernel alone 1.11 ms over a 3B token's linears against the split GEMV's 1.23-1.34, and 1.57 ms against 2.16 for
-# the row layout's mma path at 6 rows, a verify step at k = 5 (benchmarks/int4_frag_gpu.py, int4_frag_h200_rows.*);
-# 3B int4 decode +6.4% (+8.9% with an int4 head; benchmarks/int4_gpu.py variants int4-tc*).
+# of x on kernels/triton_int4_frag.py, at batch 1 with the RMSNorm before q|k|v and gate|up and the residual add
+# after o and down folded in. Off by default: the fragments are a second copy of the weights (unless
+# `int4_fragments_only`). Measured (H200): the kernel alone 1.05-1.12 ms over a 3B token's linears against the split
+# GEMV's 1.40, and 1.57 ms against 2.16 for the row layout's mma path at 6 rows, a verify step at k = 5
+# (benchmarks/int4_frag_gpu.py, int4_frag_h200_{rows,tiles}.*); 3B int4 decode 576.1 -> 668.8 tok/s, 604.7 -> 724.6
+# with an int4 head (benchmarks/int4_gpu.py variants int4-tc*, int4_h200_tc_default.*).
 int4_tensor_core_gemv = False
 # With it, q|k|v and gate|up at batch 1 too, their RMSNorm folded into the tensor-core GEMV (correct on the H200:
 # tests/kernels/test_int4_rows.py -k fragment). On by default once 4 row tiles per warp made that GEMV the faster
@@ -267,11 +268,50 @@ FRAG_MAX_M = 8  # kernels/triton_int4_frag.py: the rows of x are the columns of 
 int4_tensor_core_max_rows = FRAG_MAX_M
 
 
-def int4_fragment_gemv_applies(x: torch.Tensor) -> bool:
-    """Whether `int4_gemv_fragments` runs for x [M, K]: switched on, 1..int4_tensor_core_max_rows rows of fp16/bf16
-    x on CUDA."""
-    return (int4_tensor_core_gemv and _backend in ("auto", "triton") and x.is_cuda and HAS_TRITON
-            and 1 <= x.shape[0] <= min(int4_tensor_core_max_rows, FRAG_MAX_M) and x.dtype in (torch.float16, torch.bfloat16))
+# With it, `use_fragment_layouts` drops the row layout's copy, so the fragments are the layers' only weights: more
+# than 8 rows then go 8 at a time through the same GEMV (9..16, small engine batches) or through one dequantizing
+# pass to bf16 and cuBLAS (prefill), `int4_matmul_fragments`. Prepared, correct on the CPU reference; not yet run
+# on a GPU, so off.
+int4_fragments_only = False
+
+
+def int4_fragment_gemv_applies(x: torch.Tensor, fragments_only: bool = False) -> bool:
+    """Whether `int4_gemv_fragments` runs for x [M, K]: 1..int4_tensor_core_max_rows rows of fp16/bf16 x on CUDA,
+    switched on (`int4_tensor_core_gemv`) or on a layer that holds nothing else (`fragments_only`)."""
+    return ((int4_tensor_core_gemv or fragments_only) and _backend in ("auto", "triton") and x.is_cuda and HAS_TRITON
+            and 1 <= x.shape[0] <= min(int4_tensor_core_max_rows, FRAG_MAX_M)
+            and x.dtype in (torch.float16, torch.bfloat16))
+
+
+def int4_matmul_fragments(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                          group_size: int) -> torch.Tensor:
+    """x [M, K] @ Wᵀ -> [M, N] in x.dtype, any M, for a weight held only as tensor-core fragments (scales, zeros
+    [G, N]): on CUDA the fragment GEMV 8 rows at a time up to 16 rows, above that the dense weight from
+    `dequantize_fragments_triton` and cuBLAS; elsewhere the reference (fragments back to rows, then dequantize)."""
+    use_triton = _backend == "triton" or (_backend == "auto" and x.is_cuda and HAS_TRITON)
+    if use_triton and x.dtype in (torch.float16, torch.bfloat16):
+        return torch.ops.llmpress.int4_matmul_fragments(x.contiguous(), fragments, scales, zeros, group_size)
+    if _backend == "triton":
+        raise ValueError("the triton backend covers fp16/bf16 activations on CUDA only")
+    return int4_matmul_fragments_reference(x, fragments, scales, zeros, group_size)
+
+
+FRAG_CHUNKED_MAX_M = 2 * FRAG_MAX_M  # up to here, chunks of 8 rows on the GEMV beat dequantizing the whole weight
+
+
+@torch.library.custom_op("llmpress::int4_matmul_fragments", mutates_args=())
+def _int4_matmul_fragments(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                           group_size: int) -> torch.Tensor:
+    from llmpress.kernels.triton_int4_frag import dequantize_fragments_triton, frag_gemv
+    if x.shape[0] <= FRAG_CHUNKED_MAX_M:
+        return torch.cat([frag_gemv(x[i:i + FRAG_MAX_M], fragments, scales, zeros, group_size)
+                          for i in range(0, x.shape[0], FRAG_MAX_M)])
+    return x @ dequantize_fragments_triton(fragments, scales, zeros, group_size, x.dtype).T
+
+
+@_int4_matmul_fragments.register_fake
+def _(x, fragments, scales, zeros, group_size):
+    return x.new_empty(x.shape[0], scales.shape[1])
 
 
 def int4_gemv_fragments(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from llmpress.quant.format import dequantize_runtime, unpack_columns, unpack_rows  # the bit layout lives in one file
+from llmpress.quant.format import (dequantize_runtime, fragments_to_rows, unpack_columns,  # the bit layout lives in one file
+                                   unpack_rows)
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -75,6 +76,13 @@ def int4_matmul_rows_reference(x: torch.Tensor, qweight: torch.Tensor, scales: t
     levels = unpack_rows(qweight.T, 4).T  # [N, K]: a row-layout word is the GPTQ word, transposed
     weight = (levels.reshape(N, G, group_size) - zeros.to(torch.int32)[:, :, None]).float() * scales.float()[:, :, None]
     return x @ weight.to(x.dtype).view(N, G * group_size).T
+
+
+def int4_matmul_fragments_reference(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor,
+                                    zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x @ Wᵀ for a 4-bit weight held as tensor-core fragments (quant/format.py `rows_to_fragments`) with scales
+    and zeros [G, N]: back to the row layout, then `int4_matmul_rows_reference`."""
+    return int4_matmul_rows_reference(x, fragments_to_rows(fragments), scales.T, zeros.T, group_size)
 
 
 # ---- Paged KV cache (vLLM's PagedAttention layout) ----------------------------------------------------

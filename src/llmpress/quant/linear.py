@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from llmpress.kernels import ops
-from llmpress.model.fusion import unfuse_projections
+from llmpress.model.fusion import FUSED_PROJECTIONS, unfuse_projections
 from llmpress.model.llama import swiglu
-from llmpress.quant.format import (RuntimeQuantWeight, dequantize_runtime, fragment_scales_zeros, from_runtime,
-                                   rows_to_fragments, rows_to_runtime, runtime_to_rows, to_runtime)
+from llmpress.quant.format import (RuntimeQuantWeight, dequantize_runtime, fragment_scales_zeros, fragments_to_rows,
+                                   from_runtime, rows_to_fragments, rows_to_runtime, runtime_to_rows, to_runtime)
 from llmpress.quant.scheme import QuantizedWeight, QuantScheme
 
 
@@ -62,9 +62,19 @@ class QuantLinear(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        if self.fragments_only:
+            return self.fragments.device
         return (self.qweight_rows if self.row_layout else self.qweight).device
 
+    @property
+    def fragments_only(self) -> bool:
+        """Whether the tensor-core fragments are the layer's only weight (`use_fragment_layout(only=True)`)."""
+        return self.fragments is not None and self.row_layout and self.qweight_rows is None
+
     def runtime_weight(self) -> RuntimeQuantWeight:
+        if self.fragments_only:
+            return rows_to_runtime(fragments_to_rows(self.fragments), self.fragment_scales.T.contiguous(),
+                                   self.fragment_zeros.T.contiguous(), self.group_size)
         if self.row_layout:
             return rows_to_runtime(self.qweight_rows, self.scales_rows, self.zeros_rows, self.group_size)
         return RuntimeQuantWeight(self.qweight, self.scales, self.qzeros, self.g_idx, self.group_size, self.bits)
@@ -85,15 +95,29 @@ class QuantLinear(nn.Module):
         self.register_buffer("zeros_rows", zeros)
         self.row_layout = True
 
-    def use_fragment_layout(self) -> bool:
+    def use_fragment_layout(self, only: bool = False) -> bool:
         """Also hold the row-layout weight as tensor-core fragments (quant/format.py `rows_to_fragments`, a
-        second copy) for the batch-1 GEMV of kernels/triton_int4_frag.py, used while
-        `ops.int4_tensor_core_gemv` is on. Needs out_features % 64 == 0 and groups of a multiple of 64."""
+        second copy) for the 1..8-row GEMV of kernels/triton_int4_frag.py, used while `ops.int4_tensor_core_gemv`
+        is on; with `only`, in place of the row layout (every product then runs from the fragments,
+        `ops.int4_matmul_fragments`). Needs out_features % 64 == 0 and groups of a multiple of 64."""
         if self.fragments is None and self.row_layout and self.bias is None and self.out_features % 64 == 0 \
                 and self.group_size % 64 == 0:
             self.fragments = rows_to_fragments(self.qweight_rows, self.group_size)
             self.fragment_scales, self.fragment_zeros = fragment_scales_zeros(self.scales_rows, self.zeros_rows)
+        if only and self.fragments is not None:
+            self.qweight_rows = self.scales_rows = self.zeros_rows = None  # None buffers leave the state dict
         return self.fragments is not None
+
+    def share_fragments(self, fused: "QuantLinear", first_row: int) -> None:
+        """Make this layer's weight rows first_row.. of `fused`'s fragments (a view: fragments are stored by
+        tiles of 16 rows) and drop its row layout, which `fuse_rows` made a view of the fused layer's: so that
+        once the fused layer holds only fragments, the row copy's memory is freed."""
+        assert fused.fragments is not None and first_row % 16 == 0 and self.out_features % 16 == 0, first_row
+        rows = slice(first_row, first_row + self.out_features)
+        self.fragments = fused.fragments[first_row // 16:(first_row + self.out_features) // 16]
+        self.fragment_scales = fused.fragment_scales[:, rows].contiguous()  # [G, N]: small, copied to be contiguous
+        self.fragment_zeros = fused.fragment_zeros[:, rows].contiguous()
+        self.qweight_rows = self.scales_rows = self.zeros_rows = None
 
     def quantized_weight(self, scheme: QuantScheme) -> QuantizedWeight:
         """The unpacked levels, scales and zeros (for saving a model that already holds QuantLinear layers)."""
@@ -128,11 +152,15 @@ class QuantLinear(nn.Module):
                                   rt.scales.dtype).T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fragments is not None and ops.int4_fragment_gemv_applies(x.reshape(-1, self.in_features)):
+        if self.fragments is not None and ops.int4_fragment_gemv_applies(x.reshape(-1, self.in_features),
+                                                                         self.fragments_only):
             y = ops.int4_gemv_fragments(x.reshape(-1, self.in_features), self.fragments, self.fragment_scales,
                                         self.fragment_zeros, self.group_size)
             return y.reshape(*x.shape[:-1], self.out_features)
-        if self.row_layout:
+        if self.fragments_only:
+            y = ops.int4_matmul_fragments(x.reshape(-1, self.in_features), self.fragments, self.fragment_scales,
+                                          self.fragment_zeros, self.group_size)
+        elif self.row_layout:
             y = ops.int4_matmul_rows(x.reshape(-1, self.in_features), self.qweight_rows, self.scales_rows,
                                      self.zeros_rows, self.group_size)
         else:
@@ -151,13 +179,17 @@ class QuantLinear(nn.Module):
         x2d = x.reshape(-1, x.shape[-1])
         fusable = self.row_layout and self.bias is None and ops.int4_fused_gemv_applies(x2d)
         steps = ops.int4_fused_steps if fusable else frozenset()
+        if self.fragments_only:  # only what the fragment GEMV folds in: the residual add, the RMSNorm if switched on
+            foldable = {"residual"} | ({"norm"} if ops.int4_tensor_core_norm else set())
+            steps = steps & foldable if ops.int4_fragment_gemv_applies(x2d, True) else frozenset()
         if norm is not None and ("norm" not in steps or not hasattr(norm, "eps")):
             x, norm = norm(x), None
         if silu_mul and "silu" not in steps:
             x, silu_mul = swiglu(x), False
         add_after = residual if "residual" not in steps else None
         residual = None if add_after is not None else residual
-        on_fragments = (self.fragments is not None and not silu_mul and ops.int4_fragment_gemv_applies(x2d)
+        on_fragments = (self.fragments is not None and not silu_mul
+                        and ops.int4_fragment_gemv_applies(x2d, self.fragments_only)
                         and (norm is None or ops.int4_tensor_core_norm))
         if on_fragments and (norm is not None or residual is not None):
             y = ops.int4_gemv_fragments(x.reshape(1, -1), self.fragments, self.fragment_scales, self.fragment_zeros,
@@ -177,7 +209,7 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, act_order={self.g_idx is not None}, bias={self.bias is not None}, "
-                f"layout={'rows' if self.row_layout else 'gptq'}")
+                f"layout={'fragments' if self.fragments_only else 'rows' if self.row_layout else 'gptq'}")
 
 
 def replace_linears(model: nn.Module, quantized: dict[str, QuantizedWeight], dtype: torch.dtype | None = None) -> None:
@@ -209,15 +241,28 @@ def use_row_layouts(model: nn.Module) -> int:
 
 
 def use_fragment_layouts(model: nn.Module, names: tuple[str, ...] = ("o_proj", "down_proj", "lm_head"),
-                         packed: bool | None = None) -> int:
-    """`QuantLinear.use_fragment_layout` for the quantized layers of `model` whose name ends in one of `names`
-    (the ones whose batch-1 GEMV folds no RMSNorm in), and with `packed` the fused q|k|v and gate|up layers of
-    model.fusion too; by default only where they would run on it (`ops.int4_tensor_core_norm` at batch 1, or
-    more than one row allowed: a speculative verify step). Returns how many layers hold fragments."""
+                         packed: bool | None = None, only: bool | None = None) -> int:
+    """`QuantLinear.use_fragment_layout` for the quantized layers of `model` whose name ends in one of `names`,
+    and with `packed` the fused q|k|v and gate|up layers of model.fusion too; by default only where they would run
+    on it (`ops.int4_tensor_core_norm` at batch 1, or more than one row allowed: a speculative verify step).
+    With `only` (default `ops.int4_fragments_only`) the fragments replace the row layout in every quantized layer
+    that can hold them (the members of a fused group become views of its fragments), so they cost no memory.
+    Returns how many layers hold fragments."""
+    only = ops.int4_fragments_only if only is None else only
     if packed is None:
-        packed = ops.int4_tensor_core_norm or ops.int4_tensor_core_max_rows > 1
-    layers = [m for name, m in model.named_modules() if isinstance(m, QuantLinear) and name.rsplit(".", 1)[-1] in names]
-    if packed:
-        layers += [getattr(m, attr)[0] for m in model.modules() for attr in ("qkv_packed", "gate_up_packed")
-                   if getattr(m, attr, ()) and isinstance(getattr(m, attr)[0], QuantLinear)]
-    return sum(m.use_fragment_layout() for m in layers)
+        packed = only or ops.int4_tensor_core_norm or ops.int4_tensor_core_max_rows > 1
+    groups = [(getattr(m, f"{prefix}_packed")[0], [getattr(m, name) for name in members])
+              for m in model.modules() for _, prefix, members in FUSED_PROJECTIONS
+              if getattr(m, f"{prefix}_packed", ()) and isinstance(getattr(m, f"{prefix}_packed")[0], QuantLinear)]
+    in_groups = {id(member) for _, members in groups for member in members}
+    layers = [m for name, m in model.named_modules() if isinstance(m, QuantLinear) and id(m) not in in_groups
+              and (only or name.rsplit(".", 1)[-1] in names)]
+    count = sum(m.use_fragment_layout(only) for m in layers)
+    for fused, members in groups if packed else []:
+        count += fused.use_fragment_layout(only)
+        if fused.fragments_only:
+            first_row = 0
+            for member in members:
+                member.share_fragments(fused, first_row)
+                first_row += member.out_features
+    return count
