@@ -4,8 +4,10 @@ For each linear shape of a Llama-3.2-3B decode step (q|k|v, o, gate|up, down, lm
 weights: first each kernel's result against exact float64 dequantization, then the time per call as
 CUDA-graph replays over rotating weight sets (so L2 cannot hold them; benchmarks/kernels_gpu.py), every tile
 of the new kernel and the tuned split GEMV, then the linears of one token (28 layers + lm_head). With
---rows 1,6: also M = 6 rows of x (a speculative verify step at k = 5), the new kernel against the row layout's
-tensor-core path that such steps run now (kernels/triton_int4_rows_mma.py). Prints a table and writes JSON.
+--rows 1,6,16,512: also M rows of x (6: a speculative verify step at k = 5; 9..16: an engine batch; more: a
+prefill), a fragments-only layer's product (ops.int4_matmul_fragments: one call up to 8 rows, two up to 16,
+the fragment dequantizer + cuBLAS above) against what the row layout runs ("rows M=": its default dispatch,
+the tensor-core path up to 16 rows, dequantize + cuBLAS above). Prints a table and writes JSON.
 
     PYTHONPATH=src python benchmarks/int4_frag_gpu.py --out benchmarks/results/int4_frag_h200.json
 """
@@ -23,6 +25,7 @@ import torch
 from int4_rows_gpu import GROUP, LAYERS, SHAPES, random_int4, rel_error  # benchmarks/
 from kernels_gpu import time_per_call_us  # benchmarks/
 from llmpress.atomic_write import write_json_atomic
+from llmpress.kernels import ops  # noqa: F401 - registers torch.ops.llmpress.int4_matmul_fragments
 from llmpress.bench.roofline import device_name, measure_copy_bandwidth
 from llmpress.kernels.triton_int4_frag import FRAG_CONFIGS, frag_fits, frag_gemv
 from llmpress.kernels.triton_int4_rows import int4_matmul_rows_triton
@@ -34,7 +37,7 @@ SETS = 16
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="1", help="comma-separated rows of x (M <= 8)")
+    parser.add_argument("--rows", default="1", help="comma-separated rows of x, e.g. 1,6,16,512")
     parser.add_argument("--norm", action="store_true", help="also both kernels with the RMSNorm folded in (M = 1)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -49,7 +52,7 @@ def main() -> int:
     print(f"{report['gpu']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     print(f"\n{'shape':8s} {'K':>5s} {'N':>6s} {'kernel':22s} {'rel err':>8s} {'us':>8s} {'% copy bw':>9s}", flush=True)
     best = {"frag": 0.0, "split": 0.0, "frag best tile": 0.0,
-            **{f"{kind} M={m}": 0.0 for m in row_counts if m > 1 for kind in ("frag", "mma")}}
+            **{f"{kind} M={m}": 0.0 for m in row_counts if m > 1 for kind in ("frag", "rows")}}
     for name, K, N, per_layer in SHAPES:
         sets = SETS if N < 100000 else 4
         torch.manual_seed(K + N)
@@ -70,9 +73,10 @@ def main() -> int:
             xm = [torch.randn(m, K, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
             sets_m = [(xm[i], *weights[i][:1], fragments[i], *weights[i][1:]) for i in range(sets)]
             ref_m = xm[0].double() @ dense.double()
-            cases += [(f"frag M={m}", variants["frag default"], sets_m, ref_m),
-                      (f"mma M={m}", lambda x, qw, fr, s, z: int4_matmul_rows_triton(x, qw, s, z, GROUP, {"family": "mma"}),
-                       sets_m, ref_m)]
+            # up to 8 rows one call; 9..16 two 8-row calls; more the fragment dequantizer + cuBLAS (ops.py)
+            cases += [(f"frag M={m}", lambda x, qw, fr, s, z: torch.ops.llmpress.int4_matmul_fragments(x, *fr, GROUP),
+                       sets_m, ref_m),
+                      (f"rows M={m}", lambda x, qw, fr, s, z: int4_matmul_rows_triton(x, qw, s, z, GROUP), sets_m, ref_m)]
         if args.norm:
             weight = (torch.rand(K, device="cuda") + 0.5).to(torch.bfloat16)
             h64 = xs[0].double()
@@ -108,8 +112,8 @@ def main() -> int:
           f"split GEMV {best['split'] / 1e3:.3f} ms; tensor-core GEMV on each shape's fastest tile "
           f"{best['frag best tile'] / 1e3:.3f} ms", flush=True)
     for m in [m for m in row_counts if m > 1]:
-        print(f"same at M = {m}: tensor-core GEMV {best[f'frag M={m}'] / 1e3:.3f} ms, row-layout mma "
-              f"{best[f'mma M={m}'] / 1e3:.3f} ms", flush=True)
+        print(f"same at M = {m}: fragments {best[f'frag M={m}'] / 1e3:.3f} ms, row layout "
+              f"{best[f'rows M={m}'] / 1e3:.3f} ms", flush=True)
     _flush(report, args.out)
     return 0
 

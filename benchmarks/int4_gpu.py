@@ -111,8 +111,10 @@ STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", 
                  "int4-spread": dict(steps=NORM_RES, spread=True),
                  "int4-spread+all": dict(steps=ops.INT4_LAYER_STEPS, spread=True),
                  "int4-spread+all+head": dict(steps=ops.INT4_LAYER_STEPS, spread=True),
-                 "int4-tc": dict(tc=True), "int4-tc+head": dict(tc=True),
-                 "int4-tc-norm": dict(tc=True, tc_norm=True), "int4-tc-norm+head": dict(tc=True, tc_norm=True),
+                 # the tensor-core GEMV with the row layout kept beside its fragments, so that later variants run
+                 "int4-tc": dict(tc=True, frag_only=False), "int4-tc+head": dict(tc=True, frag_only=False),
+                 "int4-tc-norm": dict(tc=True, tc_norm=True, frag_only=False),
+                 "int4-tc-norm+head": dict(tc=True, tc_norm=True, frag_only=False),
                  # the fragments as the only copy: they replace the row layout in place, so these come last
                  "int4-tc-only": dict(tc=True, frag_only=True), "int4-tc-only+head": dict(tc=True, frag_only=True),
                  "bf16-before": dict(pdl="off", combine="kernel")}

@@ -36,6 +36,7 @@ import torch
 from llmpress.atomic_write import write_atomic, write_json_atomic
 from llmpress.config import KNOWN_ARCHITECTURES, LlamaConfig
 from llmpress.generation import Generator, SamplingParams
+from llmpress.kernels import ops
 from llmpress.loading.loader import LoadedModel, random_model
 from llmpress.loading.resolve import ModelSource
 from llmpress.speculative import ModelDrafter, OracleDrafter, SpeculativeConfig, SpeculativeGenerator, SpeculativeStats
@@ -125,8 +126,6 @@ def main() -> int:
     parser.add_argument("--int4-tensor-cores", action="store_true",
                         help="int4 rows: run the products of 1..8 rows on the tensor-core GEMV (kernels/triton_int4_frag.py, "
                              "ops.int4_tensor_core_gemv), the verify step's included")
-    parser.add_argument("--int4-fragments-only", action="store_true",
-                        help="with --int4-tensor-cores: the fragments as the int4 models' only copy of their weights")
     parser.add_argument("--out", default="benchmarks/results/speculative_h100.json")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -170,9 +169,7 @@ def main() -> int:
         target4 = int4_copy(target, "target", head=args.int4_head == "both")
         draft4 = int4_copy(draft, "draft", head=args.int4_head != "none")
         del target, draft
-        from llmpress.kernels import ops
         ops.int4_tensor_core_gemv = args.int4_tensor_cores  # the int4 models' steps build their fragments
-        ops.int4_fragments_only = args.int4_tensor_cores and args.int4_fragments_only
         ops.int4_tensor_core_max_rows = ops.FRAG_MAX_M if args.int4_tensor_cores else 1  # the verify step's k + 1 rows too
         reference4, plain4 = time_plain(target4, prompt, args.new_tokens + spare, args.mode, args.repeats)
         rows.append({"config": "plain int4 target", "tokens_per_s": plain4, "speedup": plain4 / plain_rate})
@@ -185,7 +182,7 @@ def main() -> int:
     result = {"target": args.arch.split(",")[0], "draft": args.arch.split(",")[-1], "device": device_name(device),
               "dtype": str(dtype).removeprefix("torch."), "mode": args.mode, "batch_size": 1,
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "k": args.k, "int4_head": args.int4_head,
-              "int4_tensor_cores": args.int4_tensor_cores, "int4_fragments_only": args.int4_fragments_only,
+              "int4_tensor_cores": args.int4_tensor_cores, "int4_fragments_only": ops.int4_fragments_only,
               "checks": checks,
               "rows": rows, "seconds": round(time.perf_counter() - started, 1), "date": date.today().isoformat(),
               "torch": torch.__version__, "python": platform.python_version(), "command": " ".join(sys.argv)}

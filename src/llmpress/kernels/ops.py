@@ -253,8 +253,9 @@ def _(x, qweight, scales, zeros, group_size, norm_weight, eps, silu_mul, residua
 
 # int4 layers that hold tensor-core fragments (quant.linear.use_fragment_layouts) run their products for 1..8 rows
 # of x on kernels/triton_int4_frag.py, at batch 1 with the RMSNorm before q|k|v and gate|up and the residual add
-# after o and down folded in. Off by default: the fragments are a second copy of the weights (unless
-# `int4_fragments_only`). Measured (H200): the kernel alone 1.05-1.12 ms over a 3B token's linears against the split
+# after o and down folded in. Off by default (`--int4-tensor-cores` turns it on): 9..16 rows (engine batches) run
+# as two 8-row calls, expected slower than the row layout's tensor-core path there (~1.6 ms a call over a 3B
+# token's linears at 6 rows, int4_frag_h200_rows.*, against 2.18 ms at 16 rows, int4_rows_h200_run5.*; not timed). Measured (H200): the kernel alone 1.05-1.12 ms over a 3B token's linears against the split
 # GEMV's 1.40, and 1.57 ms against 2.16 for the row layout's mma path at 6 rows, a verify step at k = 5
 # (benchmarks/int4_frag_gpu.py, int4_frag_h200_{rows,tiles}.*); 3B int4 decode 576.1 -> 668.8 tok/s, 604.7 -> 724.6
 # with an int4 head (benchmarks/int4_gpu.py variants int4-tc*, int4_h200_tc_default.*).
@@ -268,11 +269,12 @@ FRAG_MAX_M = 8  # kernels/triton_int4_frag.py: the rows of x are the columns of 
 int4_tensor_core_max_rows = FRAG_MAX_M
 
 
-# With it, `use_fragment_layouts` drops the row layout's copy, so the fragments are the layers' only weights: more
-# than 8 rows then go 8 at a time through the same GEMV (9..16, small engine batches) or through one dequantizing
-# pass to bf16 and cuBLAS (prefill), `int4_matmul_fragments`. Prepared, correct on the CPU reference; not yet run
-# on a GPU, so off.
-int4_fragments_only = False
+# With it (the default), `use_fragment_layouts` drops the row layout's copy, so the fragments are the layers' only
+# weights: more than 8 rows then go 8 at a time through the same GEMV (9..16, small engine batches) or through one
+# dequantizing pass to bf16 and cuBLAS (prefill), `int4_matmul_fragments`. Measured (H200, benchmarks/int4_gpu.py
+# variants int4-tc, int4-tc-only, int4_h200_frag_only.*): 3B decode 669.0 tok/s with 2.36 GB allocated, against
+# 669.5 with the second copy (3.79 GB) and 610.0 on the row layout alone (2.32 GB).
+int4_fragments_only = True
 
 
 def int4_fragment_gemv_applies(x: torch.Tensor, fragments_only: bool = False) -> bool:
