@@ -255,10 +255,11 @@ def _(x, qweight, scales, zeros, group_size, norm_weight, eps, silu_mul, residua
 # of x on kernels/triton_int4_frag.py, at batch 1 with the RMSNorm before q|k|v and gate|up and the residual add
 # after o and down folded in. Off by default (`--int4-tensor-cores` turns it on): 9..16 rows (engine batches) run
 # as two 8-row calls, expected slower than the row layout's tensor-core path there (~1.6 ms a call over a 3B
-# token's linears at 6 rows, int4_frag_h200_rows.*, against 2.18 ms at 16 rows, int4_rows_h200_run5.*; not timed). Measured (H200): the kernel alone 1.05-1.12 ms over a 3B token's linears against the split
-# GEMV's 1.40, and 1.57 ms against 2.16 for the row layout's mma path at 6 rows, a verify step at k = 5
-# (benchmarks/int4_frag_gpu.py, int4_frag_h200_{rows,tiles}.*); 3B int4 decode 576.1 -> 668.8 tok/s, 604.7 -> 724.6
-# with an int4 head (benchmarks/int4_gpu.py variants int4-tc*, int4_h200_tc_default.*).
+# token's linears at 6 rows, int4_frag_h200_rows.*, against 2.18 ms at 16 rows, int4_rows_h200_run5.*; not timed).
+# Measured (H200): the kernel alone 1.05-1.12 ms over a 3B token's linears against the split GEMV's 1.40, and
+# 1.57 ms against 2.16 for the row layout's mma path at 6 rows, a verify step at k = 5 (benchmarks/int4_frag_gpu.py,
+# int4_frag_h200_{rows,tiles}.*); 3B int4 decode 576.1 -> 668.8 tok/s, 604.7 -> 724.6 with an int4 head
+# (benchmarks/int4_gpu.py variants int4-tc*, int4_h200_tc_default.*).
 int4_tensor_core_gemv = False
 # With it, q|k|v and gate|up at batch 1 too, their RMSNorm folded into the tensor-core GEMV (correct on the H200:
 # tests/kernels/test_int4_rows.py -k fragment). On by default once 4 row tiles per warp made that GEMV the faster
@@ -298,7 +299,9 @@ def int4_matmul_fragments(x: torch.Tensor, fragments: torch.Tensor, scales: torc
     return int4_matmul_fragments_reference(x, fragments, scales, zeros, group_size)
 
 
-FRAG_CHUNKED_MAX_M = 2 * FRAG_MAX_M  # up to here, chunks of 8 rows on the GEMV beat dequantizing the whole weight
+# Up to here chunks of 8 rows on the GEMV are expected to beat dequantizing the whole weight: two calls ~3.2 ms over
+# a 3B token's linears against 4.43 ms for dequantize + cuBLAS at 16 rows (int4_rows_h200_run5.*; not timed yet).
+FRAG_CHUNKED_MAX_M = 2 * FRAG_MAX_M
 
 
 @torch.library.custom_op("llmpress::int4_matmul_fragments", mutates_args=())

@@ -17,7 +17,8 @@ one LOP3 per two weights and a shift per two registers:
     group in fp32: y_r += s_rg (sum_k (magic + q_rk) x_k - (magic + z_rg) sum_k x_k).
 Per lane and 8 weights: 3 SHF + 4 LOP3 + 2 HMMA; with loads, addresses and the reduction's tail, 2.5 SASS
 instructions per weight at 4 groups per warp (sm_90, compiled on the CPU machine), against ~4.5 for the split GEMV.
-Measured on the H200 (benchmarks/int4_frag_gpu.py): 1.11 ms over a 3B token's linears against 1.34 ms.
+Measured on the H200 (benchmarks/int4_frag_gpu.py, results/int4_frag_h200_tiles.*): 1.05 ms over a 3B token's
+linears on each shape's fastest tile against 1.40 ms for the split GEMV; 1.57 ms at 6 rows.
 
 The whole per-warp body is one inline-PTX block that finds its data from %laneid, %tid and %ctaid itself, so
 it does not depend on how Triton lays out a tensor over threads; Triton only launches it once per thread
@@ -309,7 +310,7 @@ def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, ze
     row layout's transposed, so that a group's 16 rows are side by side (quant/format.py `fragment_scales_zeros`).
     `config`: (num_warps, groups per warp, row tiles per warp); default `default_config` where it fits, else the
     tuner's pick.
-    M = 1 is what was timed; M = 2..8 (a speculative verify step, small batches) costs nearly the same mmas.
+    M = 2..8 (a speculative verify step, small batches): the same mmas, ~1.4x the time of M = 1 at M = 6.
     `norm_weight` [K] (M = 1): x is the residual stream h and y = W (w * h) * rsqrt(mean(h^2) + eps), the RMSNorm
     before q|k|v and gate|up folded in."""
     M = x.shape[0]
