@@ -27,7 +27,7 @@ from kernels_gpu import time_per_call_us  # benchmarks/
 from llmpress.atomic_write import write_json_atomic
 from llmpress.kernels import ops  # noqa: F401 - registers torch.ops.llmpress.int4_matmul_fragments
 from llmpress.bench.roofline import device_name, measure_copy_bandwidth
-from llmpress.kernels.triton_int4_frag import FRAG_CONFIGS, frag_fits, frag_gemv
+from llmpress.kernels.triton_int4_frag import FRAG_CONFIGS, FRAG_KERNEL_MAX_M, FRAG_MAX_M, frag_fits, frag_gemv
 from llmpress.kernels.triton_int4_rows import int4_matmul_rows_triton
 from llmpress.kernels.triton_int4_rows_split import split_gemv_rows
 from llmpress.quant.format import fragment_scales_zeros, rows_to_fragments
@@ -38,6 +38,8 @@ SETS = 16
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1", help="comma-separated rows of x, e.g. 1,6,16,512")
+    parser.add_argument("--tiles-at-rows", action="store_true",
+                        help="also every tile configuration at each M <= 16 of --rows (default: only M = 1)")
     parser.add_argument("--norm", action="store_true", help="also both kernels with the RMSNorm folded in (M = 1)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -77,6 +79,11 @@ def main() -> int:
             cases += [(f"frag M={m}", lambda x, qw, fr, s, z: torch.ops.llmpress.int4_matmul_fragments(x, *fr, GROUP),
                        sets_m, ref_m),
                       (f"rows M={m}", lambda x, qw, fr, s, z: int4_matmul_rows_triton(x, qw, s, z, GROUP), sets_m, ref_m)]
+            if FRAG_MAX_M < m <= FRAG_KERNEL_MAX_M:  # 9..16 rows in one call (two column blocks; prepared)
+                cases.append((f"frag one call M={m}", lambda x, qw, fr, s, z: frag_gemv(x, *fr, GROUP), sets_m, ref_m))
+            if args.tiles_at_rows and m <= FRAG_KERNEL_MAX_M:  # every tile at this M, to pick its default
+                cases += [(f"frag w{w} g{g} t{t} M={m}", lambda x, qw, fr, s, z, c=(w, g, t): frag_gemv(x, *fr, GROUP, c),
+                           sets_m, ref_m) for w, g, t in FRAG_CONFIGS if frag_fits(N, G, w, g, t, M=m)]
         if args.norm:
             weight = (torch.rand(K, device="cuda") + 0.5).to(torch.bfloat16)
             h64 = xs[0].double()
@@ -99,7 +106,7 @@ def main() -> int:
             report["rows"].append(dict(shape=name, K=K, N=N, kernel=label, rel_error=error, us=us, bytes=nbytes,
                                        fraction_of_copy_bandwidth=fraction))
             print(f"{name:8s} {K:5d} {N:6d} {label:22s} {error:8.1e} {us:8.1f} {fraction:9.1%}", flush=True)
-            if label.startswith("frag w"):
+            if label.startswith("frag w") and "M=" not in label:  # one row: the batch-1 tiles
                 fastest_tile = min(fastest_tile, us)
             if label in ("frag default", "split tuned"):
                 best[label.split()[0]] += us * (LAYERS if per_layer else 1)

@@ -441,6 +441,26 @@ def test_triton_fragment_gemv_takes_up_to_eight_rows(M):
 
 
 @cuda_only
+@pytest.mark.parametrize("M", [9, 12, 16])
+def test_triton_fragment_gemv_takes_sixteen_rows(M):
+    """9..16 rows: a second column block of B per unpacked A operand (prepared: FRAG_KERNEL_MAX_M). Each row of y
+    against float64 with the residual add, on the 9..16-row default tile and on two others."""
+    from llmpress.kernels.triton_int4_frag import TWO_BLOCK_CONFIG, frag_gemv
+    from llmpress.quant.format import fragment_scales_zeros, rows_to_fragments
+    torch.manual_seed(M)
+    (qweight, scales, zeros), _, dense = random_rows(3072, 1024, 128, "cuda")
+    fragments = rows_to_fragments(qweight, 128)
+    fscales, fzeros = fragment_scales_zeros(scales, zeros)
+    x = torch.randn(M, 3072, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn(M, 1024, device="cuda", dtype=torch.bfloat16)
+    ref = residual.double() + x.double() @ dense
+    for config in (TWO_BLOCK_CONFIG, (4, 2, 1), (4, 1, 2)):
+        y = frag_gemv(x, fragments, fscales, fzeros, 128, config, residual=residual)
+        errors = [rel_error(y[m], ref[m]) for m in range(M)]
+        assert y.shape == (M, 1024) and all(error < 1e-2 for error in errors), (config, errors)
+
+
+@cuda_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_fragment_gemv_folds_the_rmsnorm(dtype):
     """The RMSNorm before q|k|v and gate|up in the tensor-core GEMV (B = h * w, sum(h^2) from an mma of h with

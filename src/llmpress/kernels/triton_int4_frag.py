@@ -1,5 +1,5 @@
-"""Batch-1 (up to 8 rows) W4A16 GEMV on the tensor cores, over the fragment layout (quant/format.py
-`rows_to_fragments`).
+"""Batch-1 (up to 16 rows; 9..16 prepared) W4A16 GEMV on the tensor cores, over the fragment layout
+(quant/format.py `rows_to_fragments`).
 
 Why: the split GEMV (triton_int4_rows_split.py) does its arithmetic on the CUDA cores, ~4.5 instructions per
 weight, and is bound by how fast it issues them (1.17 ms over a 3B token's layers on the H200, against 0.61 ms
@@ -51,6 +51,7 @@ FRAG_CONFIGS = [(4, 1, 1), (4, 2, 1), (4, 4, 1), (8, 4, 1), (4, 1, 2), (8, 1, 2)
 DEFAULT_CONFIG = (4, 2, 1)
 WIDE_CONFIG = (4, 1, 4)  # for N >= WIDE_ROWS at one row of x (more rows: not timed with several tiles yet)
 WIDE_ROWS = 4096
+TWO_BLOCK_CONFIG = (4, 1, 1)  # 9..16 rows: the fewest registers (96 a thread, sm_90) with x's second column block
 
 # per activation dtype: the magic value's bits (both halves), its value, 1.0 in both halves, the mma type
 _TYPES = {torch.bfloat16: (0x43004300, 128.0, 0x3F803F80, "bf16"), torch.float16: (0x64006400, 1024.0, 0x3C003C00, "f16")}
@@ -64,9 +65,10 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
     registers a tile and group). Operands: $0 dummy output; $1 words, $2 x, $3 scales, $4 zeros, $5 partials (u64
     addresses); $6 N, $7 G (u32).
 
-    `rows` (M) rows of x, up to 8: B's column n is x row n (rows past M repeat row M - 1), so D's column n is
+    `rows` (M) rows of x, up to 16: B's column n is x row n (rows past M repeat row M - 1), so D's column n is
     y row n, and lane (i, j) ends with rows 2j, 2j + 1 of y at weight rows r0 and r0 + 8; it stores those below M
-    into partials [SPLIT, M, N]. At M = 1 every column is x, and lanes with j = 0 store.
+    into partials [SPLIT, M, N]. At M = 1 every column is x, and lanes with j = 0 store. Past 8 rows a second
+    column block (x rows 8..15, its own B registers, accumulators and sum(x)) reuses each unpacked A operand.
 
     `norm` (M = 1): x is the residual stream h, $8 the RMSNorm weight w [K], $9 where this program's share of
     sum(h^2) goes. The B operand is h * w in x's dtype (one packed multiply per two inputs), and sum(h^2) comes
@@ -83,12 +85,15 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
     blocks32 = group_size // 32
     groups, tiles = range(groups_per_warp), range(tiles_per_warp)
     words = [[[f"w{g}_{t}_{m}" for m in range(words_per_lane)] for t in tiles] for g in groups]
-    xs_regs = [[f"x{g}_{v}" for v in range(4 * blocks32)] for g in groups]
+    cbs = range((rows + 7) // 8)  # column blocks: B holds 8 rows of x, so 9..16 rows take a second mma per A
+    xs_regs = [[[f"x{g}_{cb}_{v}" for v in range(4 * blocks32)] for cb in cbs] for g in groups]
     norm_regs = [[f"n{g}_{v}" for v in range(4 * blocks32)] for g in groups] if norm else [[] for g in groups]
     per_gt = lambda names: ", ".join(f"{n}{g}_{t}" for g in groups for t in tiles for n in names)  # noqa: E731
-    accs = [[f"acc{t}_{n}" for n in range(4)] for t in tiles]
-    ys = [[f"y{t}_{n}" for n in range(4)] for t in tiles]
-    flat = lambda nested: sum((sum(x, []) if x and isinstance(x[0], list) else x for x in nested), [])  # noqa: E731
+    accs = [[[f"acc{t}_{cb}_{n}" for n in range(4)] for cb in cbs] for t in tiles]
+    ys = [[[f"y{t}_{cb}_{n}" for n in range(4)] for cb in cbs] for t in tiles]
+    sums = [[f"xs{cb}_{n}" for n in range(4)] for cb in cbs]  # sum(x) of each column, from the all-ones mma
+    def flat(nested) -> list[str]:
+        return [nested] if isinstance(nested, str) else sum((flat(x) for x in nested), [])
     L = ["{",
          ".reg .pred p;",
          ".reg .b32 lane, warp, i, j, tile, grp, t32, e0, e4, e8, e12, tmp, magic, one, "
@@ -96,8 +101,8 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
          ".reg .b64 wa, xa, na, sa, za, pa, off;",
          ".reg .f32 sq0, sq1, sq2, sq3;",
          f".reg .b16 zero16, {per_gt(['s0h', 's1h'])};",
-         ".reg .b32 kk, nrow;",
-         ".reg .f32 xs0, xs1, xs2, xs3, t0, t1, dep, " + ", ".join(flat(accs) + flat(ys))
+         ".reg .b32 kk, " + ", ".join(f"nrow{cb}" for cb in cbs) + ";",
+         ".reg .f32 t0, t1, dep, " + ", ".join(flat(sums) + flat(accs) + flat(ys))
          + f", {per_gt(['sc0_', 'sc1_', 'zf0_', 'zf1_'])};",
          f"mov.b32 magic, {magic:#x};",
          f"mov.b32 one, {ones:#x};",
@@ -113,8 +118,9 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
          *[f"mad.lo.u32 r0_{t}, tile, 16, {16 * t};" for t in tiles],
          *[f"add.u32 r0_{t}, r0_{t}, i;" for t in tiles],  # rows r0 and r0 + 8 of each tile
          *[f"mov.f32 {y}, 0f00000000;" for y in flat(ys)],
-         # x row of this lane's B column (groupID i), clamped to the last row; K = G * group_size inputs a row
-         f"min.u32 nrow, i, {rows - 1};",
+         # x row of this lane's B column (groupID i) in each column block, clamped to the last row; K = G * group_size
+         *[f"add.u32 nrow{cb}, i, {8 * cb};" for cb in cbs],
+         *[f"min.u32 nrow{cb}, nrow{cb}, {rows - 1};" for cb in cbs],
          f"mul.lo.u32 kk, $7, {group_size};"]
     for g in groups:  # loads
         L += ["mov.u32 grp, %ctaid.y;",
@@ -129,14 +135,15 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
             for v in range(words_per_lane // 4):
                 L.append(f"ld.global.nc.v4.b32 {{{', '.join(words[g][t][4 * v:4 * v + 4])}}}, [wa+{512 * v}];")
         # x: element grp * group_size + 8 j (2 bytes each), then 32 elements per block of 32 inputs
-        L += [f"mul.lo.u32 t32, grp, {group_size};",
-              "mad.lo.u32 t32, j, 8, t32;"]
-        if rows > 1:
-            L.append("mad.lo.u32 t32, nrow, kk, t32;")
-        L += ["mul.wide.u32 off, t32, 2;",
-              "add.u64 xa, $2, off;"]
-        for b in range(blocks32):
-            L.append(f"ld.global.v4.b32 {{{', '.join(xs_regs[g][4 * b:4 * b + 4])}}}, [xa+{64 * b}];")
+        for cb in cbs:
+            L += [f"mul.lo.u32 t32, grp, {group_size};",
+                  "mad.lo.u32 t32, j, 8, t32;"]
+            if rows > 1:
+                L.append(f"mad.lo.u32 t32, nrow{cb}, kk, t32;")
+            L += ["mul.wide.u32 off, t32, 2;",
+                  "add.u64 xa, $2, off;"]
+            for b in range(blocks32):
+                L.append(f"ld.global.v4.b32 {{{', '.join(xs_regs[g][cb][4 * b:4 * b + 4])}}}, [xa+{64 * b}];")
         if norm:  # the norm weight at the same inputs
             L.append("add.u64 na, $8, off;")
             for b in range(blocks32):
@@ -170,7 +177,7 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
             for v in range(words_per_lane // 4):
                 L += [f"cvt.rn.f32.u32 t0, {words[g][t][4 * v]};", "add.f32 dep, dep, t0;"]
         for b in range(blocks32):
-            for reg in [xs_regs[g][4 * b]] + ([norm_regs[g][4 * b]] if norm else []):
+            for reg in [xs_regs[g][cb][4 * b] for cb in cbs] + ([norm_regs[g][4 * b]] if norm else []):
                 L += [f"mov.b32 t0, {reg};", "abs.f32 t0, t0;", "min.f32 t0, t0, 0f3F800000;",
                       "add.f32 dep, dep, t0;"]  # any bits, even NaN's, become a finite number (min of NaN gives 1.0)
         for t in tiles:
@@ -181,58 +188,64 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
     zero = "0f00000000"
     for g in groups:  # the products
         if norm:  # B = h * w, in place of the weight's registers
-            L += [f"mul.rn.{mma_type}x2 {n}, {x}, {n};" for x, n in zip(xs_regs[g], norm_regs[g])]
+            L += [f"mul.rn.{mma_type}x2 {n}, {x}, {n};" for x, n in zip(xs_regs[g][0], norm_regs[g])]
         init = [f"mul.f32 {r}, dep, {zero};" if g == 0 else f"mov.f32 {r}, {zero};"
-                for r in flat(accs) + ["xs0", "xs1", "xs2", "xs3"]]
+                for r in flat(accs) + flat(sums)]
         L += init
-        operand = norm_regs[g] if norm else xs_regs[g]
+        operands = [norm_regs[g]] if norm else xs_regs[g]  # B of each column block
         for m in range(words_per_lane):
             b, h = divmod(m, 2)
-            b0, b1 = operand[4 * b + 2 * h], operand[4 * b + 2 * h + 1]
+            bs = [(operand[4 * b + 2 * h], operand[4 * b + 2 * h + 1]) for operand in operands]
             if norm:  # sum(h^2): A's registers at this block's inputs are B's, rows r0 and r0 + 8 alike
-                h0, h1 = xs_regs[g][4 * b + 2 * h], xs_regs[g][4 * b + 2 * h + 1]
+                h0, h1 = xs_regs[g][0][4 * b + 2 * h], xs_regs[g][0][4 * b + 2 * h + 1]
                 L.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{mma_type}.{mma_type}.f32 {{sq0, sq1, sq2, sq3}}, "
                          f"{{{h0}, {h0}, {h1}, {h1}}}, {{{h0}, {h1}}}, {{sq0, sq1, sq2, sq3}};")
             for t in tiles:
-                w, acc = words[g][t][m], ", ".join(accs[t])
+                w = words[g][t][m]
                 L += [f"lop3.b32 e0, {w}, 0x000F000F, magic, 0xEA;",
                       f"shr.u32 tmp, {w}, 4;", "lop3.b32 e4, tmp, 0x000F000F, magic, 0xEA;",
                       f"shr.u32 tmp, {w}, 8;", "lop3.b32 e8, tmp, 0x000F000F, magic, 0xEA;",
-                      f"shr.u32 tmp, {w}, 12;", "lop3.b32 e12, tmp, 0x000F000F, magic, 0xEA;",
-                      # D = C in place; columns 1 (acc1, acc3) repeat column 0, as every B column is x (M = 1)
-                      f"mma.sync.aligned.m16n8k16.row.col.f32.{mma_type}.{mma_type}.f32 {{{acc}}}, "
-                      f"{{e0, e4, e8, e12}}, {{{b0}, {b1}}}, {{{acc}}};"]
-            # sum(x) over the block, once for all the warp's tiles
-            L.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{mma_type}.{mma_type}.f32 {{xs0, xs1, xs2, xs3}}, "
-                     f"{{one, one, one, one}}, {{{b0}, {b1}}}, {{xs0, xs1, xs2, xs3}};")
+                      f"shr.u32 tmp, {w}, 12;", "lop3.b32 e12, tmp, 0x000F000F, magic, 0xEA;"]
+                for cb, (b0, b1) in zip(cbs, bs):  # one A operand, every column block's B
+                    acc = ", ".join(accs[t][cb])
+                    # D = C in place; columns 1 (acc1, acc3) repeat column 0, as every B column is x (M = 1)
+                    L.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{mma_type}.{mma_type}.f32 {{{acc}}}, "
+                             f"{{e0, e4, e8, e12}}, {{{b0}, {b1}}}, {{{acc}}};")
+            for cb, (b0, b1) in zip(cbs, bs):  # sum(x) over the block, once for all the warp's tiles
+                total = ", ".join(sums[cb])
+                L.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{mma_type}.{mma_type}.f32 {{{total}}}, "
+                         f"{{one, one, one, one}}, {{{b0}, {b1}}}, {{{total}}};")
         for t in tiles:
             gt = f"{g}_{t}"
-            a, y = accs[t], ys[t]
             L += [f"neg.f32 zf0_{gt}, zf0_{gt};", f"neg.f32 zf1_{gt}, zf1_{gt};"]
-            # y0, y1: rows r0, r0 + 8 of y's column 2j; y2, y3: of column 2j + 1 (M > 1 only)
-            outputs = [(y[0], a[0], "xs0", "zf0", "sc0"), (y[1], a[2], "xs2", "zf1", "sc1"),
-                       (y[2], a[1], "xs1", "zf0", "sc0"), (y[3], a[3], "xs3", "zf1", "sc1")]
-            for yr, ar, xs, zf, sc in outputs[:2 if rows == 1 else 4]:
-                L += [f"fma.rn.f32 t0, {zf}_{gt}, {xs}, {ar};", f"fma.rn.f32 {yr}, {sc}_{gt}, t0, {yr};"]
-    # partials[pid_k, m, r] for y rows m = 2j (y0, y1 at r0, r0 + 8) and 2j + 1 (y2, y3) below M
+            for cb in cbs:
+                a, y, xs = accs[t][cb], ys[t][cb], sums[cb]
+                # y0, y1: rows r0, r0 + 8 of y's column 2j; y2, y3: of column 2j + 1 (M > 1 only)
+                outputs = [(y[0], a[0], xs[0], "zf0", "sc0"), (y[1], a[2], xs[2], "zf1", "sc1"),
+                           (y[2], a[1], xs[1], "zf0", "sc0"), (y[3], a[3], xs[3], "zf1", "sc1")]
+                for yr, ar, x_sum, zf, sc in outputs[:2 if rows == 1 else 4]:
+                    L += [f"fma.rn.f32 t0, {zf}_{gt}, {x_sum}, {ar};", f"fma.rn.f32 {yr}, {sc}_{gt}, t0, {yr};"]
+    # partials[pid_k, m, r] for y rows m = 8 cb + 2j (y0, y1 at r0, r0 + 8) and 8 cb + 2j + 1 (y2, y3) below M
     for t in tiles:
-        y = ys[t]
-        L += ["mov.u32 t32, %ctaid.y;",
-              f"mul.lo.u32 t32, t32, {rows};",
-              "mad.lo.u32 t32, j, 2, t32;",
-              "mul.lo.u32 t32, t32, $6;",
-              f"add.u32 t32, t32, r0_{t};",
-              "mul.wide.u32 off, t32, 4;",
-              "add.u64 pa, $5, off;",
-              f"setp.lt.u32 p, j, {(rows + 1) // 2};",  # 2j < M
-              f"@p st.global.f32 [pa], {y[0]};",
-              f"@p st.global.f32 [pa+32], {y[1]};"]
-        if rows > 1:
-            L += ["mul.wide.u32 off, $6, 4;",  # the next row of y: N floats further
-                  "add.u64 pa, pa, off;",
-                  f"setp.lt.u32 p, j, {rows // 2};",  # 2j + 1 < M
-                  f"@p st.global.f32 [pa], {y[2]};",
-                  f"@p st.global.f32 [pa+32], {y[3]};"]
+        for cb in cbs:
+            y = ys[t][cb]
+            L += ["mov.u32 t32, %ctaid.y;",
+                  f"mul.lo.u32 t32, t32, {rows};",
+                  "mad.lo.u32 t32, j, 2, t32;",
+                  *([f"add.u32 t32, t32, {8 * cb};"] if cb else []),
+                  "mul.lo.u32 t32, t32, $6;",
+                  f"add.u32 t32, t32, r0_{t};",
+                  "mul.wide.u32 off, t32, 4;",
+                  "add.u64 pa, $5, off;",
+                  f"setp.lt.u32 p, j, {(rows - 8 * cb + 1) // 2};",  # 8 cb + 2j < M
+                  f"@p st.global.f32 [pa], {y[0]};",
+                  f"@p st.global.f32 [pa+32], {y[1]};"]
+            if rows > 1:
+                L += ["mul.wide.u32 off, $6, 4;",  # the next row of y: N floats further
+                      "add.u64 pa, pa, off;",
+                      f"setp.lt.u32 p, j, {(rows - 8 * cb) // 2};",  # 8 cb + 2j + 1 < M
+                      f"@p st.global.f32 [pa], {y[2]};",
+                      f"@p st.global.f32 [pa+32], {y[3]};"]
     if norm:  # one thread per program stores its share of sum(h^2); every warp has the same
         L += ["mov.u32 tmp, %tid.x;", "setp.eq.u32 p, tmp, 0;", "@p st.global.f32 [$9], sq0;"]
     L += ["mov.b32 $0, 0;", "}"]
@@ -281,6 +294,10 @@ def _frag_gemv(qw_ptr, x_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, res
 
 
 FRAG_MAX_M = 8  # rows of x: the columns of the mma's B operand
+# 9..16 rows: a second B operand (column block) per A operand, the weights unpacked once for both. Prepared:
+# compiled for sm_90 on the CPU machine (the 1..8-row code is bit-for-bit the SASS that passed on the H200), its CUDA
+# test written (tests/kernels/test_int4_rows.py -k sixteen), not yet run; ops still sends 9..16 rows as 8 + the rest.
+FRAG_KERNEL_MAX_M = 16
 FRAG_WORKSPACE_MAX = 1 << 24  # fp32 partial sums [split, M, N]: up to 64 MB (the 128k-vocab head at M = 8)
 
 
@@ -296,7 +313,8 @@ _frag_tuner = TileTuner()
 
 def default_config(N: int, G: int, M: int = 1) -> tuple[int, int, int] | None:
     """The measured-best tile for a product of M rows with N outputs and G groups, None where neither fits."""
-    for config in ([WIDE_CONFIG] if N >= WIDE_ROWS and M == 1 else []) + [DEFAULT_CONFIG]:
+    preferred = [WIDE_CONFIG] if N >= WIDE_ROWS and M == 1 else [TWO_BLOCK_CONFIG] if M > FRAG_MAX_M else []
+    for config in preferred + [DEFAULT_CONFIG]:
         if frag_fits(N, G, *config, M=M):
             return config
     return None
@@ -305,7 +323,8 @@ def default_config(N: int, G: int, M: int = 1) -> tuple[int, int, int] | None:
 def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
               config: tuple[int, int, int] | None = None, residual: torch.Tensor | None = None,
               norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
-    """x [M, K] bf16/fp16 (M <= 8) @ Wᵀ (+ residual [M, N]) -> [M, N] in x.dtype. fragments: int32
+    """x [M, K] bf16/fp16 (M <= 16; 9..16 prepared, see FRAG_KERNEL_MAX_M) @ Wᵀ (+ residual [M, N]) -> [M, N] in
+    x.dtype. fragments: int32
     [N/16, G, group_size/64, 32, 4] (`rows_to_fragments`); scales [G, N] (x's dtype) and zeros uint8 [G, N]: the
     row layout's transposed, so that a group's 16 rows are side by side (quant/format.py `fragment_scales_zeros`).
     `config`: (num_warps, groups per warp, row tiles per warp); default `default_config` where it fits, else the
@@ -315,7 +334,7 @@ def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, ze
     before q|k|v and gate|up folded in."""
     M = x.shape[0]
     G, N = scales.shape
-    assert 1 <= M <= FRAG_MAX_M and x.shape[1] == G * group_size, (x.shape, G, group_size)
+    assert 1 <= M <= FRAG_KERNEL_MAX_M and x.shape[1] == G * group_size, (x.shape, G, group_size)
     assert zeros.shape == (G, N) and scales.is_contiguous() and zeros.is_contiguous(), (zeros.shape, N, G)
     assert x.dtype in _TYPES and scales.dtype == x.dtype, (x.dtype, scales.dtype)
     assert fragments.shape == (N // 16, G, group_size // 64, 32, 4) and group_size % 64 == 0, fragments.shape
