@@ -416,12 +416,14 @@ def test_fragments_only_layer_on_the_gpu_matches_its_row_layout():
 
 
 @cuda_only
-@pytest.mark.parametrize("M", [2, 5, 8])
-def test_triton_fragment_gemv_takes_up_to_eight_rows(M):
-    """Rows of x as the columns of the mma's B operand (a speculative verify step): each row of y against float64,
-    with the residual add, on the default tile and with 2 and 4 row tiles per warp; rows past M repeat the last
-    row inside the kernel and must not leak into y."""
-    from llmpress.kernels.triton_int4_frag import DEFAULT_CONFIG, frag_gemv
+@pytest.mark.parametrize("M", [2, 5, 8, 9, 12, 16])
+def test_triton_fragment_gemv_takes_up_to_sixteen_rows(M):
+    """Rows of x as the columns of the mma's B operand (a speculative verify step, a small batch): each row of y
+    against float64, with the residual add, and against one row at a time; on the default tile and with 2 and 4
+    row tiles per warp (2..8 rows, passed on the H200), or past 8 rows with a second column block of B per
+    unpacked A operand (prepared: FRAG_KERNEL_MAX_M). Rows past M repeat the last row inside the kernel and must
+    not leak into y."""
+    from llmpress.kernels.triton_int4_frag import DEFAULT_CONFIG, FRAG_MAX_M, TWO_BLOCK_CONFIG, frag_gemv
     from llmpress.quant.format import fragment_scales_zeros, rows_to_fragments
     torch.manual_seed(M)
     (qweight, scales, zeros), _, dense = random_rows(3072, 1024, 128, "cuda")
@@ -430,7 +432,8 @@ def test_triton_fragment_gemv_takes_up_to_eight_rows(M):
     x = torch.randn(M, 3072, device="cuda", dtype=torch.bfloat16)
     residual = torch.randn(M, 1024, device="cuda", dtype=torch.bfloat16)
     ref = residual.double() + x.double() @ dense
-    for config in (DEFAULT_CONFIG, (4, 1, 2), (4, 1, 4)):  # one and several row tiles per warp
+    configs = (DEFAULT_CONFIG, (4, 1, 2), (4, 1, 4)) if M <= FRAG_MAX_M else (TWO_BLOCK_CONFIG, (4, 2, 1), (4, 1, 2))
+    for config in configs:
         y = frag_gemv(x, fragments, fscales, fzeros, 128, config, residual=residual)
         assert y.shape == (M, 1024)
         errors = [rel_error(y[m], ref[m]) for m in range(M)]
@@ -438,26 +441,6 @@ def test_triton_fragment_gemv_takes_up_to_eight_rows(M):
         alone = torch.cat([frag_gemv(x[m:m + 1], fragments, fscales, fzeros, 128, config, residual=residual[m:m + 1])
                            for m in range(M)])
         assert rel_error(y, alone.double()) < 1e-2, config
-
-
-@cuda_only
-@pytest.mark.parametrize("M", [9, 12, 16])
-def test_triton_fragment_gemv_takes_sixteen_rows(M):
-    """9..16 rows: a second column block of B per unpacked A operand (prepared: FRAG_KERNEL_MAX_M). Each row of y
-    against float64 with the residual add, on the 9..16-row default tile and on two others."""
-    from llmpress.kernels.triton_int4_frag import TWO_BLOCK_CONFIG, frag_gemv
-    from llmpress.quant.format import fragment_scales_zeros, rows_to_fragments
-    torch.manual_seed(M)
-    (qweight, scales, zeros), _, dense = random_rows(3072, 1024, 128, "cuda")
-    fragments = rows_to_fragments(qweight, 128)
-    fscales, fzeros = fragment_scales_zeros(scales, zeros)
-    x = torch.randn(M, 3072, device="cuda", dtype=torch.bfloat16)
-    residual = torch.randn(M, 1024, device="cuda", dtype=torch.bfloat16)
-    ref = residual.double() + x.double() @ dense
-    for config in (TWO_BLOCK_CONFIG, (4, 2, 1), (4, 1, 2)):
-        y = frag_gemv(x, fragments, fscales, fzeros, 128, config, residual=residual)
-        errors = [rel_error(y[m], ref[m]) for m in range(M)]
-        assert y.shape == (M, 1024) and all(error < 1e-2 for error in errors), (config, errors)
 
 
 @cuda_only
