@@ -40,7 +40,9 @@ def main() -> int:
     parser.add_argument("--rows", default="1", help="comma-separated rows of x, e.g. 1,6,16,512")
     parser.add_argument("--tiles-at-rows", action="store_true",
                         help="also every tile configuration at each M <= 16 of --rows (default: only M = 1)")
-    parser.add_argument("--norm", action="store_true", help="also both kernels with the RMSNorm folded in (M = 1)")
+    parser.add_argument("--norm", action="store_true",
+                        help="also both kernels with the RMSNorm folded in (M = 1), and the tensor-core GEMV's fold at "
+                             "each M <= 8 of --rows")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     row_counts = [int(m) for m in args.rows.split(",")]
@@ -93,6 +95,13 @@ def main() -> int:
                       ("split norm", lambda x, qw, fr, s, z: split_gemv_rows(x, qw, s, z, GROUP, reduce="in_kernel",
                                                                              prologue="rmsnorm", norm_weight=weight,
                                                                              eps=1e-5), arg_sets, ref_norm)]
+            for m in [m for m in row_counts if 1 < m <= FRAG_MAX_M]:  # a verify step's rows, each normalized (prepared)
+                xm = [torch.randn(m, K, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
+                sets_m = [(xm[i], *weights[i][:1], fragments[i], *weights[i][1:]) for i in range(sets)]
+                hm = xm[0].double()
+                ref_m = (hm * torch.rsqrt(hm.pow(2).mean(dim=1, keepdim=True) + 1e-5) * weight.double()) @ dense.double()
+                cases.append((f"frag norm M={m}", lambda x, qw, fr, s, z: frag_gemv(x, *fr, GROUP, norm_weight=weight,
+                                                                                    eps=1e-5), sets_m, ref_m))
         fastest_tile = float("inf")
         for label, fn, arg_sets, reference in cases:
             try:

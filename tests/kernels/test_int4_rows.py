@@ -484,6 +484,45 @@ def test_triton_fragment_gemv_folds_the_rmsnorm(dtype):
 
 
 @cuda_only
+@pytest.mark.parametrize("M", [2, 6, 8])
+def test_triton_fragment_gemv_folds_the_rmsnorm_of_each_row(M):
+    """2..8 rows (a verify step) with the RMSNorm folded in (prepared: ops.int4_tensor_core_fold_rows): each row's
+    sum(h^2) is the diagonal of one mma of x with itself, so each row of y is normalized by its own mean square;
+    against float64 on two tiles, then QuantLinear.forward_fused with the fold on against the same steps apart."""
+    from llmpress.kernels.triton_int4_frag import frag_gemv
+    from llmpress.model.llama import RMSNorm
+    from llmpress.quant.format import fragment_scales_zeros, rows_to_fragments
+    torch.manual_seed(10 + M)
+    K, N = 3072, 1024
+    (qweight, scales, zeros), rt, _ = random_rows(K, N, 128, "cuda")
+    fragments = rows_to_fragments(qweight, 128)
+    fscales, fzeros = fragment_scales_zeros(scales, zeros)
+    h = torch.randn(M, K, device="cuda", dtype=torch.bfloat16) * torch.arange(1, M + 1, device="cuda")[:, None]
+    weight = (torch.rand(K, device="cuda") + 0.5).to(torch.bfloat16)
+    residual = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    h64 = h.double()
+    normed = h64 * torch.rsqrt(h64.pow(2).mean(dim=1, keepdim=True) + 1e-5) * weight.double()
+    ref = residual.double() + int4_matmul_rows_reference(normed, qweight, scales, zeros, 128)
+    for config in ((4, 2, 1), (4, 1, 2)):
+        y = frag_gemv(h, fragments, fscales, fzeros, 128, config, residual=residual, norm_weight=weight, eps=1e-5)
+        errors = [rel_error(y[m], ref[m]) for m in range(M)]
+        assert all(error < 1e-2 for error in errors), (config, errors)
+    layer = QuantLinear.from_runtime(RuntimeQuantWeight(rt.qweight, rt.scales, rt.qzeros, None, 128, 4))
+    assert layer.use_row_layout() and layer.use_fragment_layout()
+    norm = RMSNorm(K, 1e-5).to("cuda", torch.bfloat16)
+    norm.weight.data = weight
+    saved = ops.int4_tensor_core_gemv, ops.int4_tensor_core_fold_rows
+    ops.int4_tensor_core_gemv = True
+    try:
+        apart = layer.forward_fused(h[None], norm=norm, residual=residual[None])
+        ops.int4_tensor_core_fold_rows = True
+        folded = layer.forward_fused(h[None], norm=norm, residual=residual[None])
+    finally:
+        ops.int4_tensor_core_gemv, ops.int4_tensor_core_fold_rows = saved
+    assert folded.shape == apart.shape == (1, M, N) and rel_error(folded, apart.double()) < 1e-2
+
+
+@cuda_only
 @pytest.mark.parametrize("K,N,group_size", [(3072, 1024, 128), (1024, 256, 64)])
 def test_triton_fragment_dequantizer_is_exact(K, N, group_size):
     """The dense weight rebuilt from the fragment layout equals the row layout's dequantization, bit for bit

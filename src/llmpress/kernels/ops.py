@@ -265,6 +265,10 @@ int4_tensor_core_gemv = False
 # tests/kernels/test_int4_rows.py -k fragment). On by default once 4 row tiles per warp made that GEMV the faster
 # one there: 3B int4 decode 559.7 -> 661.2 tok/s with it, 600.0 -> 714.7 with an int4 head (int4_h200_tiles.*).
 int4_tensor_core_norm = True
+# And at 2..8 rows (a verify step) too, the RMSNorm and the residual add folded in as at batch 1. Prepared: the
+# kernel's per-row sum(h^2) is compiled for sm_90 and tested only on the CPU machine's side of the code; its CUDA test
+# (tests/kernels/test_int4_rows.py -k each_row) is written, not yet run; so off.
+int4_tensor_core_fold_rows = False
 FRAG_MAX_M = 8  # kernels/triton_int4_frag.py: the rows of x are the columns of the mma's B operand
 # The most rows of x that go to it (the 2..8-row path passed its CUDA tests on the H200: pytest_gpu_frag_rows_h200.log).
 int4_tensor_core_max_rows = FRAG_MAX_M
@@ -324,7 +328,7 @@ def int4_gemv_fragments(x: torch.Tensor, fragments: torch.Tensor, scales: torch.
                         eps: float = 0.0) -> torch.Tensor:
     """y [M, N] = (residual +) prologue(x) W^T, x [M <= 8, K], for a 4-bit weight held as tensor-core fragments
     (quant/format.py `rows_to_fragments`) with scales and zeros [G, N] (`fragment_scales_zeros`); prologue: the
-    RMSNorm with `norm_weight` [K] and `eps` (M = 1, x the residual stream), or none."""
+    RMSNorm with `norm_weight` [K] and `eps` (x the residual stream; 2..8 rows prepared), or none."""
     return torch.ops.llmpress.int4_gemv_fragments(x.contiguous(), fragments, scales, zeros, group_size,
                                                   None if residual is None else residual.contiguous(), norm_weight, eps)
 

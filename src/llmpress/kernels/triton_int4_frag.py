@@ -70,16 +70,18 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
     into partials [SPLIT, M, N]. At M = 1 every column is x, and lanes with j = 0 store. Past 8 rows a second
     column block (x rows 8..15, its own B registers, accumulators and sum(x)) reuses each unpacked A operand.
 
-    `norm` (M = 1): x is the residual stream h, $8 the RMSNorm weight w [K], $9 where this program's share of
-    sum(h^2) goes. The B operand is h * w in x's dtype (one packed multiply per two inputs), and sum(h^2) comes
-    from one more mma with A = B = h (a lane's A registers at a block's inputs are its B registers): the caller
-    multiplies y by rsqrt(mean(h^2) + eps) once all shares are in.
+    `norm` (M <= 8): x is the residual stream h, $8 the RMSNorm weight w [K], $9 where this program's shares of
+    sum(h^2) go (one per row). The B operand is h * w in x's dtype (one packed multiply per two inputs), and
+    sum(h^2) comes from one more mma with A = B = h (a lane's A registers at a block's inputs are its B registers,
+    A's rows r and r + 8 both x row r): D[r][n] = h_r . h_n, whose diagonal holds each row's sum (at M = 1 every
+    element does). The caller multiplies y's row r by rsqrt(mean(h_r^2) + eps) once all shares are in. Rows past 1
+    are prepared (compiled for sm_90, not yet run).
 
     Every load comes first. ptxas otherwise issued a lane's second 16-byte word load, and the scale and zero
     loads, only after the first mmas had used the first words: three DRAM round trips in a row instead of
     one. So the first group's accumulators start as 0 * (a sum of one value from each load): the same zeros
     (every such value is finite), but the first mma now waits for every load, so all are issued before it."""
-    assert not norm or rows == 1, "the RMSNorm prologue takes one row of x"
+    assert not norm or rows <= 8, "the RMSNorm prologue takes up to 8 rows of x (one column block)"
     magic, magic_value, ones, mma_type = _TYPES[dtype]
     words_per_lane = group_size // 16  # per group: 2 blocks of 16 inputs per 32
     blocks32 = group_size // 32
@@ -95,7 +97,7 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
     def flat(nested) -> list[str]:
         return [nested] if isinstance(nested, str) else sum((flat(x) for x in nested), [])
     L = ["{",
-         ".reg .pred p;",
+         ".reg .pred p;" if rows == 1 or not norm else ".reg .pred p, q;",
          ".reg .b32 lane, warp, i, j, tile, grp, t32, e0, e4, e8, e12, tmp, magic, one, "
          + ", ".join([f"r0_{t}" for t in tiles] + flat(words) + flat(xs_regs) + flat(norm_regs)) + ";",
          ".reg .b64 wa, xa, na, sa, za, pa, off;",
@@ -246,8 +248,19 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
                       f"setp.lt.u32 p, j, {(rows - 8 * cb) // 2};",  # 8 cb + 2j + 1 < M
                       f"@p st.global.f32 [pa], {y[2]};",
                       f"@p st.global.f32 [pa+32], {y[3]};"]
-    if norm:  # one thread per program stores its share of sum(h^2); every warp has the same
+    if norm and rows == 1:  # one thread per program stores its share of sum(h^2); every warp has the same
         L += ["mov.u32 tmp, %tid.x;", "setp.eq.u32 p, tmp, 0;", "@p st.global.f32 [$9], sq0;"]
+    elif norm:  # D = x_r . x_n: row r's share is D[r][r], at lane (r, r / 2), element r % 2; warp 0 stores them
+        L += ["setp.eq.u32 p, warp, 0;",
+              "shr.u32 t32, i, 1;",
+              "setp.eq.and.u32 p, j, t32, p;",
+              f"setp.lt.and.u32 p, i, {rows}, p;",
+              "and.b32 t32, i, 1;",
+              "setp.eq.u32 q, t32, 0;",
+              "selp.f32 t0, sq0, sq1, q;",
+              "mul.wide.u32 off, i, 4;",
+              "add.u64 na, $9, off;",
+              "@p st.global.f32 [na], t0;"]
     L += ["mov.b32 $0, 0;", "}"]
     return "\n".join(L)
 
@@ -262,16 +275,18 @@ def _frag_gemv(qw_ptr, x_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, res
                ASM: tl.constexpr, NUM_WARPS: tl.constexpr, SPLIT_P2: tl.constexpr, RESIDUAL: tl.constexpr,
                ROWS: tl.constexpr = 1, NORM: tl.constexpr = False, GROUP_SIZE: tl.constexpr = 128,
                TILES: tl.constexpr = 1):
-    """Partials [SPLIT, ROWS, N], then (NORM) each program's sum(h^2) share at [SPLIT * N + pid_n * SPLIT + pid_k]."""
+    """Partials [SPLIT, ROWS, N], then (NORM) each program's sum(h^2) shares, [SPLIT * ROWS * N + (pid_n * SPLIT +
+    pid_k) * ROWS + row]."""
     pid_n = tl.program_id(0)
     lanes = tl.zeros([32 * NUM_WARPS], dtype=tl.int64)
-    squares_ptr = partial_ptr + SPLIT * N + pid_n * SPLIT
+    squares_ptr = partial_ptr + SPLIT * ROWS * N + pid_n * SPLIT * ROWS
     operands = [lanes + qw_ptr.to(tl.int64), lanes + x_ptr.to(tl.int64), lanes + s_ptr.to(tl.int64),
                 lanes + z_ptr.to(tl.int64), lanes + partial_ptr.to(tl.int64), lanes.to(tl.int32) + N,
                 lanes.to(tl.int32) + G]
     if NORM:
         tl.inline_asm_elementwise(ASM, "=r,l,l,l,l,l,r,r,l,l",
-                                  operands + [lanes + nw_ptr.to(tl.int64), lanes + (squares_ptr + tl.program_id(1)).to(tl.int64)],
+                                  operands + [lanes + nw_ptr.to(tl.int64),
+                                              lanes + (squares_ptr + tl.program_id(1) * ROWS).to(tl.int64)],
                                   dtype=tl.int32, is_pure=False, pack=1)
     else:
         tl.inline_asm_elementwise(ASM, "=r,l,l,l,l,l,r,r", operands, dtype=tl.int32, is_pure=False, pack=1)
@@ -282,10 +297,11 @@ def _frag_gemv(qw_ptr, x_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, res
     arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")
     if arrived == SPLIT - 1:
         offs_s = tl.arange(0, SPLIT_P2)
-        square_sum = 0.0
-        if NORM:
-            square_sum = tl.sum(tl.load(squares_ptr + offs_s, mask=offs_s < SPLIT, other=0.0, cache_modifier=".cg"), axis=0)
         for m in tl.static_range(ROWS):  # partials [SPLIT, ROWS, N]
+            square_sum = 0.0
+            if NORM:
+                square_sum = tl.sum(tl.load(squares_ptr + offs_s * ROWS + m, mask=offs_s < SPLIT, other=0.0,
+                                            cache_modifier=".cg"), axis=0)
             parts = tl.load(partial_ptr + (offs_s[:, None] * ROWS + m) * N + offs_n[None, :],
                             mask=(offs_s < SPLIT)[:, None] & n_mask[None, :], other=0.0, cache_modifier=".cg")
             finish_output(tl.sum(parts, axis=0), square_sum, offs_n, n_mask, y_ptr + m * N, res_ptr + m * N,
@@ -304,7 +320,7 @@ FRAG_WORKSPACE_MAX = 1 << 24  # fp32 partial sums [split, M, N]: up to 64 MB (th
 def frag_fits(N: int, G: int, num_warps: int, groups_per_warp: int, tiles_per_warp: int = 1, M: int = 1) -> bool:
     split, block_n = G // groups_per_warp, 16 * num_warps * tiles_per_warp
     return (N % block_n == 0 and G % groups_per_warp == 0
-            and split * M * N + N // block_n * split <= FRAG_WORKSPACE_MAX
+            and split * M * N + N // block_n * split * M <= FRAG_WORKSPACE_MAX
             and triton.next_power_of_2(split) * block_n <= 8192 and N // block_n <= 1 << 14)
 
 
@@ -330,8 +346,8 @@ def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, ze
     `config`: (num_warps, groups per warp, row tiles per warp); default `default_config` where it fits, else the
     tuner's pick.
     M = 2..8 (a speculative verify step, small batches): the same mmas, ~1.4x the time of M = 1 at M = 6.
-    `norm_weight` [K] (M = 1): x is the residual stream h and y = W (w * h) * rsqrt(mean(h^2) + eps), the RMSNorm
-    before q|k|v and gate|up folded in."""
+    `norm_weight` [K]: x is the residual stream h and each row of y = W (w * h) * rsqrt(mean(h^2) + eps), the RMSNorm
+    before q|k|v and gate|up folded in (M = 1 passed on the H200; 2..8 rows prepared, not yet run)."""
     M = x.shape[0]
     G, N = scales.shape
     assert 1 <= M <= FRAG_KERNEL_MAX_M and x.shape[1] == G * group_size, (x.shape, G, group_size)
@@ -339,7 +355,7 @@ def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, ze
     assert x.dtype in _TYPES and scales.dtype == x.dtype, (x.dtype, scales.dtype)
     assert fragments.shape == (N // 16, G, group_size // 64, 32, 4) and group_size % 64 == 0, fragments.shape
     assert residual is None or residual.shape == (M, N), (None if residual is None else residual.shape)
-    assert norm_weight is None or (M == 1 and norm_weight.shape == (x.shape[1],) and norm_weight.dtype == x.dtype)
+    assert norm_weight is None or (M <= FRAG_MAX_M and norm_weight.shape == (x.shape[1],) and norm_weight.dtype == x.dtype)
     x = x.contiguous()
     norm = norm_weight is not None
 
@@ -349,7 +365,8 @@ def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, ze
         y = torch.empty(M, N, dtype=x.dtype, device=x.device)
         # the split GEMV's workspace, grown where M rows of partials need more (first call: before any graph capture)
         programs = N // (16 * warps * tiles_per_warp)
-        partial, counter = _workspace.get(x.device, max(SPLIT_WORKSPACE, split * M * N + programs * split), 1 << 14)
+        partial, counter = _workspace.get(x.device, max(SPLIT_WORKSPACE, split * M * N + programs * split * M),
+                                          1 << 14)
         _frag_gemv[(programs, split)](
             fragments, x, scales, zeros, y, partial, counter, x if residual is None else residual.contiguous(),
             norm_weight.contiguous() if norm else x, eps, N, G, split,

@@ -179,21 +179,23 @@ class QuantLinear(nn.Module):
         x2d = x.reshape(-1, x.shape[-1])
         fusable = self.row_layout and self.bias is None and ops.int4_fused_gemv_applies(x2d)
         steps = ops.int4_fused_steps if fusable else frozenset()
-        if self.fragments_only:  # only what the fragment GEMV folds in: the residual add, the RMSNorm if switched on
-            foldable = {"residual"} | ({"norm"} if ops.int4_tensor_core_norm else set())
-            steps = steps & foldable if ops.int4_fragment_gemv_applies(x2d, True) else frozenset()
+        foldable = frozenset({"residual"} | ({"norm"} if ops.int4_tensor_core_norm else set()))
+        on_fragment_gemv = self.fragments is not None and ops.int4_fragment_gemv_applies(x2d, self.fragments_only)
+        if on_fragment_gemv and x2d.shape[0] > 1:  # 2..8 rows: only the fragment GEMV folds steps in
+            steps = ops.int4_fused_steps & foldable if ops.int4_tensor_core_fold_rows else frozenset()
+        elif self.fragments_only:  # only what the fragment GEMV folds in: the residual add, the RMSNorm if switched on
+            steps = steps & foldable if on_fragment_gemv else frozenset()
         if norm is not None and ("norm" not in steps or not hasattr(norm, "eps")):
             x, norm = norm(x), None
         if silu_mul and "silu" not in steps:
             x, silu_mul = swiglu(x), False
         add_after = residual if "residual" not in steps else None
         residual = None if add_after is not None else residual
-        on_fragments = (self.fragments is not None and not silu_mul
-                        and ops.int4_fragment_gemv_applies(x2d, self.fragments_only)
-                        and (norm is None or ops.int4_tensor_core_norm))
+        on_fragments = on_fragment_gemv and not silu_mul and (norm is None or ops.int4_tensor_core_norm)
         if on_fragments and (norm is not None or residual is not None):
-            y = ops.int4_gemv_fragments(x.reshape(1, -1), self.fragments, self.fragment_scales, self.fragment_zeros,
-                                        self.group_size, None if residual is None else residual.reshape(1, -1),
+            y = ops.int4_gemv_fragments(x.reshape(-1, self.in_features), self.fragments, self.fragment_scales,
+                                        self.fragment_zeros, self.group_size,
+                                        None if residual is None else residual.reshape(-1, self.out_features),
                                         None if norm is None else norm.weight, 0.0 if norm is None else norm.eps)
             y = y.reshape(*x.shape[:-1], self.out_features)
         elif norm is not None or silu_mul or residual is not None:
