@@ -146,7 +146,9 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
                   "add.u64 xa, $2, off;"]
             for b in range(blocks32):
                 L.append(f"ld.global.v4.b32 {{{', '.join(xs_regs[g][cb][4 * b:4 * b + 4])}}}, [xa+{64 * b}];")
-        if norm:  # the norm weight at the same inputs
+        if norm:  # the norm weight at the same inputs (of a [K] vector: no row offset)
+            if rows > 1:
+                L += [f"mul.lo.u32 t32, grp, {group_size};", "mad.lo.u32 t32, j, 8, t32;", "mul.wide.u32 off, t32, 2;"]
             L.append("add.u64 na, $8, off;")
             for b in range(blocks32):
                 L.append(f"ld.global.nc.v4.b32 {{{', '.join(norm_regs[g][4 * b:4 * b + 4])}}}, [na+{64 * b}];")
