@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from llmpress.quant.format import (dequantize_runtime, fragments_to_rows, unpack_columns,  # the bit layout lives in one file
-                                   unpack_rows)
+# the bit layout lives in one file
+from llmpress.quant.format import dequantize_runtime, fragments_to_rows, unpack_columns, unpack_rows
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
