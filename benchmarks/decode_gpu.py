@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import platform
 import sys
 import time
 from datetime import date
-from pathlib import Path
 
 import torch
 
-from llmpress.atomic_write import write_json_atomic
+from results_out import save_results  # benchmarks/
 from llmpress.bench.roofline import decode_bytes_per_token, device_name, measure_copy_bandwidth
 from llmpress.bench.throughput import benchmark_decode, prompt_token_ids
 from llmpress.config import KNOWN_ARCHITECTURES
@@ -136,7 +134,7 @@ def main() -> int:
             print(f"llmpress {mode:8s} decode {r.decode_tokens_per_s:7.1f} tok/s  e2e {r.e2e_tokens_per_s:7.1f} tok/s  "
                   f"ttft {r.ttft_ms:6.1f} ms  {entry['llmpress'][mode]['fraction_of_roofline']:.1%} of roofline  "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
-            _flush(results, args.out)
+            save_results(results, args.out, "decode_gpu.json")
         for peer in args.peers.split(","):
             if not peer:
                 continue
@@ -145,13 +143,13 @@ def main() -> int:
                 hf, prompt, args.new_tokens, "static" if peer == "static" else None, args.hf_runs)
             print(f"transformers {peer:8s} e2e {entry['transformers'][peer]['e2e_tokens_per_s']:7.1f} tok/s "
                   f"(first call {entry['transformers'][peer]['first_call_s']:.1f} s; {time.perf_counter() - start:.0f} s)", flush=True)
-            _flush(results, args.out)
+            save_results(results, args.out, "decode_gpu.json")
         del hf, model
         gc.collect()
         torch.cuda.empty_cache()
         torch._dynamo.reset()
     print_table(results)
-    _flush(results, args.out)
+    save_results(results, args.out, "decode_gpu.json")
     return 0
 
 
@@ -180,13 +178,6 @@ def print_table(results: dict) -> None:
         d, e2e = ours.get("decode_tokens_per_s", float("nan")), ours.get("e2e_tokens_per_s", float("nan"))
         print(f"{arch:14s} {best:>16s} {e['roofline_tokens_per_s']:9.0f} {d:8.1f} {d / e['roofline_tokens_per_s']:7.1%} {e2e:9.1f} "
               f"{hf_e:9.1f} {hf_s:10.1f} {e2e / hf_e:8.1f} {e2e / hf_s:9.2f}")
-
-
-def _flush(results: dict, out: str | None) -> None:
-    """Write results so far (a run cut short still leaves its numbers), atomically."""
-    for path in ([Path(out)] if out else []) + ([Path(os.environ["OUT"]) / "decode_gpu.json"] if os.environ.get("OUT") else []):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, results)
 
 
 if __name__ == "__main__":

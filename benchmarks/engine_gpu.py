@@ -18,16 +18,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import os
 import sys
 import time
 import traceback
 from datetime import date
-from pathlib import Path
 
 import torch
 
-from llmpress.atomic_write import write_json_atomic
+from results_out import save_results  # benchmarks/
 from llmpress.bench.engine_throughput import decode_step_roofline, random_workload, run_offline
 from llmpress.bench.roofline import device_name, measure_copy_bandwidth
 from llmpress.config import KNOWN_ARCHITECTURES
@@ -187,7 +185,7 @@ def main() -> int:
               f"{', '.join(f'{e:.1e}' for e in c['prefill_logits_rel_error_vs_plain_forward'])}; greedy tokens agreeing "
               f"with the static-cache generator: {c['agreeing_prefix_per_prompt']} of {c['new_tokens']}; overlapped "
               f"scheduling gives the synchronous loop's tokens: {c['overlapped_equals_synchronous']}", flush=True)
-        _flush(results, args.out)
+        save_results(results, args.out, "engine_gpu.json")
     kv_dtypes = {"bf16": "auto", "fp8-kv": "fp8", "int8-kv": "int8", "int4": "auto"}
     variants = [v for v in args.variants.split(",") if v]
     # int4 quantizes the model in place, so it runs last, after transformers has copied the bf16 weights.
@@ -199,7 +197,7 @@ def main() -> int:
                 t = results["transformers"]
                 print(f"transformers generate (batch {t['batch']}, eager): {t['generated_tokens_per_s']:.0f} generated "
                       f"tok/s ({t['requested_tokens_per_s']:.0f} requested tok/s), {t['seconds']:.1f} s", flush=True)
-                _flush(results, args.out)
+                save_results(results, args.out, "engine_gpu.json")
             continue
         if variant == "int4":
             from llmpress.quant.calibration import quantize_model
@@ -226,9 +224,9 @@ def main() -> int:
               f"{r['full_batch_decode_tokens_per_s']:.0f} tok/s = {r['fraction_of_roofline']:.1%} of "
               f"{r['roofline']['tokens_per_s']:.0f} ({r['roofline']['bound']}-bound); KV {r['kv_blocks']} blocks, "
               f"{r['max_concurrent_at_max_len']} seqs of max length", flush=True)
-        _flush(results, args.out)
+        save_results(results, args.out, "engine_gpu.json")
     summarize(results)
-    _flush(results, args.out)
+    save_results(results, args.out, "engine_gpu.json")
     return 0
 
 
@@ -250,13 +248,6 @@ def summarize(results: dict) -> None:
         ratio = f"{r['over_transformers']:6.2f}" if hf and "over_transformers" in r else f"{'-':>6s}"
         print(f"{'llmpress ' + variant:22s} {r['output_tokens_per_s']:10.0f} {ratio} {r['full_batch_decode_tokens_per_s']:17.0f} "
               f"{r['fraction_of_roofline']:10.1%} {r['max_concurrent_at_max_len']:9d} {r.get('concurrency_vs_bf16', float('nan')):7.2f}")
-
-
-def _flush(results: dict, out: str | None) -> None:
-    """Write results so far (a run cut short still leaves its numbers), atomically."""
-    for path in ([Path(out)] if out else []) + ([Path(os.environ["OUT"]) / "engine_gpu.json"] if os.environ.get("OUT") else []):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, results)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,14 @@ the tensor-core path up to 16 rows, dequantize + cuBLAS above). Prints a table a
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from datetime import date
-from pathlib import Path
 
 import torch
 
 from int4_rows_gpu import GROUP, LAYERS, SHAPES, random_int4, rel_error  # benchmarks/
 from kernels_gpu import time_per_call_us  # benchmarks/
-from llmpress.atomic_write import write_json_atomic
+from results_out import save_results  # benchmarks/
 from llmpress.kernels import ops  # noqa: F401 - registers torch.ops.llmpress.int4_matmul_fragments
 from llmpress.bench.roofline import device_name, measure_copy_bandwidth
 from llmpress.kernels.triton_int4_frag import FRAG_CONFIGS, FRAG_KERNEL_MAX_M, FRAG_MAX_M, frag_fits, frag_gemv
@@ -122,7 +120,7 @@ def main() -> int:
             elif label in best:
                 best[label] += us * (LAYERS if per_layer else 1)
         best["frag best tile"] += fastest_tile * (LAYERS if per_layer else 1)
-        _flush(report, args.out)
+        save_results(report, args.out, "int4_frag_gpu.json")
     report["per_token_us"] = best
     print(f"\nlinears of one 3B token (28 layers + lm_head), batch 1: tensor-core GEMV {best['frag'] / 1e3:.3f} ms, "
           f"split GEMV {best['split'] / 1e3:.3f} ms; tensor-core GEMV on each shape's fastest tile "
@@ -130,14 +128,8 @@ def main() -> int:
     for m in [m for m in row_counts if m > 1]:
         print(f"same at M = {m}: fragments {best[f'frag M={m}'] / 1e3:.3f} ms, row layout "
               f"{best[f'rows M={m}'] / 1e3:.3f} ms", flush=True)
-    _flush(report, args.out)
+    save_results(report, args.out, "int4_frag_gpu.json")
     return 0
-
-
-def _flush(report: dict, out: str | None) -> None:
-    for path in ([Path(out)] if out else []) + ([Path(os.environ["OUT"]) / "int4_frag_gpu.json"] if os.environ.get("OUT") else []):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, report)
 
 
 if __name__ == "__main__":

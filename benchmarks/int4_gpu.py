@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import time
 from datetime import date
-from pathlib import Path
 
 import torch
 
-from llmpress.atomic_write import write_json_atomic
+from results_out import save_results  # benchmarks/
 from llmpress.bench.roofline import device_name, measure_copy_bandwidth
 from llmpress.bench.throughput import benchmark_decode, prompt_token_ids
 from llmpress.config import KNOWN_ARCHITECTURES
@@ -248,7 +246,7 @@ def main() -> int:
                 entry[label] = {"error": f"{type(error).__name__}: {error}"}
                 print(f"{arch} {label}: FAILED {entry[label]['error']}", flush=True)
                 torch._dynamo.reset()
-            _flush(results, args.out)
+            save_results(results, args.out, "int4_gpu.json")
         ops.int4_matmul = _triton_int4_matmul
         generator_module.use_row_layouts = use_row_layouts
         bf16_rate = best_bf16_rate(entry, variants)
@@ -274,7 +272,7 @@ def main() -> int:
                                seconds=seconds, peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9)
         print(f"GPTQ {args.gptq_arch} 4-bit g128, {args.gptq_nsamples} x {args.gptq_seqlen} calibration tokens: "
               f"{seconds:.1f} s", flush=True)
-        _flush(results, args.out)
+        save_results(results, args.out, "int4_gpu.json")
     print(f"\nBatch-1 decode, {results['gpu']}, prompt {args.prompt_len}, {args.new_tokens} new tokens")
     print(f"{'model':14s} {'variant':14s} {'tok/s':>8s} {'roofline':>9s} {'% roof':>7s} {'x bf16':>7s}")
     for arch, e in results["architectures"].items():
@@ -284,15 +282,8 @@ def main() -> int:
                   f"{v['fraction_of_roofline']:7.1%} {v['decode_tokens_per_s'] / (best_bf16_rate(e, variants) or float('nan')):6.2f}x")
     print("x bf16: over the fastest bf16 run of the same run (bf16, bf16#2, ...: the same settings vary 330-410 tok/s "
           "between runs on the lent H200)")
-    _flush(results, args.out)
+    save_results(results, args.out, "int4_gpu.json")
     return 0
-
-
-def _flush(results: dict, out: str | None) -> None:
-    """Write results so far (a run cut short still leaves its numbers), atomically."""
-    for path in ([Path(out)] if out else []) + ([Path(os.environ["OUT"]) / "int4_gpu.json"] if os.environ.get("OUT") else []):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, results)
 
 
 if __name__ == "__main__":

@@ -19,17 +19,15 @@ bandwidth that tiling reaches with no arithmetic, the ceiling of any GEMV built 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from datetime import date
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from llmpress.atomic_write import write_json_atomic
+from results_out import save_results  # benchmarks/
 from llmpress.bench.roofline import device_name, measure_copy_bandwidth
 from llmpress.kernels.triton_int4 import int4_matmul_triton
 from llmpress.kernels.triton_int4_rows import default_family, int4_matmul_rows_triton
@@ -214,9 +212,7 @@ def main() -> int:
         del weights, tiny
         torch.cuda.empty_cache()
     summarize(report, batch_sizes)
-    for path in ([Path(args.out)] if args.out else []) + ([Path(os.environ["OUT"]) / "int4_rows_gpu.json"] if os.environ.get("OUT") else []):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, report)
+    save_results(report, args.out, "int4_rows_gpu.json")
     return 0
 
 

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import sys
 from datetime import date
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from llmpress.atomic_write import write_json_atomic
+from results_out import save_results  # benchmarks/
 from llmpress.bench.roofline import device_name, measure_copy_bandwidth
 from llmpress.kernels import ops
 from llmpress.kernels.reference import paged_attention_reference
@@ -161,7 +159,7 @@ def main() -> int:
               "shape": dict(heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, block_size=BLOCK_SIZE)}
     print(f"{report['gpu']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     report["correctness_rel_error"], ok = check_correctness()
-    _flush(report, args.out)
+    save_results(report, args.out, "paged_attention_gpu.json")
 
     decode_configs = {"default": None}
     if args.sweep:
@@ -188,7 +186,7 @@ def main() -> int:
             del sets
             torch.cuda.empty_cache()
     report["rows"] = rows
-    _flush(report, args.out)
+    save_results(report, args.out, "paged_attention_gpu.json")
 
     L = args.prefill_len
     flops = 4 * HEADS * HEAD_DIM * L * (L + 1) / 2  # q·k and p·v over the causal triangle
@@ -211,15 +209,8 @@ def main() -> int:
     us = time_per_call_us(sdpa, [()], args.replays)
     rows.append(dict(phase="prefill", kv="bf16 dense", tokens=L, config="sdpa", us=us, tflop_per_s=flops / us / 1e6))
     print(f"{'prefill':8s} {'bf16':5s} {L:6d} {'sdpa (dense)':18s} {us:8.1f} {flops / us / 1e6:8.1f}", flush=True)
-    _flush(report, args.out)
+    save_results(report, args.out, "paged_attention_gpu.json")
     return 0 if ok else 1
-
-
-def _flush(report: dict, out: str | None) -> None:
-    """Write results so far (a run cut short still leaves its numbers), atomically."""
-    for path in ([Path(out)] if out else []) + ([Path(os.environ["OUT"]) / "paged_attention_gpu.json"]
-                                                 if os.environ.get("OUT") else []):
-        write_json_atomic(path, report)
 
 
 if __name__ == "__main__":
