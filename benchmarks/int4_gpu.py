@@ -38,7 +38,7 @@ from llmpress.loading.loader import random_model
 from llmpress.quant.calibration import quantize_model
 from llmpress.quant.linear import QuantLinear, replace_linears, use_fragment_layouts, use_row_layouts
 from llmpress.quant.rtn import quantize_rtn
-import llmpress.generation.generator as generator_module
+import llmpress.quant.linear as linear_module
 import llmpress.kernels.pdl as pdl_module
 import llmpress.kernels.triton_attention as attention_module
 import llmpress.kernels.triton_int4_rows_split as split_module
@@ -221,7 +221,7 @@ def main() -> int:
                     print(f"{arch} {label} decode-step logits (batch-1 kernels, fused steps), Triton vs reference: "
                           f"relative error {entry[key]:.2e}", flush=True)
                 # The generator re-lays int4 weights for the row kernels on CUDA; the GPTQ-layout variants keep theirs.
-                generator_module.use_row_layouts = use_row_layouts if rows else (lambda model: 0)
+                linear_module.use_row_layouts = use_row_layouts if rows else (lambda model: 0)
                 ops.int4_matmul = inductor_int4_matmul if base_label(label) == "int4-inductor" else _triton_int4_matmul
                 torch._dynamo.reset()
                 nbytes = decode_bytes(model, mean_context)  # before the generator allocates anything
@@ -248,7 +248,7 @@ def main() -> int:
                 torch._dynamo.reset()
             save_results(results, args.out, "int4_gpu.json")
         ops.int4_matmul = _triton_int4_matmul
-        generator_module.use_row_layouts = use_row_layouts
+        linear_module.use_row_layouts = use_row_layouts
         bf16_rate = best_bf16_rate(entry, variants)
         if bf16_rate:
             entry["bf16_reference_tokens_per_s"] = bf16_rate

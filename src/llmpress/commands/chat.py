@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from llmpress.commands import common
-from llmpress.commands.generate import (add_decode_mode_arg, apply_kernel_args, add_sampling_args, format_stats, generate_from_ids,
-                                        sampling_params_from_args)
+from llmpress.commands.generate import (add_decode_mode_arg, add_sampling_args, apply_kernel_args, format_stats,
+                                        generate_from_ids, sampling_params_from_args)
 from llmpress.errors import LlmpressError
 from llmpress.generation import GenerationOutput, Generator, SamplingParams
 from llmpress.loading import LoadedModel

@@ -19,9 +19,7 @@ from llmpress.engine.sequence import PLACEHOLDER_TOKEN
 from llmpress.engine.transfer import to_device
 from llmpress.errors import LlmpressError
 from llmpress.model import LlamaForCausalLM
-from llmpress.model.fusion import fuse_projections
-from llmpress.kernels import ops
-from llmpress.quant.linear import use_fragment_layouts, use_row_layouts
+from llmpress.quant.linear import use_decode_layouts
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +38,7 @@ class ModelRunner:
         self.model, self.config, self.max_model_len = model, config, max_model_len
         self.device, self.dtype, self.block_size = model.device, model.dtype, config.block_size
         self.on_cuda = self.device.type == "cuda"
-        if self.on_cuda:
-            use_row_layouts(model)  # int4 layers: the layout the GPU kernels stream fastest
-            fuse_projections(model)  # one q|k|v and one gate|up matmul per layer, as the generator does
-            if ops.int4_tensor_core_gemv:
-                use_fragment_layouts(model)  # steps of 1-8 tokens on the tensor-core GEMV, as the generator does
+        use_decode_layouts(model, self.on_cuda, fuse=self.on_cuda)  # as the generator does
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.num_blocks = config.num_gpu_blocks or self._blocks_that_fit()
         self.cache = PagedKVCache(model.config, self.num_blocks, self.block_size, self.dtype,

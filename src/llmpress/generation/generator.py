@@ -17,9 +17,7 @@ from llmpress.errors import LlmpressError
 from llmpress.generation.cuda_graph import GraphedStep
 from llmpress.generation.sampling import SamplingParams, sample_next_token
 from llmpress.model import LlamaForCausalLM, StaticKVCache
-from llmpress.model.fusion import fuse_projections
-from llmpress.kernels import ops
-from llmpress.quant.linear import use_fragment_layouts, use_row_layouts
+from llmpress.quant.linear import use_decode_layouts
 
 DECODE_MODES = ("auto", "eager", "graph", "compile")
 
@@ -62,12 +60,8 @@ class Generator:
             raise LlmpressError(f"{max_seq_len} positions requested but the model's context is {limit}; "
                                 "shorten the prompt or lower --max-new-tokens.")
         self.model, self.mode, self.batch_size, self.max_seq_len = model, mode, batch_size, max_seq_len
-        if on_cuda:
-            use_row_layouts(model)  # int4 layers: the layout the GPU decode kernels stream fastest
-        if fuse if fuse is not None else mode != "eager":  # eager stays the plain reference path
-            fuse_projections(model)
-        if on_cuda and ops.int4_tensor_core_gemv:
-            use_fragment_layouts(model)  # o, down and lm_head also as tensor-core fragments (a second copy)
+        # eager stays the plain reference path: unfused
+        use_decode_layouts(model, on_cuda, fuse=fuse if fuse is not None else mode != "eager")
         self.cache = StaticKVCache(model.config, batch_size, max_seq_len, model.dtype, model.device)
         self._decode: Callable | None = None
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from llmpress.kernels import ops
-from llmpress.model.fusion import FUSED_PROJECTIONS, unfuse_projections
+from llmpress.model.fusion import FUSED_PROJECTIONS, fuse_projections, unfuse_projections
 from llmpress.model.llama import swiglu
 from llmpress.quant.format import (RuntimeQuantWeight, dequantize_runtime, fragment_scales_zeros, fragments_to_rows,
                                    from_runtime, rows_to_fragments, rows_to_runtime, runtime_to_rows, to_runtime)
@@ -268,3 +268,16 @@ def use_fragment_layouts(model: nn.Module, names: tuple[str, ...] = ("o_proj", "
                 member.share_fragments(fused, first_row)
                 first_row += member.out_features
     return count
+
+
+def use_decode_layouts(model: nn.Module, on_cuda: bool, fuse: bool) -> None:
+    """The weight layouts a decoding model runs on (the generator, the engine and the speculative steps each call
+    this once, with the model on its device): on CUDA int4 layers in the row layout the GPU kernels stream fastest;
+    with `fuse`, q|k|v and gate|up as one product each; on CUDA with `ops.int4_tensor_core_gemv`, int4 layers as
+    tensor-core fragments (`use_fragment_layouts`)."""
+    if on_cuda:
+        use_row_layouts(model)
+    if fuse:
+        fuse_projections(model)
+    if on_cuda and ops.int4_tensor_core_gemv:
+        use_fragment_layouts(model)

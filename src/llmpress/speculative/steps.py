@@ -18,9 +18,7 @@ from llmpress.errors import LlmpressError
 from llmpress.generation.cuda_graph import GraphedStep
 from llmpress.generation.generator import DECODE_MODES
 from llmpress.model import StaticKVCache
-from llmpress.model.fusion import fuse_projections
-from llmpress.kernels import ops
-from llmpress.quant.linear import use_fragment_layouts, use_row_layouts
+from llmpress.quant.linear import use_decode_layouts
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:
@@ -48,12 +46,7 @@ class CachedModel:
         if max_seq_len + scratch > limit:
             raise LlmpressError(f"{max_seq_len} positions (+{scratch} for speculation) requested but the model's "
                                 f"context is {limit}; shorten the prompt or lower --max-new-tokens.")
-        if model.device.type == "cuda":
-            use_row_layouts(model)  # as in Generator: int4 layers in the layout of the GPU decode kernels
-        if self.mode != "eager":  # as in Generator: eager stays the plain reference path
-            fuse_projections(model)
-        if model.device.type == "cuda" and ops.int4_tensor_core_gemv:
-            use_fragment_layouts(model)  # as in Generator
+        use_decode_layouts(model, model.device.type == "cuda", fuse=self.mode != "eager")  # as in Generator
         self.scratch = scratch
         self.cache = StaticKVCache(model.config, 1, max_seq_len + scratch, model.dtype, model.device)
         self._steps: dict[int, Callable] = {}
