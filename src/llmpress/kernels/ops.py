@@ -51,6 +51,12 @@ def triton_available() -> bool:
     return HAS_TRITON and torch.cuda.is_available()
 
 
+def _triton_requested(t: torch.Tensor) -> bool:
+    """Whether an op runs its Triton kernel for input `t`: the "triton" backend always (it raises where the kernel
+    cannot take the input), "auto" for CUDA tensors when Triton is installed."""
+    return _backend == "triton" or (_backend == "auto" and t.is_cuda and HAS_TRITON)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
     """Grouped-query attention. q: [B, H, T, D]; k, v: [B, Hkv, S, D]; mask: bool, True = attend."""
@@ -70,7 +76,7 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      positions: torch.Tensor) -> torch.Tensor:
     """Attention of new tokens over a static cache. q: [B, H, T, D] at `positions` [T];
     k_cache, v_cache: [B, Hkv, S, D] already holding the new tokens. Query at position p sees slots 0..p."""
-    use_triton = _backend == "triton" or (_backend == "auto" and q.is_cuda and HAS_TRITON)
+    use_triton = _triton_requested(q)
     if use_triton and q.shape[2] == 1 and q.shape[-1] in (64, 128):
         return torch.ops.llmpress.decode_attention(q, k_cache, v_cache, positions)
     if _backend == "triton":
@@ -142,7 +148,7 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qz
                 g_idx: torch.Tensor | None, group_size: int, bits: int) -> torch.Tensor:
     """x [M, K] @ W for a weight in the runtime packed layout (quant/format.py). Returns [M, N] in x.dtype.
     Triton for 4-bit on CUDA (fp16/bf16 activations), the dequantize-then-matmul reference otherwise."""
-    use_triton = _backend == "triton" or (_backend == "auto" and x.is_cuda and HAS_TRITON)
+    use_triton = _triton_requested(x)
     if use_triton and bits == 4 and x.dtype in (torch.float16, torch.bfloat16):
         return torch.ops.llmpress.int4_matmul(x.contiguous(), qweight, scales, qzeros, g_idx, group_size)
     if _backend == "triton":
@@ -171,7 +177,7 @@ def int4_matmul_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
                      group_size: int) -> torch.Tensor:
     """x [M, K] @ Wᵀ for a 4-bit weight in the row layout (quant/format.py `runtime_to_rows`). Returns [M, N] in
     x.dtype. Triton on CUDA (fp16/bf16 activations), the dequantize-then-matmul reference otherwise."""
-    use_triton = _backend == "triton" or (_backend == "auto" and x.is_cuda and HAS_TRITON)
+    use_triton = _triton_requested(x)
     if use_triton and x.dtype in (torch.float16, torch.bfloat16):
         if x.shape[0] == 1 and int4_batch1_reduce == "partials":
             # The batch-1 GEMV's fp32 partial sums, added up here, outside the op, where torch.compile can
@@ -266,8 +272,8 @@ int4_tensor_core_gemv = False
 # one there: 3B int4 decode 559.7 -> 661.2 tok/s with it, 600.0 -> 714.7 with an int4 head (int4_h200_tiles.*).
 int4_tensor_core_norm = True
 # And at 2..8 rows (a verify step) too, the RMSNorm and the residual add folded in as at batch 1. Prepared: the
-# kernel's per-row sum(h^2) is compiled for sm_90 and tested only on the CPU machine's side of the code; its CUDA test
-# (tests/kernels/test_int4_rows.py -k each_row) is written, not yet run; so off.
+# kernel's per-row sum(h^2) is compiled for sm_90 on the CPU machine; its CUDA test (tests/kernels/test_int4_rows.py
+# -k each_row) is written, not yet run; so off.
 int4_tensor_core_fold_rows = False
 FRAG_MAX_M = 8  # kernels/triton_int4_frag.py: the rows of x are the columns of the mma's B operand
 # The most rows of x that go to it (the 2..8-row path passed its CUDA tests on the H200: pytest_gpu_frag_rows_h200.log).
@@ -295,7 +301,7 @@ def int4_matmul_fragments(x: torch.Tensor, fragments: torch.Tensor, scales: torc
     """x [M, K] @ Wᵀ -> [M, N] in x.dtype, any M, for a weight held only as tensor-core fragments (scales, zeros
     [G, N]): on CUDA the fragment GEMV 8 rows at a time up to 16 rows, above that the dense weight from
     `dequantize_fragments_triton` and cuBLAS; elsewhere the reference (fragments back to rows, then dequantize)."""
-    use_triton = _backend == "triton" or (_backend == "auto" and x.is_cuda and HAS_TRITON)
+    use_triton = _triton_requested(x)
     if use_triton and x.dtype in (torch.float16, torch.bfloat16):
         return torch.ops.llmpress.int4_matmul_fragments(x.contiguous(), fragments, scales, zeros, group_size)
     if _backend == "triton":
