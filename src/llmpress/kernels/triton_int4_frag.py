@@ -417,8 +417,8 @@ def _dequantize_fragments(fr_ptr, s_ptr, z_ptr, w_ptr, N, K, G, GROUP_SIZE: tl.c
 def dequantize_fragments_triton(fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                                 dtype: torch.dtype) -> torch.Tensor:
     """The dense weight [N, K] in `dtype` (nn.Linear's layout) from the fragment layout, with scales and zeros
-    [G, N] as `frag_gemv` takes them: what a prefill step would multiply by if the fragments were a layer's only
-    copy (not used by the model yet)."""
+    [G, N] as `frag_gemv` takes them: what a prefill step multiplies by when the fragments are a layer's only
+    copy (ops.int4_matmul_fragments, above 16 rows)."""
     G, N = scales.shape
     assert fragments.shape == (N // 16, G, group_size // 64, 32, 4), fragments.shape
     w = torch.empty(N, G * group_size, dtype=dtype, device=fragments.device)
