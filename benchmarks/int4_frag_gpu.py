@@ -5,7 +5,7 @@ weights: first each kernel's result against exact float64 dequantization, then t
 CUDA-graph replays over rotating weight sets (so L2 cannot hold them; benchmarks/kernels_gpu.py), every tile
 of the new kernel and the tuned split GEMV, then the linears of one token (28 layers + lm_head). With
 --rows 1,6,16,512: also M rows of x (6: a speculative verify step at k = 5; 9..16: an engine batch; more: a
-prefill), a fragments-only layer's product (ops.int4_matmul_fragments: one call up to 8 rows, two up to 16,
+prefill), a fragments-only layer's product (ops.int4_matmul_fragments: one call up to 8 rows, one or two up to 16,
 the fragment dequantizer + cuBLAS above) against what the row layout runs ("rows M=": its default dispatch,
 the tensor-core path up to 16 rows, dequantize + cuBLAS above). Prints a table and writes JSON.
 
@@ -75,11 +75,11 @@ def main() -> int:
             xm = [torch.randn(m, K, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
             sets_m = [(xm[i], *weights[i][:1], fragments[i], *weights[i][1:]) for i in range(sets)]
             ref_m = xm[0].double() @ dense.double()
-            # up to 8 rows one call; 9..16 two 8-row calls; more the fragment dequantizer + cuBLAS (ops.py)
+            # up to 8 rows one call; 9..16 one call or two (ops.FRAG_ONE_CALL_MAX_N); more dequantizer + cuBLAS
             cases += [(f"frag M={m}", lambda x, qw, fr, s, z: torch.ops.llmpress.int4_matmul_fragments(x, *fr, GROUP),
                        sets_m, ref_m),
                       (f"rows M={m}", lambda x, qw, fr, s, z: int4_matmul_rows_triton(x, qw, s, z, GROUP), sets_m, ref_m)]
-            if FRAG_MAX_M < m <= FRAG_KERNEL_MAX_M:  # 9..16 rows in one call (two column blocks; prepared)
+            if FRAG_MAX_M < m <= FRAG_KERNEL_MAX_M:  # 9..16 rows in one call (two column blocks)
                 cases.append((f"frag one call M={m}", lambda x, qw, fr, s, z: frag_gemv(x, *fr, GROUP), sets_m, ref_m))
             if args.tiles_at_rows and m <= FRAG_KERNEL_MAX_M:  # every tile at this M, to pick its default
                 cases += [(f"frag w{w} g{g} t{t} M={m}", lambda x, qw, fr, s, z, c=(w, g, t): frag_gemv(x, *fr, GROUP, c),
@@ -93,7 +93,7 @@ def main() -> int:
                       ("split norm", lambda x, qw, fr, s, z: split_gemv_rows(x, qw, s, z, GROUP, reduce="in_kernel",
                                                                              prologue="rmsnorm", norm_weight=weight,
                                                                              eps=1e-5), arg_sets, ref_norm)]
-            for m in [m for m in row_counts if 1 < m <= FRAG_MAX_M]:  # a verify step's rows, each normalized (prepared)
+            for m in [m for m in row_counts if 1 < m <= FRAG_MAX_M]:  # a verify step's rows, each normalized
                 xm = [torch.randn(m, K, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
                 sets_m = [(xm[i], *weights[i][:1], fragments[i], *weights[i][1:]) for i in range(sets)]
                 hm = xm[0].double()

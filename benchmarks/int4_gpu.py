@@ -96,7 +96,8 @@ def decode_step_rel_error(model, prompt) -> float:
 SETTINGS = {"rope": (ops, "fuse_rope_into_attention"), "steps": (ops, "int4_fused_steps"),
             "spread": (split_module, "spread_prologue"), "pdl": (pdl_module, "mode"),
             "combine": (attention_module, "combine"), "tc": (ops, "int4_tensor_core_gemv"),
-            "tc_norm": (ops, "int4_tensor_core_norm"), "frag_only": (ops, "int4_fragments_only")}
+            "tc_norm": (ops, "int4_tensor_core_norm"), "frag_only": (ops, "int4_fragments_only"),
+            "tc_swiglu": (ops, "int4_tensor_core_swiglu")}
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr) in SETTINGS.items()}
 NORM_RES = frozenset({"residual", "norm"})
 STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", combine="kernel"),
@@ -115,6 +116,9 @@ STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", 
                  "int4-tc-norm+head": dict(tc=True, tc_norm=True, frag_only=False),
                  # the fragments as the only copy: they replace the row layout in place, so these come last
                  "int4-tc-only": dict(tc=True, frag_only=True), "int4-tc-only+head": dict(tc=True, frag_only=True),
+                 # and silu(gate) * up in the gate|up GEMV's last step
+                 "int4-tc-only-swiglu": dict(tc=True, frag_only=True, tc_swiglu=True),
+                 "int4-tc-only-swiglu+head": dict(tc=True, frag_only=True, tc_swiglu=True),
                  "bf16-before": dict(pdl="off", combine="kernel")}
 
 

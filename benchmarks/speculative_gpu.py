@@ -126,9 +126,12 @@ def main() -> int:
     parser.add_argument("--int4-tensor-cores", action="store_true",
                         help="int4 rows: run the products of 1..8 rows on the tensor-core GEMV (kernels/triton_int4_frag.py, "
                              "ops.int4_tensor_core_gemv), the verify step's included")
+    parser.add_argument("--int4-swiglu", action="store_true",
+                        help="with --int4-tensor-cores: silu(gate) * up in the gate|up GEMV's last step "
+                             "(ops.int4_tensor_core_swiglu)")
     parser.add_argument("--int4-fold-rows", action="store_true",
                         help="with --int4-tensor-cores: the verify step's RMSNorm and residual add folded into the "
-                             "tensor-core GEMV too (ops.int4_tensor_core_fold_rows, prepared)")
+                             "tensor-core GEMV too (ops.int4_tensor_core_fold_rows; measured slower)")
     parser.add_argument("--out", default="benchmarks/results/speculative_h100.json")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -174,6 +177,7 @@ def main() -> int:
         del target, draft
         ops.int4_tensor_core_gemv = args.int4_tensor_cores  # the int4 models' steps build their fragments
         ops.int4_tensor_core_fold_rows = args.int4_tensor_cores and args.int4_fold_rows
+        ops.int4_tensor_core_swiglu = args.int4_tensor_cores and args.int4_swiglu
         ops.int4_tensor_core_max_rows = ops.FRAG_MAX_M if args.int4_tensor_cores else 1  # the verify step's k + 1 rows too
         reference4, plain4 = time_plain(target4, prompt, args.new_tokens + spare, args.mode, args.repeats)
         rows.append({"config": "plain int4 target", "tokens_per_s": plain4, "speedup": plain4 / plain_rate})
@@ -187,7 +191,7 @@ def main() -> int:
               "dtype": str(dtype).removeprefix("torch."), "mode": args.mode, "batch_size": 1,
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "k": args.k, "int4_head": args.int4_head,
               "int4_tensor_cores": args.int4_tensor_cores, "int4_fragments_only": ops.int4_fragments_only,
-              "int4_fold_rows": ops.int4_tensor_core_fold_rows,
+              "int4_fold_rows": ops.int4_tensor_core_fold_rows, "int4_swiglu": ops.int4_tensor_core_swiglu,
               "checks": checks,
               "rows": rows, "seconds": round(time.perf_counter() - started, 1), "date": date.today().isoformat(),
               "torch": torch.__version__, "python": platform.python_version(), "command": " ".join(sys.argv)}

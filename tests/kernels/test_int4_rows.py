@@ -421,7 +421,7 @@ def test_triton_fragment_gemv_takes_up_to_sixteen_rows(M):
     """Rows of x as the columns of the mma's B operand (a speculative verify step, a small batch): each row of y
     against float64, with the residual add, and against one row at a time; on the default tile and with 2 and 4
     row tiles per warp (2..8 rows, passed on the H200), or past 8 rows with a second column block of B per
-    unpacked A operand (prepared: FRAG_KERNEL_MAX_M). Rows past M repeat the last row inside the kernel and must
+    unpacked A operand (FRAG_KERNEL_MAX_M). Rows past M repeat the last row inside the kernel and must
     not leak into y."""
     from llmpress.kernels.triton_int4_frag import DEFAULT_CONFIG, FRAG_MAX_M, TWO_BLOCK_CONFIG, frag_gemv
     from llmpress.quant.format import fragment_scales_zeros, rows_to_fragments
@@ -486,7 +486,7 @@ def test_triton_fragment_gemv_folds_the_rmsnorm(dtype):
 @cuda_only
 @pytest.mark.parametrize("M", [2, 6, 8])
 def test_triton_fragment_gemv_folds_the_rmsnorm_of_each_row(M):
-    """2..8 rows (a verify step) with the RMSNorm folded in (prepared: ops.int4_tensor_core_fold_rows): each row's
+    """2..8 rows (a verify step) with the RMSNorm folded in (ops.int4_tensor_core_fold_rows): each row's
     sum(h^2) is the diagonal of one mma of x with itself, so each row of y is normalized by its own mean square;
     against float64 on two tiles, then QuantLinear.forward_fused with the fold on against the same steps apart."""
     from llmpress.kernels.triton_int4_frag import frag_gemv
@@ -523,10 +523,65 @@ def test_triton_fragment_gemv_folds_the_rmsnorm_of_each_row(M):
 
 
 @cuda_only
+@pytest.mark.parametrize("M", [1, 6])
+def test_triton_fragment_gemv_ends_in_swiglu(M):
+    """A fused gate|up weight [2I, K] with silu(gate) * up in the GEMV's last step (the first half of each program's
+    warps on gate rows, the second half on the same up rows): on every tile, with and without the folded RMSNorm
+    (one row), against float64; then MLP.forward with the switch on against the same steps apart."""
+    from llmpress.kernels.triton_int4_frag import FRAG_CONFIGS, frag_fits, frag_gemv
+    from llmpress.quant.format import fragment_scales_zeros, rows_to_fragments
+    torch.manual_seed(20 + M)
+    K, inner = 2048, 1024
+    (qweight, scales, zeros), rt, _ = random_rows(K, 2 * inner, 128, "cuda")
+    fragments = rows_to_fragments(qweight, 128)
+    fscales, fzeros = fragment_scales_zeros(scales, zeros)
+    h = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    weight = (torch.rand(K, device="cuda") + 0.5).to(torch.bfloat16)
+    h64 = h.double()
+
+    def swiglu64(x64):
+        gate_up = int4_matmul_rows_reference(x64, qweight, scales, zeros, 128)
+        return torch.nn.functional.silu(gate_up[:, :inner]) * gate_up[:, inner:]
+
+    plain = swiglu64(h64)
+    normed = swiglu64(h64 * torch.rsqrt(h64.pow(2).mean(dim=1, keepdim=True) + 1e-5) * weight.double())
+    configs = [c for c in FRAG_CONFIGS if frag_fits(2 * inner, K // 128, *c, M=M)]
+    assert len(configs) >= 4
+    for config in configs:
+        y = frag_gemv(h, fragments, fscales, fzeros, 128, config, swiglu=True)
+        assert y.shape == (M, inner) and rel_error(y, plain) < 1e-2, config
+        if M == 1:
+            y = frag_gemv(h, fragments, fscales, fzeros, 128, config, norm_weight=weight, eps=1e-5, swiglu=True)
+            assert rel_error(y, normed) < 1e-2, config
+    from llmpress.model import LlamaForCausalLM
+    from llmpress.model.fusion import fuse_projections
+    from llmpress.quant.calibration import quantize_model
+    from llmpress.quant.linear import replace_linears, use_fragment_layouts
+    from tests.conftest import tiny_config
+    model = LlamaForCausalLM(tiny_config(hidden_size=256, intermediate_size=512)).eval()
+    with torch.no_grad():
+        replace_linears(model, quantize_model(model, "rtn", QuantScheme(bits=4, group_size=128), progress=False))
+        model.to("cuda", torch.bfloat16)
+        use_row_layouts(model)
+        fuse_projections(model)
+        use_fragment_layouts(model, only=True)
+        mlp, norm = model.model.layers[0].mlp, model.model.layers[0].post_attention_layernorm
+        x = torch.randn(1, M, 256, device="cuda", dtype=torch.bfloat16)
+        apart = mlp(x, norm=norm, residual=x)
+        saved = ops.int4_tensor_core_swiglu
+        ops.int4_tensor_core_swiglu = True
+        try:
+            fused = mlp(x, norm=norm, residual=x)
+        finally:
+            ops.int4_tensor_core_swiglu = saved
+    assert fused.shape == apart.shape == (1, M, 256) and rel_error(fused, apart.double()) < 1e-2
+
+
+@cuda_only
 @pytest.mark.parametrize("K,N,group_size", [(3072, 1024, 128), (1024, 256, 64)])
 def test_triton_fragment_dequantizer_is_exact(K, N, group_size):
     """The dense weight rebuilt from the fragment layout equals the row layout's dequantization, bit for bit
-    (prepared for layers holding only fragments; also checked in the Triton interpreter on CPU)."""
+    (what layers holding only fragments multiply by above 16 rows; also checked in the Triton interpreter on CPU)."""
     from llmpress.kernels.triton_int4_frag import dequantize_fragments_triton
     from llmpress.kernels.triton_int4_rows import dequantize_rows_triton
     from llmpress.quant.format import fragment_scales_zeros, rows_to_fragments

@@ -271,10 +271,18 @@ int4_tensor_core_gemv = False
 # tests/kernels/test_int4_rows.py -k fragment). On by default once 4 row tiles per warp made that GEMV the faster
 # one there: 3B int4 decode 559.7 -> 661.2 tok/s with it, 600.0 -> 714.7 with an int4 head (int4_h200_tiles.*).
 int4_tensor_core_norm = True
-# And at 2..8 rows (a verify step) too, the RMSNorm and the residual add folded in as at batch 1. Prepared: the
-# kernel's per-row sum(h^2) is compiled for sm_90 on the CPU machine; its CUDA test (tests/kernels/test_int4_rows.py
-# -k each_row) is written, not yet run; so off.
+# And at 2..8 rows (a verify step) too, the RMSNorm and the residual add folded in as at batch 1 (per-row sum(h^2):
+# correct on the H200, tests/kernels/test_int4_rows.py -k each_row, pytest_gpu_frag_prepared_h200.log). Off: slower.
+# Speculative int4 + int4 draft (benchmarks/speculative_gpu.py --int4-tensor-cores --int4-swiglu [--int4-fold-rows],
+# results/speculative_h200_int4_swiglu{,_fold}.*): verify 2.64 ms a step apart, 2.87 folded (the GEMV at 6 rows with
+# the norm: q|k|v 13.0 us against 12.1, gate|up 23.9 against 20.8, int4_frag_h200_verify_tiles.*).
 int4_tensor_core_fold_rows = False
+# And silu(gate) * up in the fused gate|up GEMV's last step (the first half of each program's warps on gate rows,
+# the second on the same up rows), so that the separate SwiGLU kernel and gate|up's round trip through memory go.
+# Correct on the H200 (-k swiglu, pytest_gpu_frag_swiglu_h200.log); 3B int4 decode with an int4 head, twice each in
+# one run (benchmarks/int4_gpu.py variants int4-tc-only+head, int4-tc-only-swiglu+head, int4_h200_swiglu.*): 721.0 /
+# 719.9 tok/s apart, 725.7 / 725.3 in the GEMV (+0.7%: a CUDA-graph launch of a small elementwise kernel is cheap).
+int4_tensor_core_swiglu = True
 FRAG_MAX_M = 8  # kernels/triton_int4_frag.py: the rows of x are the columns of the mma's B operand
 # The most rows of x that go to it (the 2..8-row path passed its CUDA tests on the H200: pytest_gpu_frag_rows_h200.log).
 int4_tensor_core_max_rows = FRAG_MAX_M
@@ -309,15 +317,23 @@ def int4_matmul_fragments(x: torch.Tensor, fragments: torch.Tensor, scales: torc
     return int4_matmul_fragments_reference(x, fragments, scales, zeros, group_size)
 
 
-# Up to here chunks of 8 rows on the GEMV are expected to beat dequantizing the whole weight: two calls ~3.2 ms over
-# a 3B token's linears against 4.43 ms for dequantize + cuBLAS at 16 rows (int4_rows_h200_run5.*; not timed yet).
+# 9..16 rows: one call of the two-column-block kernel where N < 16384, else two 8-row calls. Measured on the H200
+# (benchmarks/int4_frag_gpu.py --rows 1,6,12,16,512, results/int4_frag_h200_m16.*) at 12 rows: one call 18.4 / 15.4 /
+# 35.3 / 22.2 us for q|k|v / o / gate|up / down against 22.2 / 19.8 / 39.1 / 26.7 in two; the 128k-row head 243.8
+# against 218.0. (The row layout's tensor-core path is faster still there: 14.0 / 11.1 / 29.1 / 17.7 / 168.7; so is
+# it at 512 rows, 7.11 ms a token's linears against 7.72 for dequantize + cuBLAS: why fragments stay opt-in.)
 FRAG_CHUNKED_MAX_M = 2 * FRAG_MAX_M
+FRAG_ONE_CALL_MAX_N = 16384
 
 
 @torch.library.custom_op("llmpress::int4_matmul_fragments", mutates_args=())
 def _int4_matmul_fragments(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                            group_size: int) -> torch.Tensor:
     from llmpress.kernels.triton_int4_frag import dequantize_fragments_triton, frag_gemv
+    if x.shape[0] <= FRAG_MAX_M:  # not through torch.cat: a cat of one tensor still copies it (a kernel per call)
+        return frag_gemv(x, fragments, scales, zeros, group_size)
+    if x.shape[0] <= FRAG_CHUNKED_MAX_M and scales.shape[1] < FRAG_ONE_CALL_MAX_N:
+        return frag_gemv(x, fragments, scales, zeros, group_size)
     if x.shape[0] <= FRAG_CHUNKED_MAX_M:
         return torch.cat([frag_gemv(x[i:i + FRAG_MAX_M], fragments, scales, zeros, group_size)
                           for i in range(0, x.shape[0], FRAG_MAX_M)])
@@ -331,25 +347,28 @@ def _(x, fragments, scales, zeros, group_size):
 
 def int4_gemv_fragments(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                         group_size: int, residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-                        eps: float = 0.0) -> torch.Tensor:
+                        eps: float = 0.0, swiglu: bool = False) -> torch.Tensor:
     """y [M, N] = (residual +) prologue(x) W^T, x [M <= 8, K], for a 4-bit weight held as tensor-core fragments
     (quant/format.py `rows_to_fragments`) with scales and zeros [G, N] (`fragment_scales_zeros`); prologue: the
-    RMSNorm with `norm_weight` [K] and `eps` (x the residual stream; 2..8 rows prepared), or none."""
+    RMSNorm with `norm_weight` [K] and `eps` (x the residual stream), or none. `swiglu` (W a
+    fused gate|up [2I, K], no residual): y [M, I] = silu(gate) * up, in the same kernel."""
     return torch.ops.llmpress.int4_gemv_fragments(x.contiguous(), fragments, scales, zeros, group_size,
-                                                  None if residual is None else residual.contiguous(), norm_weight, eps)
+                                                  None if residual is None else residual.contiguous(), norm_weight, eps,
+                                                  swiglu)
 
 
 @torch.library.custom_op("llmpress::int4_gemv_fragments", mutates_args=())
 def _int4_gemv_fragments(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                          group_size: int, residual: torch.Tensor | None, norm_weight: torch.Tensor | None,
-                         eps: float) -> torch.Tensor:
+                         eps: float, swiglu: bool) -> torch.Tensor:
     from llmpress.kernels.triton_int4_frag import frag_gemv
-    return frag_gemv(x, fragments, scales, zeros, group_size, residual=residual, norm_weight=norm_weight, eps=eps)
+    return frag_gemv(x, fragments, scales, zeros, group_size, residual=residual, norm_weight=norm_weight, eps=eps,
+                     swiglu=swiglu)
 
 
 @_int4_gemv_fragments.register_fake
-def _(x, fragments, scales, zeros, group_size, residual, norm_weight, eps):
-    return x.new_empty(x.shape[0], scales.shape[1])
+def _(x, fragments, scales, zeros, group_size, residual, norm_weight, eps, swiglu):
+    return x.new_empty(x.shape[0], scales.shape[1] // 2 if swiglu else scales.shape[1])
 
 
 def store_kv_paged(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -1,4 +1,4 @@
-"""Batch-1 (up to 16 rows; 9..16 prepared) W4A16 GEMV on the tensor cores, over the fragment layout
+"""Batch-1 (up to 16 rows) W4A16 GEMV on the tensor cores, over the fragment layout
 (quant/format.py `rows_to_fragments`).
 
 Why: the split GEMV (triton_int4_rows_split.py) does its arithmetic on the CUDA cores, ~4.5 instructions per
@@ -51,6 +51,10 @@ FRAG_CONFIGS = [(4, 1, 1), (4, 2, 1), (4, 4, 1), (8, 4, 1), (4, 1, 2), (8, 1, 2)
 DEFAULT_CONFIG = (4, 2, 1)
 WIDE_CONFIG = (4, 1, 4)  # for N >= WIDE_ROWS at one row of x (more rows: not timed with several tiles yet)
 WIDE_ROWS = 4096
+# 2..8 rows (a verify step): on the H200 at 6 rows (results/int4_frag_h200_verify_tiles.*) (4, 2, 1) was fastest or
+# within 0.4 us on the layers' shapes, (4, 2, 2) on the 128k-row head (96.2 us against 107.3) and gate|up (18.9, 19.3)
+ROWS_WIDE_CONFIG = (4, 2, 2)  # for N >= ROWS_WIDE_ROWS at 2..8 rows
+ROWS_WIDE_ROWS = 16384
 TWO_BLOCK_CONFIG = (4, 1, 1)  # 9..16 rows: the fewest registers (96 a thread, sm_90) with x's second column block
 
 # per activation dtype: the magic value's bits (both halves), its value, 1.0 in both halves, the mma type
@@ -58,7 +62,7 @@ _TYPES = {torch.bfloat16: (0x43004300, 128.0, 0x3F803F80, "bf16"), torch.float16
 
 
 def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: torch.dtype, rows: int = 1,
-                  norm: bool = False, tiles_per_warp: int = 1) -> str:
+                  norm: bool = False, tiles_per_warp: int = 1, paired_halves: bool = False) -> str:
     """PTX for one thread's share of a warp's TILES_PER_WARP row tiles over GROUPS_PER_WARP groups, ending in a
     store of the row tiles' partial sums. The tiles of a warp share its x registers and its sum(x) mmas, so more
     tiles put more weight bytes in flight per register than more groups do (16 x registers a group, 8 word
@@ -75,7 +79,11 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
     sum(h^2) comes from one more mma with A = B = h (a lane's A registers at a block's inputs are its B registers,
     A's rows r and r + 8 both x row r): D[r][n] = h_r . h_n, whose diagonal holds each row's sum (at M = 1 every
     element does). The caller multiplies y's row r by rsqrt(mean(h_r^2) + eps) once all shares are in. Rows past 1
-    are prepared (compiled for sm_90, not yet run).
+    passed on the H200 too (tests/kernels/test_int4_rows.py -k each_row).
+
+    `paired_halves` (a fused gate|up weight, N = 2I): the first half of a program's warps takes row tiles of the
+    first N/2 rows, the second half the same tiles of the last N/2, so that one program holds both gate and up of
+    its outputs and can finish with silu(gate) * up.
 
     Every load comes first. ptxas otherwise issued a lane's second 16-byte word load, and the scale and zero
     loads, only after the first mmas had used the first words: three DRAM round trips in a row instead of
@@ -115,8 +123,14 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
          "shr.u32 i, lane, 2;",
          "and.b32 j, lane, 3;",
          "mov.u32 tile, %ctaid.x;",
-         f"mad.lo.u32 tile, tile, {num_warps}, warp;",
-         f"mul.lo.u32 tile, tile, {tiles_per_warp};",  # the warp's first row tile
+         *([f"mad.lo.u32 tile, tile, {num_warps}, warp;",
+            f"mul.lo.u32 tile, tile, {tiles_per_warp};"] if not paired_halves else  # the warp's first row tile
+           [f"and.b32 tmp, warp, {num_warps // 2 - 1};",  # gate warps 0..W/2-1, up warps W/2..W-1
+            f"mad.lo.u32 tile, tile, {num_warps // 2}, tmp;",
+            f"mul.lo.u32 tile, tile, {tiles_per_warp};",
+            f"shr.u32 tmp, warp, {(num_warps // 2).bit_length() - 1};",  # 1 for the up warps
+            "shr.u32 t32, $6, 5;",  # N / 32: the tiles of one half
+            "mad.lo.u32 tile, tmp, t32, tile;"]),
          *[f"mad.lo.u32 r0_{t}, tile, 16, {16 * t};" for t in tiles],
          *[f"add.u32 r0_{t}, r0_{t}, i;" for t in tiles],  # rows r0 and r0 + 8 of each tile
          *[f"mov.f32 {y}, 0f00000000;" for y in flat(ys)],
@@ -273,12 +287,26 @@ def _f32(value: float) -> str:
 
 
 @triton.jit
+def _finish_swiglu(gate, up, square_sum, offs, mask, y_ptr, K, eps, NORM: tl.constexpr):
+    """Store silu(gate) * up [BLOCK] in y's dtype, gate and up (* the norm's rsqrt) rounded to it first, as the
+    unfused steps (gate|up product, then model.llama.swiglu) round."""
+    if NORM:
+        inv_rms = tl.rsqrt(square_sum / K + eps)
+        gate, up = gate * inv_rms, up * inv_rms
+    dtype = y_ptr.dtype.element_ty
+    gate, up = gate.to(dtype).to(tl.float32), up.to(dtype).to(tl.float32)
+    silu = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
+    tl.store(y_ptr + offs, (silu * up).to(dtype), mask=mask)
+
+
+@triton.jit
 def _frag_gemv(qw_ptr, x_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, res_ptr, nw_ptr, eps, N, G, SPLIT,
                ASM: tl.constexpr, NUM_WARPS: tl.constexpr, SPLIT_P2: tl.constexpr, RESIDUAL: tl.constexpr,
                ROWS: tl.constexpr = 1, NORM: tl.constexpr = False, GROUP_SIZE: tl.constexpr = 128,
-               TILES: tl.constexpr = 1):
+               TILES: tl.constexpr = 1, SWIGLU: tl.constexpr = False):
     """Partials [SPLIT, ROWS, N], then (NORM) each program's sum(h^2) shares, [SPLIT * ROWS * N + (pid_n * SPLIT +
-    pid_k) * ROWS + row]."""
+    pid_k) * ROWS + row]. SWIGLU: N = 2I rows of a fused gate|up weight, y [ROWS, I] = silu(gate) * up; program
+    pid_n holds gate and up rows pid_n * BLOCK_N / 2 onwards (ASM built with paired_halves)."""
     pid_n = tl.program_id(0)
     lanes = tl.zeros([32 * NUM_WARPS], dtype=tl.int64)
     squares_ptr = partial_ptr + SPLIT * ROWS * N + pid_n * SPLIT * ROWS
@@ -304,17 +332,25 @@ def _frag_gemv(qw_ptr, x_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, res
             if NORM:
                 square_sum = tl.sum(tl.load(squares_ptr + offs_s * ROWS + m, mask=offs_s < SPLIT, other=0.0,
                                             cache_modifier=".cg"), axis=0)
-            parts = tl.load(partial_ptr + (offs_s[:, None] * ROWS + m) * N + offs_n[None, :],
-                            mask=(offs_s < SPLIT)[:, None] & n_mask[None, :], other=0.0, cache_modifier=".cg")
-            finish_output(tl.sum(parts, axis=0), square_sum, offs_n, n_mask, y_ptr + m * N, res_ptr + m * N,
-                          G * GROUP_SIZE, eps, 1 if NORM else 0, RESIDUAL)
+            if SWIGLU:
+                offs_h = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+                h_mask = offs_h < N // 2
+                split_mask = (offs_s < SPLIT)[:, None] & h_mask[None, :]
+                gate_ptrs = partial_ptr + (offs_s[:, None] * ROWS + m) * N + offs_h[None, :]
+                gate = tl.sum(tl.load(gate_ptrs, mask=split_mask, other=0.0, cache_modifier=".cg"), axis=0)
+                up = tl.sum(tl.load(gate_ptrs + N // 2, mask=split_mask, other=0.0, cache_modifier=".cg"), axis=0)
+                _finish_swiglu(gate, up, square_sum, offs_h, h_mask, y_ptr + m * (N // 2), G * GROUP_SIZE, eps, NORM)
+            else:
+                parts = tl.load(partial_ptr + (offs_s[:, None] * ROWS + m) * N + offs_n[None, :],
+                                mask=(offs_s < SPLIT)[:, None] & n_mask[None, :], other=0.0, cache_modifier=".cg")
+                finish_output(tl.sum(parts, axis=0), square_sum, offs_n, n_mask, y_ptr + m * N, res_ptr + m * N,
+                              G * GROUP_SIZE, eps, 1 if NORM else 0, RESIDUAL)
         tl.atomic_xchg(counter_ptr + pid_n, 0)
 
 
 FRAG_MAX_M = 8  # rows of x: the columns of the mma's B operand
-# 9..16 rows: a second B operand (column block) per A operand, the weights unpacked once for both. Prepared:
-# compiled for sm_90 on the CPU machine (the 1..8-row code is bit-for-bit the SASS that passed on the H200), its CUDA
-# test written (tests/kernels/test_int4_rows.py -k sixteen), not yet run; ops still sends 9..16 rows as 8 + the rest.
+# 9..16 rows: a second B operand (column block) per A operand, the weights unpacked once for both (correct on the
+# H200: tests/kernels/test_int4_rows.py -k sixteen; where ops sends them: ops.FRAG_ONE_CALL_MAX_N).
 FRAG_KERNEL_MAX_M = 16
 FRAG_WORKSPACE_MAX = 1 << 24  # fp32 partial sums [split, M, N]: up to 64 MB (the 128k-vocab head at M = 8)
 
@@ -332,7 +368,8 @@ _frag_tuner = TileTuner()
 def default_config(N: int, G: int, M: int = 1) -> tuple[int, int, int] | None:
     """The default tile for a product of M rows with N outputs and G groups (measured best at one row; 9..16 rows:
     the fewest registers, not timed), None where neither fits."""
-    preferred = [WIDE_CONFIG] if N >= WIDE_ROWS and M == 1 else [TWO_BLOCK_CONFIG] if M > FRAG_MAX_M else []
+    preferred = ([WIDE_CONFIG] if N >= WIDE_ROWS and M == 1 else [TWO_BLOCK_CONFIG] if M > FRAG_MAX_M
+                 else [ROWS_WIDE_CONFIG] if N >= ROWS_WIDE_ROWS and M > 1 else [])
     for config in preferred + [DEFAULT_CONFIG]:
         if frag_fits(N, G, *config, M=M):
             return config
@@ -341,8 +378,8 @@ def default_config(N: int, G: int, M: int = 1) -> tuple[int, int, int] | None:
 
 def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
               config: tuple[int, int, int] | None = None, residual: torch.Tensor | None = None,
-              norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
-    """x [M, K] bf16/fp16 (M <= 16; 9..16 prepared, see FRAG_KERNEL_MAX_M) @ Wᵀ (+ residual [M, N]) -> [M, N] in
+              norm_weight: torch.Tensor | None = None, eps: float = 0.0, swiglu: bool = False) -> torch.Tensor:
+    """x [M, K] bf16/fp16 (M <= 16, see FRAG_KERNEL_MAX_M) @ Wᵀ (+ residual [M, N]) -> [M, N] in
     x.dtype. fragments: int32
     [N/16, G, group_size/64, 32, 4] (`rows_to_fragments`); scales [G, N] (x's dtype) and zeros uint8 [G, N]: the
     row layout's transposed, so that a group's 16 rows are side by side (quant/format.py `fragment_scales_zeros`).
@@ -350,7 +387,9 @@ def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, ze
     tuner's pick.
     M = 2..8 (a speculative verify step, small batches): the same mmas, ~1.4x the time of M = 1 at M = 6.
     `norm_weight` [K]: x is the residual stream h and each row of y = W (w * h) * rsqrt(mean(h^2) + eps), the RMSNorm
-    before q|k|v and gate|up folded in (M = 1 passed on the H200; 2..8 rows prepared, not yet run)."""
+    before q|k|v and gate|up folded in (1..8 rows, correct on the H200).
+    `swiglu`: the weight is a fused gate|up [2I, K]; returns silu(gate) * up [M, I] (no residual), saving the
+    separate SwiGLU kernel and the round trip of gate|up through memory."""
     M = x.shape[0]
     G, N = scales.shape
     assert 1 <= M <= FRAG_KERNEL_MAX_M and x.shape[1] == G * group_size, (x.shape, G, group_size)
@@ -361,11 +400,12 @@ def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, ze
     assert norm_weight is None or (M <= FRAG_MAX_M and norm_weight.shape == (x.shape[1],) and norm_weight.dtype == x.dtype)
     x = x.contiguous()
     norm = norm_weight is not None
+    assert not swiglu or (residual is None and N % 32 == 0), "swiglu: a fused gate|up weight, no residual"
 
     def launch(c: tuple[int, int, int]) -> torch.Tensor:
         warps, groups_per_warp, tiles_per_warp = c
         split = G // groups_per_warp
-        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        y = torch.empty(M, N // 2 if swiglu else N, dtype=x.dtype, device=x.device)
         # the split GEMV's workspace, grown where M rows of partials need more (first call: before any graph capture)
         programs = N // (16 * warps * tiles_per_warp)
         partial, counter = _workspace.get(x.device, max(SPLIT_WORKSPACE, split * M * N + programs * split * M),
@@ -373,9 +413,9 @@ def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, ze
         _frag_gemv[(programs, split)](
             fragments, x, scales, zeros, y, partial, counter, x if residual is None else residual.contiguous(),
             norm_weight.contiguous() if norm else x, eps, N, G, split,
-            ASM=frag_gemv_asm(warps, groups_per_warp, group_size, x.dtype, M, norm, tiles_per_warp), NUM_WARPS=warps,
-            SPLIT_P2=triton.next_power_of_2(split), RESIDUAL=residual is not None, ROWS=M, NORM=norm,
-            GROUP_SIZE=group_size, TILES=tiles_per_warp, num_warps=warps)
+            ASM=frag_gemv_asm(warps, groups_per_warp, group_size, x.dtype, M, norm, tiles_per_warp, swiglu),
+            NUM_WARPS=warps, SPLIT_P2=triton.next_power_of_2(split), RESIDUAL=residual is not None, ROWS=M, NORM=norm,
+            GROUP_SIZE=group_size, TILES=tiles_per_warp, SWIGLU=swiglu, num_warps=warps)
         return y
 
     if config is None:
@@ -385,7 +425,7 @@ def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, ze
         return launch(config)
     candidates = [c for c in FRAG_CONFIGS if frag_fits(N, G, *c, M=M)]
     assert candidates, f"no fragment-GEMV tile fits N={N}, G={G}, M={M}"
-    return launch(_frag_tuner.pick((x.device, N, G, group_size, x.dtype, M, residual is not None, norm), launch,
+    return launch(_frag_tuner.pick((x.device, N, G, group_size, x.dtype, M, residual is not None, norm, swiglu), launch,
                                    candidates))
 
 

@@ -122,7 +122,12 @@ class MLP(nn.Module):
         if self.gate_up_weight is not None:
             gate_up = F.linear(x if norm is None else norm(x), self.gate_up_weight, self.gate_up_bias)
         elif self.gate_up_packed:
-            gate_up = project(self.gate_up_packed[0], x, norm=norm)
+            gate_up_layer = self.gate_up_packed[0]
+            swiglu_fused = getattr(gate_up_layer, "forward_swiglu", None)
+            activation = None if swiglu_fused is None else swiglu_fused(x, norm=norm)
+            if activation is not None:  # silu(gate) * up came out of the gate|up kernel itself
+                return project(self.down_proj, activation, residual=residual)
+            gate_up = project(gate_up_layer, x, norm=norm)
         else:
             x = x if norm is None else norm(x)
             return project(self.down_proj, F.silu(self.gate_proj(x)) * self.up_proj(x), residual=residual)

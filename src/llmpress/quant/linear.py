@@ -208,6 +208,23 @@ class QuantLinear(nn.Module):
             y = self(x)
         return y if add_after is None else add_after + y
 
+    def forward_swiglu(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor | None:
+        """silu(gate) * up [..., I] of this fused gate|up layer (out_features 2I) over prologue(x) in one kernel,
+        where the fragment GEMV takes it (ops.int4_tensor_core_swiglu); None elsewhere (the caller then runs
+        the product and the SwiGLU apart)."""
+        x2d = x.reshape(-1, x.shape[-1])
+        if not (ops.int4_tensor_core_swiglu and self.fragments is not None and self.bias is None
+                and ops.int4_fragment_gemv_applies(x2d, self.fragments_only)):
+            return None
+        fold_norm = (norm is not None and hasattr(norm, "eps") and ops.int4_tensor_core_norm
+                     and (x2d.shape[0] == 1 or ops.int4_tensor_core_fold_rows))
+        if norm is not None and not fold_norm:
+            x, norm = norm(x), None
+        y = ops.int4_gemv_fragments(x.reshape(-1, self.in_features), self.fragments, self.fragment_scales,
+                                    self.fragment_zeros, self.group_size, None, None if norm is None else norm.weight,
+                                    0.0 if norm is None else norm.eps, swiglu=True)
+        return y.reshape(*x.shape[:-1], self.out_features // 2)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, act_order={self.g_idx is not None}, bias={self.bias is not None}, "
