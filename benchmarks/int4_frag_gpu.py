@@ -7,7 +7,8 @@ of the new kernel and the tuned split GEMV, then the linears of one token (28 la
 --rows 1,6,16,512: also M rows of x (6: a speculative verify step at k = 5; 9..16: an engine batch; more: a
 prefill), a fragments-only layer's product (ops.int4_matmul_fragments: one call up to 8 rows, one or two up to 16,
 the fragment dequantizer + cuBLAS above) against what the row layout runs ("rows M=": its default dispatch,
-the tensor-core path up to 16 rows, dequantize + cuBLAS above). Prints a table and writes JSON.
+the tensor-core path up to 16 rows, dequantize + cuBLAS above). Beside each shape: a copy moving the same bytes,
+timed the same way (what the memory system gives a kernel of that size). Prints a table and writes JSON.
 
     PYTHONPATH=src python benchmarks/int4_frag_gpu.py --out benchmarks/results/int4_frag_h200.json
 """
@@ -100,6 +101,11 @@ def main() -> int:
                 ref_m = (hm * torch.rsqrt(hm.pow(2).mean(dim=1, keepdim=True) + 1e-5) * weight.double()) @ dense.double()
                 cases.append((f"frag norm M={m}", lambda x, qw, fr, s, z: frag_gemv(x, *fr, GROUP, norm_weight=weight,
                                                                                     eps=1e-5), sets_m, ref_m))
+        if name == "gate|up":  # silu(gate) * up in the GEMV's last step (ops.int4_tensor_core_swiglu)
+            half = N // 2
+            ref_swiglu = torch.nn.functional.silu(reference[:, :half]) * reference[:, half:]
+            cases.append(("frag swiglu", lambda x, qw, fr, s, z: frag_gemv(x, *fr, GROUP, swiglu=True), arg_sets,
+                          ref_swiglu))
         fastest_tile = float("inf")
         for label, fn, arg_sets, reference in cases:
             try:
@@ -119,12 +125,24 @@ def main() -> int:
                 best[label.split()[0]] += us * (LAYERS if per_layer else 1)
             elif label in best:
                 best[label] += us * (LAYERS if per_layer else 1)
+        # What the memory system gives a kernel of this size: a copy moving the same bytes (reads + writes, as the
+        # copy bandwidth counts them) over rotating buffers in the same CUDA graph timing, so L2 holds none of them.
+        copies = [(torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda"),
+                   torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")) for _ in range(sets)]
+        copy_us = time_per_call_us(lambda src, dst: dst.copy_(src), copies)
+        fraction = nbytes / (copy_us * 1e-6) / bandwidth
+        report["rows"].append(dict(shape=name, K=K, N=N, kernel="copy, same bytes", rel_error=None, us=copy_us,
+                                   bytes=nbytes, fraction_of_copy_bandwidth=fraction))
+        print(f"{name:8s} {K:5d} {N:6d} {'copy, same bytes':22s} {'-':>8s} {copy_us:8.1f} {fraction:9.1%}", flush=True)
+        del copies
+        best["copy, same bytes"] = best.get("copy, same bytes", 0.0) + copy_us * (LAYERS if per_layer else 1)
         best["frag best tile"] += fastest_tile * (LAYERS if per_layer else 1)
         save_results(report, args.out, "int4_frag_gpu.json")
     report["per_token_us"] = best
     print(f"\nlinears of one 3B token (28 layers + lm_head), batch 1: tensor-core GEMV {best['frag'] / 1e3:.3f} ms, "
           f"split GEMV {best['split'] / 1e3:.3f} ms; tensor-core GEMV on each shape's fastest tile "
-          f"{best['frag best tile'] / 1e3:.3f} ms", flush=True)
+          f"{best['frag best tile'] / 1e3:.3f} ms; copies of the same bytes {best['copy, same bytes'] / 1e3:.3f} ms",
+          flush=True)
     for m in [m for m in row_counts if m > 1]:
         print(f"same at M = {m}: fragments {best[f'frag M={m}'] / 1e3:.3f} ms, row layout "
               f"{best[f'rows M={m}'] / 1e3:.3f} ms", flush=True)
