@@ -126,3 +126,23 @@ def test_cli_bench_rejects_bad_batch_sizes_before_loading(cli_main, capsys, monk
 def test_parse_batch_sizes():
     assert parse_batch_sizes("1") == [1]
     assert parse_batch_sizes("1, 8,32") == [1, 8, 32]
+
+
+@pytest.mark.parametrize("command,flag,max_batch,expected", [
+    ("generate", [], 1, True),  # auto: one sequence stays within the tensor-core GEMV's 8 rows
+    ("bench", [], 8, True),
+    ("bench", [], 16, False),  # auto: a batch of 16 runs faster on the row layout
+    ("serve", [], None, False),  # auto: the engine's batches are unbounded
+    ("generate", ["--int4-tensor-cores", "off"], 1, False),
+    ("serve", ["--int4-tensor-cores"], None, True),  # the bare flag still means on
+])
+def test_int4_tensor_cores_auto_follows_the_batch(command, flag, max_batch, expected):
+    from llmpress.commands.generate import apply_kernel_args
+    from llmpress.kernels import ops
+    args = cli.build_parser().parse_args([command, *(["--prompt", "hi"] if command == "generate" else []), *flag])
+    saved = ops.int4_tensor_core_gemv
+    try:
+        apply_kernel_args(args, max_batch=max_batch)
+        assert ops.int4_tensor_core_gemv is expected
+    finally:
+        ops.int4_tensor_core_gemv = saved

@@ -114,11 +114,12 @@ def parse_batch_sizes(text: str) -> list[int]:
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
-    apply_kernel_args(args)
     if args.engine is not None:
+        apply_kernel_args(args)
         return run_engine_bench_command(args)
     # Every option is checked before the model load, so a typo fails at once.
     batch_sizes = parse_batch_sizes(args.batch_sizes)
+    apply_kernel_args(args, max_batch=max(batch_sizes))
     for name in ("prompt_len", "new_tokens", "repeats"):
         value = getattr(args, name)
         if value is not None and value < 1:

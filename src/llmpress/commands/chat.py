@@ -70,7 +70,7 @@ class ChatSession:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    apply_kernel_args(args)
+    apply_kernel_args(args, max_batch=1)
     params = sampling_params_from_args(args)
     loaded = common.load_from_args(args)
     if not getattr(loaded.tokenizer, "chat_template", None):

@@ -64,17 +64,27 @@ def add_decode_mode_arg(parser: argparse.ArgumentParser) -> None:
     add_kernel_args(parser)
 
 
+# Rows of x up to which the tensor-core GEMV beats the row layout's kernels (kernels/ops.py FRAG_MAX_M): where every
+# product of a run stays within them (one sequence, or a few), `auto` turns the tensor cores on.
+TENSOR_CORE_MAX_BATCH = 8
+
+
 def add_kernel_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--int4-tensor-cores", action="store_true",
+    parser.add_argument("--int4-tensor-cores", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
                         help="4-bit models on a GPU: hold the weights in the tensor-core GEMV's layout and run products "
-                             "of 1-8 tokens on it (3B decode 1.45x -> 1.68x bf16 on an H200, same memory); engine "
-                             "batches of 9-16 run as two 8-token products")
+                             "of 1-8 tokens on it (3B decode 1.45x -> 1.79x bf16 on an H200, same memory; larger "
+                             "batches and prompts run slower on it). auto (the default): on for generate, chat and "
+                             "bench at batch sizes up to 8, off for the engine and the server")
 
 
-def apply_kernel_args(args: argparse.Namespace) -> None:
-    """The kernel choices of `add_decode_mode_arg`, for this process."""
+def apply_kernel_args(args: argparse.Namespace, max_batch: int | None = None) -> None:
+    """The kernel choices of `add_kernel_args`, for this process. `max_batch`: the most sequences a product of
+    this run holds (None: the engine's continuous batches, unbounded), which decides `auto`."""
     from llmpress.kernels import ops
-    ops.int4_tensor_core_gemv = getattr(args, "int4_tensor_cores", False)
+    choice = getattr(args, "int4_tensor_cores", "auto")
+    if choice == "auto":
+        choice = "on" if max_batch is not None and max_batch <= TENSOR_CORE_MAX_BATCH else "off"
+    ops.int4_tensor_core_gemv = choice == "on"
 
 
 def add_speculative_args(parser: argparse.ArgumentParser) -> None:
@@ -103,7 +113,7 @@ def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
 
 def run_generate(args: argparse.Namespace) -> int:
     # Options and prompts first: a typo should fail in a second, not after the model load.
-    apply_kernel_args(args)
+    apply_kernel_args(args, max_batch=1)
     params = sampling_params_from_args(args)
     for prompt in args.prompt:
         _check_prompt(prompt)
