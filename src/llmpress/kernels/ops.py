@@ -259,10 +259,9 @@ def _(x, qweight, scales, zeros, group_size, norm_weight, eps, silu_mul, residua
 
 # int4 layers that hold tensor-core fragments (quant.linear.use_fragment_layouts) run their products for 1..8 rows
 # of x on kernels/triton_int4_frag.py, at batch 1 with the RMSNorm before q|k|v and gate|up and the residual add
-# after o and down folded in. Off by default (`--int4-tensor-cores` turns it on): 9..16 rows (engine batches) run
-# as two 8-row calls, expected slower than the row layout's tensor-core path there (~1.6 ms a call over a 3B
-# token's linears at 6 rows, int4_frag_h200_rows.*, against 2.18 ms at 16 rows, int4_rows_h200_run5.*; not timed).
-# Measured (H200): the kernel alone 1.05-1.12 ms over a 3B token's linears against the split GEMV's 1.40, and
+# after o and down folded in. Off in the library; the CLI's `--int4-tensor-cores auto` (commands/generate.py) turns
+# it on where every product has at most 8 rows, since from 9 rows on the row layout is faster (FRAG_ONE_CALL_MAX_N
+# below). Measured (H200): the kernel alone 1.05-1.12 ms over a 3B token's linears against the split GEMV's 1.40, and
 # 1.57 ms against 2.16 for the row layout's mma path at 6 rows, a verify step at k = 5 (benchmarks/int4_frag_gpu.py,
 # int4_frag_h200_{rows,tiles}.*); 3B int4 decode 576.1 -> 668.8 tok/s, 604.7 -> 724.6 with an int4 head
 # (benchmarks/int4_gpu.py variants int4-tc*, int4_h200_tc_default.*).
@@ -321,7 +320,7 @@ def int4_matmul_fragments(x: torch.Tensor, fragments: torch.Tensor, scales: torc
 # (benchmarks/int4_frag_gpu.py --rows 1,6,12,16,512, results/int4_frag_h200_m16.*) at 12 rows: one call 18.4 / 15.4 /
 # 35.3 / 22.2 us for q|k|v / o / gate|up / down against 22.2 / 19.8 / 39.1 / 26.7 in two; the 128k-row head 243.8
 # against 218.0. (The row layout's tensor-core path is faster still there: 14.0 / 11.1 / 29.1 / 17.7 / 168.7; so is
-# it at 512 rows, 7.11 ms a token's linears against 7.72 for dequantize + cuBLAS: why fragments stay opt-in.)
+# it at 512 rows, 7.11 ms a token's linears against 7.72 for dequantize + cuBLAS: why `auto` keeps them to <= 8 rows.)
 FRAG_CHUNKED_MAX_M = 2 * FRAG_MAX_M
 FRAG_ONE_CALL_MAX_N = 16384
 
@@ -330,11 +329,10 @@ FRAG_ONE_CALL_MAX_N = 16384
 def _int4_matmul_fragments(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                            group_size: int) -> torch.Tensor:
     from llmpress.kernels.triton_int4_frag import dequantize_fragments_triton, frag_gemv
-    if x.shape[0] <= FRAG_MAX_M:  # not through torch.cat: a cat of one tensor still copies it (a kernel per call)
-        return frag_gemv(x, fragments, scales, zeros, group_size)
-    if x.shape[0] <= FRAG_CHUNKED_MAX_M and scales.shape[1] < FRAG_ONE_CALL_MAX_N:
-        return frag_gemv(x, fragments, scales, zeros, group_size)
-    if x.shape[0] <= FRAG_CHUNKED_MAX_M:
+    M, N = x.shape[0], scales.shape[1]
+    if M <= FRAG_MAX_M or (M <= FRAG_CHUNKED_MAX_M and N < FRAG_ONE_CALL_MAX_N):  # one call (never a torch.cat of
+        return frag_gemv(x, fragments, scales, zeros, group_size)                # one chunk: that still copies it)
+    if M <= FRAG_CHUNKED_MAX_M:
         return torch.cat([frag_gemv(x[i:i + FRAG_MAX_M], fragments, scales, zeros, group_size)
                           for i in range(0, x.shape[0], FRAG_MAX_M)])
     return x @ dequantize_fragments_triton(fragments, scales, zeros, group_size, x.dtype).T

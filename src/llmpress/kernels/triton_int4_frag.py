@@ -366,8 +366,8 @@ _frag_tuner = TileTuner()
 
 
 def default_config(N: int, G: int, M: int = 1) -> tuple[int, int, int] | None:
-    """The default tile for a product of M rows with N outputs and G groups (measured best at one row; 9..16 rows:
-    the fewest registers, not timed), None where neither fits."""
+    """The default tile for a product of M rows with N outputs and G groups (measured best at 1 and 6 rows; 9..16
+    rows: the fewest registers), None where none fits."""
     preferred = ([WIDE_CONFIG] if N >= WIDE_ROWS and M == 1 else [TWO_BLOCK_CONFIG] if M > FRAG_MAX_M
                  else [ROWS_WIDE_CONFIG] if N >= ROWS_WIDE_ROWS and M > 1 else [])
     for config in preferred + [DEFAULT_CONFIG]:
