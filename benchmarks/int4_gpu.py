@@ -119,6 +119,9 @@ STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", 
                  # and silu(gate) * up in the gate|up GEMV's last step
                  "int4-tc-only-swiglu": dict(tc=True, frag_only=True, tc_swiglu=True),
                  "int4-tc-only-swiglu+head": dict(tc=True, frag_only=True, tc_swiglu=True),
+                 # and programmatic dependent launch (kernels/pdl.py) of the GEMVs and attention: early / late trigger
+                 "int4-tc-only-pdl+head": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early"),
+                 "int4-tc-only-pdl-late+head": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="late"),
                  "bf16-before": dict(pdl="off", combine="kernel")}
 
 

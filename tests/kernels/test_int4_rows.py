@@ -578,6 +578,50 @@ def test_triton_fragment_gemv_ends_in_swiglu(M):
 
 
 @cuda_only
+def test_triton_fragment_gemv_with_pdl_gives_the_same_bits():
+    """Launched with programmatic dependent launch (early or late trigger), the fragment GEMV requests its weights
+    before it waits and x after: a chain of dependent products (q|k|v-like with the RMSNorm, a square one with the
+    residual, gate|up with the SwiGLU ending, then down), each reading the one before's output and sharing one
+    workspace, gives the same bits as without PDL, eagerly and replayed from a CUDA graph."""
+    import llmpress.kernels.pdl as pdl
+    from llmpress.kernels.triton_int4_frag import frag_gemv
+    from llmpress.quant.format import fragment_scales_zeros, rows_to_fragments
+    torch.manual_seed(8)
+    K, inner = 1024, 2048
+
+    def weight(k, n):
+        (qweight, scales, zeros), _, _ = random_rows(k, n, 128, "cuda")
+        return (rows_to_fragments(qweight, 128), *fragment_scales_zeros(scales, zeros))
+
+    first, square, gate_up, down = weight(K, K), weight(K, K), weight(K, 2 * inner), weight(inner, K)
+    h = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    norm_weight = (torch.rand(K, device="cuda") + 0.5).to(torch.bfloat16)
+
+    def chain():
+        a = frag_gemv(h, *first, 128, norm_weight=norm_weight, eps=1e-5)
+        b = frag_gemv(a, *square, 128, residual=h)
+        c = frag_gemv(b, *gate_up, 128, norm_weight=norm_weight, eps=1e-5, swiglu=True)
+        return frag_gemv(c, *down, 128, (4, 2, 1), residual=b)
+
+    runs = []
+    default = pdl.mode
+    try:
+        for mode in ("off", "early", "late"):
+            pdl.mode = mode
+            runs.append([chain() for _ in range(3)])
+            chain()  # compile outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = chain()
+            graph.replay()
+            torch.cuda.synchronize()
+            runs[-1].append(out.clone())
+    finally:
+        pdl.mode = default
+    assert all(torch.equal(runs[0][0], y) for run in runs for y in run)
+
+
+@cuda_only
 @pytest.mark.parametrize("K,N,group_size", [(3072, 1024, 128), (1024, 256, 64)])
 def test_triton_fragment_dequantizer_is_exact(K, N, group_size):
     """The dense weight rebuilt from the fragment layout equals the row layout's dequantization, bit for bit

@@ -150,7 +150,13 @@ def _combine_row(part_out_ptr, part_lse_ptr, out_ptr, row, NUM_SPLITS: tl.conste
 
 @triton.jit
 def _combine_kernel(part_out_ptr, part_lse_ptr, out_ptr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-                    D: tl.constexpr):
+                    D: tl.constexpr, PDL: tl.constexpr = 0):
+    if PDL:  # it reads the split kernel's partials: wait before any load
+        if PDL == 1:
+            gdc_launch_dependents()
+        gdc_wait()
+        if PDL == 2:
+            gdc_launch_dependents()
     _combine_row(part_out_ptr, part_lse_ptr, out_ptr, tl.program_id(0), NUM_SPLITS, BLOCK_S, D)  # b * H + head
 
 
@@ -194,7 +200,8 @@ def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple) -> torch
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, D=D, NUM_SPLITS=splits,
         ROPE=rope, COMBINE=in_kernel, BLOCK_S=block_s, PDL=pdl, num_warps=4, launch_pdl=bool(pdl))
     if not in_kernel:
-        _combine_kernel[(B * H,)](part_out, part_lse, out, NUM_SPLITS=splits, BLOCK_S=block_s, D=D, num_warps=4)
+        _combine_kernel[(B * H,)](part_out, part_lse, out, NUM_SPLITS=splits, BLOCK_S=block_s, D=D, PDL=pdl,
+                                  num_warps=4, launch_pdl=bool(pdl))
     return out
 
 

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llmpress.kernels.pdl import launch_mode
 from llmpress.kernels.tile_tuner import TileTuner
 from llmpress.kernels.triton_int4 import _workspace
 from llmpress.kernels.triton_int4_rows_split import SPLIT_WORKSPACE, finish_output
@@ -62,7 +63,7 @@ _TYPES = {torch.bfloat16: (0x43004300, 128.0, 0x3F803F80, "bf16"), torch.float16
 
 
 def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: torch.dtype, rows: int = 1,
-                  norm: bool = False, tiles_per_warp: int = 1, paired_halves: bool = False) -> str:
+                  norm: bool = False, tiles_per_warp: int = 1, paired_halves: bool = False, pdl: int = 0) -> str:
     """PTX for one thread's share of a warp's TILES_PER_WARP row tiles over GROUPS_PER_WARP groups, ending in a
     store of the row tiles' partial sums. The tiles of a warp share its x registers and its sum(x) mmas, so more
     tiles put more weight bytes in flight per register than more groups do (16 x registers a group, 8 word
@@ -84,6 +85,10 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
     `paired_halves` (a fused gate|up weight, N = 2I): the first half of a program's warps takes row tiles of the
     first N/2 rows, the second half the same tiles of the last N/2, so that one program holds both gate and up of
     its outputs and can finish with silu(gate) * up.
+
+    `pdl` (kernels/pdl.py: 1 early, 2 late trigger): the weights, scales, zeros and norm weight (which no kernel
+    writes) are requested first, then `griddepcontrol.wait` for the previous kernel, then x; every store comes
+    after the wait. Launched with PDL, the loads of this matrix overlap the previous kernel's tail.
 
     Every load comes first. ptxas otherwise issued a lane's second 16-byte word load, and the scale and zero
     loads, only after the first mmas had used the first words: three DRAM round trips in a row instead of
@@ -138,7 +143,9 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
          *[f"add.u32 nrow{cb}, i, {8 * cb};" for cb in cbs],
          *[f"min.u32 nrow{cb}, nrow{cb}, {rows - 1};" for cb in cbs],
          f"mul.lo.u32 kk, $7, {group_size};"]
-    for g in groups:  # loads
+    if pdl == 1:
+        L.append("griddepcontrol.launch_dependents;")
+    for g in groups:  # loads of what no kernel writes: the weights, their scales and zeros, the norm weight
         L += ["mov.u32 grp, %ctaid.y;",
               f"mad.lo.u32 grp, grp, {groups_per_warp}, {g};"]
         for t in tiles:
@@ -150,20 +157,9 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
                   "add.u64 wa, $1, off;"]
             for v in range(words_per_lane // 4):
                 L.append(f"ld.global.nc.v4.b32 {{{', '.join(words[g][t][4 * v:4 * v + 4])}}}, [wa+{512 * v}];")
-        # x: element grp * group_size + 8 j (2 bytes each), then 32 elements per block of 32 inputs
-        for cb in cbs:
-            L += [f"mul.lo.u32 t32, grp, {group_size};",
-                  "mad.lo.u32 t32, j, 8, t32;"]
-            if rows > 1:
-                L.append(f"mad.lo.u32 t32, nrow{cb}, kk, t32;")
-            L += ["mul.wide.u32 off, t32, 2;",
-                  "add.u64 xa, $2, off;"]
-            for b in range(blocks32):
-                L.append(f"ld.global.v4.b32 {{{', '.join(xs_regs[g][cb][4 * b:4 * b + 4])}}}, [xa+{64 * b}];")
-        if norm:  # the norm weight at the same inputs (of a [K] vector: no row offset)
-            if rows > 1:
-                L += [f"mul.lo.u32 t32, grp, {group_size};", "mad.lo.u32 t32, j, 8, t32;", "mul.wide.u32 off, t32, 2;"]
-            L.append("add.u64 na, $8, off;")
+        if norm:  # the norm weight at the inputs of this lane's x (of a [K] vector: no row offset)
+            L += [f"mul.lo.u32 t32, grp, {group_size};", "mad.lo.u32 t32, j, 8, t32;", "mul.wide.u32 off, t32, 2;",
+                  "add.u64 na, $8, off;"]
             for b in range(blocks32):
                 L.append(f"ld.global.nc.v4.b32 {{{', '.join(norm_regs[g][4 * b:4 * b + 4])}}}, [na+{64 * b}];")
         for t in tiles:
@@ -179,6 +175,33 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
                   f"cvt.rn.f32.u32 zf0_{g}_{t}, tmp;",
                   "ld.global.nc.u8 tmp, [za+8];",
                   f"cvt.rn.f32.u32 zf1_{g}_{t}, tmp;"]
+    if pdl:  # x is the previous kernel's output. ptxas hoists an unconditional wait above the loads, so it is
+        # predicated on the OR of every loaded value with G (>= 1: p is always true, but ptxas cannot know it):
+        # the wait then comes once every weight load has arrived, and x is requested after it.
+        L.append("mov.b32 e0, $7;")
+        for g in groups:
+            for t in tiles:
+                L += [f"or.b32 e0, e0, {w};" for w in words[g][t]]
+                L += [f"cvt.u32.u16 e4, s0h{g}_{t};", "or.b32 e0, e0, e4;",
+                      f"cvt.u32.u16 e4, s1h{g}_{t};", "or.b32 e0, e0, e4;",
+                      f"mov.b32 e4, zf0_{g}_{t};", "or.b32 e0, e0, e4;",
+                      f"mov.b32 e4, zf1_{g}_{t};", "or.b32 e0, e0, e4;"]
+            L += [f"or.b32 e0, e0, {n};" for n in norm_regs[g]]
+        L += ["setp.ne.u32 p, e0, 0;", "@p griddepcontrol.wait;"]
+    if pdl == 2:
+        L.append("@p griddepcontrol.launch_dependents;")
+    for g in groups:  # x: element grp * group_size + 8 j (2 bytes each), then 32 elements per block of 32 inputs
+        L += ["mov.u32 grp, %ctaid.y;",
+              f"mad.lo.u32 grp, grp, {groups_per_warp}, {g};"]
+        for cb in cbs:
+            L += [f"mul.lo.u32 t32, grp, {group_size};",
+                  "mad.lo.u32 t32, j, 8, t32;"]
+            if rows > 1:
+                L.append(f"mad.lo.u32 t32, nrow{cb}, kk, t32;")
+            L += ["mul.wide.u32 off, t32, 2;",
+                  "add.u64 xa, $2, off;"]
+            for b in range(blocks32):
+                L.append(f"ld.global.v4.b32 {{{', '.join(xs_regs[g][cb][4 * b:4 * b + 4])}}}, [xa+{64 * b}];")
     for g in groups:  # scales to fp32, zero points plus the magic value
         for t in tiles:
             gt = f"{g}_{t}"
@@ -402,7 +425,9 @@ def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, ze
     norm = norm_weight is not None
     assert not swiglu or (residual is None and N % 32 == 0), "swiglu: a fused gate|up weight, no residual"
 
-    def launch(c: tuple[int, int, int]) -> torch.Tensor:
+    pdl = launch_mode(x.device)
+
+    def launch(c: tuple[int, int, int], pdl: int = pdl) -> torch.Tensor:
         warps, groups_per_warp, tiles_per_warp = c
         split = G // groups_per_warp
         y = torch.empty(M, N // 2 if swiglu else N, dtype=x.dtype, device=x.device)
@@ -413,9 +438,9 @@ def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, ze
         _frag_gemv[(programs, split)](
             fragments, x, scales, zeros, y, partial, counter, x if residual is None else residual.contiguous(),
             norm_weight.contiguous() if norm else x, eps, N, G, split,
-            ASM=frag_gemv_asm(warps, groups_per_warp, group_size, x.dtype, M, norm, tiles_per_warp, swiglu),
+            ASM=frag_gemv_asm(warps, groups_per_warp, group_size, x.dtype, M, norm, tiles_per_warp, swiglu, pdl),
             NUM_WARPS=warps, SPLIT_P2=triton.next_power_of_2(split), RESIDUAL=residual is not None, ROWS=M, NORM=norm,
-            GROUP_SIZE=group_size, TILES=tiles_per_warp, SWIGLU=swiglu, num_warps=warps)
+            GROUP_SIZE=group_size, TILES=tiles_per_warp, SWIGLU=swiglu, num_warps=warps, launch_pdl=bool(pdl))
         return y
 
     if config is None:
@@ -425,8 +450,9 @@ def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, ze
         return launch(config)
     candidates = [c for c in FRAG_CONFIGS if frag_fits(N, G, *c, M=M)]
     assert candidates, f"no fragment-GEMV tile fits N={N}, G={G}, M={M}"
-    return launch(_frag_tuner.pick((x.device, N, G, group_size, x.dtype, M, residual is not None, norm, swiglu), launch,
-                                   candidates))
+    # timed as launches of their own: back-to-back PDL launches of one kernel would overlap each other
+    return launch(_frag_tuner.pick((x.device, N, G, group_size, x.dtype, M, residual is not None, norm, swiglu),
+                                   lambda c: launch(c, pdl=0), candidates))
 
 
 @triton.jit
