@@ -115,10 +115,12 @@ STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", 
                  "int4-tc-norm": dict(tc=True, tc_norm=True, frag_only=False),
                  "int4-tc-norm+head": dict(tc=True, tc_norm=True, frag_only=False),
                  # the fragments as the only copy: they replace the row layout in place, so these come last
-                 "int4-tc-only": dict(tc=True, frag_only=True), "int4-tc-only+head": dict(tc=True, frag_only=True),
+                 # (these without PDL, as they ran before it became the default)
+                 "int4-tc-only": dict(tc=True, frag_only=True, tc_swiglu=False, pdl="off"),
+                 "int4-tc-only+head": dict(tc=True, frag_only=True, tc_swiglu=False, pdl="off"),
                  # and silu(gate) * up in the gate|up GEMV's last step
-                 "int4-tc-only-swiglu": dict(tc=True, frag_only=True, tc_swiglu=True),
-                 "int4-tc-only-swiglu+head": dict(tc=True, frag_only=True, tc_swiglu=True),
+                 "int4-tc-only-swiglu": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="off"),
+                 "int4-tc-only-swiglu+head": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="off"),
                  # and programmatic dependent launch (kernels/pdl.py) of the GEMVs and attention: early / late trigger
                  "int4-tc-only-pdl+head": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early"),
                  "int4-tc-only-pdl-late+head": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="late"),

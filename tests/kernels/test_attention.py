@@ -94,7 +94,8 @@ def test_triton_rope_attention_matches_rotate_store_attend(batch, heads, kv_head
 @pytest.mark.parametrize("batch,heads,kv_heads,head_dim,cache_len", [(1, 24, 8, 128, 512), (2, 9, 3, 64, 200)])
 def test_triton_decode_attention_launch_options_agree(batch, heads, kv_heads, head_dim, cache_len):
     """The splits combined by the last split program or by a kernel of their own, launched with or without PDL
-    (early or late trigger): the same arithmetic in the same order, so the same bits, plain and fused with RoPE."""
+    (early or late trigger; the plain variant always launches without it): the same arithmetic in the same order,
+    so the same bits, plain and fused with RoPE."""
     import llmpress.kernels.pdl as pdl
     import llmpress.kernels.triton_attention as attention
     torch.manual_seed(cache_len)

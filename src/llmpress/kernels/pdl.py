@@ -23,11 +23,17 @@ from triton.language.extra import cuda as tl_cuda
 
 from llmpress.kernels.triton_int4 import INTERPRETED
 
-# "off", "early" or "late" (above). Off by default: measured slower. 3B int4 decode on the H200, batch 1, each
-# twice in one run (int4_gpu.py, results/int4_h200_pdl_ab.*): off 581.2 / 580.8 tok/s, early 552.4 / 551.5, late
-# 545.5 / 545.6 (the GEMVs' tiles the same in all three).
+# "off", "early" or "late" (above). Early by default since the tensor-core GEMV (kernels/triton_int4_frag.py) waits
+# only after its weight loads: 3B int4 decode with an int4 head on the H200, batch 1, each twice in one run
+# (benchmarks/int4_gpu.py variants int4-tc-only-swiglu+head, int4-tc-only-pdl+head, int4-tc-only-pdl-late+head,
+# results/int4_h200_frag_pdl.*): off 722.5 / 722.2 tok/s, early 783.2 / 783.1 (+8.4%), late 750.3.
 MODES = {"off": 0, "early": 1, "late": 2}
-mode = "off"
+mode = "early"
+# The split GEMV (kernels/triton_int4_rows_split.py) under PDL was slower (3B int4 decode, results/int4_h200_pdl_ab.*:
+# off 581.2 / 580.8 tok/s, early 552.4 / 551.5, late 545.5 / 545.6), so it takes PDL only with this switched on. (Its
+# wait is Triton's gdc_wait after the weight loads; ptxas hoisted the fragment GEMV's unconditional wait above
+# its loads, which may be why: see the note in triton_int4_frag.frag_gemv_asm.)
+split_gemv = False
 
 gdc_wait = tl_cuda.gdc_wait
 gdc_launch_dependents = tl_cuda.gdc_launch_dependents

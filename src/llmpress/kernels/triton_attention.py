@@ -190,7 +190,8 @@ def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple) -> torch
     in_kernel = combine == "in_kernel"
     # the split-K arrival counters (zero between launches); unused by the combine kernel's path
     counters = _workspace.get(q.device, 1, B * Hkv)[1] if in_kernel else part_lse
-    pdl = launch_mode(q.device)
+    # PDL where it was measured (kernels/pdl.py): the RoPE variant, between int4 q|k|v and o products
+    pdl = launch_mode(q.device) if rope else 0
     block_s = max(2, triton.next_power_of_2(splits))
     _split_kernel[(B * Hkv, splits)](
         q, k_cache, v_cache, positions, part_out, part_lse,

@@ -425,7 +425,7 @@ def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, ze
     norm = norm_weight is not None
     assert not swiglu or (residual is None and N % 32 == 0), "swiglu: a fused gate|up weight, no residual"
 
-    pdl = launch_mode(x.device)
+    pdl = launch_mode(x.device) if M == 1 else 0  # under PDL: one row (batch-1 decode), as tested and timed
 
     def launch(c: tuple[int, int, int], pdl: int = pdl) -> torch.Tensor:
         warps, groups_per_warp, tiles_per_warp = c

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llmpress.kernels import pdl as pdl_module
 from llmpress.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_mode
 from llmpress.kernels.tile_tuner import TileTuner
 from llmpress.kernels.triton_int4 import INTERPRETED as _INTERPRETED, _workspace
@@ -308,7 +309,7 @@ def split_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     assert in_kernel or (prologue is None and residual is None), "prologues and residuals need the in-kernel reduction"
     use_asm = (config or {}).get("USE_ASM", not _INTERPRETED)
     spread = (config or {}).get("SPREAD", spread_prologue)
-    pdl = launch_mode(x.device)
+    pdl = launch_mode(x.device) if pdl_module.split_gemv else 0
 
     def launch(c: tuple[int, int, int], pdl: int = pdl) -> torch.Tensor:
         block_n, groups, warps = c
