@@ -30,9 +30,9 @@ from llmpress.kernels.triton_int4 import INTERPRETED
 MODES = {"off": 0, "early": 1, "late": 2}
 mode = "early"
 # The split GEMV (kernels/triton_int4_rows_split.py) under PDL was slower (3B int4 decode, results/int4_h200_pdl_ab.*:
-# off 581.2 / 580.8 tok/s, early 552.4 / 551.5, late 545.5 / 545.6), so it takes PDL only with this switched on. (Its
-# wait is Triton's gdc_wait after the weight loads; ptxas hoisted the fragment GEMV's unconditional wait above
-# its loads, which may be why: see the note in triton_int4_frag.frag_gemv_asm.)
+# off 581.2 / 580.8 tok/s, early 552.4 / 551.5, late 545.5 / 545.6), so it takes PDL only with this switched on. Not
+# because its wait was hoisted (as ptxas did with the fragment GEMV's unpredicated one): its sm_90 SASS has the
+# tile's 12 weight loads before the wait (compiled on the CPU machine). Not diagnosed further.
 split_gemv = False
 
 gdc_wait = tl_cuda.gdc_wait
