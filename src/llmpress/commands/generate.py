@@ -72,7 +72,7 @@ TENSOR_CORE_MAX_BATCH = 8
 def add_kernel_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int4-tensor-cores", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
                         help="4-bit models on a GPU: hold the weights in the tensor-core GEMV's layout and run products "
-                             "of 1-8 tokens on it (3B decode 1.45x -> 1.79x bf16 on an H200, same memory; larger "
+                             "of 1-8 tokens on it (3B decode 1.45x -> 1.87x bf16 on an H200, same memory; larger "
                              "batches and prompts run slower on it). auto (the default): on for generate, chat and "
                              "bench at batch sizes up to 8, off for the engine and the server")
 
