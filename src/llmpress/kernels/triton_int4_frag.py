@@ -412,7 +412,9 @@ def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, ze
     `norm_weight` [K]: x is the residual stream h and each row of y = W (w * h) * rsqrt(mean(h^2) + eps), the RMSNorm
     before q|k|v and gate|up folded in (1..8 rows, correct on the H200).
     `swiglu`: the weight is a fused gate|up [2I, K]; returns silu(gate) * up [M, I] (no residual), saving the
-    separate SwiGLU kernel and the round trip of gate|up through memory."""
+    separate SwiGLU kernel and the round trip of gate|up through memory.
+    At one row it launches with programmatic dependent launch where kernels/pdl.py says so (the default on Hopper):
+    its weight loads overlap the previous kernel's tail."""
     M = x.shape[0]
     G, N = scales.shape
     assert 1 <= M <= FRAG_KERNEL_MAX_M and x.shape[1] == G * group_size, (x.shape, G, group_size)
