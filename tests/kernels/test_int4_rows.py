@@ -579,14 +579,17 @@ def test_triton_fragment_gemv_ends_in_swiglu(M):
 
 
 @cuda_only
-def test_triton_fragment_gemv_with_pdl_gives_the_same_bits():
+@pytest.mark.parametrize("M", [1, 6])
+def test_triton_fragment_gemv_with_pdl_gives_the_same_bits(M, monkeypatch):
     """Launched with programmatic dependent launch (early or late trigger), the fragment GEMV requests its weights
     before it waits and x after: a chain of dependent products (q|k|v-like with the RMSNorm, a square one with the
     residual, gate|up with the SwiGLU ending, then down), each reading the one before's output and sharing one
     workspace, gives the same bits as without PDL, eagerly and replayed from a CUDA graph."""
     import llmpress.kernels.pdl as pdl
+    import llmpress.kernels.triton_int4_frag as frag
     from llmpress.kernels.triton_int4_frag import frag_gemv
     from llmpress.quant.format import fragment_scales_zeros, rows_to_fragments
+    monkeypatch.setattr(frag, "PDL_MAX_ROWS", 8)  # 2..8 rows under PDL: prepared, off by default
     torch.manual_seed(8)
     K, inner = 1024, 2048
 
@@ -595,7 +598,7 @@ def test_triton_fragment_gemv_with_pdl_gives_the_same_bits():
         return (rows_to_fragments(qweight, 128), *fragment_scales_zeros(scales, zeros))
 
     first, square, gate_up, down = weight(K, K), weight(K, K), weight(K, 2 * inner), weight(inner, K)
-    h = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     norm_weight = (torch.rand(K, device="cuda") + 0.5).to(torch.bfloat16)
 
     def chain():

@@ -375,6 +375,10 @@ FRAG_MAX_M = 8  # rows of x: the columns of the mma's B operand
 # 9..16 rows: a second B operand (column block) per A operand, the weights unpacked once for both (correct on the
 # H200: tests/kernels/test_int4_rows.py -k sixteen; where ops sends them: ops.FRAG_ONE_CALL_MAX_N).
 FRAG_KERNEL_MAX_M = 16
+# Rows of x up to which the GEMV launches under PDL: one (batch-1 decode), as tested and timed on the H200. 2..8 rows
+# (a verify step) use the same wait; their CUDA test is written (-k pdl runs 1 and 6 rows with this raised to 8),
+# not yet run.
+PDL_MAX_ROWS = 1
 FRAG_WORKSPACE_MAX = 1 << 24  # fp32 partial sums [split, M, N]: up to 64 MB (the 128k-vocab head at M = 8)
 
 
@@ -427,7 +431,7 @@ def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, ze
     norm = norm_weight is not None
     assert not swiglu or (residual is None and N % 32 == 0), "swiglu: a fused gate|up weight, no residual"
 
-    pdl = launch_mode(x.device) if M == 1 else 0  # under PDL: one row (batch-1 decode), as tested and timed
+    pdl = launch_mode(x.device) if M <= PDL_MAX_ROWS else 0
 
     def launch(c: tuple[int, int, int], pdl: int = pdl) -> torch.Tensor:
         warps, groups_per_warp, tiles_per_warp = c
