@@ -19,6 +19,8 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
+import triton.language as tl
 from triton.language.extra import cuda as tl_cuda
 
 from llmpress.kernels.triton_int4 import INTERPRETED
@@ -37,6 +39,23 @@ split_gemv = False
 
 gdc_wait = tl_cuda.gdc_wait
 gdc_launch_dependents = tl_cuda.gdc_launch_dependents
+
+
+@triton.jit
+def pdl_start(PDL: tl.constexpr):
+    """A PDL kernel's first step: the early trigger (PDL == 1)."""
+    if PDL == 1:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """Wait for the previous kernel (any PDL launch), then the late trigger (PDL == 2); after the loads of what no
+    kernel writes, before everything else."""
+    if PDL:
+        gdc_wait()
+    if PDL == 2:
+        gdc_launch_dependents()
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,7 +11,7 @@ rotate k + write it, write v: ~3.8 us per layer on the H200 for 1-1.4 us of work
 instructions inside this one.
 The split programs' partial results are combined by a second kernel, or (`combine = "in_kernel"`) by the
 last program of each KV head to finish (an atomic arrival counter, as in the split GEMV). With PDL
-(kernels/pdl.py, off by default) the kernel launches while the q|k|v projection is still running.
+(kernels/pdl.py; the RoPE variant by default) the kernel launches while the q|k|v projection is still running.
 Reference: `kernels.reference.attention_reference` with the causal-by-position mask (and `apply_rope`,
 `StaticKVCache.update` before it for the fused variant).
 """
@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmpress.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_mode
+from llmpress.kernels.pdl import launch_mode, pdl_start, pdl_wait
 from llmpress.kernels.triton_int4 import _workspace
 
 BLOCK_N = 64  # keys per inner step
@@ -58,12 +58,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
     token's k/v, rotated and written at slot `position` by the program whose chunk holds it; otherwise
     q is rotated already and the cache holds the new token. COMBINE: the last split program of this KV head
     to finish combines all splits into out (else `_combine_kernel` does)."""
-    if PDL:  # nothing here is read-only across kernels (the cache grows each step): wait before any load
-        if PDL == 1:
-            gdc_launch_dependents()
-        gdc_wait()
-        if PDL == 2:
-            gdc_launch_dependents()
+    pdl_start(PDL)
+    pdl_wait(PDL)  # nothing here is read-only across kernels (the cache grows each step): wait before any load
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // num_kv_heads
@@ -151,12 +147,8 @@ def _combine_row(part_out_ptr, part_lse_ptr, out_ptr, row, NUM_SPLITS: tl.conste
 @triton.jit
 def _combine_kernel(part_out_ptr, part_lse_ptr, out_ptr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
                     D: tl.constexpr, PDL: tl.constexpr = 0):
-    if PDL:  # it reads the split kernel's partials: wait before any load
-        if PDL == 1:
-            gdc_launch_dependents()
-        gdc_wait()
-        if PDL == 2:
-            gdc_launch_dependents()
+    pdl_start(PDL)
+    pdl_wait(PDL)  # it reads the split kernel's partials: wait before any load
     _combine_row(part_out_ptr, part_lse_ptr, out_ptr, tl.program_id(0), NUM_SPLITS, BLOCK_S, D)  # b * H + head
 
 

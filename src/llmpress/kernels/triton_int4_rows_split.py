@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from llmpress.kernels import pdl as pdl_module
-from llmpress.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_mode
+from llmpress.kernels.pdl import launch_mode, pdl_start, pdl_wait
 from llmpress.kernels.tile_tuner import TileTuner
 from llmpress.kernels.triton_int4 import INTERPRETED as _INTERPRETED, _workspace
 
@@ -180,8 +180,7 @@ def _split_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, N,
                 RESIDUAL: tl.constexpr = False, SPREAD_PROLOGUE: tl.constexpr = False, PDL: tl.constexpr = 0):
     """One [BLOCK_N, GROUPS groups] tile: partial y[n] over this program's groups. PDL (kernels/pdl.py): the
     weights are requested before the previous kernel has finished; x, the workspace and y only after."""
-    if PDL == 1:
-        gdc_launch_dependents()
+    pdl_start(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n, n_mask, word_ptrs, group_offsets, x_base = tile_pointers(x_ptr, qw_ptr, N, G, words_per_row, BLOCK_N,
@@ -197,10 +196,7 @@ def _split_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, N,
         words = tl.load(word_ptrs, mask=n_mask[:, None, None], other=0, eviction_policy="evict_first")
         scale = tl.load(s_ptr + group_offsets, mask=n_mask[:, None], other=0.0).to(tl.float32)
         zero = tl.load(z_ptr + group_offsets, mask=n_mask[:, None], other=0).to(tl.float32)
-    if PDL:
-        gdc_wait()
-    if PDL == 2:
-        gdc_launch_dependents()
+    pdl_wait(PDL)
     if USE_ASM:
         if PROLOGUE == 0:
             x0, x1, x2, x3, x4, x5, x6, x7 = load_word_inputs(x_base)
