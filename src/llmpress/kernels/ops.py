@@ -288,7 +288,7 @@ int4_tensor_core_max_rows = FRAG_MAX_M
 
 
 # With it (the default), `use_fragment_layouts` drops the row layout's copy, so the fragments are the layers' only
-# weights: more than 8 rows then go 8 at a time through the same GEMV (9..16, small engine batches) or through one
+# weights: more than 8 rows then go through the same GEMV (9..16, small engine batches) or through one
 # dequantizing pass to bf16 and cuBLAS (prefill), `int4_matmul_fragments`. Measured (H200, benchmarks/int4_gpu.py
 # variants int4-tc, int4-tc-only, int4_h200_frag_only.*): 3B decode 669.0 tok/s with 2.36 GB allocated, against
 # 669.5 with the second copy (3.79 GB) and 610.0 on the row layout alone (2.32 GB).
@@ -306,7 +306,7 @@ def int4_fragment_gemv_applies(x: torch.Tensor, fragments_only: bool = False) ->
 def int4_matmul_fragments(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                           group_size: int) -> torch.Tensor:
     """x [M, K] @ Wᵀ -> [M, N] in x.dtype, any M, for a weight held only as tensor-core fragments (scales, zeros
-    [G, N]): on CUDA the fragment GEMV 8 rows at a time up to 16 rows, above that the dense weight from
+    [G, N]): on CUDA the fragment GEMV up to 16 rows (FRAG_ONE_CALL_MAX_N below), above that the dense weight from
     `dequantize_fragments_triton` and cuBLAS; elsewhere the reference (fragments back to rows, then dequantize)."""
     use_triton = _triton_requested(x)
     if use_triton and x.dtype in (torch.float16, torch.bfloat16):

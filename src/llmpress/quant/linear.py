@@ -152,20 +152,17 @@ class QuantLinear(nn.Module):
                                   rt.scales.dtype).T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fragments is not None and ops.int4_fragment_gemv_applies(x.reshape(-1, self.in_features),
-                                                                         self.fragments_only):
-            y = ops.int4_gemv_fragments(x.reshape(-1, self.in_features), self.fragments, self.fragment_scales,
-                                        self.fragment_zeros, self.group_size)
+        x2d = x.reshape(-1, self.in_features)
+        if self.fragments is not None and ops.int4_fragment_gemv_applies(x2d, self.fragments_only):
+            y = ops.int4_gemv_fragments(x2d, self.fragments, self.fragment_scales, self.fragment_zeros, self.group_size)
             return y.reshape(*x.shape[:-1], self.out_features)
         if self.fragments_only:
-            y = ops.int4_matmul_fragments(x.reshape(-1, self.in_features), self.fragments, self.fragment_scales,
-                                          self.fragment_zeros, self.group_size)
+            y = ops.int4_matmul_fragments(x2d, self.fragments, self.fragment_scales, self.fragment_zeros,
+                                          self.group_size)
         elif self.row_layout:
-            y = ops.int4_matmul_rows(x.reshape(-1, self.in_features), self.qweight_rows, self.scales_rows,
-                                     self.zeros_rows, self.group_size)
+            y = ops.int4_matmul_rows(x2d, self.qweight_rows, self.scales_rows, self.zeros_rows, self.group_size)
         else:
-            y = ops.int4_matmul(x.reshape(-1, self.in_features), self.qweight, self.scales, self.qzeros, self.g_idx,
-                                self.group_size, self.bits)
+            y = ops.int4_matmul(x2d, self.qweight, self.scales, self.qzeros, self.g_idx, self.group_size, self.bits)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
