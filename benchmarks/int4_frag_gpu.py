@@ -54,7 +54,7 @@ def main() -> int:
               "group_size": GROUP, "rows": [], "errors": {}, "per_token_us": {}}
     print(f"{report['gpu']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     print(f"\n{'shape':8s} {'K':>5s} {'N':>6s} {'kernel':22s} {'rel err':>8s} {'us':>8s} {'% copy bw':>9s}", flush=True)
-    best = {"frag": 0.0, "split": 0.0, "frag best tile": 0.0,
+    best = {"frag": 0.0, "split": 0.0, "frag best tile": 0.0, "copy, same bytes": 0.0,
             **{f"{kind} M={m}": 0.0 for m in row_counts if m > 1 for kind in ("frag", "rows")}}
     for name, K, N, per_layer in SHAPES:
         sets = SETS if N < 100000 else 4
@@ -135,7 +135,7 @@ def main() -> int:
                                    bytes=nbytes, fraction_of_copy_bandwidth=fraction))
         print(f"{name:8s} {K:5d} {N:6d} {'copy, same bytes':22s} {'-':>8s} {copy_us:8.1f} {fraction:9.1%}", flush=True)
         del copies
-        best["copy, same bytes"] = best.get("copy, same bytes", 0.0) + copy_us * (LAYERS if per_layer else 1)
+        best["copy, same bytes"] += copy_us * (LAYERS if per_layer else 1)
         best["frag best tile"] += fastest_tile * (LAYERS if per_layer else 1)
         save_results(report, args.out, "int4_frag_gpu.json")
     report["per_token_us"] = best
