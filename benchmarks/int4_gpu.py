@@ -97,7 +97,7 @@ SETTINGS = {"rope": (ops, "fuse_rope_into_attention"), "steps": (ops, "int4_fuse
             "spread": (split_module, "spread_prologue"), "pdl": (pdl_module, "mode"),
             "combine": (attention_module, "combine"), "tc": (ops, "int4_tensor_core_gemv"),
             "tc_norm": (ops, "int4_tensor_core_norm"), "frag_only": (ops, "int4_fragments_only"),
-            "tc_swiglu": (ops, "int4_tensor_core_swiglu")}
+            "tc_swiglu": (ops, "int4_tensor_core_swiglu"), "chain": (ops, "int4_layer_chain")}
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr) in SETTINGS.items()}
 NORM_RES = frozenset({"residual", "norm"})
 STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", combine="kernel"),
@@ -124,6 +124,10 @@ STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", 
                  # and programmatic dependent launch (kernels/pdl.py) of the GEMVs and attention: early / late trigger
                  "int4-tc-only-pdl+head": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early"),
                  "int4-tc-only-pdl-late+head": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="late"),
+                 # and each layer's o, gate|up, down and the next q|k|v (or the head) in one persistent kernel
+                 # (kernels/triton_int4_chain.py, model/decode_chain.py)
+                 "int4-tc-only-chain": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", chain=True),
+                 "int4-tc-only-chain+head": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", chain=True),
                  "bf16-before": dict(pdl="off", combine="kernel")}
 
 

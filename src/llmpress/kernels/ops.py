@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -367,6 +368,82 @@ def _int4_gemv_fragments(x: torch.Tensor, fragments: torch.Tensor, scales: torch
 @_int4_gemv_fragments.register_fake
 def _(x, fragments, scales, zeros, group_size, residual, norm_weight, eps, swiglu):
     return x.new_empty(x.shape[0], scales.shape[1] // 2 if swiglu else scales.shape[1])
+
+
+# A decoder layer's products after attention at batch 1 (o, gate|up with its norm and SwiGLU ending, down, then the
+# next layer's q|k|v or the head) in one persistent kernel, kernels/triton_int4_chain.py, for layers held as
+# tensor-core fragments (model/decode_chain.py decides where it applies; `layer_chain` below).
+int4_layer_chain = False
+
+
+class ChainProduct(NamedTuple):
+    """One product of a layer chain: a 4-bit weight as tensor-core fragments with its scales and zeros [G, N]
+    (quant/format.py), and the RMSNorm folded in before it (weight [K] and eps; None: no norm). A named tuple,
+    which torch.compile traces through (the plan is built inside the compiled decode step)."""
+    fragments: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    norm_weight: torch.Tensor | None = None
+    eps: float = 0.0
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        return [self.fragments, self.scales, self.zeros, self.norm_weight]
+
+
+def layer_chain_applies(x: torch.Tensor) -> bool:
+    """Whether `layer_chain` runs the persistent kernel for attention's output x [1, K]."""
+    return (int4_layer_chain and _backend in ("auto", "triton") and x.is_cuda and HAS_TRITON and x.shape[0] == 1
+            and x.dtype in (torch.float16, torch.bfloat16))
+
+
+def layer_chain(x: torch.Tensor, residual: torch.Tensor, o: ChainProduct, gate_up: ChainProduct,
+                     down: ChainProduct, next_product: ChainProduct | None, group_size: int,
+                     layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """From attention's output x [1, K] and the residual stream h [1, H]: h1 = h + o(x),
+    h2 = h1 + down(silu(gate) * up) with gate|up = gate_up(norm(h1)), and next = next_product(its norm(h2)).
+    Returns (h2, next or None). One kernel on CUDA (`layer_chain_applies`, `layer` picks its flags), else
+    `layer_chain_reference`: the same steps one after another."""
+    if not layer_chain_applies(x):
+        return layer_chain_reference(x, residual, o, gate_up, down, next_product, group_size)
+    nxt = [None] * 4 if next_product is None else next_product.tensors()
+    h2, out = torch.ops.llmpress.int4_layer_chain(x.contiguous(), residual.contiguous(), *o.tensors()[:3],
+                                                  *gate_up.tensors(), *down.tensors()[:3], *nxt, gate_up.eps,
+                                                  0.0 if next_product is None else next_product.eps, group_size, layer)
+    return h2, (out if next_product is not None else None)
+
+
+def layer_chain_reference(x, residual, o, gate_up, down, next_product, group_size):
+    """`layer_chain` as the model's steps: products through `int4_matmul_fragments`, the norms as RMSNorm."""
+    def product(p: ChainProduct, inputs: torch.Tensor) -> torch.Tensor:
+        if p.norm_weight is not None:
+            h = inputs.float()
+            inputs = p.norm_weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + p.eps)).to(inputs.dtype)
+        return int4_matmul_fragments(inputs, p.fragments, p.scales, p.zeros, group_size)
+    h1 = residual + product(o, x)
+    gate, up = product(gate_up, h1).chunk(2, dim=-1)
+    h2 = h1 + product(down, F.silu(gate) * up)
+    return h2, (product(next_product, h2) if next_product is not None else None)
+
+
+@torch.library.custom_op("llmpress::int4_layer_chain", mutates_args=())
+def _int4_layer_chain(x: torch.Tensor, residual: torch.Tensor, o_fragments: torch.Tensor, o_scales: torch.Tensor,
+                      o_zeros: torch.Tensor, gu_fragments: torch.Tensor, gu_scales: torch.Tensor,
+                      gu_zeros: torch.Tensor, gu_norm: torch.Tensor, down_fragments: torch.Tensor,
+                      down_scales: torch.Tensor, down_zeros: torch.Tensor, next_fragments: torch.Tensor | None,
+                      next_scales: torch.Tensor | None, next_zeros: torch.Tensor | None, next_norm: torch.Tensor | None,
+                      gu_eps: float, next_eps: float, group_size: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from llmpress.kernels.triton_int4_chain import frag_chain
+    nxt = None if next_fragments is None else ChainProduct(next_fragments, next_scales, next_zeros, next_norm, next_eps)
+    h2, out = frag_chain(x, residual, ChainProduct(o_fragments, o_scales, o_zeros),
+                         ChainProduct(gu_fragments, gu_scales, gu_zeros, gu_norm, gu_eps),
+                         ChainProduct(down_fragments, down_scales, down_zeros), nxt, group_size, layer)
+    return h2, (x.new_empty(0) if out is None else out)  # a custom op's outputs may not alias each other
+
+
+@_int4_layer_chain.register_fake
+def _(x, residual, o_fragments, o_scales, o_zeros, gu_fragments, gu_scales, gu_zeros, gu_norm, down_fragments,
+      down_scales, down_zeros, next_fragments, next_scales, next_zeros, next_norm, gu_eps, next_eps, group_size, layer):
+    return residual.new_empty(residual.shape), x.new_empty(0 if next_scales is None else (1, next_scales.shape[1]))
 
 
 def store_kv_paged(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

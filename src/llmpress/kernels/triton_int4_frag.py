@@ -58,12 +58,14 @@ ROWS_WIDE_CONFIG = (4, 2, 2)  # for N >= ROWS_WIDE_ROWS at 2..8 rows
 ROWS_WIDE_ROWS = 16384
 TWO_BLOCK_CONFIG = (4, 1, 1)  # 9..16 rows: the fewest registers (96 a thread, sm_90) with x's second column block
 
+SPIN_LIMIT = 1 << 24  # polls of a grid barrier's flag before a trap: seconds, where a phase takes microseconds
 # per activation dtype: the magic value's bits (both halves), its value, 1.0 in both halves, the mma type
 _TYPES = {torch.bfloat16: (0x43004300, 128.0, 0x3F803F80, "bf16"), torch.float16: (0x64006400, 1024.0, 0x3C003C00, "f16")}
 
 
 def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: torch.dtype, rows: int = 1,
-                  norm: bool = False, tiles_per_warp: int = 1, paired_halves: bool = False, pdl: int = 0) -> str:
+                  norm: bool = False, tiles_per_warp: int = 1, paired_halves: bool = False, pdl: int = 0,
+                  grid_operands: bool = False) -> str:
     """PTX for one thread's share of a warp's TILES_PER_WARP row tiles over GROUPS_PER_WARP groups, ending in a
     store of the row tiles' partial sums. The tiles of a warp share its x registers and its sum(x) mmas, so more
     tiles put more weight bytes in flight per register than more groups do (16 x registers a group, 8 word
@@ -89,12 +91,22 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
     `pdl` (kernels/pdl.py: 1 early, 2 late trigger): the weights, scales, zeros and norm weight (which no kernel
     writes) are requested first, then `griddepcontrol.wait` for the previous kernel, then x; every store comes
     after the wait. Launched with PDL, the loads of this matrix overlap the previous kernel's tail.
+    3: the wait without a trigger; 4: instead of the wait, lane 0 of each warp spins (acquire loads, at most
+    SPIN_LIMIT, then a trap rather than a hang) until the u32 at $a reaches $b, where a, b are the operands after
+    the grid's two (below): a grid barrier between the phases of one persistent kernel (triton_int4_chain.py).
+
+    `grid_operands`: the program's (row-tile program, group program) come from the two operands after the
+    others ($8, $9; $10, $11 with `norm`) instead of %ctaid.x and %ctaid.y, for a persistent kernel that walks
+    the tiles itself; x is then loaded with .cg (L2 only), since other programs of the same kernel wrote it.
 
     Every load comes first. ptxas otherwise issued a lane's second 16-byte word load, and the scale and zero
     loads, only after the first mmas had used the first words: three DRAM round trips in a row instead of
     one. So the first group's accumulators start as 0 * (a sum of one value from each load): the same zeros
     (every such value is finite), but the first mma now waits for every load, so all are issued before it."""
     assert not norm or rows <= 8, "the RMSNorm prologue takes up to 8 rows of x (one column block)"
+    assert pdl != 4 or grid_operands, "the flag wait is for persistent kernels"
+    extra = 10 if norm else 8  # the first operand after the fixed ones
+    cta_x, cta_y = (f"${extra}", f"${extra + 1}") if grid_operands else ("%ctaid.x", "%ctaid.y")
     magic, magic_value, ones, mma_type = _TYPES[dtype]
     words_per_lane = group_size // 16  # per group: 2 blocks of 16 inputs per 32
     blocks32 = group_size // 32
@@ -110,7 +122,7 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
     def flat(nested) -> list[str]:
         return [nested] if isinstance(nested, str) else sum((flat(x) for x in nested), [])
     L = ["{",
-         ".reg .pred p;" if rows == 1 or not norm else ".reg .pred p, q;",
+         ".reg .pred p;" if (rows == 1 or not norm) and pdl != 4 else ".reg .pred p, q;",
          ".reg .b32 lane, warp, i, j, tile, grp, t32, e0, e4, e8, e12, tmp, magic, one, "
          + ", ".join([f"r0_{t}" for t in tiles] + flat(words) + flat(xs_regs) + flat(norm_regs)) + ";",
          ".reg .b64 wa, xa, na, sa, za, pa, off;",
@@ -127,7 +139,7 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
          "shr.u32 warp, warp, 5;",
          "shr.u32 i, lane, 2;",
          "and.b32 j, lane, 3;",
-         "mov.u32 tile, %ctaid.x;",
+         f"mov.u32 tile, {cta_x};",
          *([f"mad.lo.u32 tile, tile, {num_warps}, warp;",
             f"mul.lo.u32 tile, tile, {tiles_per_warp};"] if not paired_halves else  # the warp's first row tile
            [f"and.b32 tmp, warp, {num_warps // 2 - 1};",  # gate warps 0..W/2-1, up warps W/2..W-1
@@ -146,7 +158,7 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
     if pdl == 1:
         L.append("griddepcontrol.launch_dependents;")
     for g in groups:  # loads of what no kernel writes: the weights, their scales and zeros, the norm weight
-        L += ["mov.u32 grp, %ctaid.y;",
+        L += [f"mov.u32 grp, {cta_y};",
               f"mad.lo.u32 grp, grp, {groups_per_warp}, {g};"]
         for t in tiles:
             # words [tile, grp, chunk, lane, 4]: ((tile * G + grp) * chunks * 32 + lane) * 16 bytes, chunk v 512 on
@@ -187,11 +199,27 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
                       f"mov.b32 e4, zf0_{g}_{t};", "or.b32 e0, e0, e4;",
                       f"mov.b32 e4, zf1_{g}_{t};", "or.b32 e0, e0, e4;"]
             L += [f"or.b32 e0, e0, {n};" for n in norm_regs[g]]
-        L += ["setp.ne.u32 p, e0, 0;", "@p griddepcontrol.wait;"]
+        L.append("setp.ne.u32 p, e0, 0;")
+        if pdl != 4:
+            L.append("@p griddepcontrol.wait;")
+        else:  # lane 0 spins; bar.warp.sync then orders the other lanes' loads after its acquire
+            flag, target = f"${extra + 2}", f"${extra + 3}"
+            L += ["setp.eq.and.u32 p, lane, 0, p;",
+                  "@!p bra $$SPIN_DONE${:uid};", "mov.u32 e4, 0;",
+                  "$$SPIN${:uid}:",
+                  f"ld.acquire.gpu.global.u32 tmp, [{flag}];",
+                  f"setp.ge.u32 q, tmp, {target};",
+                  "@q bra $$SPIN_DONE${:uid};",
+                  "add.u32 e4, e4, 1;",
+                  f"setp.lt.u32 q, e4, {SPIN_LIMIT};",
+                  "@q bra $$SPIN${:uid};",
+                  "trap;",
+                  "$$SPIN_DONE${:uid}:",
+                  "bar.warp.sync 0xffffffff;"]
     if pdl == 2:
         L.append("@p griddepcontrol.launch_dependents;")
     for g in groups:  # x: element grp * group_size + 8 j (2 bytes each), then 32 elements per block of 32 inputs
-        L += ["mov.u32 grp, %ctaid.y;",
+        L += [f"mov.u32 grp, {cta_y};",
               f"mad.lo.u32 grp, grp, {groups_per_warp}, {g};"]
         for cb in cbs:
             L += [f"mul.lo.u32 t32, grp, {group_size};",
@@ -201,7 +229,8 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
             L += ["mul.wide.u32 off, t32, 2;",
                   "add.u64 xa, $2, off;"]
             for b in range(blocks32):
-                L.append(f"ld.global.v4.b32 {{{', '.join(xs_regs[g][cb][4 * b:4 * b + 4])}}}, [xa+{64 * b}];")
+                L.append(f"ld.global{'.cg' if grid_operands else ''}.v4.b32 "
+                         f"{{{', '.join(xs_regs[g][cb][4 * b:4 * b + 4])}}}, [xa+{64 * b}];")
     for g in groups:  # scales to fp32, zero points plus the magic value
         for t in tiles:
             gt = f"{g}_{t}"
@@ -270,7 +299,7 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
     for t in tiles:
         for cb in cbs:
             y = ys[t][cb]
-            L += ["mov.u32 t32, %ctaid.y;",
+            L += [f"mov.u32 t32, {cta_y};",
                   f"mul.lo.u32 t32, t32, {rows};",
                   "mad.lo.u32 t32, j, 2, t32;",
                   *([f"add.u32 t32, t32, {8 * cb};"] if cb else []),
@@ -343,7 +372,17 @@ def _frag_gemv(qw_ptr, x_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, res
                                   dtype=tl.int32, is_pure=False, pack=1)
     else:
         tl.inline_asm_elementwise(ASM, "=r,l,l,l,l,l,r,r", operands, dtype=tl.int32, is_pure=False, pack=1)
-    BLOCK_N: tl.constexpr = 16 * NUM_WARPS * TILES  # TILES row tiles of 16 per warp
+    finish_row_tile(partial_ptr, squares_ptr, counter_ptr, y_ptr, res_ptr, eps, pid_n, N, G, SPLIT, SPLIT_P2,
+                    16 * NUM_WARPS * TILES, RESIDUAL, ROWS, NORM, GROUP_SIZE, SWIGLU)
+
+
+@triton.jit
+def finish_row_tile(partial_ptr, squares_ptr, counter_ptr, y_ptr, res_ptr, eps, pid_n, N, G, SPLIT,
+                    SPLIT_P2: tl.constexpr, BLOCK_N: tl.constexpr, RESIDUAL: tl.constexpr, ROWS: tl.constexpr,
+                    NORM: tl.constexpr, GROUP_SIZE: tl.constexpr, SWIGLU: tl.constexpr, PERSISTENT: tl.constexpr = False):
+    """After a program's partials of row tile pid_n are stored: the last of its SPLIT programs to arrive adds them
+    all up and stores y (see _frag_gemv), then resets the tile's counter. PERSISTENT: the residual was written by
+    this kernel's other programs (triton_int4_chain.py), so it is read from L2."""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     tl.debug_barrier()  # every lane's partial is written before the counter says so
@@ -367,7 +406,7 @@ def _frag_gemv(qw_ptr, x_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, res
                 parts = tl.load(partial_ptr + (offs_s[:, None] * ROWS + m) * N + offs_n[None, :],
                                 mask=(offs_s < SPLIT)[:, None] & n_mask[None, :], other=0.0, cache_modifier=".cg")
                 finish_output(tl.sum(parts, axis=0), square_sum, offs_n, n_mask, y_ptr + m * N, res_ptr + m * N,
-                              G * GROUP_SIZE, eps, 1 if NORM else 0, RESIDUAL)
+                              G * GROUP_SIZE, eps, 1 if NORM else 0, RESIDUAL, PERSISTENT)
         tl.atomic_xchg(counter_ptr + pid_n, 0)
 
 

@@ -162,13 +162,18 @@ def spread_prologue_inputs(x_ptr, x_offs, nw_ptr, K, GROUPS: tl.constexpr, WPG: 
 
 @triton.jit
 def finish_output(acc, square_sum, offs_n, n_mask, y_ptr, res_ptr, K, eps, PROLOGUE: tl.constexpr,
-                  RESIDUAL: tl.constexpr):
-    """Store y [BLOCK_N] = acc (* the norm's rsqrt) (+ residual) in y's dtype, rounding as the unfused steps do."""
+                  RESIDUAL: tl.constexpr, RESIDUAL_FROM_L2: tl.constexpr = False):
+    """Store y [BLOCK_N] = acc (* the norm's rsqrt) (+ residual) in y's dtype, rounding as the unfused steps do.
+    RESIDUAL_FROM_L2: the residual was written by this kernel's other programs (a persistent kernel), so .cg."""
     if PROLOGUE == 1:
         acc = acc * tl.rsqrt(square_sum / K + eps)
     y = acc.to(y_ptr.dtype.element_ty)
     if RESIDUAL:
-        y = (tl.load(res_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32) + y.to(tl.float32)).to(y.dtype)
+        if RESIDUAL_FROM_L2:
+            residual = tl.load(res_ptr + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
+        else:
+            residual = tl.load(res_ptr + offs_n, mask=n_mask, other=0.0)
+        y = (residual.to(tl.float32) + y.to(tl.float32)).to(y.dtype)
     tl.store(y_ptr + offs_n, y, mask=n_mask)
 
 

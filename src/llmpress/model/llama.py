@@ -12,6 +12,7 @@ from torch import nn
 
 from llmpress.config import LlamaConfig
 from llmpress.kernels import ops
+from llmpress.model import decode_chain
 from llmpress.model.kv_cache import KVCache
 from llmpress.model.rope import RotaryEmbedding, apply_rope
 
@@ -181,6 +182,9 @@ class LlamaForCausalLM(nn.Module):
         """
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        chain = decode_chain.plan_for_step(self, input_ids, kv_cache, logits_indices)
+        if chain is not None:  # batch-1 decode with each layer's products after attention in one kernel
+            return decode_chain.forward(self, chain, input_ids, positions, kv_cache)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions, x.dtype)
         for layer in self.model.layers:
