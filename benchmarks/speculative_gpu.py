@@ -132,6 +132,9 @@ def main() -> int:
     parser.add_argument("--int4-fold-rows", action="store_true",
                         help="with --int4-tensor-cores: the verify step's RMSNorm and residual add folded into the "
                              "tensor-core GEMV too (ops.int4_tensor_core_fold_rows; measured slower)")
+    parser.add_argument("--pdl-rows", type=int, default=None,
+                        help="with --int4-tensor-cores: launch the tensor-core GEMV under PDL up to this many rows "
+                             "(triton_int4_frag.PDL_MAX_ROWS; default its value: 1, so verify steps run without)")
     parser.add_argument("--out", default="benchmarks/results/speculative_h100.json")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -179,6 +182,9 @@ def main() -> int:
         ops.int4_tensor_core_fold_rows = args.int4_tensor_cores and args.int4_fold_rows
         ops.int4_tensor_core_swiglu = args.int4_tensor_cores and args.int4_swiglu
         ops.int4_tensor_core_max_rows = ops.FRAG_MAX_M if args.int4_tensor_cores else 1  # the verify step's k + 1 rows too
+        if args.pdl_rows is not None:
+            import llmpress.kernels.triton_int4_frag as frag
+            frag.PDL_MAX_ROWS = args.pdl_rows
         reference4, plain4 = time_plain(target4, prompt, args.new_tokens + spare, args.mode, args.repeats)
         rows.append({"config": "plain int4 target", "tokens_per_s": plain4, "speedup": plain4 / plain_rate})
         row = oracle_row(f"int4: oracle alpha={args.int4_alpha:g} + int4 1B draft", target4, draft4, reference4,
@@ -192,7 +198,7 @@ def main() -> int:
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "k": args.k, "int4_head": args.int4_head,
               "int4_tensor_cores": args.int4_tensor_cores, "int4_fragments_only": ops.int4_fragments_only,
               "int4_fold_rows": ops.int4_tensor_core_fold_rows, "int4_swiglu": ops.int4_tensor_core_swiglu,
-              "checks": checks,
+              "int4_pdl_rows": args.pdl_rows, "checks": checks,
               "rows": rows, "seconds": round(time.perf_counter() - started, 1), "date": date.today().isoformat(),
               "torch": torch.__version__, "python": platform.python_version(), "command": " ".join(sys.argv)}
     print(format_table(result))

@@ -27,6 +27,7 @@ def int4_model(quantize_head: bool, device: str = "cpu", dtype: torch.dtype = to
         replace_linears(model, quantize_model(model, "rtn", scheme, progress=False,
                                               lm_head=scheme if quantize_head else None))
         model.to(device=device, dtype=dtype)
+        model.materialize_buffers(device)  # RoPE's frequencies stay float32, as a loaded model has them
         use_row_layouts(model)
         fuse_projections(model)
         use_fragment_layouts(model, only=True)

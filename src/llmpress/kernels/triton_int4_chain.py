@@ -32,16 +32,17 @@ from llmpress.kernels.triton_int4_rows_split import SPLIT_WORKSPACE
 PHASES = 4
 FLAG_SLOTS = 256  # layers whose chains may be in flight at once, each with its own PHASES arrival flags
 MAX_PROGRAMS_PER_SM = 4  # more resident programs than this did not fit the union kernel's registers anyway
+prefetch = True  # L2 prefetches of each phase's weights two phases ahead (`_prefetch`)
 
 
 @triton.jit
 def _phase(qw_ptr, x_ptr, s_ptr, z_ptr, y_ptr, res_ptr, nw_ptr, eps, N, G, SPLIT, partial_ptr, counter_ptr,
-           wait_ptr, arrive_ptr, pid, programs, ASM: tl.constexpr, NUM_WARPS: tl.constexpr, TILES: tl.constexpr,
+           wait_ptr, pid, programs, ASM: tl.constexpr, NUM_WARPS: tl.constexpr, TILES: tl.constexpr,
            SPLIT_P2: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
-           GROUP_SIZE: tl.constexpr, FIRST: tl.constexpr):
-    """This program's tiles of one product: (row-tile program, group program) pairs pid, pid + programs, ...,
-    then its arrival on the phase's flag. The first phase's tiles wait for the previous kernel (griddepcontrol),
-    the others for every program's arrival on wait_ptr."""
+           GROUP_SIZE: tl.constexpr):
+    """This program's tiles of one product: (row-tile program, group program) pairs pid, pid + programs, ...
+    The first phase's tiles wait for the previous kernel (griddepcontrol), the others for every program's arrival
+    on wait_ptr (the previous phase's flag)."""
     BLOCK_N: tl.constexpr = 16 * NUM_WARPS * TILES
     tiles_n = N // BLOCK_N
     lanes = tl.zeros([32 * NUM_WARPS], dtype=tl.int64)
@@ -63,14 +64,50 @@ def _phase(qw_ptr, x_ptr, s_ptr, z_ptr, y_ptr, res_ptr, nw_ptr, eps, N, G, SPLIT
             tl.inline_asm_elementwise(ASM, "=r,l,l,l,l,l,r,r,r,r,l,r", operands + grid, dtype=tl.int32,
                                       is_pure=False, pack=1)
         # N through an asm block with side effects: the finishing step's [SPLIT, BLOCK_N] offsets from N then cannot
-        # be hoisted out of the loop, where they would stay live through the tile's asm (+76 registers at gate|up)
-        n_here = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [N], dtype=tl.int32, is_pure=False, pack=1)
+        # be hoisted out of the loop, where they would stay live through the tile's asm (+76 registers at gate|up).
+        # Declared a multiple of 16, as the standalone kernel's N is specialized: without it Triton laid the partials
+        # out differently and added them in another order (1 element of h2 in 1024 differed, H200)
+        n_here = tl.multiple_of(tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [N], dtype=tl.int32,
+                                                          is_pure=False, pack=1), 16)
         finish_row_tile(partial_ptr, squares_ptr, counter_ptr, y_ptr, res_ptr, eps, pid_n, n_here, G, SPLIT, SPLIT_P2,
                         BLOCK_N, RESIDUAL, 1, NORM, GROUP_SIZE, SWIGLU, True)
-    if FIRST:  # a program without tiles here has not waited yet: no flag moves before the previous kernel is done
+
+
+@triton.jit
+def _arrive(arrive_ptr, FIRST: tl.constexpr):
+    """This program's arrival on a phase's flag, once its tiles are stored; returns the arrivals before it."""
+    if FIRST:  # a program without tiles there has not waited yet: no flag moves before the previous kernel is done
         gdc_wait()
     tl.debug_barrier()  # every store of this program's tiles before its arrival
     return tl.atomic_add(arrive_ptr, 1, sem="release")
+
+
+@triton.jit
+def _prefetch(qw_ptr, N, G, SPLIT, pid, programs, NUM_WARPS: tl.constexpr, TILES: tl.constexpr,
+              GROUPS_PER_WARP: tl.constexpr, GROUP_SIZE: tl.constexpr, PAIRED: tl.constexpr, ON: tl.constexpr):
+    """Ask L2 for the weight words of this program's tiles of one product (cp.async.bulk.prefetch, which takes no
+    registers and returns nothing): a tile's loads then wait on L2 rather than DRAM, and the DRAM queue holds a whole
+    phase's requests instead of what the resident programs' registers have room for. A tile (pid_n, pid_k) reads
+    NUM_WARPS * TILES row tiles (gate|up: half of them from each half), GROUPS_PER_WARP groups of each: one
+    contiguous run of words per row tile."""
+    if not ON:
+        return
+    ROW_TILES: tl.constexpr = NUM_WARPS * TILES
+    WORDS_PER_GROUP: tl.constexpr = GROUP_SIZE // 64 * 128  # int32 of one row tile's group: chunks x 32 lanes x 4
+    t = tl.arange(0, 32 * NUM_WARPS)  # thread t < ROW_TILES asks for row tile t
+    tiles_n = N // (16 * ROW_TILES)
+    for item in range(pid, tiles_n * SPLIT, programs):
+        pid_n = item % tiles_n
+        pid_k = item // tiles_n
+        if PAIRED:
+            row_tile = pid_n * (ROW_TILES // 2) + t % (ROW_TILES // 2) + (t // (ROW_TILES // 2)) * (N // 32)
+        else:
+            row_tile = pid_n * ROW_TILES + t
+        words = qw_ptr + (row_tile.to(tl.int64) * G + pid_k * GROUPS_PER_WARP) * WORDS_PER_GROUP
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.u32 p, $2, 0; "
+            f"@p cp.async.bulk.prefetch.L2.global [$1], {GROUPS_PER_WARP * WORDS_PER_GROUP * 4}; mov.b32 $0, 0; }}",
+            "=r,l,r", [words.to(tl.int64), (t < ROW_TILES).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -83,24 +120,31 @@ def _chain(x0_ptr, res0_ptr, qw0, s0, z0, y0_ptr,
            ASM0: tl.constexpr, ASM1: tl.constexpr, ASM2: tl.constexpr, ASM3: tl.constexpr,
            TILES0: tl.constexpr, TILES1: tl.constexpr, TILES2: tl.constexpr, TILES3: tl.constexpr,
            SPLIT_P2_0: tl.constexpr, SPLIT_P2_1: tl.constexpr, SPLIT_P2_2: tl.constexpr, SPLIT_P2_3: tl.constexpr,
+           GPW0: tl.constexpr, GPW1: tl.constexpr, GPW2: tl.constexpr, GPW3: tl.constexpr, PREFETCH: tl.constexpr,
            NUM_WARPS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_NEXT: tl.constexpr, PDL: tl.constexpr):
-    """y0 = res0 + o(x0); y1 = swiglu(gate_up(norm1(y0))); y2 = y0 + down(y1); (HAS_NEXT) y3 = next(norm3(y2))."""
+    """y0 = res0 + o(x0); y1 = swiglu(gate_up(norm1(y0))); y2 = y0 + down(y1); (HAS_NEXT) y3 = next(norm3(y2)).
+    L2 prefetches run two phases ahead of the tiles (at most gate|up and down, ~38 MB at the 3B's shapes)."""
     pdl_start(PDL)
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
+    _prefetch(qw0, N0, G0, SPLIT0, pid, programs, NUM_WARPS, TILES0, GPW0, GROUP_SIZE, False, PREFETCH)
+    _prefetch(qw1, N1, G1, SPLIT1, pid, programs, NUM_WARPS, TILES1, GPW1, GROUP_SIZE, True, PREFETCH)
     _phase(qw0, x0_ptr, s0, z0, y0_ptr, res0_ptr, x0_ptr, 0.0, N0, G0, SPLIT0, partial_ptr, counter_ptr,
-           flag_ptr, flag_ptr, pid, programs, ASM0, NUM_WARPS, TILES0, SPLIT_P2_0, True, False, False, GROUP_SIZE,
-           True)
+           flag_ptr, pid, programs, ASM0, NUM_WARPS, TILES0, SPLIT_P2_0, True, False, False, GROUP_SIZE)
+    _prefetch(qw2, N2, G2, SPLIT2, pid, programs, NUM_WARPS, TILES2, GPW2, GROUP_SIZE, False, PREFETCH)
+    _arrive(flag_ptr, True)
     _phase(qw1, y0_ptr, s1, z1, y1_ptr, y0_ptr, nw1, eps1, N1, G1, SPLIT1, partial_ptr, counter_ptr,
-           flag_ptr, flag_ptr + 1, pid, programs, ASM1, NUM_WARPS, TILES1, SPLIT_P2_1, False, True, True,
-           GROUP_SIZE, False)
-    last = _phase(qw2, y1_ptr, s2, z2, y2_ptr, y0_ptr, y1_ptr, 0.0, N2, G2, SPLIT2, partial_ptr, counter_ptr,
-                  flag_ptr + 1, flag_ptr + 2, pid, programs, ASM2, NUM_WARPS, TILES2, SPLIT_P2_2, True, False, False,
-                  GROUP_SIZE, False)
+           flag_ptr, pid, programs, ASM1, NUM_WARPS, TILES1, SPLIT_P2_1, False, True, True, GROUP_SIZE)
     if HAS_NEXT:
-        last = _phase(qw3, y2_ptr, s3, z3, y3_ptr, y2_ptr, nw3, eps3, N3, G3, SPLIT3, partial_ptr, counter_ptr,
-                      flag_ptr + 2, flag_ptr + 3, pid, programs, ASM3, NUM_WARPS, TILES3, SPLIT_P2_3, False, True,
-                      False, GROUP_SIZE, False)
+        _prefetch(qw3, N3, G3, SPLIT3, pid, programs, NUM_WARPS, TILES3, GPW3, GROUP_SIZE, False, PREFETCH)
+    _arrive(flag_ptr + 1, False)
+    _phase(qw2, y1_ptr, s2, z2, y2_ptr, y0_ptr, y1_ptr, 0.0, N2, G2, SPLIT2, partial_ptr, counter_ptr,
+           flag_ptr + 1, pid, programs, ASM2, NUM_WARPS, TILES2, SPLIT_P2_2, True, False, False, GROUP_SIZE)
+    last = _arrive(flag_ptr + 2, False)
+    if HAS_NEXT:
+        _phase(qw3, y2_ptr, s3, z3, y3_ptr, y2_ptr, nw3, eps3, N3, G3, SPLIT3, partial_ptr, counter_ptr,
+               flag_ptr + 2, pid, programs, ASM3, NUM_WARPS, TILES3, SPLIT_P2_3, False, True, False, GROUP_SIZE)
+        last = _arrive(flag_ptr + 3, False)
     if last == programs - 1:  # every program has passed every wait: the flags are free for this layer's next step
         for phase in tl.static_range(4):
             tl.atomic_xchg(flag_ptr + phase, 0)
@@ -117,7 +161,7 @@ def _phase_setup(product: ChainProduct, x: torch.Tensor, group_size: int, norm: 
     warps, groups_per_warp, tiles = config
     split = G // groups_per_warp
     asm = frag_gemv_asm(warps, groups_per_warp, group_size, x.dtype, 1, norm, tiles, swiglu, pdl, grid_operands=True)
-    return N, G, split, asm, tiles, triton.next_power_of_2(split)
+    return N, G, split, asm, tiles, triton.next_power_of_2(split), groups_per_warp
 
 
 def frag_chain(x: torch.Tensor, residual: torch.Tensor, o: ChainProduct, gate_up: ChainProduct, down: ChainProduct,
@@ -157,7 +201,7 @@ def _launch_arguments(x, residual, o, gate_up, down, next_product, group_size, l
     act = torch.empty(1, inner, dtype=x.dtype, device=x.device)
     h2 = torch.empty(1, H, dtype=x.dtype, device=x.device)
     out = torch.empty(1, phase3[0], dtype=x.dtype, device=x.device) if next_product is not None else h2
-    need = max(split * N + N // (64 * tiles) * split for N, _, split, _, tiles, _ in phases)
+    need = max(split * N + N // (64 * tiles) * split for N, _, split, _, tiles, _, _ in phases)
     partial, counter = _workspace.get(x.device, max(SPLIT_WORKSPACE, need), 1 << 14)
     flags = _flags.get(x.device)
     if flags is None:
@@ -172,6 +216,7 @@ def _launch_arguments(x, residual, o, gate_up, down, next_product, group_size, l
     constants = dict(ASM0=phase0[3], ASM1=phase1[3], ASM2=phase2[3], ASM3=phase3[3],
                      TILES0=phase0[4], TILES1=phase1[4], TILES2=phase2[4], TILES3=phase3[4],
                      SPLIT_P2_0=phase0[5], SPLIT_P2_1=phase1[5], SPLIT_P2_2=phase2[5], SPLIT_P2_3=phase3[5],
+                     GPW0=phase0[6], GPW1=phase1[6], GPW2=phase2[6], GPW3=phase3[6], PREFETCH=prefetch,
                      NUM_WARPS=4, GROUP_SIZE=group_size, HAS_NEXT=next_product is not None, PDL=pdl, num_warps=4)
     return args, constants, h2, out
 

@@ -210,6 +210,7 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
                   f"ld.acquire.gpu.global.u32 tmp, [{flag}];",
                   f"setp.ge.u32 q, tmp, {target};",
                   "@q bra $$SPIN_DONE${:uid};",
+                  "nanosleep.u32 32;",  # fewer polls of the one flag that every warp of the grid reads
                   "add.u32 e4, e4, 1;",
                   f"setp.lt.u32 q, e4, {SPIN_LIMIT};",
                   "@q bra $$SPIN${:uid};",
