@@ -10,8 +10,8 @@ on a flag per phase, and the next phase's first tile of each warp requests its w
 it spins on that flag (triton_int4_frag.py `frag_gemv_asm`, pdl=4), so the next matrix streams in while the
 last tiles of this one finish, which is what PDL does between kernels, here without the launch.
 
-Every tile is computed by the same PTX as the standalone GEMV, and the last program of a row tile adds its
-partials in the same order (`finish_row_tile`), so the outputs are the same bits as four `frag_gemv` calls
+Every tile is computed by the same PTX as the standalone GEMV, and the partials of a row tile are added in the same
+order (`add_partials`), so the outputs are the same bits as four `frag_gemv` calls
 (tests/kernels/test_int4_chain.py). The grid must be co-resident (programs spin on each other), so it is sized
 from the compiled kernel's registers and shared memory. CUDA only; elsewhere model/decode_chain.py runs the
 four products one after another.
@@ -26,8 +26,10 @@ import triton.language as tl
 from llmpress.kernels.ops import ChainProduct
 from llmpress.kernels.pdl import gdc_wait, launch_mode, pdl_start
 from llmpress.kernels.triton_int4 import _workspace
-from llmpress.kernels.triton_int4_frag import default_config, finish_row_tile, frag_fits, frag_gemv_asm
+from llmpress.kernels.triton_int4_frag import SPIN_LIMIT, add_partials, default_config, frag_fits, frag_gemv_asm
 from llmpress.kernels.triton_int4_rows_split import SPLIT_WORKSPACE
+
+FINISH_SPIN_LIMIT = tl.constexpr(SPIN_LIMIT)  # polls of a tile's counter by the program adding its partials
 
 PHASES = 4
 FLAG_SLOTS = 256  # layers whose chains may be in flight at once, each with its own PHASES arrival flags
@@ -69,8 +71,24 @@ def _phase(qw_ptr, x_ptr, s_ptr, z_ptr, y_ptr, res_ptr, nw_ptr, eps, N, G, SPLIT
         # out differently and added them in another order (1 element of h2 in 1024 differed, H200)
         n_here = tl.multiple_of(tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [N], dtype=tl.int32,
                                                           is_pure=False, pack=1), 16)
-        finish_row_tile(partial_ptr, squares_ptr, counter_ptr, y_ptr, res_ptr, eps, pid_n, n_here, G, SPLIT, SPLIT_P2,
-                        BLOCK_N, RESIDUAL, 1, NORM, GROUP_SIZE, SWIGLU, True)
+        tl.debug_barrier()  # every lane's partial is written before the counter says so
+        if pid_k == SPLIT - 1:
+            # The tile's last group program adds its partials (not the last to arrive, as in the standalone kernel):
+            # the others then only count their arrival and go on, without waiting for the atomic's answer. These
+            # are each program's last tiles of the phase (pid_k is the slow index), so what they wait for comes
+            # earlier in every program's walk: no program waits on one that waits on it.
+            polls = 0
+            while tl.atomic_add(counter_ptr + pid_n, 0, sem="acquire") < SPLIT - 1 and polls < FINISH_SPIN_LIMIT:
+                polls += 1
+            if polls == FINISH_SPIN_LIMIT:  # a trap rather than a hang
+                tl.inline_asm_elementwise("trap; mov.b32 $0, 0;", "=r,r", [polls], dtype=tl.int32, is_pure=False,
+                                          pack=1)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            add_partials(partial_ptr, squares_ptr, y_ptr, res_ptr, eps, pid_n, offs_n, offs_n < n_here, n_here, G,
+                         SPLIT, SPLIT_P2, BLOCK_N, RESIDUAL, 1, NORM, GROUP_SIZE, SWIGLU, True)
+            tl.atomic_xchg(counter_ptr + pid_n, 0)
+        else:
+            tl.atomic_add(counter_ptr + pid_n, 1, sem="release")
 
 
 @triton.jit

@@ -380,35 +380,45 @@ def _frag_gemv(qw_ptr, x_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, res
 @triton.jit
 def finish_row_tile(partial_ptr, squares_ptr, counter_ptr, y_ptr, res_ptr, eps, pid_n, N, G, SPLIT,
                     SPLIT_P2: tl.constexpr, BLOCK_N: tl.constexpr, RESIDUAL: tl.constexpr, ROWS: tl.constexpr,
-                    NORM: tl.constexpr, GROUP_SIZE: tl.constexpr, SWIGLU: tl.constexpr, PERSISTENT: tl.constexpr = False):
+                    NORM: tl.constexpr, GROUP_SIZE: tl.constexpr, SWIGLU: tl.constexpr):
     """After a program's partials of row tile pid_n are stored: the last of its SPLIT programs to arrive adds them
-    all up and stores y (see _frag_gemv), then resets the tile's counter. PERSISTENT: the residual was written by
-    this kernel's other programs (triton_int4_chain.py), so it is read from L2."""
+    all up and stores y (see _frag_gemv), then resets the tile's counter."""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     tl.debug_barrier()  # every lane's partial is written before the counter says so
     arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")
     if arrived == SPLIT - 1:
-        offs_s = tl.arange(0, SPLIT_P2)
-        for m in tl.static_range(ROWS):  # partials [SPLIT, ROWS, N]
-            square_sum = 0.0
-            if NORM:
-                square_sum = tl.sum(tl.load(squares_ptr + offs_s * ROWS + m, mask=offs_s < SPLIT, other=0.0,
-                                            cache_modifier=".cg"), axis=0)
-            if SWIGLU:
-                offs_h = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-                h_mask = offs_h < N // 2
-                split_mask = (offs_s < SPLIT)[:, None] & h_mask[None, :]
-                gate_ptrs = partial_ptr + (offs_s[:, None] * ROWS + m) * N + offs_h[None, :]
-                gate = tl.sum(tl.load(gate_ptrs, mask=split_mask, other=0.0, cache_modifier=".cg"), axis=0)
-                up = tl.sum(tl.load(gate_ptrs + N // 2, mask=split_mask, other=0.0, cache_modifier=".cg"), axis=0)
-                _finish_swiglu(gate, up, square_sum, offs_h, h_mask, y_ptr + m * (N // 2), G * GROUP_SIZE, eps, NORM)
-            else:
-                parts = tl.load(partial_ptr + (offs_s[:, None] * ROWS + m) * N + offs_n[None, :],
-                                mask=(offs_s < SPLIT)[:, None] & n_mask[None, :], other=0.0, cache_modifier=".cg")
-                finish_output(tl.sum(parts, axis=0), square_sum, offs_n, n_mask, y_ptr + m * N, res_ptr + m * N,
-                              G * GROUP_SIZE, eps, 1 if NORM else 0, RESIDUAL, PERSISTENT)
+        add_partials(partial_ptr, squares_ptr, y_ptr, res_ptr, eps, pid_n, offs_n, n_mask, N, G, SPLIT, SPLIT_P2,
+                     BLOCK_N, RESIDUAL, ROWS, NORM, GROUP_SIZE, SWIGLU, False)
         tl.atomic_xchg(counter_ptr + pid_n, 0)
+
+
+@triton.jit
+def add_partials(partial_ptr, squares_ptr, y_ptr, res_ptr, eps, pid_n, offs_n, n_mask, N, G, SPLIT,
+                 SPLIT_P2: tl.constexpr, BLOCK_N: tl.constexpr, RESIDUAL: tl.constexpr, ROWS: tl.constexpr,
+                 NORM: tl.constexpr, GROUP_SIZE: tl.constexpr, SWIGLU: tl.constexpr, PERSISTENT: tl.constexpr):
+    """y of row tile pid_n (its outputs offs_n, n_mask) from its SPLIT partials [SPLIT, ROWS, N] (and sum(h^2)
+    shares): the sum, then the norm's rsqrt, the SwiGLU ending or the residual add. PERSISTENT: the residual was
+    written by this kernel's other programs (triton_int4_chain.py), so it is read from L2."""
+    offs_s = tl.arange(0, SPLIT_P2)
+    for m in tl.static_range(ROWS):
+        square_sum = 0.0
+        if NORM:
+            square_sum = tl.sum(tl.load(squares_ptr + offs_s * ROWS + m, mask=offs_s < SPLIT, other=0.0,
+                                        cache_modifier=".cg"), axis=0)
+        if SWIGLU:
+            offs_h = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            h_mask = offs_h < N // 2
+            split_mask = (offs_s < SPLIT)[:, None] & h_mask[None, :]
+            gate_ptrs = partial_ptr + (offs_s[:, None] * ROWS + m) * N + offs_h[None, :]
+            gate = tl.sum(tl.load(gate_ptrs, mask=split_mask, other=0.0, cache_modifier=".cg"), axis=0)
+            up = tl.sum(tl.load(gate_ptrs + N // 2, mask=split_mask, other=0.0, cache_modifier=".cg"), axis=0)
+            _finish_swiglu(gate, up, square_sum, offs_h, h_mask, y_ptr + m * (N // 2), G * GROUP_SIZE, eps, NORM)
+        else:
+            parts = tl.load(partial_ptr + (offs_s[:, None] * ROWS + m) * N + offs_n[None, :],
+                            mask=(offs_s < SPLIT)[:, None] & n_mask[None, :], other=0.0, cache_modifier=".cg")
+            finish_output(tl.sum(parts, axis=0), square_sum, offs_n, n_mask, y_ptr + m * N, res_ptr + m * N,
+                          G * GROUP_SIZE, eps, 1 if NORM else 0, RESIDUAL, PERSISTENT)
 
 
 FRAG_MAX_M = 8  # rows of x: the columns of the mma's B operand
