@@ -8,7 +8,14 @@ token's 113 of them 1.05 ms (benchmarks/NOTES.md, session 8). Here one launch of
 at once walks the four products' tiles in turn. A grid barrier separates them: each program counts its arrival
 on a flag per phase, and the next phase's first tile of each warp requests its weights, scales and zeros before
 it spins on that flag (triton_int4_frag.py `frag_gemv_asm`, pdl=4), so the next matrix streams in while the
-last tiles of this one finish, which is what PDL does between kernels, here without the launch.
+last tiles of this one finish, which is what PDL does between kernels, here without the launch. The last group
+program of a row tile adds its partials (spinning on the tile's counter); the others count their arrival and go on.
+
+Measured slower than what it replaces (H200, benchmarks/int4_chain_gpu.py, results/int4_chain_h200.*): 48.7 us a 3B
+layer against 34.3 for the four GEMVs under PDL; 3B int4 decode 571.7 tok/s against 783.3 (results/int4_h200_chain.*,
+an earlier build: 50.4 us a layer). On 1, 2, 3 programs per SM a layer took 81.7, 58.4, 48.7 us: about 35 us that
+more programs do not shorten (each phase's barrier, its last tiles' reductions, its first loads) plus 47 us / programs
+per SM. So it is off (ops.int4_layer_chain); what it would take is in benchmarks/NOTES.md (session 9).
 
 Every tile is computed by the same PTX as the standalone GEMV, and the partials of a row tile are added in the same
 order (`add_partials`), so the outputs are the same bits as four `frag_gemv` calls
@@ -34,7 +41,9 @@ FINISH_SPIN_LIMIT = tl.constexpr(SPIN_LIMIT)  # polls of a tile's counter by the
 PHASES = 4
 FLAG_SLOTS = 256  # layers whose chains may be in flight at once, each with its own PHASES arrival flags
 MAX_PROGRAMS_PER_SM = 4  # more resident programs than this did not fit the union kernel's registers anyway
-prefetch = True  # L2 prefetches of each phase's weights two phases ahead (`_prefetch`)
+# L2 prefetches of each phase's weights two phases ahead (`_prefetch`). Off: slower in both runs that timed it on the
+# H200 (benchmarks/int4_chain_gpu.py, 3B layer: 50.4 against 48.1 us, then 48.7 against 46.7, results/int4_chain_h200.*)
+prefetch = False
 
 
 @triton.jit

@@ -426,8 +426,10 @@ FRAG_MAX_M = 8  # rows of x: the columns of the mma's B operand
 # H200: tests/kernels/test_int4_rows.py -k sixteen; where ops sends them: ops.FRAG_ONE_CALL_MAX_N).
 FRAG_KERNEL_MAX_M = 16
 # Rows of x up to which the GEMV launches under PDL: one (batch-1 decode), as tested and timed on the H200. 2..8 rows
-# (a verify step) use the same wait; their CUDA test is written (-k pdl runs 1 and 6 rows with this raised to 8),
-# not yet run.
+# (a verify step) are correct under it too (-k pdl runs 1 and 6 rows with this raised to 8: passed on the H200,
+# results/pytest_gpu_chain_pdl_rows_h200.log) but not faster: 3B int4 speculative with the int4 1B draft at k = 5,
+# verify step 2.86 ms at 1 against 2.84 at 8 (benchmarks/speculative_gpu.py --pdl-rows, one repeat each,
+# results/speculative_h200_pdl_rows{1,8}.*), so it stays at 1.
 PDL_MAX_ROWS = 1
 FRAG_WORKSPACE_MAX = 1 << 24  # fp32 partial sums [split, M, N]: up to 64 MB (the 128k-vocab head at M = 8)
 
