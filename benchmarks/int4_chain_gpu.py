@@ -5,8 +5,8 @@ Llama-3.2-3B shapes, int4 g128, random weights for 28 layers (1.4 GB: L2 holds n
 chain's outputs against the GEMVs' (the same bits expected) and against float64 dequantized products, then the time
 per layer of 28 layers in a row captured in one CUDA graph (each layer's input is the one before's output, as in
 decode): the GEMVs as the model runs them now (with PDL where kernels/pdl.py says so), the chain on its default
-grid and on smaller ones and without its L2 prefetches, and copies of the same bytes (one per tensor: launches
-included, so a floor only for the kernels' count, not for the bytes). Prints a table and writes JSON.
+grid, on smaller ones and with 128 registers a thread (4 programs per SM), and copies of the same bytes (one per tensor: launches included, so a floor only for the
+kernels' count, not for the bytes). Prints a table and writes JSON.
 
     PYTHONPATH=src:benchmarks python benchmarks/int4_chain_gpu.py --out benchmarks/results/int4_chain_h200.json
 """
@@ -94,16 +94,16 @@ def time_layers_us(step, weights, a, h, replays: int = 20) -> float:
     return start.elapsed_time(end) * 1e3 / (replays * len(weights))
 
 
-def no_prefetch(step):
-    """`step` with the chain's L2 prefetches switched off (while it is compiled, captured and replayed)."""
+def capped(step, registers: int = 128):
+    """`step` with the chain's kernel built under a register cap (while it is compiled, captured and replayed)."""
     import llmpress.kernels.triton_int4_chain as chain_module
 
     def run(*args):
-        saved, chain_module.prefetch = chain_module.prefetch, False
+        saved, chain_module.max_registers = chain_module.max_registers, registers
         try:
             return step(*args)
         finally:
-            chain_module.prefetch = saved
+            chain_module.max_registers = saved
     return run
 
 
@@ -157,7 +157,7 @@ def main() -> int:
     variants = [("4 GEMVs", lambda x, s, w, i: gemvs(x, s, w)), ("chain", lambda x, s, w, i: chain(x, s, w, layer=i))]
     variants += [(f"chain, {k}/SM", lambda x, s, w, i, k=k: chain(x, s, w, programs=k * sms, layer=i))
                  for k in (int(v) for v in args.grids.split(",")) if k * sms < resident]
-    variants.append(("chain, no L2 prefetch", no_prefetch(lambda x, s, w, i: chain(x, s, w, layer=i))))
+    variants.append(("chain, 128 registers", capped(lambda x, s, w, i: chain(x, s, w, layer=i))))
     variants.append(("copies, same bytes", copy_step))
     report["default_grid_programs"] = resident
     report["layer_bytes"] = layer_bytes

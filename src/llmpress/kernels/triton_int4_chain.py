@@ -3,25 +3,26 @@ SwiGLU ending), down (+ residual), then the next layer's q|k|v (RMSNorm), or the
 
 Why: at batch 1 each tensor-core GEMV (triton_int4_frag.py) is a kernel of a few microseconds, and about half of
 that is its fixed cost: launch, a first DRAM round trip, the last program's reduction, the grid's end. On the H200
-the 3B's o, gate|up, down and q|k|v GEMVs take 35.4 us a layer against 20.3 for copies of the same bytes, and a
-token's 113 of them 1.05 ms (benchmarks/NOTES.md, session 8). Here one launch of as many programs as fit on the GPU
-at once walks the four products' tiles in turn. A grid barrier separates them: each program counts its arrival
-on a flag per phase, and the next phase's first tile of each warp requests its weights, scales and zeros before
-it spins on that flag (triton_int4_frag.py `frag_gemv_asm`, pdl=4), so the next matrix streams in while the
-last tiles of this one finish, which is what PDL does between kernels, here without the launch. The last group
-program of a row tile adds its partials (spinning on the tile's counter); the others count their arrival and go on.
-
-Measured slower than what it replaces (H200, benchmarks/int4_chain_gpu.py, results/int4_chain_h200.*): 48.7 us a 3B
-layer against 34.3 for the four GEMVs under PDL; 3B int4 decode 571.7 tok/s against 783.3 (results/int4_h200_chain.*,
-an earlier build: 50.4 us a layer). On 1, 2, 3 programs per SM a layer took 81.7, 58.4, 48.7 us: about 35 us that
-more programs do not shorten (each phase's barrier, its last tiles' reductions, its first loads) plus 47 us / programs
-per SM. So it is off (ops.int4_layer_chain); what it would take is in benchmarks/NOTES.md (session 9).
+the 3B's o, gate|up, down and q|k|v GEMVs take 34.3 us a layer under PDL, where copies of the same bytes in four
+kernels take 20.3 (benchmarks/NOTES.md, sessions 8-9). Here one launch of as many programs as fit on the GPU at once
+walks the four products' tiles in turn, and no product waits for the whole previous one: a tile of down, say, reads
+the 256 inputs of its groups, made by two row tiles of gate|up, and waits only for those two tiles' ready flags
+(its PTX spins on them after its weights, scales and zeros are requested: triton_int4_frag.py `frag_gemv_asm`,
+pdl=4). The RMSNorm needs no grid-wide step: each tile's PTX makes its own share of sum(h^2), and the rsqrt comes
+after the reduction. A row tile's last group program adds the tile's partials (spinning on its counter), then sets
+the tile's ready flag; the other group programs count their arrival and go on.
 
 Every tile is computed by the same PTX as the standalone GEMV, and the partials of a row tile are added in the same
 order (`add_partials`), so the outputs are the same bits as four `frag_gemv` calls
 (tests/kernels/test_int4_chain.py). The grid must be co-resident (programs spin on each other), so it is sized
 from the compiled kernel's registers and shared memory. CUDA only; elsewhere model/decode_chain.py runs the
-four products one after another.
+four products one after another (ops.layer_chain_reference).
+
+The first build put a grid barrier between the products (commit 7e3424e and before): 48.7 us a 3B layer against
+34.3 for the GEMVs under PDL, 3B int4 decode 571.7 tok/s against 783.3 (results/int4_chain_h200.*,
+int4_h200_chain.*). On 1, 2, 3 programs per SM a layer took 81.7, 58.4, 48.7 us: ~35 us that more programs did not
+shorten, ~9 us per product of barrier, last reductions and first loads, which is what the per-tile flags remove.
+Whether it is faster now: ops.int4_layer_chain says (off until measured).
 """
 
 from __future__ import annotations
@@ -38,22 +39,39 @@ from llmpress.kernels.triton_int4_rows_split import SPLIT_WORKSPACE
 
 FINISH_SPIN_LIMIT = tl.constexpr(SPIN_LIMIT)  # polls of a tile's counter by the program adding its partials
 
-PHASES = 4
-FLAG_SLOTS = 256  # layers whose chains may be in flight at once, each with its own PHASES arrival flags
+PRODUCTS = 4
+TILES_PER_PRODUCT = 1024  # row tiles of one product (ready flags and reduction counters each): the 128k head has 501
+PHASES, MAX_TILES = tl.constexpr(PRODUCTS), tl.constexpr(TILES_PER_PRODUCT)  # the same, for the kernel
+FLAG_SLOTS = 64  # layers whose chains may be in flight at once, each with its own flags
+SLOT = PRODUCTS * TILES_PER_PRODUCT + 1  # per slot: each product's ready flags, then the count of programs done
 MAX_PROGRAMS_PER_SM = 4  # more resident programs than this did not fit the union kernel's registers anyway
-# L2 prefetches of each phase's weights two phases ahead (`_prefetch`). Off: slower in both runs that timed it on the
-# H200 (benchmarks/int4_chain_gpu.py, 3B layer: 50.4 against 48.1 us, then 48.7 against 46.7, results/int4_chain_h200.*)
-prefetch = False
+# ptxas's register cap (None: its choice, 132 a thread at the 3B's shapes, 3 programs per SM; 128 fits 4, with a few
+# spills)
+max_registers: int | None = None
+
+
+@triton.jit
+def _spin_until_set(flag_ptr, count: tl.constexpr):
+    """Wait (acquire) until each of `count` consecutive u32 flags from flag_ptr is nonzero; a trap rather than a hang."""
+    for f in tl.static_range(count):
+        polls = 0
+        while tl.atomic_add(flag_ptr + f, 0, sem="acquire") == 0 and polls < FINISH_SPIN_LIMIT:
+            polls += 1
+        if polls == FINISH_SPIN_LIMIT:
+            tl.inline_asm_elementwise("trap; mov.b32 $0, 0;", "=r,r", [polls], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
 def _phase(qw_ptr, x_ptr, s_ptr, z_ptr, y_ptr, res_ptr, nw_ptr, eps, N, G, SPLIT, partial_ptr, counter_ptr,
-           wait_ptr, pid, programs, ASM: tl.constexpr, NUM_WARPS: tl.constexpr, TILES: tl.constexpr,
+           ready_ptr, wait_ptr, res_wait_ptr, pid, programs, ASM: tl.constexpr, NUM_WARPS: tl.constexpr,
+           TILES: tl.constexpr, GROUPS_PER_WARP: tl.constexpr, IN_TILE: tl.constexpr, RES_TILE: tl.constexpr,
            SPLIT_P2: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
            GROUP_SIZE: tl.constexpr):
     """This program's tiles of one product: (row-tile program, group program) pairs pid, pid + programs, ...
-    The first phase's tiles wait for the previous kernel (griddepcontrol), the others for every program's arrival
-    on wait_ptr (the previous phase's flag)."""
+    A tile reads x inputs pid_k * GROUPS_PER_WARP * GROUP_SIZE onwards, made by the previous product's row tiles of
+    IN_TILE outputs each: its PTX waits for their ready flags (from wait_ptr; the first product's waits for the
+    previous kernel instead). The row tile's last group program adds the partials, after the ready flags of the
+    residual's rows (RES_TILE a tile, from res_wait_ptr; 0: none to wait for), and sets the tile's ready flag."""
     BLOCK_N: tl.constexpr = 16 * NUM_WARPS * TILES
     tiles_n = N // BLOCK_N
     lanes = tl.zeros([32 * NUM_WARPS], dtype=tl.int64)
@@ -64,8 +82,9 @@ def _phase(qw_ptr, x_ptr, s_ptr, z_ptr, y_ptr, res_ptr, nw_ptr, eps, N, G, SPLIT
         operands = [lanes + qw_ptr.to(tl.int64), lanes + x_ptr.to(tl.int64), lanes + s_ptr.to(tl.int64),
                     lanes + z_ptr.to(tl.int64), lanes + partial_ptr.to(tl.int64), lanes.to(tl.int32) + N,
                     lanes.to(tl.int32) + G]
-        grid = [lanes.to(tl.int32) + pid_n, lanes.to(tl.int32) + pid_k, lanes + wait_ptr.to(tl.int64),
-                lanes.to(tl.int32) + programs]
+        first_input_tile = pid_k * (GROUPS_PER_WARP * GROUP_SIZE) // IN_TILE
+        grid = [lanes.to(tl.int32) + pid_n, lanes.to(tl.int32) + pid_k,
+                lanes + (wait_ptr + first_input_tile).to(tl.int64), lanes.to(tl.int32) + 1]
         if NORM:
             tl.inline_asm_elementwise(ASM, "=r,l,l,l,l,l,r,r,l,l,r,r,l,r",
                                       operands + [lanes + nw_ptr.to(tl.int64),
@@ -84,57 +103,24 @@ def _phase(qw_ptr, x_ptr, s_ptr, z_ptr, y_ptr, res_ptr, nw_ptr, eps, N, G, SPLIT
         if pid_k == SPLIT - 1:
             # The tile's last group program adds its partials (not the last to arrive, as in the standalone kernel):
             # the others then only count their arrival and go on, without waiting for the atomic's answer. These
-            # are each program's last tiles of the phase (pid_k is the slow index), so what they wait for comes
-            # earlier in every program's walk: no program waits on one that waits on it.
+            # are each program's last tiles of the product (pid_k is the slow index), and every wait is for tiles
+            # of earlier products or earlier in every program's walk: no program waits on one that waits on it.
             polls = 0
             while tl.atomic_add(counter_ptr + pid_n, 0, sem="acquire") < SPLIT - 1 and polls < FINISH_SPIN_LIMIT:
                 polls += 1
             if polls == FINISH_SPIN_LIMIT:  # a trap rather than a hang
                 tl.inline_asm_elementwise("trap; mov.b32 $0, 0;", "=r,r", [polls], dtype=tl.int32, is_pure=False,
                                           pack=1)
+            if RES_TILE:
+                _spin_until_set(res_wait_ptr + pid_n * BLOCK_N // RES_TILE, max(1, BLOCK_N // RES_TILE))
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             add_partials(partial_ptr, squares_ptr, y_ptr, res_ptr, eps, pid_n, offs_n, offs_n < n_here, n_here, G,
                          SPLIT, SPLIT_P2, BLOCK_N, RESIDUAL, 1, NORM, GROUP_SIZE, SWIGLU, True)
             tl.atomic_xchg(counter_ptr + pid_n, 0)
+            tl.debug_barrier()  # every lane's outputs are stored before the flag says so
+            tl.atomic_xchg(ready_ptr + pid_n, 1, sem="release")
         else:
             tl.atomic_add(counter_ptr + pid_n, 1, sem="release")
-
-
-@triton.jit
-def _arrive(arrive_ptr, FIRST: tl.constexpr):
-    """This program's arrival on a phase's flag, once its tiles are stored; returns the arrivals before it."""
-    if FIRST:  # a program without tiles there has not waited yet: no flag moves before the previous kernel is done
-        gdc_wait()
-    tl.debug_barrier()  # every store of this program's tiles before its arrival
-    return tl.atomic_add(arrive_ptr, 1, sem="release")
-
-
-@triton.jit
-def _prefetch(qw_ptr, N, G, SPLIT, pid, programs, NUM_WARPS: tl.constexpr, TILES: tl.constexpr,
-              GROUPS_PER_WARP: tl.constexpr, GROUP_SIZE: tl.constexpr, PAIRED: tl.constexpr, ON: tl.constexpr):
-    """Ask L2 for the weight words of this program's tiles of one product (cp.async.bulk.prefetch, which takes no
-    registers and returns nothing): a tile's loads then wait on L2 rather than DRAM, and the DRAM queue holds a whole
-    phase's requests instead of what the resident programs' registers have room for. A tile (pid_n, pid_k) reads
-    NUM_WARPS * TILES row tiles (gate|up: half of them from each half), GROUPS_PER_WARP groups of each: one
-    contiguous run of words per row tile."""
-    if not ON:
-        return
-    ROW_TILES: tl.constexpr = NUM_WARPS * TILES
-    WORDS_PER_GROUP: tl.constexpr = GROUP_SIZE // 64 * 128  # int32 of one row tile's group: chunks x 32 lanes x 4
-    t = tl.arange(0, 32 * NUM_WARPS)  # thread t < ROW_TILES asks for row tile t
-    tiles_n = N // (16 * ROW_TILES)
-    for item in range(pid, tiles_n * SPLIT, programs):
-        pid_n = item % tiles_n
-        pid_k = item // tiles_n
-        if PAIRED:
-            row_tile = pid_n * (ROW_TILES // 2) + t % (ROW_TILES // 2) + (t // (ROW_TILES // 2)) * (N // 32)
-        else:
-            row_tile = pid_n * ROW_TILES + t
-        words = qw_ptr + (row_tile.to(tl.int64) * G + pid_k * GROUPS_PER_WARP) * WORDS_PER_GROUP
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.u32 p, $2, 0; "
-            f"@p cp.async.bulk.prefetch.L2.global [$1], {GROUPS_PER_WARP * WORDS_PER_GROUP * 4}; mov.b32 $0, 0; }}",
-            "=r,l,r", [words.to(tl.int64), (t < ROW_TILES).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -143,51 +129,63 @@ def _chain(x0_ptr, res0_ptr, qw0, s0, z0, y0_ptr,
            qw2, s2, z2, y2_ptr,
            qw3, s3, z3, nw3, y3_ptr,
            eps1, eps3, N0, G0, SPLIT0, N1, G1, SPLIT1, N2, G2, SPLIT2, N3, G3, SPLIT3,
-           partial_ptr, counter_ptr, flag_ptr,
+           partial0, partial1, partial2, partial3, counter_ptr, flag_ptr,
            ASM0: tl.constexpr, ASM1: tl.constexpr, ASM2: tl.constexpr, ASM3: tl.constexpr,
            TILES0: tl.constexpr, TILES1: tl.constexpr, TILES2: tl.constexpr, TILES3: tl.constexpr,
            SPLIT_P2_0: tl.constexpr, SPLIT_P2_1: tl.constexpr, SPLIT_P2_2: tl.constexpr, SPLIT_P2_3: tl.constexpr,
-           GPW0: tl.constexpr, GPW1: tl.constexpr, GPW2: tl.constexpr, GPW3: tl.constexpr, PREFETCH: tl.constexpr,
+           GPW0: tl.constexpr, GPW1: tl.constexpr, GPW2: tl.constexpr, GPW3: tl.constexpr,
            NUM_WARPS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_NEXT: tl.constexpr, PDL: tl.constexpr):
     """y0 = res0 + o(x0); y1 = swiglu(gate_up(norm1(y0))); y2 = y0 + down(y1); (HAS_NEXT) y3 = next(norm3(y2)).
-    L2 prefetches run two phases ahead of the tiles (at most gate|up and down, ~38 MB at the 3B's shapes)."""
+    No product waits for the whole previous one: each tile waits for the row tiles its inputs come from."""
     pdl_start(PDL)
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
-    _prefetch(qw0, N0, G0, SPLIT0, pid, programs, NUM_WARPS, TILES0, GPW0, GROUP_SIZE, False, PREFETCH)
-    _prefetch(qw1, N1, G1, SPLIT1, pid, programs, NUM_WARPS, TILES1, GPW1, GROUP_SIZE, True, PREFETCH)
-    _phase(qw0, x0_ptr, s0, z0, y0_ptr, res0_ptr, x0_ptr, 0.0, N0, G0, SPLIT0, partial_ptr, counter_ptr,
-           flag_ptr, pid, programs, ASM0, NUM_WARPS, TILES0, SPLIT_P2_0, True, False, False, GROUP_SIZE)
-    _prefetch(qw2, N2, G2, SPLIT2, pid, programs, NUM_WARPS, TILES2, GPW2, GROUP_SIZE, False, PREFETCH)
-    _arrive(flag_ptr, True)
-    _phase(qw1, y0_ptr, s1, z1, y1_ptr, y0_ptr, nw1, eps1, N1, G1, SPLIT1, partial_ptr, counter_ptr,
-           flag_ptr, pid, programs, ASM1, NUM_WARPS, TILES1, SPLIT_P2_1, False, True, True, GROUP_SIZE)
+    B0: tl.constexpr = 16 * NUM_WARPS * TILES0
+    B1: tl.constexpr = 16 * NUM_WARPS * TILES1 // 2  # silu(gate) * up outputs of one gate|up row tile
+    B2: tl.constexpr = 16 * NUM_WARPS * TILES2
+    ready0, ready1, ready2, ready3 = flag_ptr, flag_ptr + MAX_TILES, flag_ptr + 2 * MAX_TILES, flag_ptr + 3 * MAX_TILES
+    _phase(qw0, x0_ptr, s0, z0, y0_ptr, res0_ptr, x0_ptr, 0.0, N0, G0, SPLIT0, partial0, counter_ptr, ready0,
+           ready0, ready0, pid, programs, ASM0, NUM_WARPS, TILES0, GPW0, GROUP_SIZE, 0, SPLIT_P2_0, True, False,
+           False, GROUP_SIZE)
+    gdc_wait()  # a program without tiles there has not waited yet: no flag is read before the previous kernel is done
+    _phase(qw1, y0_ptr, s1, z1, y1_ptr, y0_ptr, nw1, eps1, N1, G1, SPLIT1, partial1, counter_ptr + MAX_TILES,
+           ready1, ready0, ready0, pid, programs, ASM1, NUM_WARPS, TILES1, GPW1, B0, 0, SPLIT_P2_1, False, True,
+           True, GROUP_SIZE)
+    _phase(qw2, y1_ptr, s2, z2, y2_ptr, y0_ptr, y1_ptr, 0.0, N2, G2, SPLIT2, partial2, counter_ptr + 2 * MAX_TILES,
+           ready2, ready1, ready0, pid, programs, ASM2, NUM_WARPS, TILES2, GPW2, B1, B0, SPLIT_P2_2, True, False,
+           False, GROUP_SIZE)
     if HAS_NEXT:
-        _prefetch(qw3, N3, G3, SPLIT3, pid, programs, NUM_WARPS, TILES3, GPW3, GROUP_SIZE, False, PREFETCH)
-    _arrive(flag_ptr + 1, False)
-    _phase(qw2, y1_ptr, s2, z2, y2_ptr, y0_ptr, y1_ptr, 0.0, N2, G2, SPLIT2, partial_ptr, counter_ptr,
-           flag_ptr + 1, pid, programs, ASM2, NUM_WARPS, TILES2, SPLIT_P2_2, True, False, False, GROUP_SIZE)
-    last = _arrive(flag_ptr + 2, False)
-    if HAS_NEXT:
-        _phase(qw3, y2_ptr, s3, z3, y3_ptr, y2_ptr, nw3, eps3, N3, G3, SPLIT3, partial_ptr, counter_ptr,
-               flag_ptr + 2, pid, programs, ASM3, NUM_WARPS, TILES3, SPLIT_P2_3, False, True, False, GROUP_SIZE)
-        last = _arrive(flag_ptr + 3, False)
-    if last == programs - 1:  # every program has passed every wait: the flags are free for this layer's next step
-        for phase in tl.static_range(4):
-            tl.atomic_xchg(flag_ptr + phase, 0)
+        _phase(qw3, y2_ptr, s3, z3, y3_ptr, y2_ptr, nw3, eps3, N3, G3, SPLIT3, partial3, counter_ptr + 3 * MAX_TILES,
+               ready3, ready2, ready2, pid, programs, ASM3, NUM_WARPS, TILES3, GPW3, B2, 0, SPLIT_P2_3, False, True,
+               False, GROUP_SIZE)
+    tl.debug_barrier()
+    done = tl.atomic_add(flag_ptr + PHASES * MAX_TILES, 1, sem="acq_rel")
+    if done == programs - 1:  # every program is past every wait: the flags are free for this layer's next step
+        offs = tl.arange(0, MAX_TILES)
+        for phase in tl.static_range(PHASES):
+            tl.store(flag_ptr + phase * MAX_TILES + offs, tl.zeros([MAX_TILES], dtype=tl.int32))
+        tl.atomic_xchg(flag_ptr + PHASES * MAX_TILES, 0)
 
 
 _flags: dict[torch.device, torch.Tensor] = {}
 _grid_sizes: dict[tuple, int] = {}
 
 
-def _phase_setup(product: ChainProduct, x: torch.Tensor, group_size: int, norm: bool, swiglu: bool, pdl: int):
+def _phase_setup(product: ChainProduct, x: torch.Tensor, group_size: int, norm: bool, swiglu: bool, pdl: int,
+                 input_tile: int | None):
+    """A product's shapes, tile and PTX; `input_tile`: outputs per row tile of the product its x comes from (None:
+    x comes from the previous kernel)."""
     G, N = product.scales.shape
     config = default_config(N, G, 1)
     assert config is not None and config[0] == 4 and frag_fits(N, G, *config), (N, G, config)
     warps, groups_per_warp, tiles = config
+    assert N // (16 * warps * tiles) <= TILES_PER_PRODUCT, N
     split = G // groups_per_warp
-    asm = frag_gemv_asm(warps, groups_per_warp, group_size, x.dtype, 1, norm, tiles, swiglu, pdl, grid_operands=True)
+    inputs = groups_per_warp * group_size  # of one tile
+    flags = 1 if input_tile is None else max(1, inputs // input_tile)
+    assert input_tile is None or inputs % input_tile == 0 or input_tile % inputs == 0, (inputs, input_tile)
+    asm = frag_gemv_asm(warps, groups_per_warp, group_size, x.dtype, 1, norm, tiles, swiglu, pdl, grid_operands=True,
+                        flags=flags)
     return N, G, split, asm, tiles, triton.next_power_of_2(split), groups_per_warp
 
 
@@ -196,8 +194,8 @@ def frag_chain(x: torch.Tensor, residual: torch.Tensor, o: ChainProduct, gate_up
                programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x: attention's output [1, K], residual: the stream h [1, H]. Returns (h2, next) with h1 = h + o(x),
     h2 = h1 + down(silu(gate) * up) over gate|up(norm(h1)), next = next_product(its norm(h2)) (None without it).
-    `layer` picks the arrival flags (layers in flight at once need their own); `programs` overrides the grid (at
-    most `chain_grid`, what is co-resident)."""
+    `layer` picks the flags (layers in flight at once need their own); `programs` overrides the grid (at most
+    `chain_grid`, what is co-resident)."""
     args, constants, h2, out = _launch_arguments(x, residual, o, gate_up, down, next_product, group_size, layer)
     resident = co_resident_programs(args, constants, x.device)
     grid = resident if programs is None else min(programs, resident)
@@ -217,10 +215,11 @@ def _launch_arguments(x, residual, o, gate_up, down, next_product, group_size, l
     assert x.shape[0] == 1 and residual.shape[0] == 1 and x.is_cuda, (x.shape, residual.shape)
     assert gate_up.norm_weight is not None and (next_product is None or next_product.norm_weight is not None)
     pdl = launch_mode(x.device)
-    phase0 = _phase_setup(o, x, group_size, False, False, 3 if pdl else 0)
-    phase1 = _phase_setup(gate_up, x, group_size, True, True, 4)
-    phase2 = _phase_setup(down, x, group_size, False, False, 4)
-    phase3 = _phase_setup(next_product, x, group_size, True, False, 4) if next_product is not None else phase2
+    phase0 = _phase_setup(o, x, group_size, False, False, 3 if pdl else 0, None)
+    phase1 = _phase_setup(gate_up, x, group_size, True, True, 4, 64 * phase0[4])
+    phase2 = _phase_setup(down, x, group_size, False, False, 4, 32 * phase1[4])
+    phase3 = (_phase_setup(next_product, x, group_size, True, False, 4, 64 * phase2[4]) if next_product is not None
+              else phase2)
     phases = (phase0, phase1, phase2, phase3)
     H, inner = phase0[0], phase1[0] // 2
     assert residual.shape[1] == H and down.scales.shape[1] == H and down.scales.shape[0] * group_size == inner
@@ -228,23 +227,27 @@ def _launch_arguments(x, residual, o, gate_up, down, next_product, group_size, l
     act = torch.empty(1, inner, dtype=x.dtype, device=x.device)
     h2 = torch.empty(1, H, dtype=x.dtype, device=x.device)
     out = torch.empty(1, phase3[0], dtype=x.dtype, device=x.device) if next_product is not None else h2
-    need = max(split * N + N // (64 * tiles) * split for N, _, split, _, tiles, _, _ in phases)
-    partial, counter = _workspace.get(x.device, max(SPLIT_WORKSPACE, need), 1 << 14)
+    # each product its own partials and sum(h^2) shares, since they overlap in time
+    sizes = [split * N + N // (64 * tiles) * split for N, _, split, _, tiles, _, _ in phases]
+    starts = [sum(sizes[:i]) for i in range(PRODUCTS)]
+    partial, counter = _workspace.get(x.device, max(SPLIT_WORKSPACE, sum(sizes)), PRODUCTS * TILES_PER_PRODUCT)
     flags = _flags.get(x.device)
     if flags is None:
-        flags = _flags[x.device] = torch.zeros(FLAG_SLOTS * PHASES, dtype=torch.int32, device=x.device)
+        flags = _flags[x.device] = torch.zeros(FLAG_SLOTS * SLOT, dtype=torch.int32, device=x.device)
     nxt = next_product or down
     args = (x.contiguous(), residual.contiguous(), o.fragments, o.scales, o.zeros, h1,
             gate_up.fragments, gate_up.scales, gate_up.zeros, gate_up.norm_weight, act,
             down.fragments, down.scales, down.zeros, h2,
             nxt.fragments, nxt.scales, nxt.zeros, nxt.norm_weight if next_product is not None else gate_up.norm_weight,
             out, gate_up.eps, nxt.eps, *[v for phase in phases for v in phase[:3]],
-            partial, counter, flags[(layer % FLAG_SLOTS) * PHASES:])
+            *[partial[start:] for start in starts], counter, flags[(layer % FLAG_SLOTS) * SLOT:])
     constants = dict(ASM0=phase0[3], ASM1=phase1[3], ASM2=phase2[3], ASM3=phase3[3],
                      TILES0=phase0[4], TILES1=phase1[4], TILES2=phase2[4], TILES3=phase3[4],
                      SPLIT_P2_0=phase0[5], SPLIT_P2_1=phase1[5], SPLIT_P2_2=phase2[5], SPLIT_P2_3=phase3[5],
-                     GPW0=phase0[6], GPW1=phase1[6], GPW2=phase2[6], GPW3=phase3[6], PREFETCH=prefetch,
+                     GPW0=phase0[6], GPW1=phase1[6], GPW2=phase2[6], GPW3=phase3[6],
                      NUM_WARPS=4, GROUP_SIZE=group_size, HAS_NEXT=next_product is not None, PDL=pdl, num_warps=4)
+    if max_registers is not None:
+        constants["maxnreg"] = max_registers
     return args, constants, h2, out
 
 

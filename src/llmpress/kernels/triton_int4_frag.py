@@ -65,7 +65,7 @@ _TYPES = {torch.bfloat16: (0x43004300, 128.0, 0x3F803F80, "bf16"), torch.float16
 
 def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: torch.dtype, rows: int = 1,
                   norm: bool = False, tiles_per_warp: int = 1, paired_halves: bool = False, pdl: int = 0,
-                  grid_operands: bool = False) -> str:
+                  grid_operands: bool = False, flags: int = 1) -> str:
     """PTX for one thread's share of a warp's TILES_PER_WARP row tiles over GROUPS_PER_WARP groups, ending in a
     store of the row tiles' partial sums. The tiles of a warp share its x registers and its sum(x) mmas, so more
     tiles put more weight bytes in flight per register than more groups do (16 x registers a group, 8 word
@@ -92,8 +92,9 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
     writes) are requested first, then `griddepcontrol.wait` for the previous kernel, then x; every store comes
     after the wait. Launched with PDL, the loads of this matrix overlap the previous kernel's tail.
     3: the wait without a trigger; 4: instead of the wait, lane 0 of each warp spins (acquire loads, at most
-    SPIN_LIMIT, then a trap rather than a hang) until the u32 at $a reaches $b, where a, b are the operands after
-    the grid's two (below): a grid barrier between the phases of one persistent kernel (triton_int4_chain.py).
+    SPIN_LIMIT polls each, then a trap rather than a hang) until each of the `flags` consecutive u32 from $a on
+    reaches $b, where a, b are the operands after the grid's two (below): the ready flags of the row tiles that
+    produced this tile's x, in a persistent kernel (triton_int4_chain.py).
 
     `grid_operands`: the program's (row-tile program, group program) come from the two operands after the
     others ($8, $9; $10, $11 with `norm`) instead of %ctaid.x and %ctaid.y, for a persistent kernel that walks
@@ -204,19 +205,20 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
             L.append("@p griddepcontrol.wait;")
         else:  # lane 0 spins; bar.warp.sync then orders the other lanes' loads after its acquire
             flag, target = f"${extra + 2}", f"${extra + 3}"
-            L += ["setp.eq.and.u32 p, lane, 0, p;",
-                  "@!p bra $$SPIN_DONE${:uid};", "mov.u32 e4, 0;",
-                  "$$SPIN${:uid}:",
-                  f"ld.acquire.gpu.global.u32 tmp, [{flag}];",
-                  f"setp.ge.u32 q, tmp, {target};",
-                  "@q bra $$SPIN_DONE${:uid};",
-                  "nanosleep.u32 32;",  # fewer polls of the one flag that every warp of the grid reads
-                  "add.u32 e4, e4, 1;",
-                  f"setp.lt.u32 q, e4, {SPIN_LIMIT};",
-                  "@q bra $$SPIN${:uid};",
-                  "trap;",
-                  "$$SPIN_DONE${:uid}:",
-                  "bar.warp.sync 0xffffffff;"]
+            L += ["setp.eq.and.u32 p, lane, 0, p;", "@!p bra $$SPIN_DONE${:uid};"]
+            for f in range(flags):
+                L += ["mov.u32 e4, 0;",
+                      f"$$SPIN{f}_${{:uid}}:",
+                      f"ld.acquire.gpu.global.u32 tmp, [{flag}+{4 * f}];",
+                      f"setp.ge.u32 q, tmp, {target};",
+                      f"@q bra $$SPUN{f}_${{:uid}};",
+                      "nanosleep.u32 32;",  # fewer polls of flags that many warps read
+                      "add.u32 e4, e4, 1;",
+                      f"setp.lt.u32 q, e4, {SPIN_LIMIT};",
+                      f"@q bra $$SPIN{f}_${{:uid}};",
+                      "trap;",
+                      f"$$SPUN{f}_${{:uid}}:"]
+            L += ["$$SPIN_DONE${:uid}:", "bar.warp.sync 0xffffffff;"]
     if pdl == 2:
         L.append("@p griddepcontrol.launch_dependents;")
     for g in groups:  # x: element grp * group_size + 8 j (2 bytes each), then 32 elements per block of 32 inputs
