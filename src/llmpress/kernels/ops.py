@@ -373,8 +373,9 @@ def _(x, fragments, scales, zeros, group_size, residual, norm_weight, eps, swigl
 # A decoder layer's products after attention at batch 1 (o, gate|up with its norm and SwiGLU ending, down, then the
 # next layer's q|k|v or the head) in one persistent kernel, kernels/triton_int4_chain.py, for layers held as
 # tensor-core fragments (model/decode_chain.py decides where it applies; `layer_chain` below). Off: correct (the same
-# bits as the GEMVs, tests/kernels/test_int4_chain.py on the H200) but slower, 3B int4 decode 571.7 tok/s against
-# 783.3 without it in one run (benchmarks/int4_gpu.py variants int4-tc-only-pdl+head, int4-tc-only-chain+head).
+# bits as the GEMVs, tests/kernels/test_int4_chain.py on the H200) but slower: 49.2 us a 3B layer against 34.3
+# (benchmarks/int4_chain_gpu.py); 3B int4 decode 571.7 tok/s against 783.3 in one run with its first build
+# (benchmarks/int4_gpu.py variants int4-tc-only-pdl+head, int4-tc-only-chain+head).
 int4_layer_chain = False
 
 

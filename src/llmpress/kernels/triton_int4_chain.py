@@ -18,11 +18,14 @@ order (`add_partials`), so the outputs are the same bits as four `frag_gemv` cal
 from the compiled kernel's registers and shared memory. CUDA only; elsewhere model/decode_chain.py runs the
 four products one after another (ops.layer_chain_reference).
 
-The first build put a grid barrier between the products (commit 7e3424e and before): 48.7 us a 3B layer against
-34.3 for the GEMVs under PDL, 3B int4 decode 571.7 tok/s against 783.3 (results/int4_chain_h200.*,
-int4_h200_chain.*). On 1, 2, 3 programs per SM a layer took 81.7, 58.4, 48.7 us: ~35 us that more programs did not
-shorten, ~9 us per product of barrier, last reductions and first loads, which is what the per-tile flags remove.
-Whether it is faster now: ops.int4_layer_chain says (off until measured).
+Measured slower than what it replaces, so off (ops.int4_layer_chain). H200, benchmarks/int4_chain_gpu.py, a 3B
+layer: 49.2 us (46.5 with 128 registers a thread, 4 programs per SM instead of 3: `max_registers`) against 34.3 for
+the four GEMVs under PDL (results/int4_chain_flags_h200.*). The first build, with a grid barrier between the products
+(commit 7e3424e and before), took 48.7 (results/int4_chain_h200.*; 3B int4 decode through it 571.7 tok/s against
+783.3, int4_h200_chain.*). So the barriers were not what cost: on 1, 2, 3 programs per SM a layer takes 81.8, 56.9,
+49.2 us, about 2.5-4 us per round of tiles a program walks (12 rounds at 3 per SM), since a program's next tile
+requests its weights only after the last one is done, where the hardware overlapped independent GEMV programs
+(benchmarks/NOTES.md, session 9).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ FLAG_SLOTS = 64  # layers whose chains may be in flight at once, each with its o
 SLOT = PRODUCTS * TILES_PER_PRODUCT + 1  # per slot: each product's ready flags, then the count of programs done
 MAX_PROGRAMS_PER_SM = 4  # more resident programs than this did not fit the union kernel's registers anyway
 # ptxas's register cap (None: its choice, 132 a thread at the 3B's shapes, 3 programs per SM; 128 fits 4, with a few
-# spills)
+# spills: 46.5 against 49.2 us a 3B layer, results/int4_chain_flags_h200.*; its bits were not checked on the GPU)
 max_registers: int | None = None
 
 
