@@ -5,8 +5,8 @@ Llama-3.2-3B shapes, int4 g128, random weights for 28 layers (1.4 GB: L2 holds n
 chain's outputs against the GEMVs' (the same bits expected) and against float64 dequantized products, then the time
 per layer of 28 layers in a row captured in one CUDA graph (each layer's input is the one before's output, as in
 decode): the GEMVs as the model runs them now (with PDL where kernels/pdl.py says so), the chain on its default
-grid, on smaller ones and with 128 registers a thread (4 programs per SM), and copies of the same bytes (one per tensor: launches included, so a floor only for the
-kernels' count, not for the bytes). Prints a table and writes JSON.
+grid, on smaller ones and with 128 registers a thread (4 programs per SM), and copies of the same bytes (one per
+tensor: launches included, so a floor only for the kernels' count, not for the bytes). Prints a table, writes JSON.
 
     PYTHONPATH=src:benchmarks python benchmarks/int4_chain_gpu.py --out benchmarks/results/int4_chain_h200.json
 """
@@ -130,7 +130,8 @@ def main() -> int:
     chain_h2, chain_next = chain(a, h, weights[0])
     ref_h2, ref_next = float64_reference(a, h, weights[0])
     rel = lambda got, ref: ((got.double() - ref).norm() / ref.norm()).item()  # noqa: E731
-    report["check"] = {"same_bits_as_gemvs": bool(torch.equal(plain_h2, chain_h2) and torch.equal(plain_next, chain_next)),
+    same = torch.equal(plain_h2, chain_h2) and torch.equal(plain_next, chain_next)
+    report["check"] = {"same_bits_as_gemvs": bool(same),
                        "chain_rel_err_h2": rel(chain_h2, ref_h2), "chain_rel_err_next": rel(chain_next, ref_next),
                        "gemvs_rel_err_next": rel(plain_next, ref_next)}
     print(f"check: same bits as the GEMVs: {report['check']['same_bits_as_gemvs']}; rel err vs float64: "

@@ -400,8 +400,8 @@ def layer_chain_applies(x: torch.Tensor) -> bool:
 
 
 def layer_chain(x: torch.Tensor, residual: torch.Tensor, o: ChainProduct, gate_up: ChainProduct,
-                     down: ChainProduct, next_product: ChainProduct | None, group_size: int,
-                     layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+                down: ChainProduct, next_product: ChainProduct | None, group_size: int,
+                layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """From attention's output x [1, K] and the residual stream h [1, H]: h1 = h + o(x),
     h2 = h1 + down(silu(gate) * up) with gate|up = gate_up(norm(h1)), and next = next_product(its norm(h2)).
     Returns (h2, next or None). One kernel on CUDA (`layer_chain_applies`, `layer` picks its flags), else

@@ -46,7 +46,9 @@ PRODUCTS = 4
 TILES_PER_PRODUCT = 1024  # row tiles of one product (ready flags and reduction counters each): the 128k head has 501
 PHASES, MAX_TILES = tl.constexpr(PRODUCTS), tl.constexpr(TILES_PER_PRODUCT)  # the same, for the kernel
 FLAG_SLOTS = 64  # layers whose chains may be in flight at once, each with its own flags
-SLOT = PRODUCTS * TILES_PER_PRODUCT + 1  # per slot: each product's ready flags, then the count of programs done
+# per slot: each product's ready flags, then the count of programs done (padded: every slot 64-byte aligned, so all
+# layers run one specialization of the kernel)
+SLOT = PRODUCTS * TILES_PER_PRODUCT + 16
 MAX_PROGRAMS_PER_SM = 4  # more resident programs than this did not fit the union kernel's registers anyway
 # ptxas's register cap (None: its choice, 132 a thread at the 3B's shapes, 3 programs per SM; 128 fits 4, with a few
 # spills: 46.5 against 49.2 us a 3B layer, results/int4_chain_flags_h200.*; its bits were not checked on the GPU)
@@ -55,7 +57,7 @@ max_registers: int | None = None
 
 @triton.jit
 def _spin_until_set(flag_ptr, count: tl.constexpr):
-    """Wait (acquire) until each of `count` consecutive u32 flags from flag_ptr is nonzero; a trap rather than a hang."""
+    """Wait (acquire) until each of `count` consecutive u32 flags from flag_ptr is nonzero (a trap, not a hang)."""
     for f in tl.static_range(count):
         polls = 0
         while tl.atomic_add(flag_ptr + f, 0, sem="acquire") == 0 and polls < FINISH_SPIN_LIMIT:

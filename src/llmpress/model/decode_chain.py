@@ -10,8 +10,8 @@ kernels/triton_int4_chain.py runs across that boundary: o, gate|up, down of laye
         h, qkv = chain_i(a, h)                      # h + o(a), then the MLP, then layer i + 1's q|k|v
     logits = lm_head(norm(h))                       # the last chain's "next" product where the head is int4
 
-It applies where every layer can take it (`chain_plan`, `plan_for_step`): int4 layers held as tensor-core fragments with the
-projections fused (q|k|v and gate|up), no biases, and a static KV cache. Elsewhere the model runs as written.
+It applies where every layer can take it (`chain_plan`, `plan_for_step`): int4 layers held as tensor-core fragments
+with the projections fused (q|k|v and gate|up), no biases, and a static KV cache. Elsewhere the model runs as written.
 """
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ def chain_plan(model: nn.Module) -> list[dict] | None:
         if None in (qkv, gate_up, o, down) or attn.qkv_weight is not None or not attn.rotary:
             return None
         plan.append(dict(qkv=qkv, o=o, gate_up=gate_up, down=down))
-    group_sizes = {m.group_size for layer in layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj,
-                                                               layer.self_attn.qkv_packed[0], layer.mlp.gate_up_packed[0])}
+    group_sizes = {m.group_size for layer in layers
+                   for m in (layer.self_attn.o_proj, layer.mlp.down_proj, layer.self_attn.qkv_packed[0],
+                             layer.mlp.gate_up_packed[0])}
     if len(group_sizes) != 1:
         return None
     (group_size,) = group_sizes
@@ -96,7 +97,7 @@ def forward(model: nn.Module, plan: list[dict], input_ids: torch.Tensor, positio
         out = ops.cached_attention_rope(qkv.view(1, 1, -1), attn.num_heads, cos, sin, attn.rotary[0].inv_freq,
                                         kv_cache.keys[i], kv_cache.values[i], positions)
         h, qkv = ops.layer_chain(out.reshape(1, -1), h, products["o"], products["gate_up"], products["down"],
-                                      products["next"], products["group_size"], i)
+                                 products["next"], products["group_size"], i)
     if plan[-1]["next"] is not None:
         return qkv.view(1, 1, -1)
     return model.lm_head(model.model.norm(h)).view(1, 1, -1)
