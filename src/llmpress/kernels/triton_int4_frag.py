@@ -58,7 +58,7 @@ ROWS_WIDE_CONFIG = (4, 2, 2)  # for N >= ROWS_WIDE_ROWS at 2..8 rows
 ROWS_WIDE_ROWS = 16384
 TWO_BLOCK_CONFIG = (4, 1, 1)  # 9..16 rows: the fewest registers (96 a thread, sm_90) with x's second column block
 
-SPIN_LIMIT = 1 << 24  # polls of a grid barrier's flag before a trap: seconds, where a phase takes microseconds
+SPIN_LIMIT = 1 << 24  # polls of a ready flag before a trap: seconds, where a tile waits microseconds
 # per activation dtype: the magic value's bits (both halves), its value, 1.0 in both halves, the mma type
 _TYPES = {torch.bfloat16: (0x43004300, 128.0, 0x3F803F80, "bf16"), torch.float16: (0x64006400, 1024.0, 0x3C003C00, "f16")}
 
