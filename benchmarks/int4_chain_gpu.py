@@ -19,6 +19,7 @@ from datetime import date
 
 import torch
 
+from kernels_gpu import time_per_call_us  # benchmarks/
 from results_out import save_results  # benchmarks/
 from llmpress.bench.roofline import device_name, measure_copy_bandwidth
 from llmpress.kernels.ops import ChainProduct
@@ -78,20 +79,7 @@ def time_layers_us(step, weights, a, h, replays: int = 20) -> float:
             stream, nxt = step(x, stream, w, i)
             x = nxt[:, :H]
         return stream
-    run()  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (replays * len(weights))
+    return time_per_call_us(run, [()], replays) / len(weights)
 
 
 def capped(step, registers: int = 128):
