@@ -40,7 +40,7 @@ from llmpress.kernels.triton_int4 import _workspace
 from llmpress.kernels.triton_int4_frag import SPIN_LIMIT, add_partials, default_config, frag_fits, frag_gemv_asm
 from llmpress.kernels.triton_int4_rows_split import SPLIT_WORKSPACE
 
-FINISH_SPIN_LIMIT = tl.constexpr(SPIN_LIMIT)  # polls of a tile's counter by the program adding its partials
+SPIN_POLLS = tl.constexpr(SPIN_LIMIT)  # polls of a counter or flag by the program adding a tile's partials
 
 PRODUCTS = 4
 TILES_PER_PRODUCT = 1024  # row tiles of one product (ready flags and reduction counters each): the 128k head has 501
@@ -56,14 +56,13 @@ max_registers: int | None = None
 
 
 @triton.jit
-def _spin_until_set(flag_ptr, count: tl.constexpr):
-    """Wait (acquire) until each of `count` consecutive u32 flags from flag_ptr is nonzero (a trap, not a hang)."""
-    for f in tl.static_range(count):
-        polls = 0
-        while tl.atomic_add(flag_ptr + f, 0, sem="acquire") == 0 and polls < FINISH_SPIN_LIMIT:
-            polls += 1
-        if polls == FINISH_SPIN_LIMIT:
-            tl.inline_asm_elementwise("trap; mov.b32 $0, 0;", "=r,r", [polls], dtype=tl.int32, is_pure=False, pack=1)
+def _spin_until_at_least(flag_ptr, target):
+    """Wait (acquire) until the u32 at flag_ptr reaches `target` (a trap after SPIN_POLLS polls, not a hang)."""
+    polls = 0
+    while tl.atomic_add(flag_ptr, 0, sem="acquire") < target and polls < SPIN_POLLS:
+        polls += 1
+    if polls == SPIN_POLLS:
+        tl.inline_asm_elementwise("trap; mov.b32 $0, 0;", "=r,r", [polls], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -110,14 +109,10 @@ def _phase(qw_ptr, x_ptr, s_ptr, z_ptr, y_ptr, res_ptr, nw_ptr, eps, N, G, SPLIT
             # the others then only count their arrival and go on, without waiting for the atomic's answer. These
             # are each program's last tiles of the product (pid_k is the slow index), and every wait is for tiles
             # of earlier products or earlier in every program's walk: no program waits on one that waits on it.
-            polls = 0
-            while tl.atomic_add(counter_ptr + pid_n, 0, sem="acquire") < SPLIT - 1 and polls < FINISH_SPIN_LIMIT:
-                polls += 1
-            if polls == FINISH_SPIN_LIMIT:  # a trap rather than a hang
-                tl.inline_asm_elementwise("trap; mov.b32 $0, 0;", "=r,r", [polls], dtype=tl.int32, is_pure=False,
-                                          pack=1)
-            if RES_TILE:
-                _spin_until_set(res_wait_ptr + pid_n * BLOCK_N // RES_TILE, max(1, BLOCK_N // RES_TILE))
+            _spin_until_at_least(counter_ptr + pid_n, SPLIT - 1)
+            if RES_TILE:  # the ready flags of the residual's rows
+                for f in tl.static_range(max(1, BLOCK_N // RES_TILE)):
+                    _spin_until_at_least(res_wait_ptr + pid_n * BLOCK_N // RES_TILE + f, 1)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             add_partials(partial_ptr, squares_ptr, y_ptr, res_ptr, eps, pid_n, offs_n, offs_n < n_here, n_here, G,
                          SPLIT, SPLIT_P2, BLOCK_N, RESIDUAL, 1, NORM, GROUP_SIZE, SWIGLU, True)
