@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from llmpress.kernels.reference import (attention_reference, cache_attention_mask, int4_matmul_reference,
                                        int4_matmul_fragments_reference, int4_matmul_rows_reference,
-                                       paged_attention_reference, store_kv_paged_reference)
+                                       paged_attention_reference, rms_norm_reference, store_kv_paged_reference)
 
 BACKENDS = ("auto", "torch", "sdpa", "triton")
 _backend = "auto"
@@ -419,8 +419,7 @@ def layer_chain_reference(x, residual, o, gate_up, down, next_product, group_siz
     """`layer_chain` as the model's steps: products through `int4_matmul_fragments`, the norms as RMSNorm."""
     def product(p: ChainProduct, inputs: torch.Tensor) -> torch.Tensor:
         if p.norm_weight is not None:
-            h = inputs.float()
-            inputs = p.norm_weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + p.eps)).to(inputs.dtype)
+            inputs = rms_norm_reference(inputs, p.norm_weight, p.eps)
         return int4_matmul_fragments(inputs, p.fragments, p.scales, p.zeros, group_size)
     h1 = residual + product(o, x)
     gate, up = product(gate_up, h1).chunk(2, dim=-1)

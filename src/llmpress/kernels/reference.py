@@ -10,6 +10,14 @@ import torch
 from llmpress.quant.format import dequantize_runtime, fragments_to_rows, unpack_columns, unpack_rows
 
 
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm: normalized in float32 and cast back before the gain, as the reference implementation does, so that
+    bf16 results match it bit for bit in the common case."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
     """softmax(q kᵀ / √d + mask) v, computed in float32 (float64 for float64 inputs).

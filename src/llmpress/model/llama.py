@@ -12,6 +12,7 @@ from torch import nn
 
 from llmpress.config import LlamaConfig
 from llmpress.kernels import ops
+from llmpress.kernels.reference import rms_norm_reference
 from llmpress.model import decode_chain
 from llmpress.model.kv_cache import KVCache
 from llmpress.model.rope import RotaryEmbedding, apply_rope
@@ -24,11 +25,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in float32 and cast back before the gain, as the reference implementation does,
-        # so bf16 results match it bit for bit in the common case.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm_reference(x, self.weight, self.eps)
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
