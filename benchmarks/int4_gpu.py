@@ -97,7 +97,8 @@ SETTINGS = {"rope": (ops, "fuse_rope_into_attention"), "steps": (ops, "int4_fuse
             "spread": (split_module, "spread_prologue"), "pdl": (pdl_module, "mode"),
             "combine": (attention_module, "combine"), "tc": (ops, "int4_tensor_core_gemv"),
             "tc_norm": (ops, "int4_tensor_core_norm"), "frag_only": (ops, "int4_fragments_only"),
-            "tc_swiglu": (ops, "int4_tensor_core_swiglu"), "chain": (ops, "int4_layer_chain")}
+            "tc_swiglu": (ops, "int4_tensor_core_swiglu"), "chain": (ops, "int4_layer_chain"),
+            "accumulate": (ops, "int4_accumulate_decode")}
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr) in SETTINGS.items()}
 NORM_RES = frozenset({"residual", "norm"})
 STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", combine="kernel"),
@@ -128,6 +129,10 @@ STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", 
                  # (kernels/triton_int4_chain.py, model/decode_chain.py)
                  "int4-tc-only-chain": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", chain=True),
                  "int4-tc-only-chain+head": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", chain=True),
+                 # or an fp32 residual stream that every product adds its split-K sums into by atomics
+                 # (kernels/triton_int4_accumulate.py, model/decode_accumulate.py)
+                 "int4-tc-only-acc": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", accumulate=True),
+                 "int4-tc-only-acc+head": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", accumulate=True),
                  "bf16-before": dict(pdl="off", combine="kernel")}
 
 

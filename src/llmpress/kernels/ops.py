@@ -448,6 +448,66 @@ def _(x, residual, o_fragments, o_scales, o_zeros, gu_fragments, gu_scales, gu_z
     return residual.new_empty(residual.shape), x.new_empty(0 if next_scales is None else (1, next_scales.shape[1]))
 
 
+# Batch-1 decode with an fp32 residual stream and products whose split-K partials are added by atomics
+# (kernels/triton_int4_accumulate.py, model/decode_accumulate.py), for layers held as tensor-core fragments.
+int4_accumulate_decode = False
+
+
+def int4_accumulate_applies(h: torch.Tensor) -> bool:
+    """Whether the accumulating kernels run for the residual stream h [1, H] (else their references do)."""
+    return (int4_accumulate_decode and _backend in ("auto", "triton") and h.is_cuda and HAS_TRITON
+            and h.shape[0] == 1 and h.dtype == torch.float32)
+
+
+def int4_accumulate(h: torch.Tensor, x: torch.Tensor, product: ChainProduct, group_size: int) -> torch.Tensor:
+    """h [1, N] fp32 += x [1, K] @ Wᵀ in place (the residual add of o and down), and returns h."""
+    if int4_accumulate_applies(h):
+        torch.ops.llmpress.int4_accumulate(h, x.contiguous(), *product.tensors()[:3], group_size)
+        return h
+    return h.add_(int4_matmul_fragments(x, *product.tensors()[:3], group_size).float())
+
+
+def int4_accumulated_norm(h: torch.Tensor, product: ChainProduct, group_size: int, dtype: torch.dtype,
+                          swiglu: bool = False) -> torch.Tensor:
+    """W rmsnorm(h) in `dtype` for the fp32 residual stream h [1, K] (`product` holds the norm), or
+    silu(gate) * up [1, I] for a fused gate|up W (`swiglu`)."""
+    if int4_accumulate_applies(h):
+        return torch.ops.llmpress.int4_accumulated_norm(h.contiguous(), *product.tensors(), product.eps, group_size,
+                                                        swiglu, dtype)
+    normed = rms_norm_reference(h.to(dtype), product.norm_weight, product.eps)
+    y = int4_matmul_fragments(normed, *product.tensors()[:3], group_size)
+    if swiglu:
+        gate, up = y.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return y
+
+
+@torch.library.custom_op("llmpress::int4_accumulate", mutates_args=("h",))
+def _int4_accumulate(h: torch.Tensor, x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor,
+                     zeros: torch.Tensor, group_size: int) -> None:
+    from llmpress.kernels.triton_int4_accumulate import frag_accumulate
+    frag_accumulate(x, fragments, scales, zeros, group_size, h)
+
+
+@_int4_accumulate.register_fake
+def _(h, x, fragments, scales, zeros, group_size):
+    return None
+
+
+@torch.library.custom_op("llmpress::int4_accumulated_norm", mutates_args=())
+def _int4_accumulated_norm(h: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                           norm_weight: torch.Tensor, eps: float, group_size: int, swiglu: bool,
+                           dtype: torch.dtype) -> torch.Tensor:
+    from llmpress.kernels.triton_int4_accumulate import frag_accumulated_norm
+    return frag_accumulated_norm(h, fragments, scales, zeros, group_size, norm_weight, eps, swiglu, dtype)
+
+
+@_int4_accumulated_norm.register_fake
+def _(h, fragments, scales, zeros, norm_weight, eps, group_size, swiglu, dtype):
+    width = scales.shape[1] // 2 if swiglu else scales.shape[1]
+    return h.new_empty(1, width, dtype=dtype)
+
+
 def store_kv_paged(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, slot_mapping: torch.Tensor) -> None:
     """Write new tokens' K/V into the paged cache, in place (quantizing for int8/fp8 caches).

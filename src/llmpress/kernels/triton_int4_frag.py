@@ -65,7 +65,7 @@ _TYPES = {torch.bfloat16: (0x43004300, 128.0, 0x3F803F80, "bf16"), torch.float16
 
 def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: torch.dtype, rows: int = 1,
                   norm: bool = False, tiles_per_warp: int = 1, paired_halves: bool = False, pdl: int = 0,
-                  grid_operands: bool = False, flags: int = 1) -> str:
+                  grid_operands: bool = False, flags: int = 1, atomic: bool = False, x_f32: bool = False) -> str:
     """PTX for one thread's share of a warp's TILES_PER_WARP row tiles over GROUPS_PER_WARP groups, ending in a
     store of the row tiles' partial sums. The tiles of a warp share its x registers and its sum(x) mmas, so more
     tiles put more weight bytes in flight per register than more groups do (16 x registers a group, 8 word
@@ -100,12 +100,20 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
     others ($8, $9; $10, $11 with `norm`) instead of %ctaid.x and %ctaid.y, for a persistent kernel that walks
     the tiles itself; x is then loaded with .cg (L2 only), since other programs of the same kernel wrote it.
 
+    `atomic` (a measurement, benchmarks/latency_floor_gpu.py): each lane adds its sums into [M, N] fp32 at $5 with
+    `red.global.add.f32` (no answer awaited) instead of storing its program's slice of the partials: the
+    accumulating decode of kernels/triton_int4_accumulate.py.
+
+    `x_f32` (one row): x is fp32 (that decode's residual stream), loaded as 8 floats per 16 bytes of operands and
+    rounded to `dtype` pairs (`cvt.rn.bf16x2.f32` / `.f16x2`) before anything uses it.
+
     Every load comes first. ptxas otherwise issued a lane's second 16-byte word load, and the scale and zero
     loads, only after the first mmas had used the first words: three DRAM round trips in a row instead of
     one. So the first group's accumulators start as 0 * (a sum of one value from each load): the same zeros
     (every such value is finite), but the first mma now waits for every load, so all are issued before it."""
     assert not norm or rows <= 8, "the RMSNorm prologue takes up to 8 rows of x (one column block)"
     assert pdl != 4 or grid_operands, "the flag wait is for persistent kernels"
+    assert not x_f32 or rows == 1, "fp32 x: one row"
     extra = 10 if norm else 8  # the first operand after the fixed ones
     cta_x, cta_y = (f"${extra}", f"${extra + 1}") if grid_operands else ("%ctaid.x", "%ctaid.y")
     magic, magic_value, ones, mma_type = _TYPES[dtype]
@@ -128,6 +136,8 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
          + ", ".join([f"r0_{t}" for t in tiles] + flat(words) + flat(xs_regs) + flat(norm_regs)) + ";",
          ".reg .b64 wa, xa, na, sa, za, pa, off;",
          ".reg .f32 sq0, sq1, sq2, sq3;",
+         *([".reg .f32 " + ", ".join(f"xf{g}_{b}_{e}" for g in groups for b in range(blocks32) for e in range(8))
+            + ";"] if x_f32 else []),
          f".reg .b16 zero16, {per_gt(['s0h', 's1h'])};",
          ".reg .b32 kk, " + ", ".join(f"nrow{cb}" for cb in cbs) + ";",
          ".reg .f32 t0, t1, dep, " + ", ".join(flat(sums) + flat(accs) + flat(ys))
@@ -229,11 +239,18 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
                   "mad.lo.u32 t32, j, 8, t32;"]
             if rows > 1:
                 L.append(f"mad.lo.u32 t32, nrow{cb}, kk, t32;")
-            L += ["mul.wide.u32 off, t32, 2;",
+            L += [f"mul.wide.u32 off, t32, {4 if x_f32 else 2};",
                   "add.u64 xa, $2, off;"]
             for b in range(blocks32):
-                L.append(f"ld.global{'.cg' if grid_operands else ''}.v4.b32 "
-                         f"{{{', '.join(xs_regs[g][cb][4 * b:4 * b + 4])}}}, [xa+{64 * b}];")
+                if x_f32:  # x[k .. k + 7] as floats, then pairs (k + 1 in the upper half, as bf16x2 holds them)
+                    fl = [f"xf{g}_{b}_{e}" for e in range(8)]
+                    L += [f"ld.global{'.cg' if grid_operands else ''}.v4.f32 {{{', '.join(fl[4 * h:4 * h + 4])}}}, "
+                          f"[xa+{128 * b + 16 * h}];" for h in (0, 1)]
+                    L += [f"cvt.rn.{mma_type}x2.f32 {xs_regs[g][cb][4 * b + e]}, {fl[2 * e + 1]}, {fl[2 * e]};"
+                          for e in range(4)]
+                else:
+                    L.append(f"ld.global{'.cg' if grid_operands else ''}.v4.b32 "
+                             f"{{{', '.join(xs_regs[g][cb][4 * b:4 * b + 4])}}}, [xa+{64 * b}];")
     for g in groups:  # scales to fp32, zero points plus the magic value
         for t in tiles:
             gt = f"{g}_{t}"
@@ -299,10 +316,11 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
                 for yr, ar, x_sum, zf, sc in outputs[:2 if rows == 1 else 4]:
                     L += [f"fma.rn.f32 t0, {zf}_{gt}, {x_sum}, {ar};", f"fma.rn.f32 {yr}, {sc}_{gt}, t0, {yr};"]
     # partials[pid_k, m, r] for y rows m = 8 cb + 2j (y0, y1 at r0, r0 + 8) and 8 cb + 2j + 1 (y2, y3) below M
+    store = "red.global.add.f32" if atomic else "st.global.f32"
     for t in tiles:
         for cb in cbs:
             y = ys[t][cb]
-            L += [f"mov.u32 t32, {cta_y};",
+            L += [f"mov.u32 t32, {0 if atomic else cta_y};",
                   f"mul.lo.u32 t32, t32, {rows};",
                   "mad.lo.u32 t32, j, 2, t32;",
                   *([f"add.u32 t32, t32, {8 * cb};"] if cb else []),
@@ -311,14 +329,14 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
                   "mul.wide.u32 off, t32, 4;",
                   "add.u64 pa, $5, off;",
                   f"setp.lt.u32 p, j, {(rows - 8 * cb + 1) // 2};",  # 8 cb + 2j < M
-                  f"@p st.global.f32 [pa], {y[0]};",
-                  f"@p st.global.f32 [pa+32], {y[1]};"]
+                  f"@p {store} [pa], {y[0]};",
+                  f"@p {store} [pa+32], {y[1]};"]
             if rows > 1:
                 L += ["mul.wide.u32 off, $6, 4;",  # the next row of y: N floats further
                       "add.u64 pa, pa, off;",
                       f"setp.lt.u32 p, j, {(rows - 8 * cb) // 2};",  # 8 cb + 2j + 1 < M
-                      f"@p st.global.f32 [pa], {y[2]};",
-                      f"@p st.global.f32 [pa+32], {y[3]};"]
+                      f"@p {store} [pa], {y[2]};",
+                      f"@p {store} [pa+32], {y[3]};"]
     if norm and rows == 1:  # one thread per program stores its share of sum(h^2); every warp has the same
         L += ["mov.u32 tmp, %tid.x;", "setp.eq.u32 p, tmp, 0;", "@p st.global.f32 [$9], sq0;"]
     elif norm:  # D = x_r . x_n: row r's share is D[r][r], at lane (r, r / 2), element r % 2; warp 0 stores them
@@ -358,7 +376,7 @@ def _finish_swiglu(gate, up, square_sum, offs, mask, y_ptr, K, eps, NORM: tl.con
 def _frag_gemv(qw_ptr, x_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, res_ptr, nw_ptr, eps, N, G, SPLIT,
                ASM: tl.constexpr, NUM_WARPS: tl.constexpr, SPLIT_P2: tl.constexpr, RESIDUAL: tl.constexpr,
                ROWS: tl.constexpr = 1, NORM: tl.constexpr = False, GROUP_SIZE: tl.constexpr = 128,
-               TILES: tl.constexpr = 1, SWIGLU: tl.constexpr = False):
+               TILES: tl.constexpr = 1, SWIGLU: tl.constexpr = False, FINISH: tl.constexpr = True):
     """Partials [SPLIT, ROWS, N], then (NORM) each program's sum(h^2) shares, [SPLIT * ROWS * N + (pid_n * SPLIT +
     pid_k) * ROWS + row]. SWIGLU: N = 2I rows of a fused gate|up weight, y [ROWS, I] = silu(gate) * up; program
     pid_n holds gate and up rows pid_n * BLOCK_N / 2 onwards (ASM built with paired_halves)."""
@@ -375,8 +393,9 @@ def _frag_gemv(qw_ptr, x_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, res
                                   dtype=tl.int32, is_pure=False, pack=1)
     else:
         tl.inline_asm_elementwise(ASM, "=r,l,l,l,l,l,r,r", operands, dtype=tl.int32, is_pure=False, pack=1)
-    finish_row_tile(partial_ptr, squares_ptr, counter_ptr, y_ptr, res_ptr, eps, pid_n, N, G, SPLIT, SPLIT_P2,
-                    16 * NUM_WARPS * TILES, RESIDUAL, ROWS, NORM, GROUP_SIZE, SWIGLU)
+    if FINISH:  # else (a measurement) the partials, or the atomic sums, are left where the asm put them
+        finish_row_tile(partial_ptr, squares_ptr, counter_ptr, y_ptr, res_ptr, eps, pid_n, N, G, SPLIT, SPLIT_P2,
+                        16 * NUM_WARPS * TILES, RESIDUAL, ROWS, NORM, GROUP_SIZE, SWIGLU)
 
 
 @triton.jit
@@ -459,7 +478,8 @@ def default_config(N: int, G: int, M: int = 1) -> tuple[int, int, int] | None:
 
 def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
               config: tuple[int, int, int] | None = None, residual: torch.Tensor | None = None,
-              norm_weight: torch.Tensor | None = None, eps: float = 0.0, swiglu: bool = False) -> torch.Tensor:
+              norm_weight: torch.Tensor | None = None, eps: float = 0.0, swiglu: bool = False,
+              reduction: str = "last") -> torch.Tensor:
     """x [M, K] bf16/fp16 (M <= 16, see FRAG_KERNEL_MAX_M) @ Wᵀ (+ residual [M, N]) -> [M, N] in
     x.dtype. fragments: int32
     [N/16, G, group_size/64, 32, 4] (`rows_to_fragments`); scales [G, N] (x's dtype) and zeros uint8 [G, N]: the
@@ -472,7 +492,12 @@ def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, ze
     `swiglu`: the weight is a fused gate|up [2I, K]; returns silu(gate) * up [M, I] (no residual), saving the
     separate SwiGLU kernel and the round trip of gate|up through memory.
     At one row it launches with programmatic dependent launch where kernels/pdl.py says so (the default on Hopper):
-    its weight loads overlap the previous kernel's tail."""
+    its weight loads overlap the previous kernel's tail.
+    `reduction` (a measurement of what the cross-program reduction costs, benchmarks/latency_floor_gpu.py): "last"
+    (the model's: the last program of a row tile adds the partials and finishes), "none" (returns the partials
+    [SPLIT, M, N], unfinished) or "atomic" (every program adds its sums into fp32 [M, N] with red.global.add and
+    returns it; it is the workspace, which the caller zeroes first to read a sum)."""
+    assert reduction in ("last", "none", "atomic"), reduction
     M = x.shape[0]
     G, N = scales.shape
     assert 1 <= M <= FRAG_KERNEL_MAX_M and x.shape[1] == G * group_size, (x.shape, G, group_size)
@@ -498,10 +523,14 @@ def frag_gemv(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, ze
         _frag_gemv[(programs, split)](
             fragments, x, scales, zeros, y, partial, counter, x if residual is None else residual.contiguous(),
             norm_weight.contiguous() if norm else x, eps, N, G, split,
-            ASM=frag_gemv_asm(warps, groups_per_warp, group_size, x.dtype, M, norm, tiles_per_warp, swiglu, pdl),
+            ASM=frag_gemv_asm(warps, groups_per_warp, group_size, x.dtype, M, norm, tiles_per_warp, swiglu, pdl,
+                              atomic=reduction == "atomic"),
             NUM_WARPS=warps, SPLIT_P2=triton.next_power_of_2(split), RESIDUAL=residual is not None, ROWS=M, NORM=norm,
-            GROUP_SIZE=group_size, TILES=tiles_per_warp, SWIGLU=swiglu, num_warps=warps, launch_pdl=bool(pdl))
-        return y
+            GROUP_SIZE=group_size, TILES=tiles_per_warp, SWIGLU=swiglu, FINISH=reduction == "last", num_warps=warps,
+            launch_pdl=bool(pdl))
+        if reduction == "none":
+            return partial[:split * M * N].view(split, M, N)
+        return partial[:M * N].view(M, N) if reduction == "atomic" else y
 
     if config is None:
         config = default_config(N, G, M)

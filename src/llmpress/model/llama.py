@@ -13,7 +13,7 @@ from torch import nn
 from llmpress.config import LlamaConfig
 from llmpress.kernels import ops
 from llmpress.kernels.reference import rms_norm_reference
-from llmpress.model import decode_chain
+from llmpress.model import decode_accumulate, decode_chain
 from llmpress.model.kv_cache import KVCache
 from llmpress.model.rope import RotaryEmbedding, apply_rope
 
@@ -182,6 +182,9 @@ class LlamaForCausalLM(nn.Module):
         chain = decode_chain.plan_for_step(self, input_ids, kv_cache, logits_indices)
         if chain is not None:  # batch-1 decode with each layer's products after attention in one kernel
             return decode_chain.forward(self, chain, input_ids, positions, kv_cache)
+        accumulating = decode_accumulate.plan_for_step(self, input_ids, kv_cache, logits_indices)
+        if accumulating is not None:  # batch-1 decode over an fp32 residual stream, split-K sums by atomics
+            return decode_accumulate.forward(self, accumulating, input_ids, positions, kv_cache)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions, x.dtype)
         for layer in self.model.layers:

@@ -1,0 +1,111 @@
+"""What a separate int4 GEMV costs beyond its bytes: each 3B decode product called 112 times in a row from one CUDA
+graph (as a token's 28 layers call it, under PDL where kernels/pdl.py says so), over 28 distinct random weights
+(read from DRAM, as in decode) and over one weight reused (it stays in the 50 MB L2, so the DRAM transfer is gone and
+what is left is the kernel's latency chain: launch or PDL wait, x from L2, mmas, split-K partials and counter, the
+last program's reduction, the store). A tiny product (64 rows, 256 inputs: one program) gives the floor of a kernel
+boundary alone. `--reductions` also times each product without its cross-program reduction ("none": every program
+stores its partials and ends, an upper bound on what a cheaper reduction could save) and with the partials added
+by `red.global.add.f32` into one fp32 output ("atomic": no program waits for an answer; norm, SwiGLU and residual
+are then left undone, so it is a measurement, not a kernel the model runs). Prints a table, writes JSON.
+
+    PYTHONPATH=src:benchmarks python benchmarks/latency_floor_gpu.py --out benchmarks/results/latency_floor_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import date
+
+import torch
+
+from int4_chain_gpu import GROUP, random_product  # benchmarks/
+from kernels_gpu import time_per_call_us  # benchmarks/
+from results_out import save_results  # benchmarks/
+from llmpress.bench.roofline import device_name, measure_copy_bandwidth
+from llmpress.kernels.triton_int4_frag import frag_gemv
+
+# name: (inputs K, outputs N, RMSNorm folded, SwiGLU ending, residual add): as decode runs each 3B product
+SHAPES = {"q|k|v": (3072, 5120, True, False, False), "o": (3072, 3072, False, False, True),
+          "gate|up": (3072, 16384, True, True, False), "down": (8192, 3072, False, False, True),
+          "tiny": (256, 64, False, False, False)}
+CALLS, DISTINCT = 112, 28
+
+
+def product_call(K: int, N: int, norm: bool, swiglu: bool, residual: bool, reduction: str = "last"):
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(1, N, device="cuda", dtype=torch.bfloat16) if residual else None
+
+    def call(p):
+        return frag_gemv(x, p.fragments, p.scales, p.zeros, GROUP, residual=res, norm_weight=p.norm_weight,
+                         eps=p.eps, swiglu=swiglu, reduction=reduction)
+    return call
+
+
+def check_reductions(K: int, N: int) -> dict:
+    """The plain product (no norm, residual or SwiGLU) three ways: relative differences from the model's path."""
+    p = random_product(K, N, False)
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    last = frag_gemv(x, p.fragments, p.scales, p.zeros, GROUP).double()
+    summed = frag_gemv(x, p.fragments, p.scales, p.zeros, GROUP, reduction="none").double().sum(0)
+    atomic = frag_gemv(x, p.fragments, p.scales, p.zeros, GROUP, reduction="atomic")
+    atomic.zero_()
+    atomic = frag_gemv(x, p.fragments, p.scales, p.zeros, GROUP, reduction="atomic").double()
+    rel = lambda a: ((a - last).norm() / last.norm()).item()  # noqa: E731
+    return {"none_summed_rel_diff": rel(summed), "atomic_rel_diff": rel(atomic)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--reductions", default="last", help="comma list of last, none, atomic (see above)")
+    args = parser.parse_args()
+    reductions = args.reductions.split(",")
+    assert "last" in reductions and set(reductions) <= {"last", "none", "atomic"}, reductions
+    if not torch.cuda.is_available():
+        print("this benchmark needs a CUDA GPU", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    bandwidth = measure_copy_bandwidth("cuda")
+    report = {"script": "benchmarks/latency_floor_gpu.py", "command": " ".join(sys.argv),
+              "date": date.today().isoformat(), "gpu": device_name("cuda"), "torch": torch.__version__,
+              "copy_bandwidth_bytes_per_s": bandwidth, "calls_per_graph": CALLS, "products": {}}
+    print(f"{report['gpu']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    if len(reductions) > 1:
+        report["checks"] = {"o": check_reductions(3072, 3072), "down": check_reductions(8192, 3072)}
+        print(f"reductions vs the model's path (plain products): {report['checks']}", flush=True)
+    columns = [f"{r} {where}" for r in reductions for where in ("DRAM", "L2")]
+    print(f"{'product':8s} {'MB':>6s} " + " ".join(f"{c:>12s}" for c in columns) + f" {'bytes at copy bw':>17s}  (us)",
+          flush=True)
+    for name, (K, N, norm, swiglu, residual) in SHAPES.items():
+        weights = [random_product(K, N, norm) for _ in range(DISTINCT)]
+        nbytes = sum(t.numel() * t.element_size() for t in (weights[0].fragments, weights[0].scales, weights[0].zeros))
+        entry = {"K": K, "N": N, "norm": norm, "swiglu": swiglu, "residual": residual, "weight_bytes": nbytes,
+                 "us_bytes_at_copy_bandwidth": nbytes / bandwidth * 1e6}
+        for reduction in reductions:
+            call = product_call(K, N, norm, swiglu, residual, reduction)
+            suffix = "" if reduction == "last" else f"_{reduction}"
+            entry[f"us_dram{suffix}"] = time_per_call_us(call, [(weights[i % DISTINCT],) for i in range(CALLS)])
+            entry[f"us_l2_resident{suffix}"] = time_per_call_us(call, [(weights[0],)] * CALLS)
+        report["products"][name] = entry
+        times = [entry[f"us_{where}{'' if r == 'last' else '_' + r}"] for r in reductions for where in ("dram", "l2_resident")]
+        print(f"{name:8s} {nbytes / 1e6:6.2f} " + " ".join(f"{t:12.2f}" for t in times)
+              + f" {entry['us_bytes_at_copy_bandwidth']:17.2f}", flush=True)
+        save_results(report, args.out, "latency_floor.json")
+        del weights
+    layer = [report["products"][n] for n in ("q|k|v", "o", "gate|up", "down")]
+    report["layer_us_dram"] = sum(p["us_dram"] for p in layer)
+    report["layer_us_l2_resident"] = sum(p["us_l2_resident"] for p in layer)
+    report["layer_us_bytes_at_copy_bandwidth"] = sum(p["us_bytes_at_copy_bandwidth"] for p in layer)
+    for reduction in reductions[1:]:
+        report[f"layer_us_dram_{reduction}"] = sum(p[f"us_dram_{reduction}"] for p in layer)
+        print(f"a layer's four products, reduction {reduction}: {report[f'layer_us_dram_{reduction}']:.1f} us from DRAM")
+    print(f"a layer's four products: {report['layer_us_dram']:.1f} us from DRAM, "
+          f"{report['layer_us_l2_resident']:.1f} us with the weights in L2, "
+          f"{report['layer_us_bytes_at_copy_bandwidth']:.1f} us for their bytes at the copy bandwidth")
+    save_results(report, args.out, "latency_floor.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Batch-1 int4 decode whose products add their split-K partial sums with atomics instead of a last-arrival
+reduction (the accumulating decode, model/decode_accumulate.py).
+
+Why: the tensor-core GEMV (triton_int4_frag.py) splits K over programs, and the last program of each row tile
+adds the others' partials (a release atomic whose answer it waits for, then the partials back from L2, then the
+store). Timed on the H200 per 3B product, 112 calls in a row from one CUDA graph (benchmarks/latency_floor_gpu.py
+--reductions, results/latency_floor_reductions_h200.*): with that reduction q|k|v, o, gate|up, down take 5.93, 4.70,
+14.22, 9.27 us (34.1 us a layer); with every program adding its sums by `red.global.add.f32` and ending at once
+3.62, 2.54, 9.62, 6.34 (22.1 us), and a one-program kernel 0.91 us against 2.26. So here:
+  - o and down add straight into the residual stream h, kept in fp32 (`frag_accumulate`): no residual step;
+  - q|k|v and gate|up (RMSNorm folded, x = h in fp32, rounded to bf16 pairs as it is loaded) add into a zeroed
+    fp32 workspace, and a small kernel finishes them (`frag_accumulated_norm`): the rsqrt of the norm from the
+    programs' shares of sum(h^2), then the output in x's dtype (q|k|v) or silu(gate) * up (gate|up), and the
+    workspace zeroed again for the next product.
+The sums' order depends on which program's atomic lands first, so the low bits of h vary from run to run, where
+the last-arrival reduction gives the same bits every time; both are within bf16 rounding of float64.
+Off the GPU: `ops.int4_accumulate_reference` and `ops.int4_accumulated_norm_reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llmpress.kernels.pdl import launch_mode, pdl_start, pdl_wait
+from llmpress.kernels.triton_int4_frag import _finish_swiglu, default_config, frag_gemv_asm
+
+
+X_F32_MAX_REGISTERS = 128
+
+
+@triton.jit
+def _frag_accumulate(qw_ptr, x_ptr, s_ptr, z_ptr, acc_ptr, nw_ptr, squares_ptr, N, G, ASM: tl.constexpr,
+                     NUM_WARPS: tl.constexpr, NORM: tl.constexpr):
+    """acc [N] fp32 += this program's (row tiles, groups) share of W x; NORM: squares[pid_k] = its sum(h^2) share
+    (every row-tile program of a group program writes the same value)."""
+    lanes = tl.zeros([32 * NUM_WARPS], dtype=tl.int64)
+    operands = [lanes + qw_ptr.to(tl.int64), lanes + x_ptr.to(tl.int64), lanes + s_ptr.to(tl.int64),
+                lanes + z_ptr.to(tl.int64), lanes + acc_ptr.to(tl.int64), lanes.to(tl.int32) + N,
+                lanes.to(tl.int32) + G]
+    if NORM:
+        tl.inline_asm_elementwise(ASM, "=r,l,l,l,l,l,r,r,l,l",
+                                  operands + [lanes + nw_ptr.to(tl.int64),
+                                              lanes + (squares_ptr + tl.program_id(1)).to(tl.int64)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.inline_asm_elementwise(ASM, "=r,l,l,l,l,l,r,r", operands, dtype=tl.int32, is_pure=False, pack=1)
+
+
+def frag_accumulate(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    group_size: int, out: torch.Tensor, norm_weight: torch.Tensor | None = None,
+                    squares: torch.Tensor | None = None) -> int:
+    """out [1, N] fp32 += x [1, K] @ Wᵀ, for W as tensor-core fragments with scales, zeros [G, N]
+    (triton_int4_frag.frag_gemv's layout); x in the weights' dtype or fp32. With `norm_weight` [K]: x is the
+    residual stream h and out += W (w * h), not yet scaled by the norm's rsqrt; each group program's share of
+    sum(h^2) goes to `squares` [>= SPLIT] fp32. Returns SPLIT, the number of shares."""
+    G, N = scales.shape
+    assert x.shape == (1, G * group_size) and x.is_contiguous() and x.dtype in (scales.dtype, torch.float32), x.shape
+    assert out.shape == (1, N) and out.dtype == torch.float32 and out.is_contiguous(), (out.shape, out.dtype)
+    norm = norm_weight is not None
+    config = default_config(N, G, 1)
+    assert config is not None, f"no fragment-GEMV tile fits N={N}, G={G}"
+    warps, groups_per_warp, tiles = config
+    split = G // groups_per_warp
+    assert not norm or (squares is not None and squares.numel() >= split and squares.dtype == torch.float32)
+    pdl = launch_mode(x.device)
+    x_f32 = x.dtype == torch.float32
+    asm = frag_gemv_asm(warps, groups_per_warp, group_size, scales.dtype, 1, norm, tiles, False, pdl, atomic=True,
+                        x_f32=x_f32)
+    # fp32 x takes 8 more registers a thread on (4, 1, 4) (132 for sm_90 with the norm): capped at 128, without
+    # spills, it keeps 4 programs of 4 warps per SM instead of 3
+    options = {"maxnreg": X_F32_MAX_REGISTERS} if x_f32 else {}
+    _frag_accumulate[(N // (16 * warps * tiles), split)](
+        fragments, x, scales, zeros, out, norm_weight if norm else x, squares if norm else out, N, G, ASM=asm,
+        NUM_WARPS=warps, NORM=norm, num_warps=warps, launch_pdl=bool(pdl), **options)
+    return split
+
+
+@triton.jit
+def _finish_accumulated(acc_ptr, squares_ptr, y_ptr, N, K, eps, SPLIT, SPLIT_P2: tl.constexpr,
+                        BLOCK: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr):
+    """y = acc * rsqrt(mean(h^2) + eps) in y's dtype (SWIGLU: acc = gate | up, y = silu(gate) * up), and acc
+    zeroed; one BLOCK of y per program."""
+    pdl_start(PDL)
+    pdl_wait(PDL)
+    offs_s = tl.arange(0, SPLIT_P2)
+    square_sum = tl.sum(tl.load(squares_ptr + offs_s, mask=offs_s < SPLIT, other=0.0), axis=0)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    if SWIGLU:
+        mask = offs < N // 2
+        gate = tl.load(acc_ptr + offs, mask=mask, other=0.0)
+        up = tl.load(acc_ptr + N // 2 + offs, mask=mask, other=0.0)
+        _finish_swiglu(gate, up, square_sum, offs, mask, y_ptr, K, eps, True)
+        tl.store(acc_ptr + offs, tl.zeros_like(gate), mask=mask)
+        tl.store(acc_ptr + N // 2 + offs, tl.zeros_like(up), mask=mask)
+    else:
+        mask = offs < N
+        acc = tl.load(acc_ptr + offs, mask=mask, other=0.0)
+        tl.store(y_ptr + offs, (acc * tl.rsqrt(square_sum / K + eps)).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(acc_ptr + offs, tl.zeros_like(acc), mask=mask)
+
+
+class _ZeroedWorkspace:
+    """Per device an fp32 accumulator that is all zeros between products (each finishing kernel zeroes what it
+    read), and room for the sum(h^2) shares. Allocated on first use, before any CUDA-graph capture."""
+
+    def __init__(self):
+        self._buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, device: torch.device, n: int, shares: int) -> tuple[torch.Tensor, torch.Tensor]:
+        acc, squares = self._buffers.get(device, (None, None))
+        if acc is None or acc.numel() < n or squares.numel() < shares:
+            acc = torch.zeros(max(n, 0 if acc is None else acc.numel()), dtype=torch.float32, device=device)
+            squares = torch.zeros(max(shares, 0 if squares is None else squares.numel()), dtype=torch.float32,
+                                  device=device)
+            self._buffers[device] = acc, squares
+        return acc, squares
+
+
+_zeroed = _ZeroedWorkspace()
+FINISH_BLOCK = 1024
+
+
+def frag_accumulated_norm(h: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                          group_size: int, norm_weight: torch.Tensor, eps: float, swiglu: bool = False,
+                          out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y [1, N] = W rmsnorm(h) for the residual stream h [1, K] (fp32 or the weights' dtype) and W as fragments;
+    `swiglu` (W a fused gate|up [2I, K]): y [1, I] = silu(gate) * up. In `out_dtype` (default the scales').
+    Two kernels: the accumulating GEMV, then the finishing one."""
+    G, N = scales.shape
+    acc, squares = _zeroed.get(h.device, N, G)
+    acc = acc[:N].view(1, N)
+    split = frag_accumulate(h, fragments, scales, zeros, group_size, acc, norm_weight, squares)
+    out_dtype = out_dtype or scales.dtype
+    width = N // 2 if swiglu else N
+    y = torch.empty(1, width, dtype=out_dtype, device=h.device)
+    pdl = launch_mode(h.device)
+    _finish_accumulated[(triton.cdiv(width, FINISH_BLOCK),)](
+        acc, squares, y, N, G * group_size, eps, split, SPLIT_P2=triton.next_power_of_2(split), BLOCK=FINISH_BLOCK,
+        SWIGLU=swiglu, PDL=pdl, num_warps=4, launch_pdl=bool(pdl))
+    return y

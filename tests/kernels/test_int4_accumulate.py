@@ -1,0 +1,91 @@
+"""kernels/triton_int4_accumulate.py (CUDA): the products that add their split-K sums by atomics agree with the
+tensor-core GEMV (triton_int4_frag.py) they stand in for, with bf16 or fp32 x, with the RMSNorm and the SwiGLU
+ending, eagerly and from a CUDA graph, and a model decoding through them gives the logits of the model as written."""
+
+import pytest
+import torch
+
+from tests.kernels.test_int4_chain import weight
+from tests.kernels.test_int4_matmul import cuda_only
+
+
+def close(got: torch.Tensor, expected: torch.Tensor, tol: float = 1e-2) -> None:
+    rel = ((got.double() - expected.double()).norm() / expected.double().norm()).item()
+    assert rel < tol, rel
+
+
+@cuda_only
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n", [1024, 3072])
+def test_accumulate_adds_the_product_into_an_fp32_vector(x_dtype, n):
+    from llmpress.kernels.triton_int4_accumulate import frag_accumulate
+    from llmpress.kernels.triton_int4_frag import dequantize_fragments_triton
+    torch.manual_seed(5)
+    k = 2048
+    w = weight(k, n)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(1, n, device="cuda", dtype=torch.float32)
+    dense = dequantize_fragments_triton(*w, 128, torch.float32).double()
+    expected = h.double() + x.double() @ dense.T  # in float64: the sums stay fp32, not rounded to bf16
+    out = h.clone()
+    frag_accumulate(x.to(x_dtype), *w, 128, out)
+    close(out, expected, 1e-5)
+
+
+@cuda_only
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_accumulated_norm_matches_the_gemv_with_its_norm_folded(swiglu):
+    from llmpress.kernels.triton_int4_accumulate import frag_accumulated_norm
+    from llmpress.kernels.triton_int4_frag import frag_gemv
+    torch.manual_seed(6)
+    k, n = 1024, 4096
+    w = weight(k, n)
+    norm = (torch.rand(k, device="cuda") + 0.5).to(torch.bfloat16)
+    h = torch.randn(1, k, device="cuda", dtype=torch.float32) * 3
+    expected = frag_gemv(h.to(torch.bfloat16), *w, 128, norm_weight=norm, eps=1e-5, swiglu=swiglu)
+    for _ in range(2):  # the second call proves the workspace was zeroed again by the first
+        got = frag_accumulated_norm(h, *w, 128, norm, 1e-5, swiglu=swiglu)
+        assert got.shape == expected.shape and got.dtype == torch.bfloat16
+        close(got, expected)
+
+
+@cuda_only
+def test_accumulate_replays_from_a_cuda_graph():
+    from llmpress.kernels.triton_int4_accumulate import frag_accumulate, frag_accumulated_norm
+    torch.manual_seed(7)
+    k = 1024
+    o, gate_up, down = weight(k, k), weight(k, 4096), weight(2048, k)
+    norm = (torch.rand(k, device="cuda") + 0.5).to(torch.bfloat16)
+    a = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    h0 = torch.randn(1, k, device="cuda", dtype=torch.float32)
+
+    def step(h):
+        frag_accumulate(a, *o, 128, h)
+        act = frag_accumulated_norm(h, *gate_up, 128, norm, 1e-5, swiglu=True)
+        frag_accumulate(act, *down, 128, h)
+        return h
+
+    eager = step(h0.clone())
+    h = h0.clone()
+    step(h.clone())  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(h)
+    for _ in range(3):
+        h.copy_(h0)
+        graph.replay()
+        torch.cuda.synchronize()
+        close(h, eager, 1e-3)
+
+
+@cuda_only
+@pytest.mark.parametrize("quantize_head", [True, False])
+def test_model_decoding_through_the_accumulating_path_gives_close_logits(quantize_head, monkeypatch):
+    from llmpress.kernels import ops
+    from tests.test_decode_accumulate import decode_logits
+    from tests.test_decode_chain import int4_model
+    monkeypatch.setattr(ops, "int4_tensor_core_norm", True)
+    monkeypatch.setattr(ops, "int4_tensor_core_swiglu", True)
+    model = int4_model(quantize_head, "cuda", torch.bfloat16, hidden_size=256, intermediate_size=512)
+    for accumulated, plain in zip(decode_logits(model, True), decode_logits(model, False)):
+        torch.testing.assert_close(accumulated, plain, rtol=0.02, atol=0.05 * plain.abs().max().item())
