@@ -98,7 +98,7 @@ SETTINGS = {"rope": (ops, "fuse_rope_into_attention"), "steps": (ops, "int4_fuse
             "combine": (attention_module, "combine"), "tc": (ops, "int4_tensor_core_gemv"),
             "tc_norm": (ops, "int4_tensor_core_norm"), "frag_only": (ops, "int4_fragments_only"),
             "tc_swiglu": (ops, "int4_tensor_core_swiglu"), "chain": (ops, "int4_layer_chain"),
-            "accumulate": (ops, "int4_accumulate_decode")}
+            "accumulate": (ops, "int4_accumulate_decode"), "acc_attention": (ops, "int4_accumulate_into_attention")}
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr) in SETTINGS.items()}
 NORM_RES = frozenset({"residual", "norm"})
 STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", combine="kernel"),
@@ -117,22 +117,26 @@ STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", 
                  "int4-tc-norm+head": dict(tc=True, tc_norm=True, frag_only=False),
                  # the fragments as the only copy: they replace the row layout in place, so these come last
                  # (these without PDL, as they ran before it became the default)
-                 "int4-tc-only": dict(tc=True, frag_only=True, tc_swiglu=False, pdl="off"),
-                 "int4-tc-only+head": dict(tc=True, frag_only=True, tc_swiglu=False, pdl="off"),
+                 "int4-tc-only": dict(tc=True, frag_only=True, tc_swiglu=False, pdl="off", accumulate=False),
+                 "int4-tc-only+head": dict(tc=True, frag_only=True, tc_swiglu=False, pdl="off", accumulate=False),
                  # and silu(gate) * up in the gate|up GEMV's last step
-                 "int4-tc-only-swiglu": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="off"),
-                 "int4-tc-only-swiglu+head": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="off"),
+                 "int4-tc-only-swiglu": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="off", accumulate=False),
+                 "int4-tc-only-swiglu+head": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="off", accumulate=False),
                  # and programmatic dependent launch (kernels/pdl.py) of the GEMVs and attention: early / late trigger
-                 "int4-tc-only-pdl+head": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early"),
-                 "int4-tc-only-pdl-late+head": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="late"),
+                 "int4-tc-only-pdl+head": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", accumulate=False),
+                 "int4-tc-only-pdl-late+head": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="late", accumulate=False),
                  # and each layer's o, gate|up, down and the next q|k|v (or the head) in one persistent kernel
                  # (kernels/triton_int4_chain.py, model/decode_chain.py)
-                 "int4-tc-only-chain": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", chain=True),
-                 "int4-tc-only-chain+head": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", chain=True),
+                 "int4-tc-only-chain": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", chain=True, accumulate=False),
+                 "int4-tc-only-chain+head": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", chain=True, accumulate=False),
                  # or an fp32 residual stream that every product adds its split-K sums into by atomics
-                 # (kernels/triton_int4_accumulate.py, model/decode_accumulate.py)
+                 # (kernels/triton_int4_accumulate.py, model/decode_accumulate.py; the default since session 10:
+                 # the variants above run without it, as they ran before)
                  "int4-tc-only-acc": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", accumulate=True),
                  "int4-tc-only-acc+head": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", accumulate=True),
+                 # the same with q|k|v finished by a kernel of its own before attention (as first measured)
+                 "int4-tc-only-acc-apart+head": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early",
+                                                     accumulate=True, acc_attention=False),
                  "bf16-before": dict(pdl="off", combine="kernel")}
 
 

@@ -39,16 +39,16 @@ def decode_logits(model: LlamaForCausalLM, chained: bool, steps: int = 3) -> lis
     device = model.lm_head.fragments.device if hasattr(model.lm_head, "fragments") else model.device
     cache = StaticKVCache(model.config, 1, 16, model.dtype, device)
     ids = torch.randint(0, 256, (1, 5 + steps), generator=torch.Generator().manual_seed(0)).to(device)
-    saved = ops.int4_layer_chain
+    saved = ops.int4_layer_chain, ops.int4_accumulate_decode
     outs = []
     try:
         with torch.no_grad():
             model(ids[:, :5], torch.arange(5, device=device), cache)
-            ops.int4_layer_chain = chained
+            ops.int4_layer_chain, ops.int4_accumulate_decode = chained, False  # "plain": the layers as written
             for t in range(5, 5 + steps):
                 outs.append(model(ids[:, t:t + 1], torch.tensor([t], device=device), cache).float())
     finally:
-        ops.int4_layer_chain = saved
+        ops.int4_layer_chain, ops.int4_accumulate_decode = saved
     return outs
 
 

@@ -89,3 +89,33 @@ def test_model_decoding_through_the_accumulating_path_gives_close_logits(quantiz
     model = int4_model(quantize_head, "cuda", torch.bfloat16, hidden_size=256, intermediate_size=512)
     for accumulated, plain in zip(decode_logits(model, True), decode_logits(model, False)):
         torch.testing.assert_close(accumulated, plain, rtol=0.02, atol=0.05 * plain.abs().max().item())
+
+
+@cuda_only
+def test_attention_reading_the_accumulator_matches_attention_after_the_projection():
+    from llmpress.kernels.triton_attention import decode_attention_rope_triton
+    from llmpress.kernels.triton_int4_accumulate import (frag_accumulated_attention, frag_accumulated_norm,
+                                                         qkv_accumulator)
+    from llmpress.kernels.triton_int4_frag import frag_gemv
+    torch.manual_seed(8)
+    k, heads, kv_heads, d, slots, position = 1024, 8, 2, 128, 96, 40
+    w = weight(k, (heads + 2 * kv_heads) * d)
+    norm = (torch.rand(k, device="cuda") + 0.5).to(torch.bfloat16)
+    h = torch.randn(1, k, device="cuda", dtype=torch.float32) * 2
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, device="cuda").float() / d))
+    caches = [torch.randn(1, kv_heads, slots, d, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    positions = torch.tensor([position], device="cuda")
+    expected_caches = [c.clone() for c in caches]
+    qkv = frag_gemv(h.to(torch.bfloat16), *w, 128, norm_weight=norm, eps=1e-5)
+    expected = decode_attention_rope_triton(qkv.view(1, 1, -1), heads, inv_freq, *expected_caches, positions)
+    got = frag_accumulated_attention(h, *w, 128, norm, 1e-5, heads, inv_freq, *caches, positions)
+    close(got, expected)
+    for c, e in zip(caches, expected_caches):
+        close(c[:, :, position], e[:, :, position])
+        assert torch.equal(c[:, :, :position], e[:, :, :position])
+    acc = qkv_accumulator(h.device, w[1].shape[1])
+    assert acc.abs().sum() > 0  # left for the gate|up finishing kernel to zero
+    gate_up = weight(k, 4096)
+    frag_accumulated_norm(h, *gate_up, 128, norm, 1e-5, swiglu=True, zero_after=acc)
+    torch.cuda.synchronize()
+    assert acc.abs().sum() == 0

@@ -449,8 +449,12 @@ def _(x, residual, o_fragments, o_scales, o_zeros, gu_fragments, gu_scales, gu_z
 
 
 # Batch-1 decode with an fp32 residual stream and products whose split-K partials are added by atomics
-# (kernels/triton_int4_accumulate.py, model/decode_accumulate.py), for layers held as tensor-core fragments.
-int4_accumulate_decode = False
+# (kernels/triton_int4_accumulate.py, model/decode_accumulate.py), for layers held as tensor-core fragments. On by
+# default: 3B int4 decode with an int4 head on the H200, each twice in one run (benchmarks/int4_gpu.py variants
+# int4-tc-only-pdl+head, int4-tc-only-acc+head, results/int4_h200_acc.*): 785.5 / 784.6 tok/s with the GEMVs'
+# last-arrival reduction, 941.4 / 940.2 accumulating (+20%); decode-step logits 4.18e-2 from the reference ops
+# against 4.56e-2 (the residual stream no longer rounds to bf16 between products).
+int4_accumulate_decode = True
 
 
 def int4_accumulate_applies(h: torch.Tensor) -> bool:
@@ -468,12 +472,13 @@ def int4_accumulate(h: torch.Tensor, x: torch.Tensor, product: ChainProduct, gro
 
 
 def int4_accumulated_norm(h: torch.Tensor, product: ChainProduct, group_size: int, dtype: torch.dtype,
-                          swiglu: bool = False) -> torch.Tensor:
+                          swiglu: bool = False, zero_qkv: int = 0) -> torch.Tensor:
     """W rmsnorm(h) in `dtype` for the fp32 residual stream h [1, K] (`product` holds the norm), or
-    silu(gate) * up [1, I] for a fused gate|up W (`swiglu`)."""
+    silu(gate) * up [1, I] for a fused gate|up W (`swiglu`). `zero_qkv`: the width of the q|k|v accumulator that
+    `int4_accumulated_attention` left for this kernel to zero (0: none)."""
     if int4_accumulate_applies(h):
         return torch.ops.llmpress.int4_accumulated_norm(h.contiguous(), *product.tensors(), product.eps, group_size,
-                                                        swiglu, dtype)
+                                                        swiglu, dtype, zero_qkv)
     normed = rms_norm_reference(h.to(dtype), product.norm_weight, product.eps)
     y = int4_matmul_fragments(normed, *product.tensors()[:3], group_size)
     if swiglu:
@@ -497,15 +502,56 @@ def _(h, x, fragments, scales, zeros, group_size):
 @torch.library.custom_op("llmpress::int4_accumulated_norm", mutates_args=())
 def _int4_accumulated_norm(h: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                            norm_weight: torch.Tensor, eps: float, group_size: int, swiglu: bool,
-                           dtype: torch.dtype) -> torch.Tensor:
-    from llmpress.kernels.triton_int4_accumulate import frag_accumulated_norm
-    return frag_accumulated_norm(h, fragments, scales, zeros, group_size, norm_weight, eps, swiglu, dtype)
+                           dtype: torch.dtype, zero_qkv: int) -> torch.Tensor:
+    from llmpress.kernels.triton_int4_accumulate import frag_accumulated_norm, qkv_accumulator
+    zero_after = qkv_accumulator(h.device, zero_qkv) if zero_qkv else None
+    return frag_accumulated_norm(h, fragments, scales, zeros, group_size, norm_weight, eps, swiglu, dtype, zero_after)
 
 
 @_int4_accumulated_norm.register_fake
-def _(h, fragments, scales, zeros, norm_weight, eps, group_size, swiglu, dtype):
+def _(h, fragments, scales, zeros, norm_weight, eps, group_size, swiglu, dtype, zero_qkv):
     width = scales.shape[1] // 2 if swiglu else scales.shape[1]
     return h.new_empty(1, width, dtype=dtype)
+
+
+# q|k|v accumulated straight into what attention reads, its norm's rsqrt applied there (one kernel fewer a layer)
+int4_accumulate_into_attention = True
+
+
+def accumulate_into_attention_applies(h: torch.Tensor, cos: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether `int4_accumulated_attention` has the attention kernel read the q|k|v accumulator (see there)."""
+    return (int4_accumulate_into_attention and int4_accumulate_applies(h) and fuse_rope_into_attention != "never"
+            and cos.dim() == 2 and k_cache.shape[-1] in (64, 128) and k_cache.dtype in (torch.float16, torch.bfloat16))
+
+
+def int4_accumulated_attention(h: torch.Tensor, product: ChainProduct, group_size: int, dtype: torch.dtype,
+                               num_heads: int, cos: torch.Tensor, sin: torch.Tensor, inv_freq: torch.Tensor,
+                               k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Attention of one new token whose q|k|v is `product` (with its norm) of the fp32 residual stream h [1, K]:
+    `cached_attention_rope` of `int4_accumulated_norm`'s output. Returns [1, H, 1, D]. On CUDA with
+    `int4_accumulate_into_attention` the attention kernel reads the q|k|v accumulator itself; the caller's next
+    `int4_accumulated_norm` must then be given zero_qkv = the q|k|v width."""
+    if accumulate_into_attention_applies(h, cos, k_cache):
+        return torch.ops.llmpress.int4_accumulated_attention(h.contiguous(), *product.tensors(), product.eps,
+                                                             group_size, num_heads, inv_freq, k_cache, v_cache,
+                                                             positions)
+    qkv = int4_accumulated_norm(h, product, group_size, dtype)
+    return cached_attention_rope(qkv.view(1, 1, -1), num_heads, cos, sin, inv_freq, k_cache, v_cache, positions)
+
+
+@torch.library.custom_op("llmpress::int4_accumulated_attention", mutates_args=("k_cache", "v_cache"))
+def _int4_accumulated_attention(h: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                                norm_weight: torch.Tensor, eps: float, group_size: int, num_heads: int,
+                                inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                positions: torch.Tensor) -> torch.Tensor:
+    from llmpress.kernels.triton_int4_accumulate import frag_accumulated_attention
+    return frag_accumulated_attention(h, fragments, scales, zeros, group_size, norm_weight, eps, num_heads, inv_freq,
+                                      k_cache, v_cache, positions)
+
+
+@_int4_accumulated_attention.register_fake
+def _(h, fragments, scales, zeros, norm_weight, eps, group_size, num_heads, inv_freq, k_cache, v_cache, positions):
+    return k_cache.new_empty(1, num_heads, 1, k_cache.shape[-1])
 
 
 def store_kv_paged(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

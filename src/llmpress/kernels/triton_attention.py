@@ -37,11 +37,21 @@ combine = "kernel"
 
 
 @triton.jit
-def _rotate(ptr, offs_d, cos, sin, mask, D: tl.constexpr):
+def _load_input(ptrs, mask, scale, dtype_ptr, SCALED: tl.constexpr):
+    """The new token's q, k or v as the projection gave them; SCALED: an fp32 accumulator of W (w * h) whose
+    norm's rsqrt is `scale`, rounded to dtype_ptr's dtype as the projection's own output would be."""
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if SCALED:
+        x = (x * scale).to(dtype_ptr.dtype.element_ty)
+    return x
+
+
+@triton.jit
+def _rotate(ptr, offs_d, cos, sin, mask, D: tl.constexpr, scale, dtype_ptr, SCALED: tl.constexpr):
     """RoPE in HF's half-split layout, x * cos + rotate_half(x) * sin, in fp32 rounded once to x's dtype.
     ptr: [..., 1] row starts; offs_d: [1, D]; rotate_half(x)[d] = -x[d + D/2] (d < D/2), x[d - D/2] (else)."""
-    x = tl.load(ptr + offs_d, mask=mask, other=0.0)
-    partner = tl.load(ptr + (offs_d + D // 2) % D, mask=mask, other=0.0).to(tl.float32)
+    x = _load_input(ptr + offs_d, mask, scale, dtype_ptr, SCALED)
+    partner = _load_input(ptr + (offs_d + D // 2) % D, mask, scale, dtype_ptr, SCALED).to(tl.float32)
     rotated = tl.where(offs_d < D // 2, -partner, partner)
     return (x.to(tl.float32) * cos + rotated * sin).to(x.dtype)
 
@@ -51,15 +61,23 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
                   stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                   num_kv_heads, num_heads, chunk, sm_scale,
                   new_k_ptr, new_v_ptr, inv_freq_ptr, stride_nkb, stride_nvb, out_ptr, counter_ptr,
+                  squares_ptr, squares_n, norm_k, norm_eps,
                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                   NUM_SPLITS: tl.constexpr, ROPE: tl.constexpr, COMBINE: tl.constexpr, BLOCK_S: tl.constexpr,
-                  PDL: tl.constexpr):
+                  PDL: tl.constexpr, SCALED: tl.constexpr = False, SQUARES_P2: tl.constexpr = 1):
     """ROPE: q is the projection's raw output (rotated here), and new_k/new_v ([B, Hkv * D] rows) are the new
     token's k/v, rotated and written at slot `position` by the program whose chunk holds it; otherwise
     q is rotated already and the cache holds the new token. COMBINE: the last split program of this KV head
-    to finish combines all splits into out (else `_combine_kernel` does)."""
+    to finish combines all splits into out (else `_combine_kernel` does). SCALED (with ROPE): q, k, v are an
+    fp32 accumulator of the projection before its RMSNorm's rsqrt, which comes from the `squares_n` shares of
+    sum(h^2) at squares_ptr (kernels/triton_int4_accumulate.py): rsqrt(sum / norm_k + norm_eps)."""
     pdl_start(PDL)
     pdl_wait(PDL)  # nothing here is read-only across kernels (the cache grows each step): wait before any load
+    scale = 1.0
+    if SCALED:
+        offs_sq = tl.arange(0, SQUARES_P2)
+        squares = tl.load(squares_ptr + offs_sq, mask=offs_sq < squares_n, other=0.0)
+        scale = tl.rsqrt(tl.sum(squares, axis=0) / norm_k + norm_eps)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // num_kv_heads
@@ -78,14 +96,14 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
         # cos and sin of position * inv_freq as RotaryEmbedding makes them (fp32 angles, rounded to the
         # model's dtype), computed here: as kernel inputs, Inductor built them in two more kernels per layer.
         angles = position.to(tl.float32) * tl.load(inv_freq_ptr + offs_d % (D // 2))
-        cos = tl.cos(angles).to(q_ptr.dtype.element_ty).to(tl.float32)[None, :]
-        sin = tl.sin(angles).to(q_ptr.dtype.element_ty).to(tl.float32)[None, :]
-        q = _rotate(q_rows, offs_d[None, :], cos, sin, g_mask[:, None], D)
+        cos = tl.cos(angles).to(k_ptr.dtype.element_ty).to(tl.float32)[None, :]
+        sin = tl.sin(angles).to(k_ptr.dtype.element_ty).to(tl.float32)[None, :]
+        q = _rotate(q_rows, offs_d[None, :], cos, sin, g_mask[:, None], D, scale, k_ptr, SCALED)
         if (position >= start) & (position < start + chunk):  # this program's chunk holds the new token
             one = tl.full([1, D], 1, tl.int1)
             k_new = _rotate(new_k_ptr + b * stride_nkb + kvh * D + tl.zeros([1, 1], tl.int32), offs_d[None, :],
-                            cos, sin, one, D)
-            v_new = tl.load(new_v_ptr + b * stride_nvb + kvh * D + offs_d[None, :])
+                            cos, sin, one, D, scale, k_ptr, SCALED)
+            v_new = _load_input(new_v_ptr + b * stride_nvb + kvh * D + offs_d[None, :], one, scale, k_ptr, SCALED)
             slot = position * stride_ks
             tl.store(k_ptr + b * stride_kb + kvh * stride_kh + slot + offs_d[None, :], k_new.to(k_ptr.dtype.element_ty))
             tl.store(v_ptr + b * stride_vb + kvh * stride_vh + position * stride_vs + offs_d[None, :],
@@ -163,11 +181,12 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return _decode_attention(q, k_cache, v_cache, positions, ())
 
 
-def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple) -> torch.Tensor:
+def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple, qkv_norm: tuple | None = None) -> torch.Tensor:
     B, H, T, D = q.shape
     _, Hkv, S, _ = k_cache.shape
     assert T == 1 and H % Hkv == 0 and positions.numel() == 1, (q.shape, k_cache.shape, positions.shape)
-    assert q.dtype == k_cache.dtype == v_cache.dtype and D in (64, 128), (q.dtype, k_cache.dtype, D)
+    assert (q.dtype == torch.float32 if qkv_norm else q.dtype == k_cache.dtype) and k_cache.dtype == v_cache.dtype
+    assert D in (64, 128), D
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and q.stride(-1) == 1
     rope = bool(rope_args)
     if not rope:  # unused pointer arguments of the plain variant
@@ -178,7 +197,8 @@ def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple) -> torch
     chunk = math.ceil(math.ceil(S / splits) / BLOCK_N) * BLOCK_N
     part_out = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
-    out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
+    out = torch.empty(B, H, 1, D, dtype=k_cache.dtype, device=q.device)
+    squares, squares_n, norm_k, norm_eps = qkv_norm or (part_lse, 0, 1, 0.0)
     in_kernel = combine == "in_kernel"
     # the split-K arrival counters (zero between launches); unused by the combine kernel's path
     counters = _workspace.get(q.device, 1, B * Hkv)[1] if in_kernel else part_lse
@@ -189,9 +209,10 @@ def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple) -> torch
         q, k_cache, v_cache, positions, part_out, part_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        Hkv, H, chunk, 1.0 / math.sqrt(D), *rope_args, out, counters,
+        Hkv, H, chunk, 1.0 / math.sqrt(D), *rope_args, out, counters, squares, squares_n, norm_k, norm_eps,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, D=D, NUM_SPLITS=splits,
-        ROPE=rope, COMBINE=in_kernel, BLOCK_S=block_s, PDL=pdl, num_warps=4, launch_pdl=bool(pdl))
+        ROPE=rope, COMBINE=in_kernel, BLOCK_S=block_s, PDL=pdl, SCALED=qkv_norm is not None,
+        SQUARES_P2=max(2, triton.next_power_of_2(squares_n)), num_warps=4, launch_pdl=bool(pdl))
     if not in_kernel:
         _combine_kernel[(B * H,)](part_out, part_lse, out, NUM_SPLITS=splits, BLOCK_S=block_s, D=D, PDL=pdl,
                                   num_warps=4, launch_pdl=bool(pdl))
@@ -199,15 +220,19 @@ def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple) -> torch
 
 
 def decode_attention_rope_triton(qkv: torch.Tensor, num_heads: int, inv_freq: torch.Tensor, k_cache: torch.Tensor,
-                                 v_cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+                                 v_cache: torch.Tensor, positions: torch.Tensor,
+                                 qkv_norm: tuple | None = None) -> torch.Tensor:
     """One new token per sequence, straight from the fused projection: qkv [B, 1, (H + 2 Hkv) * D] (q, then k,
     then v) at `positions` [1]; inv_freq: float32 [D / 2], the RoPE frequencies (model.rope.RotaryEmbedding's).
-    Rotates q and k, writes k, v into the caches [B, Hkv, S, D] at the position, attends. Returns [B, H, 1, D].
-    One tensor, not three views of it: given views, Inductor copied each into a buffer of its own first."""
+    Rotates q and k, writes k, v into the caches [B, Hkv, S, D] at the position, attends. Returns [B, H, 1, D]
+    in the caches' dtype. One tensor, not three views of it: given views, Inductor copied each into a buffer of
+    its own first. `qkv_norm` (squares, n, K, eps): qkv is the fp32 accumulator of the accumulating decode, to be
+    scaled by rsqrt(sum of the n squares / K + eps) (kernels/triton_int4_accumulate.py)."""
     B, T, width = qkv.shape
     Hkv, D = k_cache.shape[1], k_cache.shape[-1]
     assert T == 1 and width == (num_heads + 2 * Hkv) * D and inv_freq.shape == (D // 2,), (qkv.shape, inv_freq.shape)
     assert qkv.stride(-1) == 1 and inv_freq.dtype == torch.float32
     q, k, v = qkv.split([num_heads * D, Hkv * D, Hkv * D], dim=-1)
     q_heads = q.view(B, 1, num_heads, D).transpose(1, 2)  # a view: strides (stride_b, D, ., 1)
-    return _decode_attention(q_heads, k_cache, v_cache, positions, (k, v, inv_freq.contiguous(), k.stride(0), v.stride(0)))
+    return _decode_attention(q_heads, k_cache, v_cache, positions, (k, v, inv_freq.contiguous(), k.stride(0), v.stride(0)),
+                             qkv_norm)

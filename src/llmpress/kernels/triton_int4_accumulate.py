@@ -78,10 +78,11 @@ def frag_accumulate(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tens
 
 
 @triton.jit
-def _finish_accumulated(acc_ptr, squares_ptr, y_ptr, N, K, eps, SPLIT, SPLIT_P2: tl.constexpr,
-                        BLOCK: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr):
+def _finish_accumulated(acc_ptr, squares_ptr, y_ptr, N, K, eps, SPLIT, other_ptr, other_n,
+                        SPLIT_P2: tl.constexpr, BLOCK: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr):
     """y = acc * rsqrt(mean(h^2) + eps) in y's dtype (SWIGLU: acc = gate | up, y = silu(gate) * up), and acc
-    zeroed; one BLOCK of y per program."""
+    zeroed, one BLOCK of y per program; so is the accumulator at other_ptr [other_n] (the q|k|v one that attention
+    read, model/decode_accumulate.py), BLOCK elements a program as far as there are programs, then again."""
     pdl_start(PDL)
     pdl_wait(PDL)
     offs_s = tl.arange(0, SPLIT_P2)
@@ -99,22 +100,29 @@ def _finish_accumulated(acc_ptr, squares_ptr, y_ptr, N, K, eps, SPLIT, SPLIT_P2:
         acc = tl.load(acc_ptr + offs, mask=mask, other=0.0)
         tl.store(y_ptr + offs, (acc * tl.rsqrt(square_sum / K + eps)).to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(acc_ptr + offs, tl.zeros_like(acc), mask=mask)
+    for start in range(0, other_n, tl.num_programs(0) * BLOCK):
+        other = start + offs
+        tl.store(other_ptr + other, tl.zeros([BLOCK], tl.float32), mask=other < other_n)
 
 
 class _ZeroedWorkspace:
-    """Per device an fp32 accumulator that is all zeros between products (each finishing kernel zeroes what it
-    read), and room for the sum(h^2) shares. Allocated on first use, before any CUDA-graph capture."""
+    """Per device and name an fp32 accumulator that is all zeros between products (the kernel that reads it
+    zeroes it again), and room for the sum(h^2) shares. Allocated on first use, before any CUDA-graph capture; a
+    buffer outgrown by a larger model is kept, since graphs captured with it still use it."""
 
     def __init__(self):
-        self._buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._buffers: dict[tuple[torch.device, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._outgrown: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def get(self, device: torch.device, n: int, shares: int) -> tuple[torch.Tensor, torch.Tensor]:
-        acc, squares = self._buffers.get(device, (None, None))
+    def get(self, device: torch.device, name: str, n: int, shares: int) -> tuple[torch.Tensor, torch.Tensor]:
+        acc, squares = self._buffers.get((device, name), (None, None))
         if acc is None or acc.numel() < n or squares.numel() < shares:
+            if acc is not None:
+                self._outgrown.append((acc, squares))
             acc = torch.zeros(max(n, 0 if acc is None else acc.numel()), dtype=torch.float32, device=device)
             squares = torch.zeros(max(shares, 0 if squares is None else squares.numel()), dtype=torch.float32,
                                   device=device)
-            self._buffers[device] = acc, squares
+            self._buffers[(device, name)] = acc, squares
         return acc, squares
 
 
@@ -124,19 +132,43 @@ FINISH_BLOCK = 1024
 
 def frag_accumulated_norm(h: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                           group_size: int, norm_weight: torch.Tensor, eps: float, swiglu: bool = False,
-                          out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                          out_dtype: torch.dtype | None = None, zero_after: torch.Tensor | None = None) -> torch.Tensor:
     """y [1, N] = W rmsnorm(h) for the residual stream h [1, K] (fp32 or the weights' dtype) and W as fragments;
     `swiglu` (W a fused gate|up [2I, K]): y [1, I] = silu(gate) * up. In `out_dtype` (default the scales').
-    Two kernels: the accumulating GEMV, then the finishing one."""
+    Two kernels: the accumulating GEMV, then the finishing one, which also zeroes `zero_after` (fp32) if given."""
     G, N = scales.shape
-    acc, squares = _zeroed.get(h.device, N, G)
+    acc, squares = _zeroed.get(h.device, "gate_up" if swiglu else "rows", N, G)
     acc = acc[:N].view(1, N)
     split = frag_accumulate(h, fragments, scales, zeros, group_size, acc, norm_weight, squares)
     out_dtype = out_dtype or scales.dtype
     width = N // 2 if swiglu else N
     y = torch.empty(1, width, dtype=out_dtype, device=h.device)
     pdl = launch_mode(h.device)
+    other = acc if zero_after is None else zero_after
     _finish_accumulated[(triton.cdiv(width, FINISH_BLOCK),)](
-        acc, squares, y, N, G * group_size, eps, split, SPLIT_P2=triton.next_power_of_2(split), BLOCK=FINISH_BLOCK,
-        SWIGLU=swiglu, PDL=pdl, num_warps=4, launch_pdl=bool(pdl))
+        acc, squares, y, N, G * group_size, eps, split, other, 0 if zero_after is None else zero_after.numel(),
+        SPLIT_P2=triton.next_power_of_2(split), BLOCK=FINISH_BLOCK, SWIGLU=swiglu, PDL=pdl, num_warps=4,
+        launch_pdl=bool(pdl))
     return y
+
+
+def qkv_accumulator(device: torch.device, n: int) -> torch.Tensor:
+    """The zeroed accumulator that `frag_accumulated_attention` fills and the gate|up finishing kernel zeroes."""
+    return _zeroed.get(device, "qkv", n, 1)[0][:n]
+
+
+def frag_accumulated_attention(h: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                               group_size: int, norm_weight: torch.Tensor, eps: float, num_heads: int,
+                               inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               positions: torch.Tensor) -> torch.Tensor:
+    """Decode attention of one new token whose q|k|v = W rmsnorm(h) is accumulated into the "qkv" workspace and
+    read by the attention kernel itself, the norm's rsqrt applied as it loads (one kernel fewer than
+    `frag_accumulated_norm` + attention). Returns [1, H, 1, D] in the caches' dtype. The workspace must be zeroed
+    again before the next call: the layer's gate|up finishing kernel does it (`zero_after`)."""
+    from llmpress.kernels.triton_attention import decode_attention_rope_triton
+    G, N = scales.shape
+    acc = qkv_accumulator(h.device, N)
+    squares = _zeroed.get(h.device, "qkv_squares", G, G)[1]
+    split = frag_accumulate(h, fragments, scales, zeros, group_size, acc.view(1, N), norm_weight, squares)
+    return decode_attention_rope_triton(acc.view(1, 1, N), num_heads, inv_freq, k_cache, v_cache, positions,
+                                        (squares, split, G * group_size, eps))

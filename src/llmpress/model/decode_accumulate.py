@@ -6,7 +6,7 @@ the same steps run over an fp32 one that o and down add into in place:
 
     h = embed(token) in fp32
     for each layer:
-        a = attention(rope(q|k|v(norm(h))))        # the q|k|v kernel, its finishing kernel, attention
+        a = attention(rope(q|k|v(norm(h))))        # the q|k|v kernel, then attention reading its accumulator
         h += o(a)                                   # atomics into h
         h += down(silu(gate) * up)(norm(h))         # gate|up and its finishing kernel, then down into h
     logits = lm_head(norm(h in the model's dtype))
@@ -40,12 +40,14 @@ def forward(model: nn.Module, plan: list[dict], input_ids: torch.Tensor, positio
     dtype = model.dtype
     h = model.model.embed_tokens(input_ids).view(1, -1).float()
     cos, sin = model.model.rotary_emb(positions, dtype)
+    # where attention reads the q|k|v accumulator itself, the gate|up finishing kernel zeroes it after
+    folded = ops.accumulate_into_attention_applies(h, cos, kv_cache.keys[0])
     for i, (layer, products) in enumerate(zip(model.model.layers, plan)):
         attn, group_size = layer.self_attn, products["group_size"]
-        qkv = ops.int4_accumulated_norm(h, products["qkv"], group_size, dtype)
-        out = ops.cached_attention_rope(qkv.view(1, 1, -1), attn.num_heads, cos, sin, attn.rotary[0].inv_freq,
-                                        kv_cache.keys[i], kv_cache.values[i], positions)
+        out = ops.int4_accumulated_attention(h, products["qkv"], group_size, dtype, attn.num_heads, cos, sin,
+                                             attn.rotary[0].inv_freq, kv_cache.keys[i], kv_cache.values[i], positions)
         h = ops.int4_accumulate(h, out.reshape(1, -1), products["o"], group_size)
-        act = ops.int4_accumulated_norm(h, products["gate_up"], group_size, dtype, swiglu=True)
+        act = ops.int4_accumulated_norm(h, products["gate_up"], group_size, dtype, swiglu=True,
+                                        zero_qkv=products["qkv"].scales.shape[1] if folded else 0)
         h = ops.int4_accumulate(h, act, products["down"], group_size)
     return model.lm_head(model.model.norm(h.to(dtype))).view(1, 1, -1)
