@@ -41,6 +41,7 @@ from llmpress.quant.rtn import quantize_rtn
 import llmpress.quant.linear as linear_module
 import llmpress.kernels.pdl as pdl_module
 import llmpress.kernels.triton_attention as attention_module
+import llmpress.kernels.triton_int4_accumulate as accumulate_module
 import llmpress.kernels.triton_int4_rows_split as split_module
 from llmpress.model import StaticKVCache
 from llmpress.model.fusion import fuse_projections
@@ -98,7 +99,8 @@ SETTINGS = {"rope": (ops, "fuse_rope_into_attention"), "steps": (ops, "int4_fuse
             "combine": (attention_module, "combine"), "tc": (ops, "int4_tensor_core_gemv"),
             "tc_norm": (ops, "int4_tensor_core_norm"), "frag_only": (ops, "int4_fragments_only"),
             "tc_swiglu": (ops, "int4_tensor_core_swiglu"), "chain": (ops, "int4_layer_chain"),
-            "accumulate": (ops, "int4_accumulate_decode"), "acc_attention": (ops, "int4_accumulate_into_attention")}
+            "accumulate": (ops, "int4_accumulate_decode"), "acc_attention": (ops, "int4_accumulate_into_attention"),
+            "acc_configs": (accumulate_module, "CONFIGS")}
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr) in SETTINGS.items()}
 NORM_RES = frozenset({"residual", "norm"})
 STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", combine="kernel"),
@@ -134,6 +136,9 @@ STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", 
                  # the variants above run without it, as they ran before)
                  "int4-tc-only-acc": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", accumulate=True),
                  "int4-tc-only-acc+head": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", accumulate=True),
+                 # the same on the tiles of --accumulate-configs (filled in by main)
+                 "int4-tc-only-acc-tuned+head": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early",
+                                                     accumulate=True),
                  # the same with q|k|v finished by a kernel of its own before attention (as first measured)
                  "int4-tc-only-acc-apart+head": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early",
                                                      accumulate=True, acc_attention=False),
@@ -192,11 +197,19 @@ def main() -> int:
                              "that fold named explicitly); int4-tc-only, int4-tc-only+head (the same with the fragments "
                              "as the only copy of the weights; list them last); bf16#2, int4#2, ...: a variant again")
     parser.add_argument("--profile", default="", help="comma-separated variants whose decode step's kernels are printed")
+    parser.add_argument("--accumulate-configs", default=None, metavar="JSON",
+                        help="the tiles of variant int4-tc-only-acc-tuned+head: latency_floor_gpu.py --sweep-configs")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("this benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.accumulate_configs:
+        import json
+        with open(args.accumulate_configs) as f:
+            tuned = {tuple(int(v) for v in key.split(",")): tuple(c) for key, c in json.load(f).items()}
+        STEP_VARIANTS["int4-tc-only-acc-tuned+head"]["acc_configs"] = tuned
+        print(f"accumulate tiles from {args.accumulate_configs}: {tuned}", flush=True)
     bandwidth = measure_copy_bandwidth("cuda")
     results = {"script": "benchmarks/int4_gpu.py", "command": " ".join(sys.argv), "date": date.today().isoformat(), "gpu": device_name("cuda"),
                "torch": torch.__version__, "copy_bandwidth_bytes_per_s": bandwidth, "new_tokens": args.new_tokens,

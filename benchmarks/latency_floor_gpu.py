@@ -55,10 +55,52 @@ def check_reductions(K: int, N: int) -> dict:
     return {"none_summed_rel_diff": rel(summed), "atomic_rel_diff": rel(atomic)}
 
 
+def sweep_configs(report: dict, args) -> int:
+    """Each layer product's accumulating kernel on every tile (from DRAM, 112 calls a graph); the fastest per
+    product to args.sweep_configs as {"N,G": [warps, groups, tiles]}."""
+    import json
+    import llmpress.kernels.triton_int4_accumulate as accumulate
+    from llmpress.kernels.triton_int4_frag import FRAG_CONFIGS, frag_fits
+    report["sweep_us_dram"], best = {}, {}
+    for name, (K, N, norm, _swiglu, _residual) in SHAPES.items():
+        if name == "tiny":
+            continue
+        weights = [random_product(K, N, norm) for _ in range(DISTINCT)]
+        G = K // GROUP
+        x = torch.randn(1, K, device="cuda", dtype=torch.float32 if norm else torch.bfloat16)
+        out = torch.zeros(1, N, device="cuda", dtype=torch.float32)
+        squares = torch.zeros(G, device="cuda", dtype=torch.float32)
+        times = {}
+        for config in (c for c in FRAG_CONFIGS if frag_fits(N, G, *c)):
+            accumulate.CONFIGS[(N, G)] = config
+            call = lambda p: accumulate.frag_accumulate(x, p.fragments, p.scales, p.zeros, GROUP, out,  # noqa: E731
+                                                        p.norm_weight, squares)
+            try:
+                times[str(config)] = time_per_call_us(call, [(weights[i % DISTINCT],) for i in range(CALLS)])
+            except Exception as error:  # a tile that does not compile for this product: skipped, and said so
+                print(f"{name} {config}: {type(error).__name__}: {str(error).splitlines()[0][:120]}", flush=True)
+            accumulate.CONFIGS.clear()
+        fastest = min(times, key=times.get)
+        best[f"{N},{G}"] = list(eval(fastest))  # noqa: S307 (our own tuple's repr)
+        report["sweep_us_dram"][name] = times
+        print(f"{name:8s} " + " ".join(f"{c}: {t:.2f}" for c, t in times.items()) + f"  -> {fastest}", flush=True)
+        save_results(report, args.out, "latency_floor.json")
+        del weights
+    report["best_accumulate_configs"] = best
+    save_results(report, args.out, "latency_floor.json")
+    with open(args.sweep_configs, "w") as f:
+        json.dump(best, f)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
     parser.add_argument("--reductions", default="last", help="comma list of last, none, atomic (see above)")
+    parser.add_argument("--sweep-configs", default=None, metavar="JSON",
+                        help="only time the accumulating decode's products (triton_int4_accumulate.frag_accumulate, "
+                             "x in fp32 where the norm is folded, as decode runs them) on every tile that fits, and "
+                             "write each product's fastest to JSON (int4_gpu.py --accumulate-configs reads it)")
     args = parser.parse_args()
     reductions = args.reductions.split(",")
     assert "last" in reductions and set(reductions) <= {"last", "none", "atomic"}, reductions
@@ -71,6 +113,8 @@ def main() -> int:
               "date": date.today().isoformat(), "gpu": device_name("cuda"), "torch": torch.__version__,
               "copy_bandwidth_bytes_per_s": bandwidth, "calls_per_graph": CALLS, "products": {}}
     print(f"{report['gpu']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    if args.sweep_configs:
+        return sweep_configs(report, args)
     if len(reductions) > 1:
         report["checks"] = {"o": check_reductions(3072, 3072), "down": check_reductions(8192, 3072)}
         print(f"reductions vs the model's path (plain products): {report['checks']}", flush=True)

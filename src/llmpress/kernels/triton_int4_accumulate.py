@@ -28,6 +28,9 @@ from llmpress.kernels.triton_int4_frag import _finish_swiglu, default_config, fr
 
 
 X_F32_MAX_REGISTERS = 128
+# (N, G) -> (num_warps, groups per warp, row tiles per warp) where a product should not take the GEMV's
+# default_config (filled from a measurement: benchmarks/latency_floor_gpu.py --sweep-configs)
+CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {}
 
 
 @triton.jit
@@ -59,7 +62,7 @@ def frag_accumulate(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tens
     assert x.shape == (1, G * group_size) and x.is_contiguous() and x.dtype in (scales.dtype, torch.float32), x.shape
     assert out.shape == (1, N) and out.dtype == torch.float32 and out.is_contiguous(), (out.shape, out.dtype)
     norm = norm_weight is not None
-    config = default_config(N, G, 1)
+    config = CONFIGS.get((N, G)) or default_config(N, G, 1)
     assert config is not None, f"no fragment-GEMV tile fits N={N}, G={G}"
     warps, groups_per_warp, tiles = config
     split = G // groups_per_warp
