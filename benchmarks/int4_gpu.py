@@ -136,7 +136,8 @@ STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", 
                  # the variants above run without it, as they ran before)
                  "int4-tc-only-acc": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", accumulate=True),
                  "int4-tc-only-acc+head": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", accumulate=True),
-                 # the same on the tiles of --accumulate-configs (filled in by main)
+                 # the same on the tiles of --accumulate-configs (filled in by main; the file measured in
+                 # session 10 is what triton_int4_accumulate.CONFIGS now holds, so -acc+head runs them too)
                  "int4-tc-only-acc-tuned+head": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early",
                                                      accumulate=True),
                  # the same with q|k|v finished by a kernel of its own before attention (as first measured)

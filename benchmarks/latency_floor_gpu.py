@@ -70,7 +70,7 @@ def sweep_configs(report: dict, args) -> int:
         x = torch.randn(1, K, device="cuda", dtype=torch.float32 if norm else torch.bfloat16)
         out = torch.zeros(1, N, device="cuda", dtype=torch.float32)
         squares = torch.zeros(G, device="cuda", dtype=torch.float32)
-        times = {}
+        times, saved = {}, dict(accumulate.CONFIGS)
         for config in (c for c in FRAG_CONFIGS if frag_fits(N, G, *c)):
             accumulate.CONFIGS[(N, G)] = config
             call = lambda p: accumulate.frag_accumulate(x, p.fragments, p.scales, p.zeros, GROUP, out,  # noqa: E731
@@ -80,6 +80,7 @@ def sweep_configs(report: dict, args) -> int:
             except Exception as error:  # a tile that does not compile for this product: skipped, and said so
                 print(f"{name} {config}: {type(error).__name__}: {str(error).splitlines()[0][:120]}", flush=True)
             accumulate.CONFIGS.clear()
+            accumulate.CONFIGS.update(saved)
         fastest = min(times, key=times.get)
         best[f"{N},{G}"] = list(eval(fastest))  # noqa: S307 (our own tuple's repr)
         report["sweep_us_dram"][name] = times

@@ -17,9 +17,13 @@ def close(got: torch.Tensor, expected: torch.Tensor, tol: float = 1e-2) -> None:
 @cuda_only
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n", [1024, 3072])
-def test_accumulate_adds_the_product_into_an_fp32_vector(x_dtype, n):
+@pytest.mark.parametrize("config", [None, (4, 1, 2), (4, 2, 2), (4, 1, 4)])
+def test_accumulate_adds_the_product_into_an_fp32_vector(x_dtype, n, config, monkeypatch):
+    import llmpress.kernels.triton_int4_accumulate as accumulate
     from llmpress.kernels.triton_int4_accumulate import frag_accumulate
     from llmpress.kernels.triton_int4_frag import dequantize_fragments_triton
+    if config is not None:  # the tiles CONFIGS picks for the 3B's shapes, and the wide one, on these shapes
+        monkeypatch.setattr(accumulate, "CONFIGS", {(n, 2048 // 128): config})
     torch.manual_seed(5)
     k = 2048
     w = weight(k, n)

@@ -28,9 +28,13 @@ from llmpress.kernels.triton_int4_frag import _finish_swiglu, default_config, fr
 
 
 X_F32_MAX_REGISTERS = 128
-# (N, G) -> (num_warps, groups per warp, row tiles per warp) where a product should not take the GEMV's
-# default_config (filled from a measurement: benchmarks/latency_floor_gpu.py --sweep-configs)
-CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {}
+# (N, G) -> (num_warps, groups per warp, row tiles per warp) where a product does not take the GEMV's default_config.
+# Without the last-arrival reduction other tiles win for the 3B's 3072-row products: every tile of every product
+# timed on the H200 (benchmarks/latency_floor_gpu.py --sweep-configs, results/latency_floor_sweep_h200.*): o 2.40 us
+# on (4, 1, 2) against 2.50 on the default (4, 2, 1), down 5.40 on (4, 2, 2) against 6.27; q|k|v and gate|up keep
+# (4, 1, 4). 3B decode with these against the defaults, one run (int4_gpu.py --variants bf16,int4-tc-only-acc+head,
+# int4-tc-only-acc-tuned+head --accumulate-configs, results/int4_h200_acc_tuned.*): 985.5 against 967.3 tok/s.
+CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {(3072, 24): (4, 1, 2), (3072, 64): (4, 2, 2)}
 
 
 @triton.jit
