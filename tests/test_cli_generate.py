@@ -146,3 +146,17 @@ def test_int4_tensor_cores_auto_follows_the_batch(command, flag, max_batch, expe
         assert ops.int4_tensor_core_gemv is expected
     finally:
         ops.int4_tensor_core_gemv = saved
+
+
+@pytest.mark.parametrize("flag,expected", [([], True), (["--int4-accumulate", "off"], False),
+                                           (["--int4-accumulate", "on"], True)])
+def test_int4_accumulate_switches_the_accumulating_decode(flag, expected):
+    from llmpress.commands.generate import apply_kernel_args
+    from llmpress.kernels import ops
+    args = cli.build_parser().parse_args(["generate", "--prompt", "hi", *flag])
+    saved = ops.int4_accumulate_decode
+    try:
+        apply_kernel_args(args, max_batch=1)
+        assert ops.int4_accumulate_decode is expected
+    finally:
+        ops.int4_accumulate_decode = saved
