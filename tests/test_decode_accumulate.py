@@ -1,7 +1,7 @@
 """model/decode_accumulate.py: batch-1 decode over an fp32 residual stream, each product adding into it, gives the
-logits of the model as written. On the CPU the products run as their references (`ops.int4_accumulate_reference`
-paths), so this checks the plan and the wiring; the kernels against the GEMVs are tests/kernels/test_int4_accumulate.py
-(CUDA)."""
+logits of the model as written. On the CPU the ops (ops.int4_accumulate, int4_accumulated_norm,
+int4_accumulated_attention) run their PyTorch steps, so this checks the plan and the wiring; the kernels against the
+GEMVs are tests/kernels/test_int4_accumulate.py (CUDA)."""
 
 import pytest
 import torch

@@ -8,13 +8,14 @@ store). Timed on the H200 per 3B product, 112 calls in a row from one CUDA graph
 14.22, 9.27 us (34.1 us a layer); with every program adding its sums by `red.global.add.f32` and ending at once
 3.62, 2.54, 9.62, 6.34 (22.1 us), and a one-program kernel 0.91 us against 2.26. So here:
   - o and down add straight into the residual stream h, kept in fp32 (`frag_accumulate`): no residual step;
-  - q|k|v and gate|up (RMSNorm folded, x = h in fp32, rounded to bf16 pairs as it is loaded) add into a zeroed
-    fp32 workspace, and a small kernel finishes them (`frag_accumulated_norm`): the rsqrt of the norm from the
-    programs' shares of sum(h^2), then the output in x's dtype (q|k|v) or silu(gate) * up (gate|up), and the
-    workspace zeroed again for the next product.
+  - q|k|v and gate|up (RMSNorm folded, x = h in fp32, rounded to bf16 pairs as it is loaded) add into zeroed
+    fp32 workspaces. Attention reads the q|k|v one itself (`frag_accumulated_attention`), applying the norm's
+    rsqrt, computed from the programs' shares of sum(h^2), as it loads; a small kernel finishes gate|up
+    (`frag_accumulated_norm`: the rsqrt, then silu(gate) * up) and zeroes both workspaces for the next layer.
 The sums' order depends on which program's atomic lands first, so the low bits of h vary from run to run, where
 the last-arrival reduction gives the same bits every time; both are within bf16 rounding of float64.
-Off the GPU: `ops.int4_accumulate_reference` and `ops.int4_accumulated_norm_reference`.
+Off the GPU, ops.int4_accumulate, int4_accumulated_norm and int4_accumulated_attention run the same steps in
+PyTorch (products through the reference dequantize-then-matmul).
 """
 
 from __future__ import annotations

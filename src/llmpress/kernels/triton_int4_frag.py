@@ -100,9 +100,9 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
     others ($8, $9; $10, $11 with `norm`) instead of %ctaid.x and %ctaid.y, for a persistent kernel that walks
     the tiles itself; x is then loaded with .cg (L2 only), since other programs of the same kernel wrote it.
 
-    `atomic` (a measurement, benchmarks/latency_floor_gpu.py): each lane adds its sums into [M, N] fp32 at $5 with
-    `red.global.add.f32` (no answer awaited) instead of storing its program's slice of the partials: the
-    accumulating decode of kernels/triton_int4_accumulate.py.
+    `atomic`: each lane adds its sums into [M, N] fp32 at $5 with `red.global.add.f32` (no answer awaited) instead
+    of storing its program's slice of the partials, for the accumulating decode (kernels/triton_int4_accumulate.py;
+    what that saves: benchmarks/latency_floor_gpu.py --reductions).
 
     `x_f32` (one row): x is fp32 (that decode's residual stream), loaded as 8 floats per 16 bytes of operands and
     rounded to `dtype` pairs (`cvt.rn.bf16x2.f32` / `.f16x2`) before anything uses it.
