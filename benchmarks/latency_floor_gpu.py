@@ -61,6 +61,9 @@ def sweep_configs(report: dict, args) -> int:
     import json
     import llmpress.kernels.triton_int4_accumulate as accumulate
     from llmpress.kernels.triton_int4_frag import FRAG_CONFIGS, frag_fits
+    if args.no_register_cap:
+        accumulate.X_F32_MAX_REGISTERS = None
+    report["x_f32_max_registers"] = accumulate.X_F32_MAX_REGISTERS
     report["sweep_us_dram"], best = {}, {}
     for name, (K, N, norm, _swiglu, _residual) in SHAPES.items():
         if name == "tiny":
@@ -102,6 +105,8 @@ def main() -> int:
                         help="only time the accumulating decode's products (triton_int4_accumulate.frag_accumulate, "
                              "x in fp32 where the norm is folded, as decode runs them) on every tile that fits, and "
                              "write each product's fastest to JSON (int4_gpu.py --accumulate-configs reads it)")
+    parser.add_argument("--no-register-cap", action="store_true",
+                        help="with --sweep-configs: fp32 x without triton_int4_accumulate.X_F32_MAX_REGISTERS")
     args = parser.parse_args()
     reductions = args.reductions.split(",")
     assert "last" in reductions and set(reductions) <= {"last", "none", "atomic"}, reductions

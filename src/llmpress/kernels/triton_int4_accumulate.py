@@ -28,7 +28,7 @@ from llmpress.kernels.pdl import launch_mode, pdl_start, pdl_wait
 from llmpress.kernels.triton_int4_frag import _finish_swiglu, default_config, frag_gemv_asm
 
 
-X_F32_MAX_REGISTERS = 128
+X_F32_MAX_REGISTERS: int | None = 128  # None: no cap (latency_floor_gpu.py --sweep-configs --no-register-cap)
 # (N, G) -> (num_warps, groups per warp, row tiles per warp) where a product does not take the GEMV's default_config.
 # Without the last-arrival reduction other tiles win for the 3B's 3072-row products: every tile of every product
 # timed on the H200 (benchmarks/latency_floor_gpu.py --sweep-configs, results/latency_floor_sweep_h200.*): o 2.40 us
@@ -78,7 +78,7 @@ def frag_accumulate(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tens
                         x_f32=x_f32)
     # fp32 x takes 8 more registers a thread on (4, 1, 4) (132 for sm_90 with the norm): capped at 128, without
     # spills, it keeps 4 programs of 4 warps per SM instead of 3
-    options = {"maxnreg": X_F32_MAX_REGISTERS} if x_f32 else {}
+    options = {"maxnreg": X_F32_MAX_REGISTERS} if x_f32 and X_F32_MAX_REGISTERS else {}
     _frag_accumulate[(N // (16 * warps * tiles), split)](
         fragments, x, scales, zeros, out, norm_weight if norm else x, squares if norm else out, N, G, ASM=asm,
         NUM_WARPS=warps, NORM=norm, num_warps=warps, launch_pdl=bool(pdl), **options)
