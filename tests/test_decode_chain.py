@@ -34,8 +34,10 @@ def int4_model(quantize_head: bool, device: str = "cpu", dtype: torch.dtype = to
     return model
 
 
-def decode_logits(model: LlamaForCausalLM, chained: bool, steps: int = 3) -> list[torch.Tensor]:
-    """Prefill a 5-token prompt, then `steps` one-token steps, with the chain switched on or off for those."""
+def decode_logits(model: LlamaForCausalLM, chained: bool = False, accumulating: bool = False,
+                  steps: int = 3) -> list[torch.Tensor]:
+    """Prefill a 5-token prompt, then `steps` one-token steps with the chain (ops.int4_layer_chain) and the
+    accumulating decode (ops.int4_accumulate_decode) switched as asked for those; both off: the layers as written."""
     device = model.lm_head.fragments.device if hasattr(model.lm_head, "fragments") else model.device
     cache = StaticKVCache(model.config, 1, 16, model.dtype, device)
     ids = torch.randint(0, 256, (1, 5 + steps), generator=torch.Generator().manual_seed(0)).to(device)
@@ -44,12 +46,32 @@ def decode_logits(model: LlamaForCausalLM, chained: bool, steps: int = 3) -> lis
     try:
         with torch.no_grad():
             model(ids[:, :5], torch.arange(5, device=device), cache)
-            ops.int4_layer_chain, ops.int4_accumulate_decode = chained, False  # "plain": the layers as written
+            ops.int4_layer_chain, ops.int4_accumulate_decode = chained, accumulating
             for t in range(5, 5 + steps):
                 outs.append(model(ids[:, t:t + 1], torch.tensor([t], device=device), cache).float())
     finally:
         ops.int4_layer_chain, ops.int4_accumulate_decode = saved
     return outs
+
+
+def check_applies_only_to_batch1_decode(plan_for_step, switch: str, model: LlamaForCausalLM) -> None:
+    """`plan_for_step` (decode_chain's or decode_accumulate's) plans a one-token step over a static cache of an
+    int4 model with ops.<switch> on, and nothing else: not a prefill, not a step without cache, not a dense model,
+    not with the switch off."""
+    cache = StaticKVCache(model.config, 1, 8, model.dtype, "cpu")
+    token = torch.zeros(1, 1, dtype=torch.long)
+    saved = getattr(ops, switch)
+    try:
+        setattr(ops, switch, True)
+        assert plan_for_step(model, token, cache, None) is not None
+        assert plan_for_step(model, torch.zeros(1, 2, dtype=torch.long), cache, None) is None  # prefill
+        assert plan_for_step(model, token, None, None) is None  # no cache: a whole sequence
+        dense = LlamaForCausalLM(tiny_config()).eval()  # no int4 layers at all
+        assert plan_for_step(dense, token, StaticKVCache(dense.config, 1, 8, dense.dtype, "cpu"), None) is None
+        setattr(ops, switch, False)
+        assert plan_for_step(model, token, cache, None) is None
+    finally:
+        setattr(ops, switch, saved)
 
 
 @pytest.mark.parametrize("quantize_head", [True, False])
@@ -65,19 +87,4 @@ def test_chained_decode_gives_the_logits_of_the_layers_as_written(quantize_head)
 
 
 def test_decode_chain_applies_only_where_every_layer_can_take_it():
-    model = int4_model(True)
-    cache = StaticKVCache(model.config, 1, 8, model.dtype, "cpu")
-    token = torch.zeros(1, 1, dtype=torch.long)
-    saved = ops.int4_layer_chain
-    try:
-        ops.int4_layer_chain = True
-        assert decode_chain.plan_for_step(model, token, cache, None) is not None
-        assert decode_chain.plan_for_step(model, torch.zeros(1, 2, dtype=torch.long), cache, None) is None  # prefill
-        assert decode_chain.plan_for_step(model, token, None, None) is None  # no cache: a whole sequence
-        dense = LlamaForCausalLM(tiny_config()).eval()  # no int4 layers at all
-        assert decode_chain.plan_for_step(dense, token, StaticKVCache(dense.config, 1, 8, dense.dtype, "cpu"),
-                                          None) is None
-        ops.int4_layer_chain = False
-        assert decode_chain.plan_for_step(model, token, cache, None) is None
-    finally:
-        ops.int4_layer_chain = saved
+    check_applies_only_to_batch1_decode(decode_chain.plan_for_step, "int4_layer_chain", int4_model(True))

@@ -86,12 +86,11 @@ def test_accumulate_replays_from_a_cuda_graph():
 @pytest.mark.parametrize("quantize_head", [True, False])
 def test_model_decoding_through_the_accumulating_path_gives_close_logits(quantize_head, monkeypatch):
     from llmpress.kernels import ops
-    from tests.test_decode_accumulate import decode_logits
-    from tests.test_decode_chain import int4_model
+    from tests.test_decode_chain import decode_logits, int4_model
     monkeypatch.setattr(ops, "int4_tensor_core_norm", True)
     monkeypatch.setattr(ops, "int4_tensor_core_swiglu", True)
     model = int4_model(quantize_head, "cuda", torch.bfloat16, hidden_size=256, intermediate_size=512)
-    for accumulated, plain in zip(decode_logits(model, True), decode_logits(model, False)):
+    for accumulated, plain in zip(decode_logits(model, accumulating=True), decode_logits(model)):
         torch.testing.assert_close(accumulated, plain, rtol=0.02, atol=0.05 * plain.abs().max().item())
 
 

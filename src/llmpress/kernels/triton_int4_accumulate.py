@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from llmpress.kernels.pdl import launch_mode, pdl_start, pdl_wait
-from llmpress.kernels.triton_int4_frag import _finish_swiglu, default_config, frag_gemv_asm
+from llmpress.kernels.triton_int4_frag import _finish_swiglu, default_config, frag_gemv_asm, run_tile_asm
 
 
 X_F32_MAX_REGISTERS: int | None = 128  # None: no cap (latency_floor_gpu.py --sweep-configs --no-register-cap)
@@ -43,17 +43,8 @@ def _frag_accumulate(qw_ptr, x_ptr, s_ptr, z_ptr, acc_ptr, nw_ptr, squares_ptr, 
                      NUM_WARPS: tl.constexpr, NORM: tl.constexpr):
     """acc [N] fp32 += this program's (row tiles, groups) share of W x; NORM: squares[pid_k] = its sum(h^2) share
     (every row-tile program of a group program writes the same value)."""
-    lanes = tl.zeros([32 * NUM_WARPS], dtype=tl.int64)
-    operands = [lanes + qw_ptr.to(tl.int64), lanes + x_ptr.to(tl.int64), lanes + s_ptr.to(tl.int64),
-                lanes + z_ptr.to(tl.int64), lanes + acc_ptr.to(tl.int64), lanes.to(tl.int32) + N,
-                lanes.to(tl.int32) + G]
-    if NORM:
-        tl.inline_asm_elementwise(ASM, "=r,l,l,l,l,l,r,r,l,l",
-                                  operands + [lanes + nw_ptr.to(tl.int64),
-                                              lanes + (squares_ptr + tl.program_id(1)).to(tl.int64)],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        tl.inline_asm_elementwise(ASM, "=r,l,l,l,l,l,r,r", operands, dtype=tl.int32, is_pure=False, pack=1)
+    run_tile_asm(ASM, qw_ptr, x_ptr, s_ptr, z_ptr, acc_ptr, nw_ptr, squares_ptr + tl.program_id(1), N, G, NUM_WARPS,
+                 NORM)
 
 
 def frag_accumulate(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -373,6 +373,23 @@ def _finish_swiglu(gate, up, square_sum, offs, mask, y_ptr, K, eps, NORM: tl.con
 
 
 @triton.jit
+def run_tile_asm(ASM: tl.constexpr, qw_ptr, x_ptr, s_ptr, z_ptr, out_ptr, nw_ptr, shares_ptr, N, G,
+                 NUM_WARPS: tl.constexpr, NORM: tl.constexpr):
+    """One `frag_gemv_asm` block per thread: its operands $1..$7 (words, x, scales, zeros, out, N, G), and with
+    NORM the norm weight ($8) and where this program's sum(h^2) share goes ($9)."""
+    lanes = tl.zeros([32 * NUM_WARPS], dtype=tl.int64)
+    operands = [lanes + qw_ptr.to(tl.int64), lanes + x_ptr.to(tl.int64), lanes + s_ptr.to(tl.int64),
+                lanes + z_ptr.to(tl.int64), lanes + out_ptr.to(tl.int64), lanes.to(tl.int32) + N,
+                lanes.to(tl.int32) + G]
+    if NORM:
+        tl.inline_asm_elementwise(ASM, "=r,l,l,l,l,l,r,r,l,l",
+                                  operands + [lanes + nw_ptr.to(tl.int64), lanes + shares_ptr.to(tl.int64)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.inline_asm_elementwise(ASM, "=r,l,l,l,l,l,r,r", operands, dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _frag_gemv(qw_ptr, x_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, res_ptr, nw_ptr, eps, N, G, SPLIT,
                ASM: tl.constexpr, NUM_WARPS: tl.constexpr, SPLIT_P2: tl.constexpr, RESIDUAL: tl.constexpr,
                ROWS: tl.constexpr = 1, NORM: tl.constexpr = False, GROUP_SIZE: tl.constexpr = 128,
@@ -381,18 +398,9 @@ def _frag_gemv(qw_ptr, x_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, counter_ptr, res
     pid_k) * ROWS + row]. SWIGLU: N = 2I rows of a fused gate|up weight, y [ROWS, I] = silu(gate) * up; program
     pid_n holds gate and up rows pid_n * BLOCK_N / 2 onwards (ASM built with paired_halves)."""
     pid_n = tl.program_id(0)
-    lanes = tl.zeros([32 * NUM_WARPS], dtype=tl.int64)
     squares_ptr = partial_ptr + SPLIT * ROWS * N + pid_n * SPLIT * ROWS
-    operands = [lanes + qw_ptr.to(tl.int64), lanes + x_ptr.to(tl.int64), lanes + s_ptr.to(tl.int64),
-                lanes + z_ptr.to(tl.int64), lanes + partial_ptr.to(tl.int64), lanes.to(tl.int32) + N,
-                lanes.to(tl.int32) + G]
-    if NORM:
-        tl.inline_asm_elementwise(ASM, "=r,l,l,l,l,l,r,r,l,l",
-                                  operands + [lanes + nw_ptr.to(tl.int64),
-                                              lanes + (squares_ptr + tl.program_id(1) * ROWS).to(tl.int64)],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        tl.inline_asm_elementwise(ASM, "=r,l,l,l,l,l,r,r", operands, dtype=tl.int32, is_pure=False, pack=1)
+    run_tile_asm(ASM, qw_ptr, x_ptr, s_ptr, z_ptr, partial_ptr, nw_ptr, squares_ptr + tl.program_id(1) * ROWS, N, G,
+                 NUM_WARPS, NORM)
     if FINISH:  # else (a measurement) the partials, or the atomic sums, are left where the asm put them
         finish_row_tile(partial_ptr, squares_ptr, counter_ptr, y_ptr, res_ptr, eps, pid_n, N, G, SPLIT, SPLIT_P2,
                         16 * NUM_WARPS * TILES, RESIDUAL, ROWS, NORM, GROUP_SIZE, SWIGLU)

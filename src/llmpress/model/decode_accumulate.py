@@ -21,15 +21,14 @@ import torch
 from torch import nn
 
 from llmpress.kernels import ops
-from llmpress.model.decode_chain import chain_plan
+from llmpress.model.decode_chain import chain_plan, one_token_over_static_cache
 from llmpress.model.kv_cache import StaticKVCache
 
 
 def plan_for_step(model: nn.Module, input_ids: torch.Tensor, kv_cache, logits_indices) -> list[dict] | None:
     """The layers' products if `forward` runs this step: one new token of one sequence, a static cache, the switch
     on, and a model the plan covers. Built from the modules on every call, as decode_chain.plan_for_step is."""
-    if not (ops.int4_accumulate_decode and input_ids.shape == (1, 1) and logits_indices is None
-            and isinstance(kv_cache, StaticKVCache)):
+    if not (ops.int4_accumulate_decode and one_token_over_static_cache(input_ids, kv_cache, logits_indices)):
         return None
     return chain_plan(model)
 

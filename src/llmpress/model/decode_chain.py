@@ -74,12 +74,16 @@ def _kernel_fits(product: ChainProduct, group_size: int) -> bool:
     return group_size % 64 == 0 and config is not None and config[0] == 4  # the chain's programs have 4 warps
 
 
+def one_token_over_static_cache(input_ids: torch.Tensor, kv_cache, logits_indices) -> bool:
+    """Whether a step is batch-1 decode: one new token of one sequence over a static cache, every logit wanted."""
+    return input_ids.shape == (1, 1) and logits_indices is None and isinstance(kv_cache, StaticKVCache)
+
+
 def plan_for_step(model: nn.Module, input_ids: torch.Tensor, kv_cache, logits_indices) -> list[dict] | None:
     """The chain plan if `forward` runs this step: one new token of one sequence, a static cache, the chain
     switched on and possible for the model. Built on every call from the modules (only reads, so torch.compile
     traces it once), so that it always follows the layers' current tensors."""
-    if not (ops.int4_layer_chain and input_ids.shape == (1, 1) and logits_indices is None
-            and isinstance(kv_cache, StaticKVCache)):
+    if not (ops.int4_layer_chain and one_token_over_static_cache(input_ids, kv_cache, logits_indices)):
         return None
     return chain_plan(model)
 
