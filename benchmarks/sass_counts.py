@@ -33,12 +33,13 @@ POINTERS = {"x_ptr": "*bf16", "s_ptr": "*bf16", "z_ptr": "*u8", "y_ptr": "*bf16"
             "counter_ptr": "*i32"}
 
 
-def compile_sass(fn, signature: dict, constants: dict, aligned: list[str], num_warps: int) -> str:
+def compile_sass(fn, signature: dict, constants: dict, aligned: list[str], num_warps: int,
+                 maxnreg: int | None = None) -> str:
     index = {name: i for i, name in enumerate(fn.arg_names)}
     source = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constants}},
                        constexprs={(index[k],): v for k, v in constants.items()},
                        attrs={(index[k],): [["tt.divisibility", 16]] for k in aligned})
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, **({"maxnreg": maxnreg} if maxnreg else {})})
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(kernel.asm["cubin"])

@@ -35,11 +35,12 @@ def int4_model(quantize_head: bool, device: str = "cpu", dtype: torch.dtype = to
 
 
 def decode_logits(model: LlamaForCausalLM, chained: bool = False, accumulating: bool = False,
-                  steps: int = 3) -> list[torch.Tensor]:
+                  steps: int = 3, slots: int = 16) -> list[torch.Tensor]:
     """Prefill a 5-token prompt, then `steps` one-token steps with the chain (ops.int4_layer_chain) and the
-    accumulating decode (ops.int4_accumulate_decode) switched as asked for those; both off: the layers as written."""
+    accumulating decode (ops.int4_accumulate_decode) switched as asked for those; both off: the layers as written.
+    `slots`: the static cache's length."""
     device = model.lm_head.fragments.device if hasattr(model.lm_head, "fragments") else model.device
-    cache = StaticKVCache(model.config, 1, 16, model.dtype, device)
+    cache = StaticKVCache(model.config, 1, slots, model.dtype, device)
     ids = torch.randint(0, 256, (1, 5 + steps), generator=torch.Generator().manual_seed(0)).to(device)
     saved = ops.int4_layer_chain, ops.int4_accumulate_decode
     outs = []

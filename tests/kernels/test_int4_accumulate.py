@@ -84,14 +84,28 @@ def test_accumulate_replays_from_a_cuda_graph():
 
 @cuda_only
 @pytest.mark.parametrize("quantize_head", [True, False])
-def test_model_decoding_through_the_accumulating_path_gives_close_logits(quantize_head, monkeypatch):
+@pytest.mark.parametrize("slots,combine_in_o", [(16, True), (300, True), (300, False)])
+def test_model_decoding_through_the_accumulating_path_gives_close_logits(quantize_head, slots, combine_in_o,
+                                                                         monkeypatch):
+    import llmpress.kernels.triton_int4_accumulate as accumulate
     from llmpress.kernels import ops
     from tests.test_decode_chain import decode_logits, int4_model
     monkeypatch.setattr(ops, "int4_tensor_core_norm", True)
     monkeypatch.setattr(ops, "int4_tensor_core_swiglu", True)
+    monkeypatch.setattr(ops, "int4_combine_in_o", combine_in_o)
+    combined = []  # the splits each o product combined (head size 64 = the group size: the fold applies)
+    original = accumulate.frag_accumulate_splits
+
+    def counting(parts, *args):
+        combined.append(parts.shape[2])
+        return original(parts, *args)
+    monkeypatch.setattr(accumulate, "frag_accumulate_splits", counting)
     model = int4_model(quantize_head, "cuda", torch.bfloat16, hidden_size=256, intermediate_size=512)
-    for accumulated, plain in zip(decode_logits(model, accumulating=True), decode_logits(model)):
+    for accumulated, plain in zip(decode_logits(model, accumulating=True, slots=slots),
+                                  decode_logits(model, slots=slots)):
         torch.testing.assert_close(accumulated, plain, rtol=0.02, atol=0.05 * plain.abs().max().item())
+    # 2 layers, 3 steps; 16 slots take one split, 300 take five (64 keys each)
+    assert combined == ([1 if slots == 16 else 5] * 6 if combine_in_o else [])
 
 
 @cuda_only
@@ -122,3 +136,59 @@ def test_attention_reading_the_accumulator_matches_attention_after_the_projectio
     frag_accumulated_norm(h, *gate_up, 128, norm, 1e-5, swiglu=True, zero_after=acc)
     torch.cuda.synchronize()
     assert acc.abs().sum() == 0
+
+
+@cuda_only
+@pytest.mark.parametrize("splits", [1, 3, 5, 8])
+@pytest.mark.parametrize("config", [None, (4, 1, 2), (4, 2, 1)])
+def test_o_product_combines_the_attention_splits_as_it_loads_them(splits, config, monkeypatch):
+    import llmpress.kernels.triton_int4_accumulate as accumulate
+    from llmpress.kernels.triton_int4_frag import dequantize_fragments_triton
+    torch.manual_seed(9)
+    heads, d, n = 8, 128, 1024
+    if config is not None:
+        monkeypatch.setattr(accumulate, "CONFIGS", {(n, heads): config})
+    w = weight(heads * d, n)
+    parts = torch.randn(1, heads, splits, d, device="cuda") * 2
+    lse = torch.randn(1, heads, splits, device="cuda") * 3
+    if splits > 2:  # splits past the position: no keys, as the attention kernel leaves them
+        parts[:, :, -1] = 0
+        lse[:, :, -1] = float("-inf")
+    h = torch.randn(1, n, device="cuda", dtype=torch.float32)
+    weights = torch.softmax(lse.double(), dim=-1)
+    # the kernel rounds each split's output to bf16 (the mma's operand), then weights the products in fp32
+    x = (weights[..., None] * parts.to(torch.bfloat16).double()).sum(2).reshape(1, -1)
+    dense = dequantize_fragments_triton(*w, 128, torch.float32).double()
+    expected = h.double() + x @ dense.T
+    out = h.clone()
+    accumulate.frag_accumulate_splits(parts, lse, *w, 128, out)
+    close(out, expected, 1e-5)
+
+
+@cuda_only
+@pytest.mark.parametrize("slots,position", [(96, 40), (300, 250), (300, 3)])
+def test_attention_and_o_in_three_kernels_match_attention_then_o(slots, position):
+    from llmpress.kernels.triton_int4_accumulate import (frag_accumulate, frag_accumulated_attention,
+                                                         frag_accumulated_attention_o, frag_accumulated_norm,
+                                                         qkv_accumulator, splits_combine_fits)
+    torch.manual_seed(10)
+    k, heads, kv_heads, d = 1024, 8, 2, 128
+    qkv_w, o_w = weight(k, (heads + 2 * kv_heads) * d), weight(heads * d, k)
+    norm = (torch.rand(k, device="cuda") + 0.5).to(torch.bfloat16)
+    h = torch.randn(1, k, device="cuda", dtype=torch.float32) * 2
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, device="cuda").float() / d))
+    caches = [torch.randn(1, kv_heads, slots, d, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    positions = torch.tensor([position], device="cuda")
+    assert splits_combine_fits(caches[0], o_w[1], 128)
+    expected_caches = [c.clone() for c in caches]
+    expected = h.clone()
+    out = frag_accumulated_attention(h, *qkv_w, 128, norm, 1e-5, heads, inv_freq, *expected_caches, positions)
+    frag_accumulate(out.reshape(1, -1), *o_w, 128, expected)
+    acc = qkv_accumulator(h.device, qkv_w[1].shape[1])
+    frag_accumulated_norm(h, *weight(k, 4096), 128, norm, 1e-5, swiglu=True, zero_after=acc)  # zeroes q|k|v's
+    got = h.clone()
+    frag_accumulated_attention_o(got, qkv_w, norm, 1e-5, heads, inv_freq, *caches, positions, o_w, 128)
+    close(got - h, expected - h, 1e-2)  # what attention and o added (bf16 rounding of the combined output apart)
+    for c, e in zip(caches, expected_caches):
+        close(c[:, :, position], e[:, :, position])
+        assert torch.equal(c[:, :, :position], e[:, :, :position])

@@ -34,6 +34,11 @@ BLOCK_N = 64  # keys per inner step
 # The last program combines its GROUP heads one after another after an atomic round trip; a combine kernel
 # does every head at once.
 combine = "kernel"
+# The split programs of the RoPE variant request their first block of keys and values before the PDL wait, so that
+# those loads overlap the q|k|v product's tail: the cache's old slots are written by no kernel that can still be
+# running (only this layer's attention of the previous step writes them), and the new token's slot, written by
+# this kernel, is replaced in registers by the k and v it writes (False: every load after the wait, as before).
+preload_first_block = True
 
 
 @triton.jit
@@ -64,31 +69,40 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
                   squares_ptr, squares_n, norm_k, norm_eps,
                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                   NUM_SPLITS: tl.constexpr, ROPE: tl.constexpr, COMBINE: tl.constexpr, BLOCK_S: tl.constexpr,
-                  PDL: tl.constexpr, SCALED: tl.constexpr = False, SQUARES_P2: tl.constexpr = 1):
+                  PDL: tl.constexpr, SCALED: tl.constexpr = False, SQUARES_P2: tl.constexpr = 1,
+                  PRELOAD: tl.constexpr = False):
     """ROPE: q is the projection's raw output (rotated here), and new_k/new_v ([B, Hkv * D] rows) are the new
     token's k/v, rotated and written at slot `position` by the program whose chunk holds it; otherwise
     q is rotated already and the cache holds the new token. COMBINE: the last split program of this KV head
     to finish combines all splits into out (else `_combine_kernel` does). SCALED (with ROPE): q, k, v are an
     fp32 accumulator of the projection before its RMSNorm's rsqrt, which comes from the `squares_n` shares of
-    sum(h^2) at squares_ptr (kernels/triton_int4_accumulate.py): rsqrt(sum / norm_k + norm_eps)."""
+    sum(h^2) at squares_ptr (kernels/triton_int4_accumulate.py): rsqrt(sum / norm_k + norm_eps). PRELOAD (with
+    ROPE): the chunk's first block of keys and values is loaded before the PDL wait (see preload_first_block)."""
     pdl_start(PDL)
-    pdl_wait(PDL)  # nothing here is read-only across kernels (the cache grows each step): wait before any load
-    scale = 1.0
-    if SCALED:
-        offs_sq = tl.arange(0, SQUARES_P2)
-        squares = tl.load(squares_ptr + offs_sq, mask=offs_sq < squares_n, other=0.0)
-        scale = tl.rsqrt(tl.sum(squares, axis=0) / norm_k + norm_eps)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // num_kv_heads
     kvh = bh % num_kv_heads
-    position = tl.load(pos_ptr)
+    position = tl.load(pos_ptr)  # set before the step's kernels run, by none of those that may still be running
     length = position + 1  # slots 0..position are valid
     start = split * chunk
     end = tl.minimum(start + chunk, length)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
+    k_base = k_ptr + b * stride_kb + kvh * stride_kh
+    v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    n_first = start + offs_n
+    first_mask = n_first < end
+    if PRELOAD:
+        k_first = tl.load(k_base + n_first[:, None] * stride_ks + offs_d[None, :], mask=first_mask[:, None], other=0.0)
+        v_first = tl.load(v_base + n_first[:, None] * stride_vs + offs_d[None, :], mask=first_mask[:, None], other=0.0)
+    pdl_wait(PDL)  # q, k, v come from the previous kernel, and (without PRELOAD) the cache grows each step
+    scale = 1.0
+    if SCALED:
+        offs_sq = tl.arange(0, SQUARES_P2)
+        squares = tl.load(squares_ptr + offs_sq, mask=offs_sq < squares_n, other=0.0)
+        scale = tl.rsqrt(tl.sum(squares, axis=0) / norm_k + norm_eps)
     heads = kvh * GROUP + offs_g
     g_mask = offs_g < GROUP
     q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
@@ -109,26 +123,26 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
             tl.store(v_ptr + b * stride_vb + kvh * stride_vh + position * stride_vs + offs_d[None, :],
                      v_new.to(v_ptr.dtype.element_ty))
             tl.debug_barrier()  # the block's own stores are visible to its loads of the chunk below
+            if PRELOAD:  # the first block was loaded before the store: its new token's row from registers
+                new_row = (n_first == position)[:, None]
+                k_first = tl.where(new_row, k_new.to(k_first.dtype), k_first)
+                v_first = tl.where(new_row, v_new.to(v_first.dtype), v_first)
     else:
         q = tl.load(q_rows + offs_d[None, :], mask=g_mask[:, None], other=0.0)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
-    k_base = k_ptr + b * stride_kb + kvh * stride_kh
-    v_base = v_ptr + b * stride_vb + kvh * stride_vh
-    for n0 in range(start, end, BLOCK_N):
+    first = start
+    if PRELOAD:
+        if start < end:  # (a split past the position has no keys: nothing to attend)
+            m_i, l_i, acc = _attend_block(q, k_first, v_first, first_mask, m_i, l_i, acc, sm_scale)
+        first = start + BLOCK_N
+    for n0 in range(first, end, BLOCK_N):
         n = n0 + offs_n
         n_mask = n < end
         k = tl.load(k_base + n[:, None] * stride_ks + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * sm_scale
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
         v = tl.load(v_base + n[:, None] * stride_vs + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(q, k, v, n_mask, m_i, l_i, acc, sm_scale)
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
@@ -143,6 +157,19 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
                 _combine_row(part_out_ptr, part_lse_ptr, out_ptr, b * num_heads + kvh * GROUP + g, NUM_SPLITS,
                              BLOCK_S, D)
             tl.atomic_xchg(counter_ptr + bh, 0)
+
+
+@triton.jit
+def _attend_block(q, k, v, n_mask, m_i, l_i, acc, sm_scale):
+    """Online softmax over one block of keys: the running max, mass and weighted values after it."""
+    s = tl.dot(q, tl.trans(k)) * sm_scale
+    s = tl.where(n_mask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -175,13 +202,19 @@ def num_splits_for(batch_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
     return max(1, min(math.ceil(2 * num_sms / batch_kv_heads), math.ceil(max_seq_len / BLOCK_N)))
 
 
+def splits_for(batch_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+    """How many splits the decode attention over a cache of `max_seq_len` slots runs on this device."""
+    return num_splits_for(batch_kv_heads, max_seq_len, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             positions: torch.Tensor) -> torch.Tensor:
     """q: [B, H, 1, D]; k_cache, v_cache: [B, Hkv, S, D]; positions: [1] int64. Returns [B, H, 1, D]."""
     return _decode_attention(q, k_cache, v_cache, positions, ())
 
 
-def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple, qkv_norm: tuple | None = None) -> torch.Tensor:
+def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple, qkv_norm: tuple | None = None,
+                      splits_only: bool = False):
     B, H, T, D = q.shape
     _, Hkv, S, _ = k_cache.shape
     assert T == 1 and H % Hkv == 0 and positions.numel() == 1, (q.shape, k_cache.shape, positions.shape)
@@ -192,14 +225,13 @@ def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple, qkv_norm
     if not rope:  # unused pointer arguments of the plain variant
         rope_args = (q, q, q, 0, 0)
     group = H // Hkv
-    num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    splits = num_splits_for(B * Hkv, S, num_sms)
+    splits = splits_for(B * Hkv, S, q.device)
     chunk = math.ceil(math.ceil(S / splits) / BLOCK_N) * BLOCK_N
     part_out = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
     out = torch.empty(B, H, 1, D, dtype=k_cache.dtype, device=q.device)
     squares, squares_n, norm_k, norm_eps = qkv_norm or (part_lse, 0, 1, 0.0)
-    in_kernel = combine == "in_kernel"
+    in_kernel = combine == "in_kernel" and not splits_only
     # the split-K arrival counters (zero between launches); unused by the combine kernel's path
     counters = _workspace.get(q.device, 1, B * Hkv)[1] if in_kernel else part_lse
     # PDL where it was measured (kernels/pdl.py): the RoPE variant, between int4 q|k|v and o products
@@ -212,7 +244,10 @@ def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple, qkv_norm
         Hkv, H, chunk, 1.0 / math.sqrt(D), *rope_args, out, counters, squares, squares_n, norm_k, norm_eps,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, D=D, NUM_SPLITS=splits,
         ROPE=rope, COMBINE=in_kernel, BLOCK_S=block_s, PDL=pdl, SCALED=qkv_norm is not None,
-        SQUARES_P2=max(2, triton.next_power_of_2(squares_n)), num_warps=4, launch_pdl=bool(pdl))
+        SQUARES_P2=max(2, triton.next_power_of_2(squares_n)), PRELOAD=rope and preload_first_block, num_warps=4,
+        launch_pdl=bool(pdl))
+    if splits_only:
+        return part_out, part_lse
     if not in_kernel:
         _combine_kernel[(B * H,)](part_out, part_lse, out, NUM_SPLITS=splits, BLOCK_S=block_s, D=D, PDL=pdl,
                                   num_warps=4, launch_pdl=bool(pdl))
@@ -228,11 +263,26 @@ def decode_attention_rope_triton(qkv: torch.Tensor, num_heads: int, inv_freq: to
     in the caches' dtype. One tensor, not three views of it: given views, Inductor copied each into a buffer of
     its own first. `qkv_norm` (squares, n, K, eps): qkv is the fp32 accumulator of the accumulating decode, to be
     scaled by rsqrt(sum of the n squares / K + eps) (kernels/triton_int4_accumulate.py)."""
+    return _decode_attention(*_rope_operands(qkv, num_heads, inv_freq, k_cache), k_cache, v_cache, positions,
+                             qkv_norm=qkv_norm)
+
+
+def decode_attention_rope_splits(qkv: torch.Tensor, num_heads: int, inv_freq: torch.Tensor, k_cache: torch.Tensor,
+                                 v_cache: torch.Tensor, positions: torch.Tensor,
+                                 qkv_norm: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`decode_attention_rope_triton` without its combine kernel: the splits' softmax-normalised outputs [B, H, S,
+    D] fp32 and log-sum-exps [B, H, S] (S = `splits_for`), for a product that combines them as it loads them
+    (triton_int4_accumulate.frag_accumulate_splits)."""
+    return _decode_attention(*_rope_operands(qkv, num_heads, inv_freq, k_cache), k_cache, v_cache, positions,
+                             qkv_norm=qkv_norm, splits_only=True)
+
+
+def _rope_operands(qkv: torch.Tensor, num_heads: int, inv_freq: torch.Tensor, k_cache: torch.Tensor):
+    """q as [B, H, 1, D] heads and the RoPE arguments (new k, new v, inv_freq and their strides) of one tensor."""
     B, T, width = qkv.shape
     Hkv, D = k_cache.shape[1], k_cache.shape[-1]
     assert T == 1 and width == (num_heads + 2 * Hkv) * D and inv_freq.shape == (D // 2,), (qkv.shape, inv_freq.shape)
     assert qkv.stride(-1) == 1 and inv_freq.dtype == torch.float32
     q, k, v = qkv.split([num_heads * D, Hkv * D, Hkv * D], dim=-1)
     q_heads = q.view(B, 1, num_heads, D).transpose(1, 2)  # a view: strides (stride_b, D, ., 1)
-    return _decode_attention(q_heads, k_cache, v_cache, positions, (k, v, inv_freq.contiguous(), k.stride(0), v.stride(0)),
-                             qkv_norm)
+    return q_heads, (k, v, inv_freq.contiguous(), k.stride(0), v.stride(0))

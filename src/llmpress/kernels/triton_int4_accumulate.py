@@ -40,11 +40,12 @@ CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {(3072, 24): (4, 1, 2), (
 
 @triton.jit
 def _frag_accumulate(qw_ptr, x_ptr, s_ptr, z_ptr, acc_ptr, nw_ptr, squares_ptr, N, G, ASM: tl.constexpr,
-                     NUM_WARPS: tl.constexpr, NORM: tl.constexpr):
-    """acc [N] fp32 += this program's (row tiles, groups) share of W x; NORM: squares[pid_k] = its sum(h^2) share
-    (every row-tile program of a group program writes the same value)."""
+                     NUM_WARPS: tl.constexpr, EXTRA: tl.constexpr):
+    """acc [N] fp32 += this program's (row tiles, groups) share of W x; with the norm, squares[pid_k] = its
+    sum(h^2) share (every row-tile program of a group program writes the same value); with split results as x,
+    nw_ptr is their log-sum-exps (EXTRA: either)."""
     run_tile_asm(ASM, qw_ptr, x_ptr, s_ptr, z_ptr, acc_ptr, nw_ptr, squares_ptr + tl.program_id(1), N, G, NUM_WARPS,
-                 NORM)
+                 EXTRA)
 
 
 def frag_accumulate(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -72,8 +73,30 @@ def frag_accumulate(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tens
     options = {"maxnreg": X_F32_MAX_REGISTERS} if x_f32 and X_F32_MAX_REGISTERS else {}
     _frag_accumulate[(N // (16 * warps * tiles), split)](
         fragments, x, scales, zeros, out, norm_weight if norm else x, squares if norm else out, N, G, ASM=asm,
-        NUM_WARPS=warps, NORM=norm, num_warps=warps, launch_pdl=bool(pdl), **options)
+        NUM_WARPS=warps, EXTRA=norm, num_warps=warps, launch_pdl=bool(pdl), **options)
     return split
+
+
+def frag_accumulate_splits(parts: torch.Tensor, lse: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor,
+                           zeros: torch.Tensor, group_size: int, out: torch.Tensor) -> None:
+    """out [1, N] fp32 += W x for x the decode attention's output given as its unfinished splits: parts
+    [1, H, S, D] fp32 (each split's softmax-normalised output) and lse [1, H, S] (its log-sum-exp), D = group_size,
+    S <= 8 (triton_attention.py `decode_attention_rope_splits`). The combine (a kernel of its own there) happens in
+    the product: frag_gemv_asm(x_splits=S)."""
+    G, N = scales.shape
+    _, H, S, D = parts.shape
+    assert H == G and D == group_size and 1 <= S <= 8 and lse.shape == (1, H, S), (parts.shape, lse.shape, G)
+    assert parts.dtype == lse.dtype == torch.float32 and parts.is_contiguous() and lse.is_contiguous()
+    assert out.shape == (1, N) and out.dtype == torch.float32 and out.is_contiguous(), (out.shape, out.dtype)
+    config = CONFIGS.get((N, G)) or default_config(N, G, 1)
+    assert config is not None, f"no fragment-GEMV tile fits N={N}, G={G}"
+    warps, groups_per_warp, tiles = config
+    pdl = launch_mode(parts.device)
+    asm = frag_gemv_asm(warps, groups_per_warp, group_size, scales.dtype, S, False, tiles, False, pdl, atomic=True,
+                        x_f32=True, x_splits=S)
+    _frag_accumulate[(N // (16 * warps * tiles), G // groups_per_warp)](
+        fragments, parts, scales, zeros, out, lse, out, N, G, ASM=asm, NUM_WARPS=warps, EXTRA=True, num_warps=warps,
+        launch_pdl=bool(pdl))
 
 
 @triton.jit
@@ -165,9 +188,38 @@ def frag_accumulated_attention(h: torch.Tensor, fragments: torch.Tensor, scales:
     `frag_accumulated_norm` + attention). Returns [1, H, 1, D] in the caches' dtype. The workspace must be zeroed
     again before the next call: the layer's gate|up finishing kernel does it (`zero_after`)."""
     from llmpress.kernels.triton_attention import decode_attention_rope_triton
+    qkv, qkv_norm = _accumulated_qkv(h, fragments, scales, zeros, group_size, norm_weight, eps)
+    return decode_attention_rope_triton(qkv, num_heads, inv_freq, k_cache, v_cache, positions, qkv_norm)
+
+
+def _accumulated_qkv(h, fragments, scales, zeros, group_size, norm_weight, eps):
+    """q|k|v's accumulator [1, 1, N] filled from h, and the attention kernel's `qkv_norm` for it."""
     G, N = scales.shape
     acc = qkv_accumulator(h.device, N)
     squares = _zeroed.get(h.device, "qkv_squares", G, G)[1]
     split = frag_accumulate(h, fragments, scales, zeros, group_size, acc.view(1, N), norm_weight, squares)
-    return decode_attention_rope_triton(acc.view(1, 1, N), num_heads, inv_freq, k_cache, v_cache, positions,
-                                        (squares, split, G * group_size, eps))
+    return acc.view(1, 1, N), (squares, split, G * group_size, eps)
+
+
+def splits_combine_fits(k_cache: torch.Tensor, o_scales: torch.Tensor, group_size: int) -> bool:
+    """Whether `frag_accumulated_attention_o` can combine the attention's splits inside the o product: a head
+    per quantization group, and at most 8 splits (the mma's columns) over this cache."""
+    from llmpress.kernels.triton_attention import splits_for
+    B, Hkv, S, D = k_cache.shape
+    G, N = o_scales.shape
+    return (B == 1 and D == group_size and splits_for(Hkv, S, k_cache.device) <= 8
+            and (CONFIGS.get((N, G)) or default_config(N, G, 1)) is not None)
+
+
+def frag_accumulated_attention_o(h: torch.Tensor, qkv_product: tuple, norm_weight: torch.Tensor, eps: float,
+                                 num_heads: int, inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 positions: torch.Tensor, o_product: tuple, group_size: int) -> None:
+    """h [1, K] fp32 += o(attention(q|k|v(rmsnorm(h)))) in place, in three kernels: q|k|v accumulated
+    (`frag_accumulated_attention`), the attention's splits without their combine kernel, and o over the splits,
+    combining them as it loads them (`frag_accumulate_splits`; needs `splits_combine_fits`). The q|k|v workspace
+    is left for the layer's gate|up finishing kernel to zero, as with `frag_accumulated_attention`. qkv_product,
+    o_product: (fragments, scales, zeros)."""
+    from llmpress.kernels.triton_attention import decode_attention_rope_splits
+    qkv, qkv_norm = _accumulated_qkv(h, *qkv_product, group_size, norm_weight, eps)
+    parts, lse = decode_attention_rope_splits(qkv, num_heads, inv_freq, k_cache, v_cache, positions, qkv_norm)
+    frag_accumulate_splits(parts, lse, *o_product, group_size, h)

@@ -58,6 +58,10 @@ ROWS_WIDE_CONFIG = (4, 2, 2)  # for N >= ROWS_WIDE_ROWS at 2..8 rows
 ROWS_WIDE_ROWS = 16384
 TWO_BLOCK_CONFIG = (4, 1, 1)  # 9..16 rows: the fewest registers (96 a thread, sm_90) with x's second column block
 
+# fp32 x: the dependency that makes the first mma wait for every load takes a value from both of each block's two
+# x loads. With one (as first built), ptxas issued one of the 16-byte x loads only after the first mma (an L2 round
+# trip inside the product, seen in the sm_90 SASS of the accumulating q|k|v and gate|up tiles); False: as first built.
+x_f32_loads_first = True
 SPIN_LIMIT = 1 << 24  # polls of a ready flag before a trap: seconds, where a tile waits microseconds
 # per activation dtype: the magic value's bits (both halves), its value, 1.0 in both halves, the mma type
 _TYPES = {torch.bfloat16: (0x43004300, 128.0, 0x3F803F80, "bf16"), torch.float16: (0x64006400, 1024.0, 0x3C003C00, "f16")}
@@ -65,7 +69,8 @@ _TYPES = {torch.bfloat16: (0x43004300, 128.0, 0x3F803F80, "bf16"), torch.float16
 
 def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: torch.dtype, rows: int = 1,
                   norm: bool = False, tiles_per_warp: int = 1, paired_halves: bool = False, pdl: int = 0,
-                  grid_operands: bool = False, flags: int = 1, atomic: bool = False, x_f32: bool = False) -> str:
+                  grid_operands: bool = False, flags: int = 1, atomic: bool = False, x_f32: bool = False,
+                  x_splits: int = 0) -> str:
     """PTX for one thread's share of a warp's TILES_PER_WARP row tiles over GROUPS_PER_WARP groups, ending in a
     store of the row tiles' partial sums. The tiles of a warp share its x registers and its sum(x) mmas, so more
     tiles put more weight bytes in flight per register than more groups do (16 x registers a group, 8 word
@@ -104,8 +109,15 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
     of storing its program's slice of the partials, for the accumulating decode (kernels/triton_int4_accumulate.py;
     what that saves: benchmarks/latency_floor_gpu.py --reductions).
 
-    `x_f32` (one row): x is fp32 (that decode's residual stream), loaded as 8 floats per 16 bytes of operands and
-    rounded to `dtype` pairs (`cvt.rn.bf16x2.f32` / `.f16x2`) before anything uses it.
+    `x_f32` (one row, or `x_splits`): x is fp32 (that decode's residual stream), loaded as 8 floats per 16 bytes of
+    operands and rounded to `dtype` pairs (`cvt.rn.bf16x2.f32` / `.f16x2`) before anything uses it.
+
+    `x_splits` = S (2..8, with `atomic` and `x_f32`; group_size = the attention's head size): x is decode
+    attention's unfinished split results (triton_attention.py, flash-decoding without its combine kernel): $2 the
+    splits' outputs [H, S, D] fp32, $8 their log-sum-exps [H, S]. Group g is head g, and B's column n is its split
+    n, so one mma multiplies the weights by every split at once (at one row the 8 columns were copies of x); each
+    column's sums are then weighted by that split's share of the head's softmax mass, exp(lse_n - max) / sum, and
+    the lanes' columns added by two shuffles: y = W (sum_n w_n out_n), the combine done inside the o product.
 
     Every load comes first. ptxas otherwise issued a lane's second 16-byte word load, and the scale and zero
     loads, only after the first mmas had used the first words: three DRAM round trips in a row instead of
@@ -113,7 +125,9 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
     (every such value is finite), but the first mma now waits for every load, so all are issued before it."""
     assert not norm or rows <= 8, "the RMSNorm prologue takes up to 8 rows of x (one column block)"
     assert pdl != 4 or grid_operands, "the flag wait is for persistent kernels"
-    assert not x_f32 or rows == 1, "fp32 x: one row"
+    assert not x_f32 or rows == 1 or x_splits, "fp32 x: one row"
+    assert not x_splits or (rows == x_splits <= 8 and x_f32 and atomic and not norm and not grid_operands
+                            and not paired_halves), "x_splits: S rows of fp32 split results, atomics, no norm"
     extra = 10 if norm else 8  # the first operand after the fixed ones
     cta_x, cta_y = (f"${extra}", f"${extra + 1}") if grid_operands else ("%ctaid.x", "%ctaid.y")
     magic, magic_value, ones, mma_type = _TYPES[dtype]
@@ -138,6 +152,8 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
          ".reg .f32 sq0, sq1, sq2, sq3;",
          *([".reg .f32 " + ", ".join(f"xf{g}_{b}_{e}" for g in groups for b in range(blocks32) for e in range(8))
             + ";"] if x_f32 else []),
+         *([".reg .f32 lmax, lsum, " + ", ".join(f"ls{g}_{n}" for g in groups for n in range(x_splits + 2)) + ";"]
+           if x_splits else []),
          f".reg .b16 zero16, {per_gt(['s0h', 's1h'])};",
          ".reg .b32 kk, " + ", ".join(f"nrow{cb}" for cb in cbs) + ";",
          ".reg .f32 t0, t1, dep, " + ", ".join(flat(sums) + flat(accs) + flat(ys))
@@ -235,9 +251,14 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
         L += [f"mov.u32 grp, {cta_y};",
               f"mad.lo.u32 grp, grp, {groups_per_warp}, {g};"]
         for cb in cbs:
-            L += [f"mul.lo.u32 t32, grp, {group_size};",
-                  "mad.lo.u32 t32, j, 8, t32;"]
-            if rows > 1:
+            if x_splits:  # split nrow of head grp: [H, S, D] with D = group_size
+                L += [f"mad.lo.u32 t32, grp, {x_splits}, nrow{cb};",
+                      f"mul.lo.u32 t32, t32, {group_size};",
+                      "mad.lo.u32 t32, j, 8, t32;"]
+            else:
+                L += [f"mul.lo.u32 t32, grp, {group_size};",
+                      "mad.lo.u32 t32, j, 8, t32;"]
+            if rows > 1 and not x_splits:
                 L.append(f"mad.lo.u32 t32, nrow{cb}, kk, t32;")
             L += [f"mul.wide.u32 off, t32, {4 if x_f32 else 2};",
                   "add.u64 xa, $2, off;"]
@@ -251,6 +272,13 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
                 else:
                     L.append(f"ld.global{'.cg' if grid_operands else ''}.v4.b32 "
                              f"{{{', '.join(xs_regs[g][cb][4 * b:4 * b + 4])}}}, [xa+{64 * b}];")
+        if x_splits:  # the head's S log-sum-exps, then those of this lane's columns 2j, 2j + 1 (clamped to S - 1)
+            L += [f"mul.lo.u32 t32, grp, {x_splits};", "mul.wide.u32 off, t32, 4;", "add.u64 xa, $8, off;"]
+            L += [f"ld.global.f32 ls{g}_{n}, [xa+{4 * n}];" for n in range(x_splits)]
+            for c in (0, 1):
+                L += [f"mad.lo.u32 t32, j, 2, {c};", f"min.u32 t32, t32, {x_splits - 1};",
+                      "mul.wide.u32 off, t32, 4;", "add.u64 pa, xa, off;",
+                      f"ld.global.f32 ls{g}_{x_splits + c}, [pa];"]
     for g in groups:  # scales to fp32, zero points plus the magic value
         for t in tiles:
             gt = f"{g}_{t}"
@@ -267,7 +295,10 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
             for v in range(words_per_lane // 4):
                 L += [f"cvt.rn.f32.u32 t0, {words[g][t][4 * v]};", "add.f32 dep, dep, t0;"]
         for b in range(blocks32):
-            for reg in [xs_regs[g][cb][4 * b] for cb in cbs] + ([norm_regs[g][4 * b]] if norm else []):
+            lse = [f"ls{g}_{n}" for n in range(x_splits + 2)] if x_splits and b == 0 else []
+            # fp32 x: a pair from each of the block's two loads (x_f32_loads_first)
+            xs = [xs_regs[g][cb][4 * b + e] for cb in cbs for e in ((0, 2) if x_f32 and x_f32_loads_first else (0,))]
+            for reg in xs + ([norm_regs[g][4 * b]] if norm else []) + lse:
                 L += [f"mov.b32 t0, {reg};", "abs.f32 t0, t0;", "min.f32 t0, t0, 0f3F800000;",
                       "add.f32 dep, dep, t0;"]  # any bits, even NaN's, become a finite number (min of NaN gives 1.0)
         for t in tiles:
@@ -305,6 +336,17 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
                 total = ", ".join(sums[cb])
                 L.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{mma_type}.{mma_type}.f32 {{{total}}}, "
                          f"{{one, one, one, one}}, {{{b0}, {b1}}}, {{{total}}};")
+        if x_splits:  # the softmax weights of columns 2j, 2j + 1 (0 past S): ls{g}_S, ls{g}_{S+1} become them
+            ls = [f"ls{g}_{n}" for n in range(x_splits)]
+            L += [f"mov.f32 lmax, {ls[0]};", *[f"max.f32 lmax, lmax, {r};" for r in ls[1:]], "mov.f32 lsum, 0f00000000;"]
+            for r in ls + [f"ls{g}_{x_splits}", f"ls{g}_{x_splits + 1}"]:
+                L += [f"sub.f32 {r}, {r}, lmax;", f"mul.f32 {r}, {r}, {_f32(1.4426950408889634)};",
+                      f"ex2.approx.f32 {r}, {r};"]
+            L += [f"add.f32 lsum, lsum, {r};" for r in ls]
+            for c in (0, 1):
+                w = f"ls{g}_{x_splits + c}"
+                L += [f"div.rn.f32 {w}, {w}, lsum;", f"mad.lo.u32 t32, j, 2, {c};",
+                      f"setp.lt.u32 p, t32, {x_splits};", f"selp.f32 {w}, {w}, 0f00000000, p;"]
         for t in tiles:
             gt = f"{g}_{t}"
             L += [f"neg.f32 zf0_{gt}, zf0_{gt};", f"neg.f32 zf1_{gt}, zf1_{gt};"]
@@ -313,8 +355,20 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
                 # y0, y1: rows r0, r0 + 8 of y's column 2j; y2, y3: of column 2j + 1 (M > 1 only)
                 outputs = [(y[0], a[0], xs[0], "zf0", "sc0"), (y[1], a[2], xs[2], "zf1", "sc1"),
                            (y[2], a[1], xs[1], "zf0", "sc0"), (y[3], a[3], xs[3], "zf1", "sc1")]
-                for yr, ar, x_sum, zf, sc in outputs[:2 if rows == 1 else 4]:
-                    L += [f"fma.rn.f32 t0, {zf}_{gt}, {x_sum}, {ar};", f"fma.rn.f32 {yr}, {sc}_{gt}, t0, {yr};"]
+                for n, (yr, ar, x_sum, zf, sc) in enumerate(outputs[:2 if rows == 1 else 4]):
+                    L.append(f"fma.rn.f32 t0, {zf}_{gt}, {x_sum}, {ar};")
+                    if x_splits:  # column 2j (n < 2) or 2j + 1, weighted by its split's share
+                        L += [f"mul.f32 t1, {sc}_{gt}, ls{g}_{x_splits + n // 2};", f"fma.rn.f32 {yr}, t1, t0, {yr};"]
+                    else:
+                        L.append(f"fma.rn.f32 {yr}, {sc}_{gt}, t0, {yr};")
+    if x_splits:  # the columns (splits) summed: a lane's two, then across the four lanes j of each groupID i
+        for t in tiles:
+            y = ys[t][0]
+            L += [f"add.f32 {y[0]}, {y[0]}, {y[2]};", f"add.f32 {y[1]}, {y[1]}, {y[3]};"]
+            for r in y[:2]:
+                for mask in (1, 2):
+                    L += [f"shfl.sync.bfly.b32 t0, {r}, {mask}, 0x1f, 0xffffffff;", f"add.f32 {r}, {r}, t0;"]
+        rows = 1  # one row of y, stored by the lanes j = 0
     # partials[pid_k, m, r] for y rows m = 8 cb + 2j (y0, y1 at r0, r0 + 8) and 8 cb + 2j + 1 (y2, y3) below M
     store = "red.global.add.f32" if atomic else "st.global.f32"
     for t in tiles:
@@ -374,14 +428,15 @@ def _finish_swiglu(gate, up, square_sum, offs, mask, y_ptr, K, eps, NORM: tl.con
 
 @triton.jit
 def run_tile_asm(ASM: tl.constexpr, qw_ptr, x_ptr, s_ptr, z_ptr, out_ptr, nw_ptr, shares_ptr, N, G,
-                 NUM_WARPS: tl.constexpr, NORM: tl.constexpr):
+                 NUM_WARPS: tl.constexpr, EXTRA: tl.constexpr):
     """One `frag_gemv_asm` block per thread: its operands $1..$7 (words, x, scales, zeros, out, N, G), and with
-    NORM the norm weight ($8) and where this program's sum(h^2) share goes ($9)."""
+    EXTRA two more: the norm weight ($8) and where this program's sum(h^2) share goes ($9) for `norm`, the split
+    results' log-sum-exps ($8, $9 unused) for `x_splits`."""
     lanes = tl.zeros([32 * NUM_WARPS], dtype=tl.int64)
     operands = [lanes + qw_ptr.to(tl.int64), lanes + x_ptr.to(tl.int64), lanes + s_ptr.to(tl.int64),
                 lanes + z_ptr.to(tl.int64), lanes + out_ptr.to(tl.int64), lanes.to(tl.int32) + N,
                 lanes.to(tl.int32) + G]
-    if NORM:
+    if EXTRA:
         tl.inline_asm_elementwise(ASM, "=r,l,l,l,l,l,r,r,l,l",
                                   operands + [lanes + nw_ptr.to(tl.int64), lanes + shares_ptr.to(tl.int64)],
                                   dtype=tl.int32, is_pure=False, pack=1)

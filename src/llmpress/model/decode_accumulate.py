@@ -7,9 +7,9 @@ the same steps run over an fp32 one that o and down add into in place:
     h = embed(token) in fp32
     for each layer:
         a = attention(rope(q|k|v(norm(h))))        # the q|k|v kernel, then attention reading its accumulator
-        h += o(a)                                   # atomics into h
+        h += o(a)                                   # atomics into h (o combining attention's splits, where it can)
         h += down(silu(gate) * up)(norm(h))         # gate|up and its finishing kernel, then down into h
-    logits = lm_head(norm(h in the model's dtype))
+    logits = lm_head(norm(h))                       # an int4 head accumulated too, its norm folded
 
 It applies where the layer chain's plan does (model/decode_chain.py `chain_plan`: int4 layers held as tensor-core
 fragments, q|k|v and gate|up fused, no biases, a static KV cache), with `ops.int4_accumulate_decode` switched on.
@@ -43,10 +43,13 @@ def forward(model: nn.Module, plan: list[dict], input_ids: torch.Tensor, positio
     folded = ops.accumulate_into_attention_applies(h, cos, kv_cache.keys[0])
     for i, (layer, products) in enumerate(zip(model.model.layers, plan)):
         attn, group_size = layer.self_attn, products["group_size"]
-        out = ops.int4_accumulated_attention(h, products["qkv"], group_size, dtype, attn.num_heads, cos, sin,
-                                             attn.rotary[0].inv_freq, kv_cache.keys[i], kv_cache.values[i], positions)
-        h = ops.int4_accumulate(h, out.reshape(1, -1), products["o"], group_size)
+        h = ops.int4_accumulated_attention_o(h, products["qkv"], products["o"], group_size, dtype, attn.num_heads,
+                                             cos, sin, attn.rotary[0].inv_freq, kv_cache.keys[i], kv_cache.values[i],
+                                             positions)
         act = ops.int4_accumulated_norm(h, products["gate_up"], group_size, dtype, swiglu=True,
                                         zero_qkv=products["qkv"].scales.shape[1] if folded else 0)
         h = ops.int4_accumulate(h, act, products["down"], group_size)
+    head = plan[-1].get("next")  # the int4 head with the final norm (decode_chain.chain_plan), or None
+    if head is not None and ops.int4_accumulate_head:
+        return ops.int4_accumulated_norm(h, head, plan[-1]["group_size"], dtype).view(1, 1, -1)
     return model.lm_head(model.model.norm(h.to(dtype))).view(1, 1, -1)
