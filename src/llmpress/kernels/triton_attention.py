@@ -263,8 +263,8 @@ def decode_attention_rope_triton(qkv: torch.Tensor, num_heads: int, inv_freq: to
     in the caches' dtype. One tensor, not three views of it: given views, Inductor copied each into a buffer of
     its own first. `qkv_norm` (squares, n, K, eps): qkv is the fp32 accumulator of the accumulating decode, to be
     scaled by rsqrt(sum of the n squares / K + eps) (kernels/triton_int4_accumulate.py)."""
-    return _decode_attention(*_rope_operands(qkv, num_heads, inv_freq, k_cache), k_cache, v_cache, positions,
-                             qkv_norm=qkv_norm)
+    q_heads, rope_args = _rope_operands(qkv, num_heads, inv_freq, k_cache)
+    return _decode_attention(q_heads, k_cache, v_cache, positions, rope_args, qkv_norm)
 
 
 def decode_attention_rope_splits(qkv: torch.Tensor, num_heads: int, inv_freq: torch.Tensor, k_cache: torch.Tensor,
@@ -273,8 +273,8 @@ def decode_attention_rope_splits(qkv: torch.Tensor, num_heads: int, inv_freq: to
     """`decode_attention_rope_triton` without its combine kernel: the splits' softmax-normalised outputs [B, H, S,
     D] fp32 and log-sum-exps [B, H, S] (S = `splits_for`), for a product that combines them as it loads them
     (triton_int4_accumulate.frag_accumulate_splits)."""
-    return _decode_attention(*_rope_operands(qkv, num_heads, inv_freq, k_cache), k_cache, v_cache, positions,
-                             qkv_norm=qkv_norm, splits_only=True)
+    q_heads, rope_args = _rope_operands(qkv, num_heads, inv_freq, k_cache)
+    return _decode_attention(q_heads, k_cache, v_cache, positions, rope_args, qkv_norm, splits_only=True)
 
 
 def _rope_operands(qkv: torch.Tensor, num_heads: int, inv_freq: torch.Tensor, k_cache: torch.Tensor):
