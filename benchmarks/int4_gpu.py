@@ -156,7 +156,11 @@ ACCUMULATING = dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", accumu
 STEP_VARIANTS.update({"int4-tc-only-acc-xf32+head": {**ACCUMULATING, **SESSION_11, "xf32_first": True},
                       "int4-tc-only-acc-preload+head": dict(ACCUMULATING, combine_o=False, acc_head=False),
                       "int4-tc-only-acc-combine-o+head": dict(ACCUMULATING, acc_head=False),
-                      "int4-tc-only-acc-s11+head": dict(ACCUMULATING),  # all three
+                      "int4-tc-only-acc-combine-o-nopre+head": dict(ACCUMULATING, preload=False, acc_head=False),
+                      "int4-tc-only-acc-s11-nopre+head": dict(ACCUMULATING, preload=False),
+                      "int4-tc-only-acc-s11+head": dict(ACCUMULATING),  # all four
+                      # without PDL: each kernel's profiled time is then its own (--profile)
+                      "int4-tc-only-acc-s11-nopdl+head": dict(ACCUMULATING, pdl="off"),
                       "int4-tc-only-acc-s11": dict(ACCUMULATING)})
 
 
