@@ -102,7 +102,7 @@ SETTINGS = {"rope": (ops, "fuse_rope_into_attention"), "steps": (ops, "int4_fuse
             "tc_swiglu": (ops, "int4_tensor_core_swiglu"), "chain": (ops, "int4_layer_chain"),
             "accumulate": (ops, "int4_accumulate_decode"), "acc_attention": (ops, "int4_accumulate_into_attention"),
             "acc_configs": (accumulate_module, "CONFIGS"), "combine_o": (ops, "int4_combine_in_o"),
-            "acc_head": (ops, "int4_accumulate_head"), "preload": (attention_module, "preload_first_block"),
+            "acc_head": (ops, "int4_accumulate_head"), "kv_early": (attention_module, "early_first_block"),
             "xf32_first": (frag_module, "x_f32_loads_first")}
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr) in SETTINGS.items()}
 NORM_RES = frozenset({"residual", "norm"})
@@ -148,16 +148,15 @@ STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", 
                                                      accumulate=True, acc_attention=False),
                  "bf16-before": dict(pdl="off", combine="kernel")}
 # session 11's defaults, off in every variant above (they ran before them): fp32 x's loads all before the first mma
-# (triton_int4_frag.x_f32_loads_first), attention's first keys loaded before its PDL wait, its splits combined
-# inside the o product, the int4 head accumulated with its norm folded
-SESSION_11 = dict(xf32_first=False, preload=False, combine_o=False, acc_head=False)
+# (triton_int4_frag.x_f32_loads_first), attention's splits combined inside the o product, the int4 head accumulated
+# with its norm folded, attention's first keys requested with the position (triton_attention.early_first_block).
+# (int4_h200_s11*.json also hold "-preload" variants: keys loaded before the PDL wait, slower, since removed.)
+SESSION_11 = dict(xf32_first=False, combine_o=False, acc_head=False, kv_early=False)
 STEP_VARIANTS = {label: {**SESSION_11, **settings} for label, settings in STEP_VARIANTS.items()}
 ACCUMULATING = dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", accumulate=True)
 STEP_VARIANTS.update({"int4-tc-only-acc-xf32+head": {**ACCUMULATING, **SESSION_11, "xf32_first": True},
-                      "int4-tc-only-acc-preload+head": dict(ACCUMULATING, combine_o=False, acc_head=False),
-                      "int4-tc-only-acc-combine-o+head": dict(ACCUMULATING, acc_head=False),
-                      "int4-tc-only-acc-combine-o-nopre+head": dict(ACCUMULATING, preload=False, acc_head=False),
-                      "int4-tc-only-acc-s11-nopre+head": dict(ACCUMULATING, preload=False),
+                      "int4-tc-only-acc-combine-o-nopre+head": dict(ACCUMULATING, acc_head=False, kv_early=False),
+                      "int4-tc-only-acc-s11-nopre+head": dict(ACCUMULATING, kv_early=False),
                       "int4-tc-only-acc-s11+head": dict(ACCUMULATING),  # all four
                       # without PDL: each kernel's profiled time is then its own (--profile)
                       "int4-tc-only-acc-s11-nopdl+head": dict(ACCUMULATING, pdl="off"),
