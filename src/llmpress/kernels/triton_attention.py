@@ -40,7 +40,7 @@ combine = "kernel"
 # has just written: two round trips to memory fewer before the first dot for that program. (Tried in session 11 and
 # removed: the same loads before the PDL wait, 3B int4 decode 958.3 / 956.3 against 1000.1 / 999.9 tok/s after
 # it, results/int4_h200_s11_ab.*.) False: the loads after the position, as before.
-early_first_block = True
+early_first_block = False
 
 
 @triton.jit
