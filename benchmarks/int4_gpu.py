@@ -102,8 +102,7 @@ SETTINGS = {"rope": (ops, "fuse_rope_into_attention"), "steps": (ops, "int4_fuse
             "tc_swiglu": (ops, "int4_tensor_core_swiglu"), "chain": (ops, "int4_layer_chain"),
             "accumulate": (ops, "int4_accumulate_decode"), "acc_attention": (ops, "int4_accumulate_into_attention"),
             "acc_configs": (accumulate_module, "CONFIGS"), "combine_o": (ops, "int4_combine_in_o"),
-            "acc_head": (ops, "int4_accumulate_head"), "kv_early": (attention_module, "early_first_block"),
-            "xf32_first": (frag_module, "x_f32_loads_first")}
+            "acc_head": (ops, "int4_accumulate_head"), "xf32_first": (frag_module, "x_f32_loads_first")}
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr) in SETTINGS.items()}
 NORM_RES = frozenset({"residual", "norm"})
 STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", combine="kernel"),
@@ -148,16 +147,16 @@ STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", 
                                                      accumulate=True, acc_attention=False),
                  "bf16-before": dict(pdl="off", combine="kernel")}
 # session 11's defaults, off in every variant above (they ran before them): fp32 x's loads all before the first mma
-# (triton_int4_frag.x_f32_loads_first), attention's splits combined inside the o product, the int4 head accumulated
-# with its norm folded, attention's first keys requested with the position (triton_attention.early_first_block).
-# (int4_h200_s11*.json also hold "-preload" variants: keys loaded before the PDL wait, slower, since removed.)
-SESSION_11 = dict(xf32_first=False, combine_o=False, acc_head=False, kv_early=False)
+# (triton_int4_frag.x_f32_loads_first), attention's splits combined inside the o product (ops.int4_combine_in_o),
+# the int4 head accumulated with its norm folded (ops.int4_accumulate_head). (results/int4_h200_s11*.json also hold
+# two attention variants since removed as slower, triton_attention.py says which: "-preload" and the "s11" of
+# int4_h200_s11_early_kv; "-nopre" there is the s11 here.)
+SESSION_11 = dict(xf32_first=False, combine_o=False, acc_head=False)
 STEP_VARIANTS = {label: {**SESSION_11, **settings} for label, settings in STEP_VARIANTS.items()}
 ACCUMULATING = dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", accumulate=True)
 STEP_VARIANTS.update({"int4-tc-only-acc-xf32+head": {**ACCUMULATING, **SESSION_11, "xf32_first": True},
-                      "int4-tc-only-acc-combine-o-nopre+head": dict(ACCUMULATING, acc_head=False, kv_early=False),
-                      "int4-tc-only-acc-s11-nopre+head": dict(ACCUMULATING, kv_early=False),
-                      "int4-tc-only-acc-s11+head": dict(ACCUMULATING),  # all four
+                      "int4-tc-only-acc-combine-o+head": dict(ACCUMULATING, acc_head=False),
+                      "int4-tc-only-acc-s11+head": dict(ACCUMULATING),  # all three
                       # without PDL: each kernel's profiled time is then its own (--profile)
                       "int4-tc-only-acc-s11-nopdl+head": dict(ACCUMULATING, pdl="off"),
                       "int4-tc-only-acc-s11": dict(ACCUMULATING)})

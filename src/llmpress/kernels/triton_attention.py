@@ -34,13 +34,11 @@ BLOCK_N = 64  # keys per inner step
 # The last program combines its GROUP heads one after another after an atomic round trip; a combine kernel
 # does every head at once.
 combine = "kernel"
-# The split programs of the RoPE variant request their first block of keys and values together with the position
-# (bounded by the cache's length, not by the position, which they would otherwise wait for first), and the program
-# whose block holds the new token puts its k and v into that block from registers instead of reading back what it
-# has just written: two round trips to memory fewer before the first dot for that program. (Tried in session 11 and
-# removed: the same loads before the PDL wait, 3B int4 decode 958.3 / 956.3 against 1000.1 / 999.9 tok/s after
-# it, results/int4_h200_s11_ab.*.) False: the loads after the position, as before.
-early_first_block = False
+# Tried in session 11 and removed, both slower for the 3B's int4 decode on the H200: the split programs' first block
+# of keys and values loaded before the PDL wait (958.3 / 956.3 against 1000.1 / 999.9 tok/s,
+# results/int4_h200_s11_ab.*), or with the position, bounded by the cache's length, the new token's k and v put in
+# from registers (916.2 / 926.1 against 983.8 / 995.3, results/int4_h200_s11_early_kv.*; every split then reads a
+# whole block, past the position too).
 
 
 @triton.jit
@@ -66,20 +64,18 @@ def _rotate(ptr, offs_d, cos, sin, mask, D: tl.constexpr, scale, dtype_ptr, SCAL
 @triton.jit
 def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
                   stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-                  num_kv_heads, num_heads, chunk, max_len, sm_scale,
+                  num_kv_heads, num_heads, chunk, sm_scale,
                   new_k_ptr, new_v_ptr, inv_freq_ptr, stride_nkb, stride_nvb, out_ptr, counter_ptr,
                   squares_ptr, squares_n, norm_k, norm_eps,
                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                   NUM_SPLITS: tl.constexpr, ROPE: tl.constexpr, COMBINE: tl.constexpr, BLOCK_S: tl.constexpr,
-                  PDL: tl.constexpr, SCALED: tl.constexpr = False, SQUARES_P2: tl.constexpr = 1,
-                  EARLY_KV: tl.constexpr = False):
+                  PDL: tl.constexpr, SCALED: tl.constexpr = False, SQUARES_P2: tl.constexpr = 1):
     """ROPE: q is the projection's raw output (rotated here), and new_k/new_v ([B, Hkv * D] rows) are the new
     token's k/v, rotated and written at slot `position` by the program whose chunk holds it; otherwise
     q is rotated already and the cache holds the new token. COMBINE: the last split program of this KV head
     to finish combines all splits into out (else `_combine_kernel` does). SCALED (with ROPE): q, k, v are an
     fp32 accumulator of the projection before its RMSNorm's rsqrt, which comes from the `squares_n` shares of
-    sum(h^2) at squares_ptr (kernels/triton_int4_accumulate.py): rsqrt(sum / norm_k + norm_eps). EARLY_KV (with
-    ROPE): the chunk's first block of keys and values is loaded unmasked by the position (see early_first_block)."""
+    sum(h^2) at squares_ptr (kernels/triton_int4_accumulate.py): rsqrt(sum / norm_k + norm_eps)."""
     pdl_start(PDL)
     pdl_wait(PDL)  # q, k, v come from the previous kernel, and the cache grows each step
     bh = tl.program_id(0)
@@ -95,11 +91,6 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
     offs_n = tl.arange(0, BLOCK_N)
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
     v_base = v_ptr + b * stride_vb + kvh * stride_vh
-    n_first = start + offs_n
-    if EARLY_KV:  # slots up to the cache's end: the loads need not wait for the position
-        in_cache = (n_first < max_len)[:, None]
-        k_first = tl.load(k_base + n_first[:, None] * stride_ks + offs_d[None, :], mask=in_cache, other=0.0)
-        v_first = tl.load(v_base + n_first[:, None] * stride_vs + offs_d[None, :], mask=in_cache, other=0.0)
     scale = 1.0
     if SCALED:
         offs_sq = tl.arange(0, SQUARES_P2)
@@ -125,23 +116,12 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
             tl.store(v_ptr + b * stride_vb + kvh * stride_vh + position * stride_vs + offs_d[None, :],
                      v_new.to(v_ptr.dtype.element_ty))
             tl.debug_barrier()  # the block's own stores are visible to its loads of the chunk below
-            if EARLY_KV:  # the first block was loaded before the store: its new token's row from registers
-                new_row = (n_first == position)[:, None]
-                k_first = tl.where(new_row, k_new.to(k_first.dtype), k_first)
-                v_first = tl.where(new_row, v_new.to(v_first.dtype), v_first)
     else:
         q = tl.load(q_rows + offs_d[None, :], mask=g_mask[:, None], other=0.0)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
-    first = start
-    if EARLY_KV:
-        if start < end:  # (a split past the position has no keys: nothing to attend)
-            first_mask = n_first < end
-            v_first = tl.where(first_mask[:, None], v_first, tl.zeros_like(v_first))  # slots past it: weight 0
-            m_i, l_i, acc = _attend_block(q, k_first, v_first, first_mask, m_i, l_i, acc, sm_scale)
-        first = start + BLOCK_N
-    for n0 in range(first, end, BLOCK_N):
+    for n0 in range(start, end, BLOCK_N):
         n = n0 + offs_n
         n_mask = n < end
         k = tl.load(k_base + n[:, None] * stride_ks + offs_d[None, :], mask=n_mask[:, None], other=0.0)
@@ -245,11 +225,10 @@ def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple, qkv_norm
         q, k_cache, v_cache, positions, part_out, part_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        Hkv, H, chunk, S, 1.0 / math.sqrt(D), *rope_args, out, counters, squares, squares_n, norm_k, norm_eps,
+        Hkv, H, chunk, 1.0 / math.sqrt(D), *rope_args, out, counters, squares, squares_n, norm_k, norm_eps,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, D=D, NUM_SPLITS=splits,
         ROPE=rope, COMBINE=in_kernel, BLOCK_S=block_s, PDL=pdl, SCALED=qkv_norm is not None,
-        SQUARES_P2=max(2, triton.next_power_of_2(squares_n)), EARLY_KV=rope and early_first_block, num_warps=4,
-        launch_pdl=bool(pdl))
+        SQUARES_P2=max(2, triton.next_power_of_2(squares_n)), num_warps=4, launch_pdl=bool(pdl))
     if splits_only:
         return part_out, part_lse
     if not in_kernel:
