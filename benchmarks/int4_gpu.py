@@ -102,7 +102,8 @@ SETTINGS = {"rope": (ops, "fuse_rope_into_attention"), "steps": (ops, "int4_fuse
             "tc_swiglu": (ops, "int4_tensor_core_swiglu"), "chain": (ops, "int4_layer_chain"),
             "accumulate": (ops, "int4_accumulate_decode"), "acc_attention": (ops, "int4_accumulate_into_attention"),
             "acc_configs": (accumulate_module, "CONFIGS"), "combine_o": (ops, "int4_combine_in_o"),
-            "acc_head": (ops, "int4_accumulate_head"), "xf32_first": (frag_module, "x_f32_loads_first")}
+            "acc_head": (ops, "int4_accumulate_head"), "xf32_first": (frag_module, "x_f32_loads_first"),
+            "norm_waits": (frag_module, "norm_waits_for_loads")}
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr) in SETTINGS.items()}
 NORM_RES = frozenset({"residual", "norm"})
 STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", combine="kernel"),
@@ -151,14 +152,17 @@ STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", 
 # the int4 head accumulated with its norm folded (ops.int4_accumulate_head). (results/int4_h200_s11*.json also hold
 # two attention variants since removed as slower, triton_attention.py says which: "-preload" and the "s11" of
 # int4_h200_s11_early_kv; "-nopre" there is the s11 here.)
-SESSION_11 = dict(xf32_first=False, combine_o=False, acc_head=False)
+# Then (not timed yet) the sum(h^2) mma made to wait for every load (triton_int4_frag.norm_waits_for_loads; the
+# 1B's q|k|v tile is one it changes): on in -s11b, off in -s11 (as timed in session 11).
+SESSION_11 = dict(xf32_first=False, combine_o=False, acc_head=False, norm_waits=False)
 STEP_VARIANTS = {label: {**SESSION_11, **settings} for label, settings in STEP_VARIANTS.items()}
 ACCUMULATING = dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", accumulate=True)
 STEP_VARIANTS.update({"int4-tc-only-acc-xf32+head": {**ACCUMULATING, **SESSION_11, "xf32_first": True},
                       "int4-tc-only-acc-combine-o+head": dict(ACCUMULATING, acc_head=False),
-                      "int4-tc-only-acc-s11+head": dict(ACCUMULATING),  # all three
+                      "int4-tc-only-acc-s11+head": dict(ACCUMULATING, norm_waits=False),  # all three
+                      "int4-tc-only-acc-s11b+head": dict(ACCUMULATING),
                       # without PDL: each kernel's profiled time is then its own (--profile)
-                      "int4-tc-only-acc-s11-nopdl+head": dict(ACCUMULATING, pdl="off"),
+                      "int4-tc-only-acc-s11-nopdl+head": dict(ACCUMULATING, pdl="off", norm_waits=False),
                       "int4-tc-only-acc-s11": dict(ACCUMULATING)})
 
 

@@ -132,6 +132,9 @@ def main() -> int:
     parser.add_argument("--int4-fold-rows", action="store_true",
                         help="with --int4-tensor-cores: the verify step's RMSNorm and residual add folded into the "
                              "tensor-core GEMV too (ops.int4_tensor_core_fold_rows; measured slower)")
+    parser.add_argument("--int4-accumulate-rows", action="store_true",
+                        help="with --int4-tensor-cores: time the int4 speculative row a second time with the verify "
+                             "step on the accumulating decode (ops.int4_accumulate_rows, model/decode_accumulate.py)")
     parser.add_argument("--pdl-rows", type=int, default=None,
                         help="with --int4-tensor-cores: launch the tensor-core GEMV under PDL up to this many rows "
                              "(triton_int4_frag.PDL_MAX_ROWS; default its value: 1, so verify steps run without)")
@@ -192,6 +195,15 @@ def main() -> int:
         row["speedup_over_plain_bf16"] = row["tokens_per_s"] / plain_rate
         rows.append(row)
         log(f"int4: plain {plain4:.1f} tok/s, speculative {row['tokens_per_s']:.1f} tok/s")
+        if args.int4_accumulate_rows and args.int4_tensor_cores:
+            ops.int4_accumulate_rows = True
+            torch._dynamo.reset()
+            row = oracle_row(f"int4: oracle alpha={args.int4_alpha:g} + int4 1B draft, accumulating verify", target4,
+                             draft4, reference4, args.int4_alpha, prompt, args, plain4, vocab)
+            row["speedup_over_plain_bf16"] = row["tokens_per_s"] / plain_rate
+            rows.append(row)
+            ops.int4_accumulate_rows = False
+            log(f"int4, accumulating verify: speculative {row['tokens_per_s']:.1f} tok/s")
     from llmpress.bench.roofline import device_name
     result = {"target": args.arch.split(",")[0], "draft": args.arch.split(",")[-1], "device": device_name(device),
               "dtype": str(dtype).removeprefix("torch."), "mode": args.mode, "batch_size": 1,

@@ -20,3 +20,48 @@ def test_accumulating_decode_gives_the_logits_of_the_layers_as_written(quantize_
 
 def test_accumulating_decode_applies_only_to_one_token_over_a_static_cache():
     check_applies_only_to_batch1_decode(decode_accumulate.plan_for_step, "int4_accumulate_decode", int4_model(False))
+
+
+def verify_step_logits(model, rows_switch: bool, accumulating: bool, last_only: bool = False) -> torch.Tensor:
+    """Logits of one 6-token step (a speculative verify step) after a 5-token prefill over a static cache."""
+    from llmpress.kernels import ops
+    from llmpress.model.kv_cache import StaticKVCache
+    cache = StaticKVCache(model.config, 1, 16, model.dtype, "cpu")
+    ids = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(1))
+    saved = ops.int4_accumulate_decode, ops.int4_accumulate_rows
+    try:
+        with torch.no_grad():
+            model(ids[:, :5], torch.arange(5), cache)
+            ops.int4_accumulate_decode, ops.int4_accumulate_rows = accumulating, rows_switch
+            return model(ids[:, 5:], torch.arange(5, 11), cache, last_only=last_only)
+    finally:
+        ops.int4_accumulate_decode, ops.int4_accumulate_rows = saved
+
+
+@pytest.mark.parametrize("quantize_head", [True, False])
+@pytest.mark.parametrize("last_only", [False, True])
+def test_accumulating_verify_step_gives_the_logits_of_the_layers_as_written(quantize_head, last_only):
+    model = int4_model(quantize_head)
+    accumulated = verify_step_logits(model, True, True, last_only)
+    plain = verify_step_logits(model, False, False, last_only)
+    assert accumulated.shape == plain.shape == (1, 1 if last_only else 6, 256)
+    torch.testing.assert_close(accumulated, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_steps_of_several_tokens_are_planned_only_with_the_rows_switch():
+    from llmpress.kernels import ops
+    from llmpress.model.kv_cache import StaticKVCache
+    model = int4_model(False)
+    cache = StaticKVCache(model.config, 1, 16, model.dtype, "cpu")
+    saved = ops.int4_accumulate_rows
+    try:
+        for switch in (False, True):
+            ops.int4_accumulate_rows = switch
+            six = decode_accumulate.plan_for_step(model, torch.zeros(1, 6, dtype=torch.long), cache, None)
+            assert (six is not None) == switch
+            assert decode_accumulate.plan_for_step(model, torch.zeros(1, 9, dtype=torch.long), cache, None) is None
+            assert decode_accumulate.plan_for_step(model, torch.zeros(2, 6, dtype=torch.long), cache, None) is None
+            assert decode_accumulate.plan_for_step(model, torch.zeros(1, 6, dtype=torch.long), cache,
+                                                   torch.tensor([5])) is None
+    finally:
+        ops.int4_accumulate_rows = saved

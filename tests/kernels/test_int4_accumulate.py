@@ -193,3 +193,64 @@ def test_attention_and_o_in_three_kernels_match_attention_then_o(slots, position
         close(c[:, :, position], e[:, :, position])
         assert torch.equal(c[:, :, :position], e[:, :, :position])
     acc.zero_()  # as the layer's gate|up finishing kernel would: the next test's q|k|v starts from zeros
+
+
+@cuda_only
+@pytest.mark.parametrize("rows", [2, 6, 8])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_accumulate_adds_several_rows(rows, x_dtype):
+    from llmpress.kernels.triton_int4_accumulate import frag_accumulate
+    from llmpress.kernels.triton_int4_frag import dequantize_fragments_triton
+    torch.manual_seed(11)
+    k, n = 2048, 3072
+    w = weight(k, n)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(rows, n, device="cuda", dtype=torch.float32)
+    dense = dequantize_fragments_triton(*w, 128, torch.float32).double()
+    expected = h.double() + x.double() @ dense.T
+    out = h.clone()
+    frag_accumulate(x.to(x_dtype), *w, 128, out)
+    close(out, expected, 1e-5)
+    for m in range(rows):  # each row its own, not a neighbour's
+        close(out[m], expected[m], 1e-5)
+
+
+@cuda_only
+@pytest.mark.parametrize("rows", [2, 6])
+@pytest.mark.parametrize("swiglu,n", [(False, 3072), (True, 4096), (True, 16384)])
+def test_accumulated_norm_of_several_rows_matches_the_gemv(rows, swiglu, n):
+    from llmpress.kernels.triton_int4_accumulate import frag_accumulated_norm
+    from llmpress.kernels.triton_int4_frag import frag_gemv
+    torch.manual_seed(12)
+    k = 1024
+    w = weight(k, n)
+    norm = (torch.rand(k, device="cuda") + 0.5).to(torch.bfloat16)
+    h = torch.randn(rows, k, device="cuda", dtype=torch.float32) * torch.arange(1, rows + 1, device="cuda")[:, None]
+    expected = frag_gemv(h.to(torch.bfloat16), *w, 128, norm_weight=norm, eps=1e-5, swiglu=swiglu)
+    for _ in range(2):  # the second call proves the workspace was zeroed again by the first
+        got = frag_accumulated_norm(h, *w, 128, norm, 1e-5, swiglu=swiglu)
+        assert got.shape == expected.shape and got.dtype == torch.bfloat16
+        for m in range(rows):  # rows of different norms: each row's own rsqrt
+            close(got[m], expected[m])
+
+
+@cuda_only
+@pytest.mark.parametrize("quantize_head", [True, False])
+def test_verify_step_through_the_accumulating_path_gives_close_logits(quantize_head, monkeypatch):
+    from llmpress.kernels import ops
+    from llmpress.model.kv_cache import StaticKVCache
+    from tests.test_decode_chain import int4_model
+    monkeypatch.setattr(ops, "int4_tensor_core_norm", True)
+    monkeypatch.setattr(ops, "int4_tensor_core_swiglu", True)
+    model = int4_model(quantize_head, "cuda", torch.bfloat16, hidden_size=256, intermediate_size=512)
+    ids = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(1)).cuda()
+    logits = []
+    for rows in (True, False):
+        monkeypatch.setattr(ops, "int4_accumulate_rows", rows)
+        cache = StaticKVCache(model.config, 1, 64, model.dtype, "cuda")
+        with torch.no_grad():
+            model(ids[:, :5], torch.arange(5, device="cuda"), cache)
+            logits.append(model(ids[:, 5:], torch.arange(5, 11, device="cuda"), cache).float())
+    accumulated, plain = logits
+    assert accumulated.shape == plain.shape == (1, 6, 256)
+    torch.testing.assert_close(accumulated, plain, rtol=0.02, atol=0.05 * plain.abs().max().item())

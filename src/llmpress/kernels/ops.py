@@ -455,16 +455,19 @@ def _(x, residual, o_fragments, o_scales, o_zeros, gu_fragments, gu_scales, gu_z
 # last-arrival reduction, 941.4 / 940.2 accumulating (+20%); decode-step logits 4.18e-2 from the reference ops
 # against 4.56e-2 (the residual stream no longer rounds to bf16 between products).
 int4_accumulate_decode = True
+# ... and to steps of 2..8 new tokens of one sequence (a speculative verify step; model/decode_accumulate.py). Off:
+# not yet run on the GPU (its CUDA tests are in tests/kernels/test_int4_accumulate.py).
+int4_accumulate_rows = False
 
 
 def int4_accumulate_applies(h: torch.Tensor) -> bool:
-    """Whether the accumulating kernels run for the residual stream h [1, H] (else their references do)."""
+    """Whether the accumulating kernels run for the residual stream h [M, H], M <= 8 (else their references do)."""
     return (int4_accumulate_decode and _backend in ("auto", "triton") and h.is_cuda and HAS_TRITON
-            and h.shape[0] == 1 and h.dtype == torch.float32)
+            and 1 <= h.shape[0] <= 8 and h.dtype == torch.float32)
 
 
 def int4_accumulate(h: torch.Tensor, x: torch.Tensor, product: ChainProduct, group_size: int) -> torch.Tensor:
-    """h [1, N] fp32 += x [1, K] @ Wᵀ in place (the residual add of o and down), and returns h."""
+    """h [M, N] fp32 += x [M, K] @ Wᵀ in place (the residual add of o and down), and returns h."""
     if int4_accumulate_applies(h):
         torch.ops.llmpress.int4_accumulate(h, x.contiguous(), *product.tensors()[:3], group_size)
         return h
@@ -473,8 +476,8 @@ def int4_accumulate(h: torch.Tensor, x: torch.Tensor, product: ChainProduct, gro
 
 def int4_accumulated_norm(h: torch.Tensor, product: ChainProduct, group_size: int, dtype: torch.dtype,
                           swiglu: bool = False, zero_qkv: int = 0) -> torch.Tensor:
-    """W rmsnorm(h) in `dtype` for the fp32 residual stream h [1, K] (`product` holds the norm), or
-    silu(gate) * up [1, I] for a fused gate|up W (`swiglu`). `zero_qkv`: the width of the q|k|v accumulator that
+    """W rmsnorm(h) in `dtype` for the fp32 residual stream h [M, K] (`product` holds the norm), or
+    silu(gate) * up [M, I] for a fused gate|up W (`swiglu`). `zero_qkv`: the width of the q|k|v accumulator that
     `int4_accumulated_attention` left for this kernel to zero (0: none)."""
     if int4_accumulate_applies(h):
         return torch.ops.llmpress.int4_accumulated_norm(h.contiguous(), *product.tensors(), product.eps, group_size,
@@ -511,7 +514,7 @@ def _int4_accumulated_norm(h: torch.Tensor, fragments: torch.Tensor, scales: tor
 @_int4_accumulated_norm.register_fake
 def _(h, fragments, scales, zeros, norm_weight, eps, group_size, swiglu, dtype, zero_qkv):
     width = scales.shape[1] // 2 if swiglu else scales.shape[1]
-    return h.new_empty(1, width, dtype=dtype)
+    return h.new_empty(h.shape[0], width, dtype=dtype)
 
 
 # q|k|v accumulated straight into what attention reads, its norm's rsqrt applied there (one kernel fewer a layer):
@@ -522,7 +525,8 @@ int4_accumulate_into_attention = True
 
 def accumulate_into_attention_applies(h: torch.Tensor, cos: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether `int4_accumulated_attention` has the attention kernel read the q|k|v accumulator (see there)."""
-    return (int4_accumulate_into_attention and int4_accumulate_applies(h) and fuse_rope_into_attention != "never"
+    return (int4_accumulate_into_attention and int4_accumulate_applies(h) and h.shape[0] == 1
+            and fuse_rope_into_attention != "never"
             and cos.dim() == 2 and k_cache.shape[-1] in (64, 128) and k_cache.dtype in (torch.float16, torch.bfloat16))
 
 

@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from llmpress.kernels.pdl import launch_mode, pdl_start, pdl_wait
-from llmpress.kernels.triton_int4_frag import _finish_swiglu, default_config, frag_gemv_asm, run_tile_asm
+from llmpress.kernels.triton_int4_frag import (FRAG_MAX_M, PDL_MAX_ROWS, _finish_swiglu, default_config,
+                                               frag_gemv_asm, run_tile_asm)
 
 
 X_F32_MAX_REGISTERS: int | None = 128  # None: no cap (latency_floor_gpu.py --sweep-configs --no-register-cap)
@@ -40,40 +41,43 @@ CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {(3072, 24): (4, 1, 2), (
 
 @triton.jit
 def _frag_accumulate(qw_ptr, x_ptr, s_ptr, z_ptr, acc_ptr, nw_ptr, squares_ptr, N, G, ASM: tl.constexpr,
-                     NUM_WARPS: tl.constexpr, EXTRA: tl.constexpr):
-    """acc [N] fp32 += this program's (row tiles, groups) share of W x; with the norm, squares[pid_k] = its
-    sum(h^2) share (every row-tile program of a group program writes the same value); with split results as x,
-    nw_ptr is their log-sum-exps (EXTRA: either)."""
-    run_tile_asm(ASM, qw_ptr, x_ptr, s_ptr, z_ptr, acc_ptr, nw_ptr, squares_ptr + tl.program_id(1), N, G, NUM_WARPS,
-                 EXTRA)
+                     NUM_WARPS: tl.constexpr, EXTRA: tl.constexpr, ROWS: tl.constexpr = 1):
+    """acc [ROWS, N] fp32 += this program's (row tiles, groups) share of W x; with the norm, squares[pid_k, row] =
+    its sum(h^2) share of each row (every row-tile program of a group program writes the same values); with split
+    results as x, nw_ptr is their log-sum-exps (EXTRA: either)."""
+    run_tile_asm(ASM, qw_ptr, x_ptr, s_ptr, z_ptr, acc_ptr, nw_ptr, squares_ptr + tl.program_id(1) * ROWS, N, G,
+                 NUM_WARPS, EXTRA)
 
 
 def frag_accumulate(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                     group_size: int, out: torch.Tensor, norm_weight: torch.Tensor | None = None,
                     squares: torch.Tensor | None = None) -> int:
-    """out [1, N] fp32 += x [1, K] @ Wᵀ, for W as tensor-core fragments with scales, zeros [G, N]
-    (triton_int4_frag.frag_gemv's layout); x in the weights' dtype or fp32. With `norm_weight` [K]: x is the
-    residual stream h and out += W (w * h), not yet scaled by the norm's rsqrt; each group program's share of
-    sum(h^2) goes to `squares` [>= SPLIT] fp32. Returns SPLIT, the number of shares."""
+    """out [M, N] fp32 += x [M, K] @ Wᵀ (M <= 8 rows: batch-1 decode, or a speculative verify step's tokens), for
+    W as tensor-core fragments with scales, zeros [G, N] (triton_int4_frag.frag_gemv's layout); x in the weights'
+    dtype or fp32. With `norm_weight` [K]: x is the residual stream h and out += W (w * h), not yet scaled by the
+    norm's rsqrt; each group program's share of each row's sum(h^2) goes to `squares` [>= SPLIT * M] fp32 (share s
+    of row m at s * M + m). Returns SPLIT, the number of shares."""
     G, N = scales.shape
-    assert x.shape == (1, G * group_size) and x.is_contiguous() and x.dtype in (scales.dtype, torch.float32), x.shape
-    assert out.shape == (1, N) and out.dtype == torch.float32 and out.is_contiguous(), (out.shape, out.dtype)
+    M = x.shape[0]
+    assert 1 <= M <= FRAG_MAX_M and x.shape == (M, G * group_size) and x.is_contiguous(), x.shape
+    assert x.dtype in (scales.dtype, torch.float32), x.dtype
+    assert out.shape == (M, N) and out.dtype == torch.float32 and out.is_contiguous(), (out.shape, out.dtype)
     norm = norm_weight is not None
-    config = CONFIGS.get((N, G)) or default_config(N, G, 1)
+    config = (CONFIGS.get((N, G)) if M == 1 else None) or default_config(N, G, M)
     assert config is not None, f"no fragment-GEMV tile fits N={N}, G={G}"
     warps, groups_per_warp, tiles = config
     split = G // groups_per_warp
-    assert not norm or (squares is not None and squares.numel() >= split and squares.dtype == torch.float32)
-    pdl = launch_mode(x.device)
+    assert not norm or (squares is not None and squares.numel() >= split * M and squares.dtype == torch.float32)
+    pdl = launch_mode(x.device) if M <= PDL_MAX_ROWS else 0
     x_f32 = x.dtype == torch.float32
-    asm = frag_gemv_asm(warps, groups_per_warp, group_size, scales.dtype, 1, norm, tiles, False, pdl, atomic=True,
+    asm = frag_gemv_asm(warps, groups_per_warp, group_size, scales.dtype, M, norm, tiles, False, pdl, atomic=True,
                         x_f32=x_f32)
     # fp32 x takes 8 more registers a thread on (4, 1, 4) (132 for sm_90 with the norm): capped at 128, without
     # spills, it keeps 4 programs of 4 warps per SM instead of 3
     options = {"maxnreg": X_F32_MAX_REGISTERS} if x_f32 and X_F32_MAX_REGISTERS else {}
     _frag_accumulate[(N // (16 * warps * tiles), split)](
         fragments, x, scales, zeros, out, norm_weight if norm else x, squares if norm else out, N, G, ASM=asm,
-        NUM_WARPS=warps, EXTRA=norm, num_warps=warps, launch_pdl=bool(pdl), **options)
+        NUM_WARPS=warps, EXTRA=norm, ROWS=M, num_warps=warps, launch_pdl=bool(pdl), **options)
     return split
 
 
@@ -101,14 +105,20 @@ def frag_accumulate_splits(parts: torch.Tensor, lse: torch.Tensor, fragments: to
 
 @triton.jit
 def _finish_accumulated(acc_ptr, squares_ptr, y_ptr, N, K, eps, SPLIT, other_ptr, other_n,
-                        SPLIT_P2: tl.constexpr, BLOCK: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr):
+                        SPLIT_P2: tl.constexpr, BLOCK: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr,
+                        ROWS: tl.constexpr = 1):
     """y = acc * rsqrt(mean(h^2) + eps) in y's dtype (SWIGLU: acc = gate | up, y = silu(gate) * up), and acc
-    zeroed, one BLOCK of y per program; so is the accumulator at other_ptr [other_n] (the q|k|v one that attention
-    read, model/decode_accumulate.py), BLOCK elements a program as far as there are programs, then again."""
+    zeroed, one BLOCK of one row of y per program (row program_id(1) of ROWS); so is the accumulator at other_ptr
+    [other_n] (the q|k|v one that attention read, model/decode_accumulate.py), BLOCK elements a program of row 0 as
+    far as there are programs, then again."""
     pdl_start(PDL)
     pdl_wait(PDL)
+    row = tl.program_id(1)
     offs_s = tl.arange(0, SPLIT_P2)
-    square_sum = tl.sum(tl.load(squares_ptr + offs_s, mask=offs_s < SPLIT, other=0.0), axis=0)
+    square_sum = tl.sum(tl.load(squares_ptr + offs_s * ROWS + row, mask=offs_s < SPLIT, other=0.0), axis=0)
+    acc_ptr += row * N
+    y_ptr += row * (N // 2 if SWIGLU else N)
+    other_n = tl.where(row > 0, 0, other_n)  # row 0's programs zero it
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     if SWIGLU:
         mask = offs < N // 2
@@ -155,21 +165,23 @@ FINISH_BLOCK = 1024
 def frag_accumulated_norm(h: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                           group_size: int, norm_weight: torch.Tensor, eps: float, swiglu: bool = False,
                           out_dtype: torch.dtype | None = None, zero_after: torch.Tensor | None = None) -> torch.Tensor:
-    """y [1, N] = W rmsnorm(h) for the residual stream h [1, K] (fp32 or the weights' dtype) and W as fragments;
-    `swiglu` (W a fused gate|up [2I, K]): y [1, I] = silu(gate) * up. In `out_dtype` (default the scales').
-    Two kernels: the accumulating GEMV, then the finishing one, which also zeroes `zero_after` (fp32) if given."""
+    """y [M, N] = W rmsnorm(h) for the residual stream h [M, K] (fp32 or the weights' dtype, M <= 8 rows) and W
+    as fragments; `swiglu` (W a fused gate|up [2I, K]): y [M, I] = silu(gate) * up. In `out_dtype` (default the
+    scales'). Two kernels: the accumulating GEMV, then the finishing one, which also zeroes `zero_after` (fp32)
+    if given."""
     G, N = scales.shape
-    acc, squares = _zeroed.get(h.device, "gate_up" if swiglu else "rows", N, G)
-    acc = acc[:N].view(1, N)
+    M = h.shape[0]
+    acc, squares = _zeroed.get(h.device, "gate_up" if swiglu else "rows", M * N, G * M)
+    acc = acc[:M * N].view(M, N)
     split = frag_accumulate(h, fragments, scales, zeros, group_size, acc, norm_weight, squares)
     out_dtype = out_dtype or scales.dtype
     width = N // 2 if swiglu else N
-    y = torch.empty(1, width, dtype=out_dtype, device=h.device)
-    pdl = launch_mode(h.device)
+    y = torch.empty(M, width, dtype=out_dtype, device=h.device)
+    pdl = launch_mode(h.device) if M <= PDL_MAX_ROWS else 0
     other = acc if zero_after is None else zero_after
-    _finish_accumulated[(triton.cdiv(width, FINISH_BLOCK),)](
+    _finish_accumulated[(triton.cdiv(width, FINISH_BLOCK), M)](
         acc, squares, y, N, G * group_size, eps, split, other, 0 if zero_after is None else zero_after.numel(),
-        SPLIT_P2=triton.next_power_of_2(split), BLOCK=FINISH_BLOCK, SWIGLU=swiglu, PDL=pdl, num_warps=4,
+        SPLIT_P2=triton.next_power_of_2(split), BLOCK=FINISH_BLOCK, SWIGLU=swiglu, PDL=pdl, ROWS=M, num_warps=4,
         launch_pdl=bool(pdl))
     return y
 

@@ -62,6 +62,11 @@ TWO_BLOCK_CONFIG = (4, 1, 1)  # 9..16 rows: the fewest registers (96 a thread, s
 # x loads. With one (as first built), ptxas issued one of the 16-byte x loads only after the first mma (an L2 round
 # trip inside the product, seen in the sm_90 SASS of the accumulating q|k|v and gate|up tiles); False: as first built.
 x_f32_loads_first = True
+# With the norm folded, the sum(h^2) mma starts from the same dependency as the products' first mma. Without it,
+# ptxas issued that mma (which needs only the first group's x) before the loads of the other groups, so at 2 groups
+# per warp with fp32 x 16-21 of 36 loads waited for x to arrive (sm_90 SASS of (4, 2, 1), compiled on the CPU
+# machine: the 1B's q|k|v tile, and 2..8 rows). False: as built before session 11.
+norm_waits_for_loads = True
 SPIN_LIMIT = 1 << 24  # polls of a ready flag before a trap: seconds, where a tile waits microseconds
 # per activation dtype: the magic value's bits (both halves), its value, 1.0 in both halves, the mma type
 _TYPES = {torch.bfloat16: (0x43004300, 128.0, 0x3F803F80, "bf16"), torch.float16: (0x64006400, 1024.0, 0x3C003C00, "f16")}
@@ -109,7 +114,7 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
     of storing its program's slice of the partials, for the accumulating decode (kernels/triton_int4_accumulate.py;
     what that saves: benchmarks/latency_floor_gpu.py --reductions).
 
-    `x_f32` (one row, or `x_splits`): x is fp32 (that decode's residual stream), loaded as 8 floats per 16 bytes of
+    `x_f32` (up to 8 rows): x is fp32 (that decode's residual stream), loaded as 8 floats per 16 bytes of
     operands and rounded to `dtype` pairs (`cvt.rn.bf16x2.f32` / `.f16x2`) before anything uses it.
 
     `x_splits` = S (2..8, with `atomic` and `x_f32`; group_size = the attention's head size): x is decode
@@ -125,7 +130,7 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
     (every such value is finite), but the first mma now waits for every load, so all are issued before it."""
     assert not norm or rows <= 8, "the RMSNorm prologue takes up to 8 rows of x (one column block)"
     assert pdl != 4 or grid_operands, "the flag wait is for persistent kernels"
-    assert not x_f32 or rows == 1 or x_splits, "fp32 x: one row"
+    assert not x_f32 or rows <= 8, "fp32 x: up to 8 rows (one column block)"
     assert not x_splits or (rows == x_splits <= 8 and x_f32 and atomic and not norm and not grid_operands
                             and not paired_halves), "x_splits: S rows of fp32 split results, atomics, no norm"
     extra = 10 if norm else 8  # the first operand after the fixed ones
@@ -304,8 +309,9 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
         for t in tiles:
             L += [f"add.f32 dep, dep, sc0_{g}_{t};", f"add.f32 dep, dep, sc1_{g}_{t};",
                   f"add.f32 dep, dep, zf0_{g}_{t};", f"add.f32 dep, dep, zf1_{g}_{t};"]
-    if norm:
-        L += [f"mov.f32 sq{n}, 0f00000000;" for n in range(4)]
+    if norm:  # the sum(h^2) mma waits for every load too: it came first and, waiting for group 0's x, held the rest
+        L += [f"mul.f32 sq{n}, dep, 0f00000000;" if norm_waits_for_loads else f"mov.f32 sq{n}, 0f00000000;"
+              for n in range(4)]
     zero = "0f00000000"
     for g in groups:  # the products
         if norm:  # B = h * w, in place of the weight's registers

@@ -13,6 +13,8 @@ the same steps run over an fp32 one that o and down add into in place:
 
 It applies where the layer chain's plan does (model/decode_chain.py `chain_plan`: int4 layers held as tensor-core
 fragments, q|k|v and gate|up fused, no biases, a static KV cache), with `ops.int4_accumulate_decode` switched on.
+With `ops.int4_accumulate_rows` also to steps of 2..8 new tokens of one sequence (a speculative verify step): h is
+then [T, H], q|k|v is finished by a kernel of its own and attention is the layer's own (`Attention.attend`).
 """
 
 from __future__ import annotations
@@ -24,32 +26,48 @@ from llmpress.kernels import ops
 from llmpress.model.decode_chain import chain_plan, one_token_over_static_cache
 from llmpress.model.kv_cache import StaticKVCache
 
+MAX_ROWS = 8  # new tokens of a step: the columns of the products' mma
+
 
 def plan_for_step(model: nn.Module, input_ids: torch.Tensor, kv_cache, logits_indices) -> list[dict] | None:
-    """The layers' products if `forward` runs this step: one new token of one sequence, a static cache, the switch
-    on, and a model the plan covers. Built from the modules on every call, as decode_chain.plan_for_step is."""
-    if not (ops.int4_accumulate_decode and one_token_over_static_cache(input_ids, kv_cache, logits_indices)):
+    """The layers' products if `forward` runs this step: one new token of one sequence (or 2..MAX_ROWS of them
+    with `ops.int4_accumulate_rows`), a static cache, the switch on, and a model the plan covers. Built from the
+    modules on every call, as decode_chain.plan_for_step is."""
+    if not ops.int4_accumulate_decode:
+        return None
+    rows_step = (ops.int4_accumulate_rows and input_ids.shape[0] == 1 and 2 <= input_ids.shape[1] <= MAX_ROWS
+                 and logits_indices is None and isinstance(kv_cache, StaticKVCache))
+    if not (rows_step or one_token_over_static_cache(input_ids, kv_cache, logits_indices)):
         return None
     return chain_plan(model)
 
 
 def forward(model: nn.Module, plan: list[dict], input_ids: torch.Tensor, positions: torch.Tensor,
-            kv_cache: StaticKVCache) -> torch.Tensor:
-    """Logits [1, 1, vocab] of one new token at `positions` [1], as LlamaForCausalLM.forward computes them."""
+            kv_cache: StaticKVCache, last_only: bool = False) -> torch.Tensor:
+    """Logits [1, T, vocab] (or [1, 1, vocab] with `last_only`) of T new tokens at `positions` [T], as
+    LlamaForCausalLM.forward computes them."""
     dtype = model.dtype
-    h = model.model.embed_tokens(input_ids).view(1, -1).float()
+    T = input_ids.shape[1]
+    h = model.model.embed_tokens(input_ids).view(T, -1).float()
     cos, sin = model.model.rotary_emb(positions, dtype)
     # where attention reads the q|k|v accumulator itself, the gate|up finishing kernel zeroes it after
-    folded = ops.accumulate_into_attention_applies(h, cos, kv_cache.keys[0])
+    folded = T == 1 and ops.accumulate_into_attention_applies(h, cos, kv_cache.keys[0])
     for i, (layer, products) in enumerate(zip(model.model.layers, plan)):
         attn, group_size = layer.self_attn, products["group_size"]
-        h = ops.int4_accumulated_attention_o(h, products["qkv"], products["o"], group_size, dtype, attn.num_heads,
-                                             cos, sin, attn.rotary[0].inv_freq, kv_cache.keys[i], kv_cache.values[i],
-                                             positions)
+        if T == 1:
+            h = ops.int4_accumulated_attention_o(h, products["qkv"], products["o"], group_size, dtype,
+                                                 attn.num_heads, cos, sin, attn.rotary[0].inv_freq,
+                                                 kv_cache.keys[i], kv_cache.values[i], positions)
+        else:
+            qkv = ops.int4_accumulated_norm(h, products["qkv"], group_size, dtype).unsqueeze(0)
+            out = attn.attend(*qkv.split(attn.qkv_sizes, dim=-1), cos, sin, positions, kv_cache)
+            h = ops.int4_accumulate(h, out.view(T, -1), products["o"], group_size)
         act = ops.int4_accumulated_norm(h, products["gate_up"], group_size, dtype, swiglu=True,
                                         zero_qkv=products["qkv"].scales.shape[1] if folded else 0)
         h = ops.int4_accumulate(h, act, products["down"], group_size)
+    if last_only:
+        h = h[-1:]
     head = plan[-1].get("next")  # the int4 head with the final norm (decode_chain.chain_plan), or None
     if head is not None and ops.int4_accumulate_head:
-        return ops.int4_accumulated_norm(h, head, plan[-1]["group_size"], dtype).view(1, 1, -1)
-    return model.lm_head(model.model.norm(h.to(dtype))).view(1, 1, -1)
+        return ops.int4_accumulated_norm(h, head, plan[-1]["group_size"], dtype).unsqueeze(0)
+    return model.lm_head(model.model.norm(h.to(dtype))).unsqueeze(0)

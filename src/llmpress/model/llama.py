@@ -91,6 +91,13 @@ class Attention(nn.Module):
         else:
             x = x if norm is None else norm(x)
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return project(self.o_proj, self.attend(q, k, v, cos, sin, positions, kv_cache), residual=residual)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               positions: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
+        """Attention's output [B, T, H * D] for projected q [B, T, H * D], k and v [B, T, Hkv * D]: RoPE, then
+        causal attention over the sequence or, with a cache, the cache's own store-and-attend."""
+        B, T, _ = q.shape
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -99,7 +106,7 @@ class Attention(nn.Module):
             out = ops.attention(q, k, v, causal=True)
         else:  # a static cache (generation) or the engine's paged cache: each stores k/v and attends its own way
             out = kv_cache.attend(self.layer_index, q, k, v, positions)
-        return project(self.o_proj, out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim), residual=residual)
+        return out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -184,7 +191,7 @@ class LlamaForCausalLM(nn.Module):
             return decode_chain.forward(self, chain, input_ids, positions, kv_cache)
         accumulating = decode_accumulate.plan_for_step(self, input_ids, kv_cache, logits_indices)
         if accumulating is not None:  # batch-1 decode over an fp32 residual stream, split-K sums by atomics
-            return decode_accumulate.forward(self, accumulating, input_ids, positions, kv_cache)
+            return decode_accumulate.forward(self, accumulating, input_ids, positions, kv_cache, last_only)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions, x.dtype)
         for layer in self.model.layers:
