@@ -73,8 +73,9 @@ def frag_accumulate(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tens
     asm = frag_gemv_asm(warps, groups_per_warp, group_size, scales.dtype, M, norm, tiles, False, pdl, atomic=True,
                         x_f32=x_f32)
     # fp32 x takes 8 more registers a thread on (4, 1, 4) (132 for sm_90 with the norm): capped at 128, without
-    # spills, it keeps 4 programs of 4 warps per SM instead of 3
-    options = {"maxnreg": X_F32_MAX_REGISTERS} if x_f32 and X_F32_MAX_REGISTERS else {}
+    # spills, it keeps 4 programs of 4 warps per SM instead of 3. Not at several rows: there the cap spills (sm_90,
+    # with the norm: 32 bytes of stack on (4, 2, 1) at 6 rows, 168 on (4, 2, 2))
+    options = {"maxnreg": X_F32_MAX_REGISTERS} if x_f32 and M == 1 and X_F32_MAX_REGISTERS else {}
     _frag_accumulate[(N // (16 * warps * tiles), split)](
         fragments, x, scales, zeros, out, norm_weight if norm else x, squares if norm else out, N, G, ASM=asm,
         NUM_WARPS=warps, EXTRA=norm, ROWS=M, num_warps=warps, launch_pdl=bool(pdl), **options)
