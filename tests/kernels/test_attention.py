@@ -62,9 +62,13 @@ def test_triton_decode_attention_matches_reference(batch, heads, kv_heads, head_
 @pytest.mark.parametrize("batch,heads,kv_heads,head_dim,cache_len", [
     (1, 24, 8, 128, 320), (1, 32, 8, 64, 2048), (3, 9, 3, 64, 200), (2, 8, 8, 128, 64)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_triton_rope_attention_matches_rotate_store_attend(batch, heads, kv_heads, head_dim, cache_len, dtype):
+@pytest.mark.parametrize("loads_first", [False, True])
+def test_triton_rope_attention_matches_rotate_store_attend(batch, heads, kv_heads, head_dim, cache_len, dtype,
+                                                           loads_first, monkeypatch):
     """The fused kernel (rotate q and k, store k and v, attend) against the three steps it replaces, run in
-    float64: same output, same cache slot, and no other slot touched."""
+    float64: same output, same cache slot, and no other slot touched; with its small loads first or not."""
+    import llmpress.kernels.triton_attention as attention
+    monkeypatch.setattr(attention, "loads_first", loads_first)
     torch.manual_seed(cache_len + batch)
     rotary = RotaryEmbedding(head_dim, 500000.0, None).to("cuda")
     for position in (0, 1, cache_len // 2, cache_len - 1):

@@ -109,8 +109,11 @@ def test_model_decoding_through_the_accumulating_path_gives_close_logits(quantiz
 
 
 @cuda_only
-def test_attention_reading_the_accumulator_matches_attention_after_the_projection():
+@pytest.mark.parametrize("loads_first", [False, True])
+def test_attention_reading_the_accumulator_matches_attention_after_the_projection(loads_first, monkeypatch):
+    import llmpress.kernels.triton_attention as attention
     from llmpress.kernels.triton_attention import decode_attention_rope_triton
+    monkeypatch.setattr(attention, "loads_first", loads_first)
     from llmpress.kernels.triton_int4_accumulate import (frag_accumulated_attention, frag_accumulated_norm,
                                                          qkv_accumulator)
     from llmpress.kernels.triton_int4_frag import frag_gemv

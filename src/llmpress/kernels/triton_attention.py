@@ -34,6 +34,11 @@ BLOCK_N = 64  # keys per inner step
 # The last program combines its GROUP heads one after another after an atomic round trip; a combine kernel
 # does every head at once.
 combine = "kernel"
+# The RoPE variant's split programs request q, its rotation partner, the new token's k and v, inv_freq and the
+# norm's shares before any arithmetic. As written before, the squares' reduction (a barrier), the trigonometry and
+# its layout conversions (barriers) came between them, and the sm_90 SASS (compiled on the CPU machine) showed
+# three rounds of loads before the keys' cp.async: the shares and position; inv_freq; q. Not timed yet: off.
+loads_first = False
 # Tried in session 11 and removed, both slower for the 3B's int4 decode on the H200: the split programs' first block
 # of keys and values loaded before the PDL wait (958.3 / 956.3 against 1000.1 / 999.9 tok/s,
 # results/int4_h200_s11_ab.*), or with the position, bounded by the cache's length, the new token's k and v put in
@@ -45,7 +50,12 @@ combine = "kernel"
 def _load_input(ptrs, mask, scale, dtype_ptr, SCALED: tl.constexpr):
     """The new token's q, k or v as the projection gave them; SCALED: an fp32 accumulator of W (w * h) whose
     norm's rsqrt is `scale`, rounded to dtype_ptr's dtype as the projection's own output would be."""
-    x = tl.load(ptrs, mask=mask, other=0.0)
+    return _scaled_input(tl.load(ptrs, mask=mask, other=0.0), scale, dtype_ptr, SCALED)
+
+
+@triton.jit
+def _scaled_input(x, scale, dtype_ptr, SCALED: tl.constexpr):
+    """`_load_input` of a value already loaded."""
     if SCALED:
         x = (x * scale).to(dtype_ptr.dtype.element_ty)
     return x
@@ -56,7 +66,14 @@ def _rotate(ptr, offs_d, cos, sin, mask, D: tl.constexpr, scale, dtype_ptr, SCAL
     """RoPE in HF's half-split layout, x * cos + rotate_half(x) * sin, in fp32 rounded once to x's dtype.
     ptr: [..., 1] row starts; offs_d: [1, D]; rotate_half(x)[d] = -x[d + D/2] (d < D/2), x[d - D/2] (else)."""
     x = _load_input(ptr + offs_d, mask, scale, dtype_ptr, SCALED)
-    partner = _load_input(ptr + (offs_d + D // 2) % D, mask, scale, dtype_ptr, SCALED).to(tl.float32)
+    partner = _load_input(ptr + (offs_d + D // 2) % D, mask, scale, dtype_ptr, SCALED)
+    return _rotate_loaded(x, partner, offs_d, cos, sin, D)
+
+
+@triton.jit
+def _rotate_loaded(x, partner, offs_d, cos, sin, D: tl.constexpr):
+    """`_rotate` of x and its partner x[(d + D/2) % D], loaded (and scaled) already."""
+    partner = partner.to(tl.float32)
     rotated = tl.where(offs_d < D // 2, -partner, partner)
     return (x.to(tl.float32) * cos + rotated * sin).to(x.dtype)
 
@@ -69,13 +86,15 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
                   squares_ptr, squares_n, norm_k, norm_eps,
                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                   NUM_SPLITS: tl.constexpr, ROPE: tl.constexpr, COMBINE: tl.constexpr, BLOCK_S: tl.constexpr,
-                  PDL: tl.constexpr, SCALED: tl.constexpr = False, SQUARES_P2: tl.constexpr = 1):
+                  PDL: tl.constexpr, SCALED: tl.constexpr = False, SQUARES_P2: tl.constexpr = 1,
+                  LOADS_FIRST: tl.constexpr = False):
     """ROPE: q is the projection's raw output (rotated here), and new_k/new_v ([B, Hkv * D] rows) are the new
     token's k/v, rotated and written at slot `position` by the program whose chunk holds it; otherwise
     q is rotated already and the cache holds the new token. COMBINE: the last split program of this KV head
     to finish combines all splits into out (else `_combine_kernel` does). SCALED (with ROPE): q, k, v are an
     fp32 accumulator of the projection before its RMSNorm's rsqrt, which comes from the `squares_n` shares of
-    sum(h^2) at squares_ptr (kernels/triton_int4_accumulate.py): rsqrt(sum / norm_k + norm_eps)."""
+    sum(h^2) at squares_ptr (kernels/triton_int4_accumulate.py): rsqrt(sum / norm_k + norm_eps). LOADS_FIRST (with
+    ROPE): every load the keys do not need is requested before any arithmetic (see loads_first)."""
     pdl_start(PDL)
     pdl_wait(PDL)  # q, k, v come from the previous kernel, and the cache grows each step
     bh = tl.program_id(0)
@@ -91,15 +110,39 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
     offs_n = tl.arange(0, BLOCK_N)
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
     v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    heads = kvh * GROUP + offs_g
+    g_mask = offs_g < GROUP
+    q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+    if ROPE and LOADS_FIRST:  # q, the new k and v (every program: two rows), inv_freq, the shares: then arithmetic
+        partner_d = (offs_d + D // 2) % D
+        q_x = tl.load(q_rows + offs_d[None, :], mask=g_mask[:, None], other=0.0)
+        q_p = tl.load(q_rows + partner_d[None, :], mask=g_mask[:, None], other=0.0)
+        new_k_row = new_k_ptr + b * stride_nkb + kvh * D
+        k_x = tl.load(new_k_row + offs_d)[None, :]
+        k_p = tl.load(new_k_row + partner_d)[None, :]
+        v_x = tl.load(new_v_ptr + b * stride_nvb + kvh * D + offs_d)[None, :]
+        inv_freq = tl.load(inv_freq_ptr + offs_d % (D // 2))
     scale = 1.0
     if SCALED:
         offs_sq = tl.arange(0, SQUARES_P2)
         squares = tl.load(squares_ptr + offs_sq, mask=offs_sq < squares_n, other=0.0)
         scale = tl.rsqrt(tl.sum(squares, axis=0) / norm_k + norm_eps)
-    heads = kvh * GROUP + offs_g
-    g_mask = offs_g < GROUP
-    q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
-    if ROPE:
+    if ROPE and LOADS_FIRST:
+        angles = position.to(tl.float32) * inv_freq
+        cos = tl.cos(angles).to(k_ptr.dtype.element_ty).to(tl.float32)[None, :]
+        sin = tl.sin(angles).to(k_ptr.dtype.element_ty).to(tl.float32)[None, :]
+        q = _rotate_loaded(_scaled_input(q_x, scale, k_ptr, SCALED), _scaled_input(q_p, scale, k_ptr, SCALED),
+                           offs_d[None, :], cos, sin, D)
+        if (position >= start) & (position < start + chunk):  # this program's chunk holds the new token
+            k_new = _rotate_loaded(_scaled_input(k_x, scale, k_ptr, SCALED), _scaled_input(k_p, scale, k_ptr, SCALED),
+                                   offs_d[None, :], cos, sin, D)
+            v_new = _scaled_input(v_x, scale, k_ptr, SCALED)
+            tl.store(k_ptr + b * stride_kb + kvh * stride_kh + position * stride_ks + offs_d[None, :],
+                     k_new.to(k_ptr.dtype.element_ty))
+            tl.store(v_ptr + b * stride_vb + kvh * stride_vh + position * stride_vs + offs_d[None, :],
+                     v_new.to(v_ptr.dtype.element_ty))
+            tl.debug_barrier()  # the block's own stores are visible to its loads of the chunk below
+    elif ROPE:
         # cos and sin of position * inv_freq as RotaryEmbedding makes them (fp32 angles, rounded to the
         # model's dtype), computed here: as kernel inputs, Inductor built them in two more kernels per layer.
         angles = position.to(tl.float32) * tl.load(inv_freq_ptr + offs_d % (D // 2))
@@ -228,7 +271,8 @@ def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple, qkv_norm
         Hkv, H, chunk, 1.0 / math.sqrt(D), *rope_args, out, counters, squares, squares_n, norm_k, norm_eps,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, D=D, NUM_SPLITS=splits,
         ROPE=rope, COMBINE=in_kernel, BLOCK_S=block_s, PDL=pdl, SCALED=qkv_norm is not None,
-        SQUARES_P2=max(2, triton.next_power_of_2(squares_n)), num_warps=4, launch_pdl=bool(pdl))
+        SQUARES_P2=max(2, triton.next_power_of_2(squares_n)), LOADS_FIRST=rope and loads_first, num_warps=4,
+        launch_pdl=bool(pdl))
     if splits_only:
         return part_out, part_lse
     if not in_kernel:
