@@ -103,7 +103,8 @@ SETTINGS = {"rope": (ops, "fuse_rope_into_attention"), "steps": (ops, "int4_fuse
             "accumulate": (ops, "int4_accumulate_decode"), "acc_attention": (ops, "int4_accumulate_into_attention"),
             "acc_configs": (accumulate_module, "CONFIGS"), "combine_o": (ops, "int4_combine_in_o"),
             "acc_head": (ops, "int4_accumulate_head"), "xf32_first": (frag_module, "x_f32_loads_first"),
-            "norm_waits": (frag_module, "norm_waits_for_loads"), "loads_first": (attention_module, "loads_first")}
+            "norm_waits": (frag_module, "norm_waits_for_loads"), "loads_first": (attention_module, "loads_first"),
+            "finish_first": (accumulate_module, "FINISH_LOADS_FIRST")}
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr) in SETTINGS.items()}
 NORM_RES = frozenset({"residual", "norm"})
 STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", combine="kernel"),
@@ -163,6 +164,8 @@ STEP_VARIANTS.update({"int4-tc-only-acc-xf32+head": {**ACCUMULATING, **SESSION_1
                       "int4-tc-only-acc-s11b+head": dict(ACCUMULATING),
                       # and attention's small loads before its arithmetic (triton_attention.loads_first; not timed)
                       "int4-tc-only-acc-s11c+head": dict(ACCUMULATING, loads_first=True),
+                      # and the gate|up finishing kernel's loads together (FINISH_LOADS_FIRST; not timed)
+                      "int4-tc-only-acc-s11d+head": dict(ACCUMULATING, loads_first=True, finish_first=True),
                       # without PDL: each kernel's profiled time is then its own (--profile)
                       "int4-tc-only-acc-s11-nopdl+head": dict(ACCUMULATING, pdl="off", norm_waits=False),
                       "int4-tc-only-acc-s11": dict(ACCUMULATING)})

@@ -38,8 +38,11 @@ def test_accumulate_adds_the_product_into_an_fp32_vector(x_dtype, n, config, mon
 
 @cuda_only
 @pytest.mark.parametrize("swiglu", [False, True])
-def test_accumulated_norm_matches_the_gemv_with_its_norm_folded(swiglu):
+@pytest.mark.parametrize("loads_first", [False, True])
+def test_accumulated_norm_matches_the_gemv_with_its_norm_folded(swiglu, loads_first, monkeypatch):
+    import llmpress.kernels.triton_int4_accumulate as accumulate
     from llmpress.kernels.triton_int4_accumulate import frag_accumulated_norm
+    monkeypatch.setattr(accumulate, "FINISH_LOADS_FIRST", loads_first)
     from llmpress.kernels.triton_int4_frag import frag_gemv
     torch.manual_seed(6)
     k, n = 1024, 4096

@@ -107,16 +107,17 @@ def frag_accumulate_splits(parts: torch.Tensor, lse: torch.Tensor, fragments: to
 @triton.jit
 def _finish_accumulated(acc_ptr, squares_ptr, y_ptr, N, K, eps, SPLIT, other_ptr, other_n,
                         SPLIT_P2: tl.constexpr, BLOCK: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr,
-                        ROWS: tl.constexpr = 1):
+                        ROWS: tl.constexpr = 1, LOADS_FIRST: tl.constexpr = False):
     """y = acc * rsqrt(mean(h^2) + eps) in y's dtype (SWIGLU: acc = gate | up, y = silu(gate) * up), and acc
     zeroed, one BLOCK of one row of y per program (row program_id(1) of ROWS); so is the accumulator at other_ptr
     [other_n] (the q|k|v one that attention read, model/decode_accumulate.py), BLOCK elements a program of row 0 as
-    far as there are programs, then again."""
+    far as there are programs, then again. LOADS_FIRST: every load issued before the shares' reduction (see
+    FINISH_LOADS_FIRST)."""
     pdl_start(PDL)
     pdl_wait(PDL)
     row = tl.program_id(1)
     offs_s = tl.arange(0, SPLIT_P2)
-    square_sum = tl.sum(tl.load(squares_ptr + offs_s * ROWS + row, mask=offs_s < SPLIT, other=0.0), axis=0)
+    shares = tl.load(squares_ptr + offs_s * ROWS + row, mask=offs_s < SPLIT, other=0.0)
     acc_ptr += row * N
     y_ptr += row * (N // 2 if SWIGLU else N)
     other_n = tl.where(row > 0, 0, other_n)  # row 0's programs zero it
@@ -125,12 +126,17 @@ def _finish_accumulated(acc_ptr, squares_ptr, y_ptr, N, K, eps, SPLIT, other_ptr
         mask = offs < N // 2
         gate = tl.load(acc_ptr + offs, mask=mask, other=0.0)
         up = tl.load(acc_ptr + N // 2 + offs, mask=mask, other=0.0)
+        if LOADS_FIRST:  # gate and the shares made to depend on up and gate
+            gate = gate + up * 0.0
+            shares = shares + tl.sum(gate, axis=0) * 0.0
+        square_sum = tl.sum(shares, axis=0)
         _finish_swiglu(gate, up, square_sum, offs, mask, y_ptr, K, eps, True)
         tl.store(acc_ptr + offs, tl.zeros_like(gate), mask=mask)
         tl.store(acc_ptr + N // 2 + offs, tl.zeros_like(up), mask=mask)
     else:
         mask = offs < N
         acc = tl.load(acc_ptr + offs, mask=mask, other=0.0)
+        square_sum = tl.sum(shares, axis=0)
         tl.store(y_ptr + offs, (acc * tl.rsqrt(square_sum / K + eps)).to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(acc_ptr + offs, tl.zeros_like(acc), mask=mask)
     for start in range(0, other_n, tl.num_programs(0) * BLOCK):
@@ -161,6 +167,10 @@ class _ZeroedWorkspace:
 
 _zeroed = _ZeroedWorkspace()
 FINISH_BLOCK = 1024
+# The finishing kernel's loads (the shares, gate and up) issued together. As written, ptxas put up's loads after
+# silu(gate), or after the shares' reduction: two round trips (sm_90 SASS, compiled on the CPU machine); made to
+# depend on each other, all five loads come first. Not timed yet: off.
+FINISH_LOADS_FIRST = False
 
 
 def frag_accumulated_norm(h: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -182,8 +192,8 @@ def frag_accumulated_norm(h: torch.Tensor, fragments: torch.Tensor, scales: torc
     other = acc if zero_after is None else zero_after
     _finish_accumulated[(triton.cdiv(width, FINISH_BLOCK), M)](
         acc, squares, y, N, G * group_size, eps, split, other, 0 if zero_after is None else zero_after.numel(),
-        SPLIT_P2=triton.next_power_of_2(split), BLOCK=FINISH_BLOCK, SWIGLU=swiglu, PDL=pdl, ROWS=M, num_warps=4,
-        launch_pdl=bool(pdl))
+        SPLIT_P2=triton.next_power_of_2(split), BLOCK=FINISH_BLOCK, SWIGLU=swiglu, PDL=pdl, ROWS=M,
+        LOADS_FIRST=FINISH_LOADS_FIRST, num_warps=4, launch_pdl=bool(pdl))
     return y
 
 
