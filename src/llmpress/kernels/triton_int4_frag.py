@@ -117,7 +117,7 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
     `x_f32` (up to 8 rows): x is fp32 (that decode's residual stream), loaded as 8 floats per 16 bytes of
     operands and rounded to `dtype` pairs (`cvt.rn.bf16x2.f32` / `.f16x2`) before anything uses it.
 
-    `x_splits` = S (2..8, with `atomic` and `x_f32`; group_size = the attention's head size): x is decode
+    `x_splits` = S (1..8, with `atomic` and `x_f32`; group_size = the attention's head size): x is decode
     attention's unfinished split results (triton_attention.py, flash-decoding without its combine kernel): $2 the
     splits' outputs [H, S, D] fp32, $8 their log-sum-exps [H, S]. Group g is head g, and B's column n is its split
     n, so one mma multiplies the weights by every split at once (at one row the 8 columns were copies of x); each
