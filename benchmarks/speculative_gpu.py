@@ -135,11 +135,15 @@ def main() -> int:
     parser.add_argument("--int4-accumulate-rows", action="store_true",
                         help="with --int4-tensor-cores: time the int4 speculative row a second time with the verify "
                              "step on the accumulating decode (ops.int4_accumulate_rows, model/decode_accumulate.py)")
+    parser.add_argument("--triton-verify-attention", action="store_true",
+                        help="the verify step's attention through the Triton decode kernel (ops.triton_verify_attention)"
+                             " instead of SDPA with a mask, for every row of the run")
     parser.add_argument("--pdl-rows", type=int, default=None,
                         help="with --int4-tensor-cores: launch the tensor-core GEMV under PDL up to this many rows "
                              "(triton_int4_frag.PDL_MAX_ROWS; default its value: 1, so verify steps run without)")
     parser.add_argument("--out", default="benchmarks/results/speculative_h100.json")
     args = parser.parse_args()
+    ops.triton_verify_attention = args.triton_verify_attention
     device = torch.device(args.device)
     args.mode = args.mode or ("graph" if device.type == "cuda" else "eager")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -210,7 +214,8 @@ def main() -> int:
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "k": args.k, "int4_head": args.int4_head,
               "int4_tensor_cores": args.int4_tensor_cores, "int4_fragments_only": ops.int4_fragments_only,
               "int4_fold_rows": ops.int4_tensor_core_fold_rows, "int4_swiglu": ops.int4_tensor_core_swiglu,
-              "int4_pdl_rows": args.pdl_rows, "checks": checks,
+              "int4_pdl_rows": args.pdl_rows, "triton_verify_attention": args.triton_verify_attention,
+              "int4_accumulate_rows_row": args.int4_accumulate_rows, "checks": checks,
               "rows": rows, "seconds": round(time.perf_counter() - started, 1), "date": date.today().isoformat(),
               "torch": torch.__version__, "python": platform.python_version(), "command": " ".join(sys.argv)}
     print(format_table(result))

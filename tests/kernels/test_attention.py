@@ -128,3 +128,26 @@ def test_triton_decode_attention_launch_options_agree(batch, heads, kv_heads, he
     assert rel_error(outputs[0][0], ref) < 1e-2
     for other in outputs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(outputs[0], other))
+
+
+@cuda_only
+@pytest.mark.parametrize("heads,kv_heads,head_dim,cache_len,first", [
+    (24, 8, 128, 320, 60), (32, 8, 64, 2048, 1500), (8, 8, 128, 64, 56), (4, 1, 64, 1024, 895)])
+@pytest.mark.parametrize("queries", [2, 6, 8])
+def test_triton_decode_attention_of_several_new_tokens_matches_the_masked_reference(heads, kv_heads, head_dim,
+                                                                                    cache_len, first, queries):
+    """A verify step's T new tokens, query t at position first + t seeing slots 0..first + t, against float64."""
+    import math
+    from llmpress.kernels.triton_attention import decode_attention_triton
+    torch.manual_seed(queries + cache_len)
+    q = torch.randn(1, queries, heads, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(1, kv_heads, cache_len, head_dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, kv_heads, cache_len, head_dim, device="cuda", dtype=torch.bfloat16)
+    positions = torch.arange(first, first + queries, device="cuda")
+    out = decode_attention_triton(q, k, v, positions)
+    kk, vv = (t.double().repeat_interleave(heads // kv_heads, 1) for t in (k, v))
+    scores = q.double() @ kk.transpose(-1, -2) / math.sqrt(head_dim)
+    visible = torch.arange(cache_len, device="cuda")[None, :] <= positions[:, None]
+    expected = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ vv
+    assert out.shape == expected.shape
+    assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-2

@@ -242,10 +242,12 @@ def test_accumulated_norm_of_several_rows_matches_the_gemv(rows, swiglu, n):
 
 @cuda_only
 @pytest.mark.parametrize("quantize_head", [True, False])
-def test_verify_step_through_the_accumulating_path_gives_close_logits(quantize_head, monkeypatch):
+@pytest.mark.parametrize("triton_attention", [False, True])
+def test_verify_step_through_the_accumulating_path_gives_close_logits(quantize_head, triton_attention, monkeypatch):
     from llmpress.kernels import ops
     from llmpress.model.kv_cache import StaticKVCache
     from tests.test_decode_chain import int4_model
+    monkeypatch.setattr(ops, "triton_verify_attention", triton_attention)
     monkeypatch.setattr(ops, "int4_tensor_core_norm", True)
     monkeypatch.setattr(ops, "int4_tensor_core_swiglu", True)
     model = int4_model(quantize_head, "cuda", torch.bfloat16, hidden_size=256, intermediate_size=512)

@@ -73,12 +73,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                           enable_gqa=k.shape[1] != q.shape[1])
 
 
+# Steps of 2..8 new tokens of one sequence (a speculative verify step) through the Triton decode kernel too
+# (triton_attention.decode_attention_triton, each query its own causal limit) instead of SDPA with a mask over the
+# whole cache. Off: checked under the Triton interpreter only, not timed on the GPU yet.
+triton_verify_attention = False
+
+
 def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      positions: torch.Tensor) -> torch.Tensor:
     """Attention of new tokens over a static cache. q: [B, H, T, D] at `positions` [T];
     k_cache, v_cache: [B, Hkv, S, D] already holding the new tokens. Query at position p sees slots 0..p."""
     use_triton = _triton_requested(q)
-    if use_triton and q.shape[2] == 1 and q.shape[-1] in (64, 128):
+    queries = q.shape[2] == 1 or (triton_verify_attention and q.shape[2] <= 8 and q.shape[0] == 1)
+    if use_triton and queries and q.shape[-1] in (64, 128):
         return torch.ops.llmpress.decode_attention(q, k_cache, v_cache, positions)
     if _backend == "triton":
         raise ValueError("the triton backend covers one-token decode on CUDA (head_dim 64/128) only")

@@ -28,6 +28,7 @@ from llmpress.kernels.pdl import launch_mode, pdl_start, pdl_wait
 from llmpress.kernels.triton_int4 import _workspace
 
 BLOCK_N = 64  # keys per inner step
+MAX_QUERIES = 8  # new tokens per sequence the plain variant takes (a speculative verify step's k + 1)
 # Who combines the splits: "in_kernel" (the last split program of each KV head) or "kernel" (a combine kernel
 # after the split kernel). "kernel" by default: with one kernel fewer per layer, the 3B's int4 decode on the H200
 # still ran 2.3% slower (int4_gpu.py, results/int4_h200_pdl_ab.*: 594.3-595.0 vs 580.8-581.2 tok/s, twice each).
@@ -81,38 +82,45 @@ def _rotate_loaded(x, partner, offs_d, cos, sin, D: tl.constexpr):
 @triton.jit
 def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
                   stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-                  num_kv_heads, num_heads, chunk, sm_scale,
+                  num_kv_heads, num_heads, chunk, sm_scale, stride_qt,
                   new_k_ptr, new_v_ptr, inv_freq_ptr, stride_nkb, stride_nvb, out_ptr, counter_ptr,
                   squares_ptr, squares_n, norm_k, norm_eps,
                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                   NUM_SPLITS: tl.constexpr, ROPE: tl.constexpr, COMBINE: tl.constexpr, BLOCK_S: tl.constexpr,
                   PDL: tl.constexpr, SCALED: tl.constexpr = False, SQUARES_P2: tl.constexpr = 1,
-                  LOADS_FIRST: tl.constexpr = False):
+                  LOADS_FIRST: tl.constexpr = False, QUERIES: tl.constexpr = 1):
     """ROPE: q is the projection's raw output (rotated here), and new_k/new_v ([B, Hkv * D] rows) are the new
     token's k/v, rotated and written at slot `position` by the program whose chunk holds it; otherwise
     q is rotated already and the cache holds the new token. COMBINE: the last split program of this KV head
     to finish combines all splits into out (else `_combine_kernel` does). SCALED (with ROPE): q, k, v are an
     fp32 accumulator of the projection before its RMSNorm's rsqrt, which comes from the `squares_n` shares of
     sum(h^2) at squares_ptr (kernels/triton_int4_accumulate.py): rsqrt(sum / norm_k + norm_eps). LOADS_FIRST (with
-    ROPE): every load the keys do not need is requested before any arithmetic (see loads_first)."""
+    ROPE): every load the keys do not need is requested before any arithmetic (see loads_first). QUERIES (without
+    ROPE): new tokens per sequence, query t at positions[t] seeing slots 0..positions[t]; a program's rows are its
+    KV group's heads x queries (head-major)."""
     pdl_start(PDL)
     pdl_wait(PDL)  # q, k, v come from the previous kernel, and the cache grows each step
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // num_kv_heads
     kvh = bh % num_kv_heads
-    position = tl.load(pos_ptr)
-    length = position + 1  # slots 0..position are valid
-    start = split * chunk
-    end = tl.minimum(start + chunk, length)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
+    query = offs_g % QUERIES
+    heads = kvh * GROUP + offs_g // QUERIES
+    g_mask = offs_g < GROUP * QUERIES
+    if QUERIES == 1:
+        position = tl.load(pos_ptr)
+        length = position + 1  # slots 0..position are valid
+    else:
+        row_position = tl.load(pos_ptr + query)
+        length = tl.max(tl.where(g_mask, row_position, 0), axis=0) + 1
+    start = split * chunk
+    end = tl.minimum(start + chunk, length)
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
     v_base = v_ptr + b * stride_vb + kvh * stride_vh
-    heads = kvh * GROUP + offs_g
-    g_mask = offs_g < GROUP
-    q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+    q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh + query[:, None] * stride_qt
     if ROPE and LOADS_FIRST:  # q, the new k and v (every program: two rows), inv_freq, the shares: then arithmetic
         partner_d = (offs_d + D // 2) % D
         q_x = tl.load(q_rows + offs_d[None, :], mask=g_mask[:, None], other=0.0)
@@ -169,11 +177,14 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
         n_mask = n < end
         k = tl.load(k_base + n[:, None] * stride_ks + offs_d[None, :], mask=n_mask[:, None], other=0.0)
         v = tl.load(v_base + n[:, None] * stride_vs + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        m_i, l_i, acc = _attend_block(q, k, v, n_mask, m_i, l_i, acc, sm_scale)
+        valid = n_mask[None, :]
+        if QUERIES > 1:  # each query its own causal limit
+            valid = valid & (n[None, :] <= row_position[:, None])
+        m_i, l_i, acc = _attend_block(q, k, v, valid, m_i, l_i, acc, sm_scale, QUERIES > 1)
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-    rows = (b * num_heads + heads) * NUM_SPLITS + split
+    rows = ((b * num_heads + heads) * QUERIES + query) * NUM_SPLITS + split
     tl.store(part_out_ptr + rows[:, None] * D + offs_d[None, :], out, mask=g_mask[:, None])
     tl.store(part_lse_ptr + rows, lse, mask=g_mask)
     if COMBINE:
@@ -187,13 +198,17 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
 
 
 @triton.jit
-def _attend_block(q, k, v, n_mask, m_i, l_i, acc, sm_scale):
-    """Online softmax over one block of keys: the running max, mass and weighted values after it."""
+def _attend_block(q, k, v, valid, m_i, l_i, acc, sm_scale, EMPTY_ROWS: tl.constexpr = False):
+    """Online softmax over one block of keys (`valid` [rows or 1, keys]): the running max, mass and weighted
+    values after it. EMPTY_ROWS: a row may have no valid key yet (several queries), whose max stays -inf."""
     s = tl.dot(q, tl.trans(k)) * sm_scale
-    s = tl.where(n_mask[None, :], s, float("-inf"))
+    s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp(s - m_new[:, None])
-    alpha = tl.exp(m_i - m_new)
+    m_shift = m_new
+    if EMPTY_ROWS:  # exp(-inf - -inf) would be NaN: such a row's weights are exp(-inf - 0) = 0, its max stays -inf
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_shift[:, None])
+    alpha = tl.exp(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc
@@ -236,7 +251,9 @@ def splits_for(batch_kv_heads: int, max_seq_len: int, device: torch.device) -> i
 
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             positions: torch.Tensor) -> torch.Tensor:
-    """q: [B, H, 1, D]; k_cache, v_cache: [B, Hkv, S, D]; positions: [1] int64. Returns [B, H, 1, D]."""
+    """q: [B, H, T, D] (T <= MAX_QUERIES new tokens: a speculative verify step's), rotated; k_cache, v_cache:
+    [B, Hkv, S, D] already holding them; positions: [T] int64, query t seeing slots 0..positions[t]. Returns
+    [B, H, T, D]."""
     return _decode_attention(q, k_cache, v_cache, positions, ())
 
 
@@ -244,21 +261,23 @@ def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple, qkv_norm
                       splits_only: bool = False):
     B, H, T, D = q.shape
     _, Hkv, S, _ = k_cache.shape
-    assert T == 1 and H % Hkv == 0 and positions.numel() == 1, (q.shape, k_cache.shape, positions.shape)
+    rope = bool(rope_args)
+    assert (T == 1 or (1 <= T <= MAX_QUERIES and not rope and not splits_only)) and positions.numel() == T, (
+        q.shape, positions.shape)
+    assert H % Hkv == 0, (q.shape, k_cache.shape)
     assert (q.dtype == torch.float32 if qkv_norm else q.dtype == k_cache.dtype) and k_cache.dtype == v_cache.dtype
     assert D in (64, 128), D
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and q.stride(-1) == 1
-    rope = bool(rope_args)
     if not rope:  # unused pointer arguments of the plain variant
         rope_args = (q, q, q, 0, 0)
     group = H // Hkv
     splits = splits_for(B * Hkv, S, q.device)
     chunk = math.ceil(math.ceil(S / splits) / BLOCK_N) * BLOCK_N
-    part_out = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
-    out = torch.empty(B, H, 1, D, dtype=k_cache.dtype, device=q.device)
+    part_out = torch.empty(B, H, T, splits, D, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(B, H, T, splits, dtype=torch.float32, device=q.device)
+    out = torch.empty(B, H, T, D, dtype=k_cache.dtype, device=q.device)
     squares, squares_n, norm_k, norm_eps = qkv_norm or (part_lse, 0, 1, 0.0)
-    in_kernel = combine == "in_kernel" and not splits_only
+    in_kernel = combine == "in_kernel" and not splits_only and T == 1
     # the split-K arrival counters (zero between launches); unused by the combine kernel's path
     counters = _workspace.get(q.device, 1, B * Hkv)[1] if in_kernel else part_lse
     # PDL where it was measured (kernels/pdl.py): the RoPE variant, between int4 q|k|v and o products
@@ -268,15 +287,15 @@ def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple, qkv_norm
         q, k_cache, v_cache, positions, part_out, part_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        Hkv, H, chunk, 1.0 / math.sqrt(D), *rope_args, out, counters, squares, squares_n, norm_k, norm_eps,
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, D=D, NUM_SPLITS=splits,
+        Hkv, H, chunk, 1.0 / math.sqrt(D), q.stride(2), *rope_args, out, counters, squares, squares_n, norm_k, norm_eps,
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group * T)), BLOCK_N=BLOCK_N, D=D, NUM_SPLITS=splits,
         ROPE=rope, COMBINE=in_kernel, BLOCK_S=block_s, PDL=pdl, SCALED=qkv_norm is not None,
         SQUARES_P2=max(2, triton.next_power_of_2(squares_n)), LOADS_FIRST=rope and loads_first, num_warps=4,
-        launch_pdl=bool(pdl))
+        QUERIES=T, launch_pdl=bool(pdl))
     if splits_only:
-        return part_out, part_lse
+        return part_out.view(B, H, splits, D), part_lse.view(B, H, splits)
     if not in_kernel:
-        _combine_kernel[(B * H,)](part_out, part_lse, out, NUM_SPLITS=splits, BLOCK_S=block_s, D=D, PDL=pdl,
+        _combine_kernel[(B * H * T,)](part_out, part_lse, out, NUM_SPLITS=splits, BLOCK_S=block_s, D=D, PDL=pdl,
                                   num_warps=4, launch_pdl=bool(pdl))
     return out
 
