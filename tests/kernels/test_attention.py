@@ -151,3 +151,39 @@ def test_triton_decode_attention_of_several_new_tokens_matches_the_masked_refere
     expected = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ vv
     assert out.shape == expected.shape
     assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-2
+
+
+@cuda_only
+@pytest.mark.parametrize("heads,kv_heads,head_dim,cache_len,first", [
+    (24, 8, 128, 320, 60), (32, 8, 64, 2048, 1500), (8, 8, 128, 64, 56), (4, 1, 64, 1024, 893)])
+@pytest.mark.parametrize("queries", [2, 6, 8])
+def test_triton_rope_attention_of_several_new_tokens_matches_rotate_store_attend(heads, kv_heads, head_dim, cache_len,
+                                                                                first, queries):
+    """A verify step's T new tokens straight from the fused projection: rotated by their own positions, stored at
+    them, each attending over slots up to its own; against the three steps in float64."""
+    import math
+    from llmpress.kernels.triton_attention import decode_attention_rope_triton
+    from llmpress.model.rope import apply_rope
+    torch.manual_seed(queries + cache_len)
+    rotary = RotaryEmbedding(head_dim, 500000.0, None).to("cuda")
+    qkv = torch.randn(1, queries, (heads + 2 * kv_heads) * head_dim, device="cuda", dtype=torch.bfloat16)
+    caches = [torch.randn(1, kv_heads, cache_len, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    expected_caches = [c.clone() for c in caches]
+    positions = torch.arange(first, first + queries, device="cuda")
+    out = decode_attention_rope_triton(qkv, heads, rotary.inv_freq, *caches, positions)
+    cos, sin = rotary(positions, torch.bfloat16)
+    q, k, v = (t.view(1, queries, -1, head_dim).transpose(1, 2)
+               for t in qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1))
+    expected_caches[0].index_copy_(2, positions, apply_rope(k, cos, sin))
+    expected_caches[1].index_copy_(2, positions, v)
+    kk, vv = (t.double().repeat_interleave(heads // kv_heads, 1) for t in expected_caches)
+    scores = apply_rope(q, cos, sin).double() @ kk.transpose(-1, -2) / math.sqrt(head_dim)
+    visible = torch.arange(cache_len, device="cuda")[None, :] <= positions[:, None]
+    expected = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ vv
+    assert out.shape == expected.shape
+    assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-2
+    for got, want in zip(caches, expected_caches):
+        torch.testing.assert_close(got[:, :, first:first + queries].float(), want[:, :, first:first + queries].float(),
+                                   rtol=0.02, atol=0.02)
+        assert torch.equal(got[:, :, :first], want[:, :, :first]) and torch.equal(got[:, :, first + queries:],
+                                                                                    want[:, :, first + queries:])

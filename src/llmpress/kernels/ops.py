@@ -115,26 +115,28 @@ fuse_rope_into_attention = "int4"
 
 
 def rope_attention_applies(qkv: torch.Tensor, cos: torch.Tensor, head_dim: int) -> bool:
-    """Whether `cached_attention_rope` runs the fused Triton kernel for this new token's qkv ([B, 1, width])
-    (the caller decides whether its projection is one the mode covers)."""
+    """Whether `cached_attention_rope` runs the fused Triton kernel for this new token's qkv ([B, 1, width]; or
+    [1, T <= 8, width] with `triton_verify_attention`) (the caller decides whether its projection is one the mode
+    covers)."""
+    new_tokens = qkv.shape[1] == 1 or (triton_verify_attention and qkv.shape[0] == 1 and qkv.shape[1] <= 8)
     return (fuse_rope_into_attention != "never" and _backend in ("auto", "triton") and qkv.is_cuda and HAS_TRITON
-            and qkv.shape[1] == 1 and cos.dim() == 2 and head_dim in (64, 128)
+            and new_tokens and cos.dim() == 2 and head_dim in (64, 128)
             and qkv.dtype in (torch.float16, torch.bfloat16))
 
 
 def cached_attention_rope(qkv: torch.Tensor, num_heads: int, cos: torch.Tensor, sin: torch.Tensor,
                           inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           positions: torch.Tensor) -> torch.Tensor:
-    """One new token per sequence: qkv [B, 1, (H + 2 Hkv) * D] as the fused projection gives it (q, k, v), cos,
-    sin [1, D] (RotaryEmbedding's, from `inv_freq` [D / 2] at `positions` [1]). Rotates q and k, writes k and v
-    into the caches [B, Hkv, S, D] at the position, attends over slots 0..position. Returns [B, H, 1, D]. The
+    """T new tokens per sequence: qkv [B, T, (H + 2 Hkv) * D] as the fused projection gives it (q, k, v), cos,
+    sin [T, D] (RotaryEmbedding's, from `inv_freq` [D / 2] at `positions` [T]). Rotates q and k, writes k and v
+    into the caches [B, Hkv, S, D] at the positions, attends over slots 0..position. Returns [B, H, T, D]. The
     Triton kernel does it all (`rope_attention_applies`), computing cos and sin itself from inv_freq; the
     composition below is what it replaces (and the reference it is tested against)."""
     if rope_attention_applies(qkv, cos, k_cache.shape[-1]):
         return torch.ops.llmpress.decode_attention_rope(qkv, num_heads, inv_freq, k_cache, v_cache, positions)
     from llmpress.model.rope import apply_rope
-    B, Hkv, D = qkv.shape[0], k_cache.shape[1], k_cache.shape[-1]
-    q, k, v = (t.view(B, 1, -1, D).transpose(1, 2) for t in qkv.split([num_heads * D, Hkv * D, Hkv * D], dim=-1))
+    B, T, Hkv, D = qkv.shape[0], qkv.shape[1], k_cache.shape[1], k_cache.shape[-1]
+    q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in qkv.split([num_heads * D, Hkv * D, Hkv * D], dim=-1))
     k_cache.index_copy_(2, positions, apply_rope(k, cos, sin))
     v_cache.index_copy_(2, positions, v)
     return cached_attention(apply_rope(q, cos, sin), k_cache, v_cache, positions)
@@ -149,7 +151,7 @@ def _decode_attention_rope(qkv: torch.Tensor, num_heads: int, inv_freq: torch.Te
 
 @_decode_attention_rope.register_fake
 def _(qkv, num_heads, inv_freq, k_cache, v_cache, positions):
-    return qkv.new_empty(qkv.shape[0], num_heads, 1, k_cache.shape[-1])
+    return qkv.new_empty(qkv.shape[0], num_heads, qkv.shape[1], k_cache.shape[-1])
 
 
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,

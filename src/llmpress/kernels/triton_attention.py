@@ -82,22 +82,23 @@ def _rotate_loaded(x, partner, offs_d, cos, sin, D: tl.constexpr):
 @triton.jit
 def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
                   stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-                  num_kv_heads, num_heads, chunk, sm_scale, stride_qt,
+                  num_kv_heads, num_heads, chunk, sm_scale, stride_qt, stride_nkt, stride_nvt,
                   new_k_ptr, new_v_ptr, inv_freq_ptr, stride_nkb, stride_nvb, out_ptr, counter_ptr,
                   squares_ptr, squares_n, norm_k, norm_eps,
                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                   NUM_SPLITS: tl.constexpr, ROPE: tl.constexpr, COMBINE: tl.constexpr, BLOCK_S: tl.constexpr,
                   PDL: tl.constexpr, SCALED: tl.constexpr = False, SQUARES_P2: tl.constexpr = 1,
-                  LOADS_FIRST: tl.constexpr = False, QUERIES: tl.constexpr = 1):
+                  LOADS_FIRST: tl.constexpr = False, QUERIES: tl.constexpr = 1, BLOCK_T: tl.constexpr = 2):
     """ROPE: q is the projection's raw output (rotated here), and new_k/new_v ([B, Hkv * D] rows) are the new
     token's k/v, rotated and written at slot `position` by the program whose chunk holds it; otherwise
     q is rotated already and the cache holds the new token. COMBINE: the last split program of this KV head
     to finish combines all splits into out (else `_combine_kernel` does). SCALED (with ROPE): q, k, v are an
     fp32 accumulator of the projection before its RMSNorm's rsqrt, which comes from the `squares_n` shares of
     sum(h^2) at squares_ptr (kernels/triton_int4_accumulate.py): rsqrt(sum / norm_k + norm_eps). LOADS_FIRST (with
-    ROPE): every load the keys do not need is requested before any arithmetic (see loads_first). QUERIES (without
-    ROPE): new tokens per sequence, query t at positions[t] seeing slots 0..positions[t]; a program's rows are its
-    KV group's heads x queries (head-major)."""
+    ROPE): every load the keys do not need is requested before any arithmetic (see loads_first). QUERIES: new
+    tokens per sequence, query t at positions[t] seeing slots 0..positions[t]; a program's rows are its KV group's
+    heads x queries (head-major); with ROPE (not SCALED) new_k/new_v hold T rows (stride_nkt, stride_nvt apart), and
+    the program whose chunk holds a token's position writes that token's k, v."""
     pdl_start(PDL)
     pdl_wait(PDL)  # q, k, v come from the previous kernel, and the cache grows each step
     bh = tl.program_id(0)
@@ -121,7 +122,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
     v_base = v_ptr + b * stride_vb + kvh * stride_vh
     q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh + query[:, None] * stride_qt
-    if ROPE and LOADS_FIRST:  # q, the new k and v (every program: two rows), inv_freq, the shares: then arithmetic
+    if ROPE and LOADS_FIRST and QUERIES == 1:  # q, the new k and v (every program: two rows), inv_freq, the shares
         partner_d = (offs_d + D // 2) % D
         q_x = tl.load(q_rows + offs_d[None, :], mask=g_mask[:, None], other=0.0)
         q_p = tl.load(q_rows + partner_d[None, :], mask=g_mask[:, None], other=0.0)
@@ -135,7 +136,30 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
         offs_sq = tl.arange(0, SQUARES_P2)
         squares = tl.load(squares_ptr + offs_sq, mask=offs_sq < squares_n, other=0.0)
         scale = tl.rsqrt(tl.sum(squares, axis=0) / norm_k + norm_eps)
-    if ROPE and LOADS_FIRST:
+    if ROPE and QUERIES > 1:  # each row rotated by its own position; each held token's k, v rotated and stored
+        inv_freq = tl.load(inv_freq_ptr + offs_d % (D // 2))
+        angles = row_position.to(tl.float32)[:, None] * inv_freq[None, :]
+        cos = tl.cos(angles).to(k_ptr.dtype.element_ty).to(tl.float32)
+        sin = tl.sin(angles).to(k_ptr.dtype.element_ty).to(tl.float32)
+        q = _rotate(q_rows, offs_d[None, :], cos, sin, g_mask[:, None], D, scale, k_ptr, SCALED)
+        offs_t = tl.arange(0, BLOCK_T)
+        token_position = tl.load(pos_ptr + offs_t, mask=offs_t < QUERIES, other=-1)
+        held = (offs_t < QUERIES) & (token_position >= start) & (token_position < start + chunk)
+        if tl.sum(held.to(tl.int32), axis=0) > 0:
+            t_angles = token_position.to(tl.float32)[:, None] * inv_freq[None, :]
+            t_cos = tl.cos(t_angles).to(k_ptr.dtype.element_ty).to(tl.float32)
+            t_sin = tl.sin(t_angles).to(k_ptr.dtype.element_ty).to(tl.float32)
+            k_rows = new_k_ptr + b * stride_nkb + offs_t[:, None] * stride_nkt + kvh * D
+            k_new = _rotate(k_rows, offs_d[None, :], t_cos, t_sin, held[:, None], D, scale, k_ptr, SCALED)
+            v_new = _load_input(new_v_ptr + b * stride_nvb + offs_t[:, None] * stride_nvt + kvh * D + offs_d[None, :],
+                                held[:, None], scale, k_ptr, SCALED)
+            slots = token_position[:, None]
+            tl.store(k_ptr + b * stride_kb + kvh * stride_kh + slots * stride_ks + offs_d[None, :],
+                     k_new.to(k_ptr.dtype.element_ty), mask=held[:, None])
+            tl.store(v_ptr + b * stride_vb + kvh * stride_vh + slots * stride_vs + offs_d[None, :],
+                     v_new.to(v_ptr.dtype.element_ty), mask=held[:, None])
+            tl.debug_barrier()  # the block's own stores are visible to its loads of the chunk below
+    elif ROPE and LOADS_FIRST:
         angles = position.to(tl.float32) * inv_freq
         cos = tl.cos(angles).to(k_ptr.dtype.element_ty).to(tl.float32)[None, :]
         sin = tl.sin(angles).to(k_ptr.dtype.element_ty).to(tl.float32)[None, :]
@@ -258,11 +282,11 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 
 def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple, qkv_norm: tuple | None = None,
-                      splits_only: bool = False):
+                      splits_only: bool = False, row_strides: tuple = (0, 0)):
     B, H, T, D = q.shape
     _, Hkv, S, _ = k_cache.shape
     rope = bool(rope_args)
-    assert (T == 1 or (1 <= T <= MAX_QUERIES and not rope and not splits_only)) and positions.numel() == T, (
+    assert (T == 1 or (1 <= T <= MAX_QUERIES and qkv_norm is None and not splits_only)) and positions.numel() == T, (
         q.shape, positions.shape)
     assert H % Hkv == 0, (q.shape, k_cache.shape)
     assert (q.dtype == torch.float32 if qkv_norm else q.dtype == k_cache.dtype) and k_cache.dtype == v_cache.dtype
@@ -287,11 +311,11 @@ def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple, qkv_norm
         q, k_cache, v_cache, positions, part_out, part_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        Hkv, H, chunk, 1.0 / math.sqrt(D), q.stride(2), *rope_args, out, counters, squares, squares_n, norm_k, norm_eps,
+        Hkv, H, chunk, 1.0 / math.sqrt(D), q.stride(2), *row_strides, *rope_args, out, counters, squares, squares_n, norm_k, norm_eps,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group * T)), BLOCK_N=BLOCK_N, D=D, NUM_SPLITS=splits,
         ROPE=rope, COMBINE=in_kernel, BLOCK_S=block_s, PDL=pdl, SCALED=qkv_norm is not None,
         SQUARES_P2=max(2, triton.next_power_of_2(squares_n)), LOADS_FIRST=rope and loads_first, num_warps=4,
-        QUERIES=T, launch_pdl=bool(pdl))
+        QUERIES=T, BLOCK_T=max(2, triton.next_power_of_2(T)), launch_pdl=bool(pdl))
     if splits_only:
         return part_out.view(B, H, splits, D), part_lse.view(B, H, splits)
     if not in_kernel:
@@ -303,14 +327,14 @@ def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple, qkv_norm
 def decode_attention_rope_triton(qkv: torch.Tensor, num_heads: int, inv_freq: torch.Tensor, k_cache: torch.Tensor,
                                  v_cache: torch.Tensor, positions: torch.Tensor,
                                  qkv_norm: tuple | None = None) -> torch.Tensor:
-    """One new token per sequence, straight from the fused projection: qkv [B, 1, (H + 2 Hkv) * D] (q, then k,
-    then v) at `positions` [1]; inv_freq: float32 [D / 2], the RoPE frequencies (model.rope.RotaryEmbedding's).
-    Rotates q and k, writes k, v into the caches [B, Hkv, S, D] at the position, attends. Returns [B, H, 1, D]
-    in the caches' dtype. One tensor, not three views of it: given views, Inductor copied each into a buffer of
+    """T new tokens per sequence (T <= MAX_QUERIES; several: a speculative verify step), straight from the fused
+    projection: qkv [B, T, (H + 2 Hkv) * D] (q, then k, then v) at `positions` [T]; inv_freq: float32 [D / 2], the
+    RoPE frequencies (model.rope.RotaryEmbedding's). Rotates q and k, writes k, v into the caches [B, Hkv, S, D] at
+    the positions, attends (query t over slots 0..positions[t]). Returns [B, H, T, D] in the caches' dtype. One tensor, not three views of it: given views, Inductor copied each into a buffer of
     its own first. `qkv_norm` (squares, n, K, eps): qkv is the fp32 accumulator of the accumulating decode, to be
-    scaled by rsqrt(sum of the n squares / K + eps) (kernels/triton_int4_accumulate.py)."""
-    q_heads, rope_args = _rope_operands(qkv, num_heads, inv_freq, k_cache)
-    return _decode_attention(q_heads, k_cache, v_cache, positions, rope_args, qkv_norm)
+    scaled by rsqrt(sum of the n squares / K + eps) (kernels/triton_int4_accumulate.py; one token only)."""
+    q_heads, rope_args, row_strides = _rope_operands(qkv, num_heads, inv_freq, k_cache)
+    return _decode_attention(q_heads, k_cache, v_cache, positions, rope_args, qkv_norm, row_strides=row_strides)
 
 
 def decode_attention_rope_splits(qkv: torch.Tensor, num_heads: int, inv_freq: torch.Tensor, k_cache: torch.Tensor,
@@ -319,16 +343,18 @@ def decode_attention_rope_splits(qkv: torch.Tensor, num_heads: int, inv_freq: to
     """`decode_attention_rope_triton` without its combine kernel: the splits' softmax-normalised outputs [B, H, S,
     D] fp32 and log-sum-exps [B, H, S] (S = `splits_for`), for a product that combines them as it loads them
     (triton_int4_accumulate.frag_accumulate_splits)."""
-    q_heads, rope_args = _rope_operands(qkv, num_heads, inv_freq, k_cache)
+    q_heads, rope_args, _ = _rope_operands(qkv, num_heads, inv_freq, k_cache)
     return _decode_attention(q_heads, k_cache, v_cache, positions, rope_args, qkv_norm, splits_only=True)
 
 
 def _rope_operands(qkv: torch.Tensor, num_heads: int, inv_freq: torch.Tensor, k_cache: torch.Tensor):
-    """q as [B, H, 1, D] heads and the RoPE arguments (new k, new v, inv_freq and their strides) of one tensor."""
+    """q as [B, H, T, D] heads, the RoPE arguments (new k, new v, inv_freq and their strides) of one tensor, and
+    the new k's and v's strides between tokens."""
     B, T, width = qkv.shape
     Hkv, D = k_cache.shape[1], k_cache.shape[-1]
-    assert T == 1 and width == (num_heads + 2 * Hkv) * D and inv_freq.shape == (D // 2,), (qkv.shape, inv_freq.shape)
+    assert T <= MAX_QUERIES and width == (num_heads + 2 * Hkv) * D and inv_freq.shape == (D // 2,), (
+        qkv.shape, inv_freq.shape)
     assert qkv.stride(-1) == 1 and inv_freq.dtype == torch.float32
     q, k, v = qkv.split([num_heads * D, Hkv * D, Hkv * D], dim=-1)
-    q_heads = q.view(B, 1, num_heads, D).transpose(1, 2)  # a view: strides (stride_b, D, ., 1)
-    return q_heads, (k, v, inv_freq.contiguous(), k.stride(0), v.stride(0))
+    q_heads = q.view(B, T, num_heads, D).transpose(1, 2)  # a view: strides (stride_b, D, width, 1)
+    return q_heads, (k, v, inv_freq.contiguous(), k.stride(0), v.stride(0)), (k.stride(1), v.stride(1))

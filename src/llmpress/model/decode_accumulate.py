@@ -60,8 +60,12 @@ def forward(model: nn.Module, plan: list[dict], input_ids: torch.Tensor, positio
                                                  kv_cache.keys[i], kv_cache.values[i], positions)
         else:
             qkv = ops.int4_accumulated_norm(h, products["qkv"], group_size, dtype).unsqueeze(0)
-            out = attn.attend(*qkv.split(attn.qkv_sizes, dim=-1), cos, sin, positions, kv_cache)
-            h = ops.int4_accumulate(h, out.view(T, -1), products["o"], group_size)
+            out = kv_cache.attend_rope(i, qkv, attn.num_heads, cos, sin, attn.rotary[0].inv_freq, positions)
+            if out is None:  # (the fused kernel takes several tokens with ops.triton_verify_attention)
+                out = attn.attend(*qkv.split(attn.qkv_sizes, dim=-1), cos, sin, positions, kv_cache)
+            else:
+                out = out.transpose(1, 2)
+            h = ops.int4_accumulate(h, out.reshape(T, -1), products["o"], group_size)
         act = ops.int4_accumulated_norm(h, products["gate_up"], group_size, dtype, swiglu=True,
                                         zero_qkv=products["qkv"].scales.shape[1] if folded else 0)
         h = ops.int4_accumulate(h, act, products["down"], group_size)

@@ -79,8 +79,9 @@ class Attention(nn.Module):
             qkv = project(self.qkv_packed[0], x, norm=norm)
         rope_fusion = ops.fuse_rope_into_attention == "always" or (
             ops.fuse_rope_into_attention == "int4" and self.qkv_weight is None)
-        if qkv is not None and T == 1 and rope_fusion and self.rotary and hasattr(kv_cache, "attend_rope"):
-            # decode: one kernel rotates, stores and attends
+        if qkv is not None and rope_fusion and self.rotary and hasattr(kv_cache, "attend_rope") and (
+                T == 1 or ops.triton_verify_attention):
+            # decode (or a verify step's few tokens): one kernel rotates, stores and attends
             out = kv_cache.attend_rope(self.layer_index, qkv, self.num_heads, cos, sin, self.rotary[0].inv_freq,
                                        positions)
             if out is not None:
