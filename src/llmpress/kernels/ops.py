@@ -570,11 +570,12 @@ def _(h, fragments, scales, zeros, norm_weight, eps, group_size, num_heads, inv_
 
 
 # An int4 head in the accumulating decode accumulated as well (`int4_accumulated_norm`, the final norm folded), not
-# the head's GEMV after a norm kernel.
+# the head's GEMV after a norm kernel. And the attention's split results combined inside the o product
+# (triton_int4_accumulate.frag_accumulate_splits), not by a combine kernel of their own, where a head is a
+# quantization group and the cache takes at most 8 splits. 3B int4 decode on the H200, each variant twice in one run
+# (benchmarks/int4_gpu.py, results/int4_h200_s11_ab.*): fp32 x's loads first 983.3 / 994.7 tok/s, + the combine in
+# o 993.1 / 991.9, + the head 1000.1 / 999.9 (session 10's decode in that run: 989.3 / 980.2).
 int4_accumulate_head = True
-
-# The attention's split results combined inside the o product (triton_int4_accumulate.frag_accumulate_splits), not by
-# a combine kernel of their own, where a head is a quantization group and the cache takes at most 8 splits.
 int4_combine_in_o = True
 
 
