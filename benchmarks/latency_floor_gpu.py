@@ -29,6 +29,16 @@ from llmpress.kernels.triton_int4_frag import frag_gemv
 SHAPES = {"q|k|v": (3072, 5120, True, False, False), "o": (3072, 3072, False, False, True),
           "gate|up": (3072, 16384, True, True, False), "down": (8192, 3072, False, False, True),
           "tiny": (256, 64, False, False, False)}
+
+
+def shapes_of(arch: str) -> dict:
+    """SHAPES for another architecture of llmpress.config.KNOWN_ARCHITECTURES (--arch)."""
+    from llmpress.config import KNOWN_ARCHITECTURES
+    c = KNOWN_ARCHITECTURES[arch]
+    h, i, d = c.hidden_size, c.intermediate_size, c.head_dim
+    return {"q|k|v": (h, (c.num_attention_heads + 2 * c.num_key_value_heads) * d, True, False, False),
+            "o": (c.num_attention_heads * d, h, False, False, True), "gate|up": (h, 2 * i, True, True, False),
+            "down": (i, h, False, False, True), "tiny": SHAPES["tiny"]}
 CALLS, DISTINCT = 112, 28
 
 
@@ -105,9 +115,13 @@ def main() -> int:
                         help="only time the accumulating decode's products (triton_int4_accumulate.frag_accumulate, "
                              "x in fp32 where the norm is folded, as decode runs them) on every tile that fits, and "
                              "write each product's fastest to JSON (int4_gpu.py --accumulate-configs reads it)")
+    parser.add_argument("--arch", default="llama-3.2-3b", help="whose layer products (llmpress.config.KNOWN_ARCHITECTURES)")
     parser.add_argument("--no-register-cap", action="store_true",
                         help="with --sweep-configs: fp32 x without triton_int4_accumulate.X_F32_MAX_REGISTERS")
     args = parser.parse_args()
+    if args.arch != "llama-3.2-3b":
+        SHAPES.clear()
+        SHAPES.update(shapes_of(args.arch))
     reductions = args.reductions.split(",")
     assert "last" in reductions and set(reductions) <= {"last", "none", "atomic"}, reductions
     if not torch.cuda.is_available():
@@ -115,7 +129,7 @@ def main() -> int:
         return 2
     torch.manual_seed(0)
     bandwidth = measure_copy_bandwidth("cuda")
-    report = {"script": "benchmarks/latency_floor_gpu.py", "command": " ".join(sys.argv),
+    report = {"script": "benchmarks/latency_floor_gpu.py", "command": " ".join(sys.argv), "arch": args.arch,
               "date": date.today().isoformat(), "gpu": device_name("cuda"), "torch": torch.__version__,
               "copy_bandwidth_bytes_per_s": bandwidth, "calls_per_graph": CALLS, "products": {}}
     print(f"{report['gpu']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
