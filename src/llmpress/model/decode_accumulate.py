@@ -14,7 +14,8 @@ the same steps run over an fp32 one that o and down add into in place:
 It applies where the layer chain's plan does (model/decode_chain.py `chain_plan`: int4 layers held as tensor-core
 fragments, q|k|v and gate|up fused, no biases, a static KV cache), with `ops.int4_accumulate_decode` switched on.
 With `ops.int4_accumulate_rows` also to steps of 2..8 new tokens of one sequence (a speculative verify step): h is
-then [T, H], q|k|v is finished by a kernel of its own and attention is the layer's own (`Attention.attend`).
+then [T, H], q|k|v is finished by a kernel of its own, and attention is the fused RoPE kernel where it takes several
+tokens (`ops.triton_verify_attention`), else the layer's own (`Attention.attend`).
 """
 
 from __future__ import annotations
