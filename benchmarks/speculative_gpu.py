@@ -194,18 +194,18 @@ def main() -> int:
             frag.PDL_MAX_ROWS = args.pdl_rows
         reference4, plain4 = time_plain(target4, prompt, args.new_tokens + spare, args.mode, args.repeats)
         rows.append({"config": "plain int4 target", "tokens_per_s": plain4, "speedup": plain4 / plain_rate})
-        row = oracle_row(f"int4: oracle alpha={args.int4_alpha:g} + int4 1B draft", target4, draft4, reference4,
-                         args.int4_alpha, prompt, args, plain4, vocab)
-        row["speedup_over_plain_bf16"] = row["tokens_per_s"] / plain_rate
-        rows.append(row)
+        def int4_row(suffix: str = "") -> dict:
+            row = oracle_row(f"int4: oracle alpha={args.int4_alpha:g} + int4 1B draft{suffix}", target4, draft4,
+                             reference4, args.int4_alpha, prompt, args, plain4, vocab)
+            row["speedup_over_plain_bf16"] = row["tokens_per_s"] / plain_rate
+            rows.append(row)
+            return row
+        row = int4_row()
         log(f"int4: plain {plain4:.1f} tok/s, speculative {row['tokens_per_s']:.1f} tok/s")
         if args.int4_accumulate_rows and args.int4_tensor_cores:
             ops.int4_accumulate_rows = True
             torch._dynamo.reset()
-            row = oracle_row(f"int4: oracle alpha={args.int4_alpha:g} + int4 1B draft, accumulating verify", target4,
-                             draft4, reference4, args.int4_alpha, prompt, args, plain4, vocab)
-            row["speedup_over_plain_bf16"] = row["tokens_per_s"] / plain_rate
-            rows.append(row)
+            row = int4_row(", accumulating verify")
             ops.int4_accumulate_rows = False
             log(f"int4, accumulating verify: speculative {row['tokens_per_s']:.1f} tok/s")
     from llmpress.bench.roofline import device_name

@@ -39,6 +39,14 @@ X_F32_MAX_REGISTERS: int | None = 128  # None: no cap (latency_floor_gpu.py --sw
 CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {(3072, 24): (4, 1, 2), (3072, 64): (4, 2, 2)}
 
 
+def tile_config(N: int, G: int, M: int = 1, must_fit: bool = True) -> tuple[int, int, int] | None:
+    """The accumulating product's tile for N outputs, G groups and M rows: CONFIGS' at one row, else the GEMV's
+    default; None where none fits (`must_fit`: an assertion instead)."""
+    config = (CONFIGS.get((N, G)) if M == 1 else None) or default_config(N, G, M)
+    assert config is not None or not must_fit, f"no fragment-GEMV tile fits N={N}, G={G}"
+    return config
+
+
 @triton.jit
 def _frag_accumulate(qw_ptr, x_ptr, s_ptr, z_ptr, acc_ptr, nw_ptr, squares_ptr, N, G, ASM: tl.constexpr,
                      NUM_WARPS: tl.constexpr, EXTRA: tl.constexpr, ROWS: tl.constexpr = 1):
@@ -63,9 +71,7 @@ def frag_accumulate(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tens
     assert x.dtype in (scales.dtype, torch.float32), x.dtype
     assert out.shape == (M, N) and out.dtype == torch.float32 and out.is_contiguous(), (out.shape, out.dtype)
     norm = norm_weight is not None
-    config = (CONFIGS.get((N, G)) if M == 1 else None) or default_config(N, G, M)
-    assert config is not None, f"no fragment-GEMV tile fits N={N}, G={G}"
-    warps, groups_per_warp, tiles = config
+    warps, groups_per_warp, tiles = tile_config(N, G, M)
     split = G // groups_per_warp
     assert not norm or (squares is not None and squares.numel() >= split * M and squares.dtype == torch.float32)
     pdl = launch_mode(x.device) if M <= PDL_MAX_ROWS else 0
@@ -93,9 +99,7 @@ def frag_accumulate_splits(parts: torch.Tensor, lse: torch.Tensor, fragments: to
     assert H == G and D == group_size and 1 <= S <= 8 and lse.shape == (1, H, S), (parts.shape, lse.shape, G)
     assert parts.dtype == lse.dtype == torch.float32 and parts.is_contiguous() and lse.is_contiguous()
     assert out.shape == (1, N) and out.dtype == torch.float32 and out.is_contiguous(), (out.shape, out.dtype)
-    config = CONFIGS.get((N, G)) or default_config(N, G, 1)
-    assert config is not None, f"no fragment-GEMV tile fits N={N}, G={G}"
-    warps, groups_per_warp, tiles = config
+    warps, groups_per_warp, tiles = tile_config(N, G)
     pdl = launch_mode(parts.device)
     asm = frag_gemv_asm(warps, groups_per_warp, group_size, scales.dtype, S, False, tiles, False, pdl, atomic=True,
                         x_f32=True, x_splits=S)
@@ -231,7 +235,7 @@ def splits_combine_fits(k_cache: torch.Tensor, o_scales: torch.Tensor, group_siz
     B, Hkv, S, D = k_cache.shape
     G, N = o_scales.shape
     return (B == 1 and D == group_size and splits_for(Hkv, S, k_cache.device) <= 8
-            and (CONFIGS.get((N, G)) or default_config(N, G, 1)) is not None)
+            and tile_config(N, G, must_fit=False) is not None)
 
 
 def frag_accumulated_attention_o(h: torch.Tensor, qkv_product: tuple, norm_weight: torch.Tensor, eps: float,
