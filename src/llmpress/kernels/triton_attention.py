@@ -80,6 +80,15 @@ def _rotate_loaded(x, partner, offs_d, cos, sin, D: tl.constexpr):
 
 
 @triton.jit
+def _store_new(k_head, v_head, slots, offs_d, k_new, v_new, mask, stride_ks, stride_vs):
+    """The new tokens' rotated k and v into the caches at `slots` (a position, or [T, 1] of them under `mask`),
+    then a barrier, so that the block's own stores are visible to its loads of the chunk after."""
+    tl.store(k_head + slots * stride_ks + offs_d, k_new.to(k_head.dtype.element_ty), mask=mask)
+    tl.store(v_head + slots * stride_vs + offs_d, v_new.to(v_head.dtype.element_ty), mask=mask)
+    tl.debug_barrier()
+
+
+@triton.jit
 def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
                   stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                   num_kv_heads, num_heads, chunk, sm_scale, stride_qt, stride_nkt, stride_nvt,
@@ -153,12 +162,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
             k_new = _rotate(k_rows, offs_d[None, :], t_cos, t_sin, held[:, None], D, scale, k_ptr, SCALED)
             v_new = _load_input(new_v_ptr + b * stride_nvb + offs_t[:, None] * stride_nvt + kvh * D + offs_d[None, :],
                                 held[:, None], scale, k_ptr, SCALED)
-            slots = token_position[:, None]
-            tl.store(k_ptr + b * stride_kb + kvh * stride_kh + slots * stride_ks + offs_d[None, :],
-                     k_new.to(k_ptr.dtype.element_ty), mask=held[:, None])
-            tl.store(v_ptr + b * stride_vb + kvh * stride_vh + slots * stride_vs + offs_d[None, :],
-                     v_new.to(v_ptr.dtype.element_ty), mask=held[:, None])
-            tl.debug_barrier()  # the block's own stores are visible to its loads of the chunk below
+            _store_new(k_ptr + b * stride_kb + kvh * stride_kh, v_ptr + b * stride_vb + kvh * stride_vh,
+                       token_position[:, None], offs_d[None, :], k_new, v_new, held[:, None], stride_ks, stride_vs)
     elif ROPE and LOADS_FIRST:
         angles = position.to(tl.float32) * inv_freq
         cos = tl.cos(angles).to(k_ptr.dtype.element_ty).to(tl.float32)[None, :]
@@ -169,11 +174,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
             k_new = _rotate_loaded(_scaled_input(k_x, scale, k_ptr, SCALED), _scaled_input(k_p, scale, k_ptr, SCALED),
                                    offs_d[None, :], cos, sin, D)
             v_new = _scaled_input(v_x, scale, k_ptr, SCALED)
-            tl.store(k_ptr + b * stride_kb + kvh * stride_kh + position * stride_ks + offs_d[None, :],
-                     k_new.to(k_ptr.dtype.element_ty))
-            tl.store(v_ptr + b * stride_vb + kvh * stride_vh + position * stride_vs + offs_d[None, :],
-                     v_new.to(v_ptr.dtype.element_ty))
-            tl.debug_barrier()  # the block's own stores are visible to its loads of the chunk below
+            _store_new(k_ptr + b * stride_kb + kvh * stride_kh, v_ptr + b * stride_vb + kvh * stride_vh, position,
+                       offs_d[None, :], k_new, v_new, None, stride_ks, stride_vs)
     elif ROPE:
         # cos and sin of position * inv_freq as RotaryEmbedding makes them (fp32 angles, rounded to the
         # model's dtype), computed here: as kernel inputs, Inductor built them in two more kernels per layer.
@@ -186,11 +188,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
             k_new = _rotate(new_k_ptr + b * stride_nkb + kvh * D + tl.zeros([1, 1], tl.int32), offs_d[None, :],
                             cos, sin, one, D, scale, k_ptr, SCALED)
             v_new = _load_input(new_v_ptr + b * stride_nvb + kvh * D + offs_d[None, :], one, scale, k_ptr, SCALED)
-            slot = position * stride_ks
-            tl.store(k_ptr + b * stride_kb + kvh * stride_kh + slot + offs_d[None, :], k_new.to(k_ptr.dtype.element_ty))
-            tl.store(v_ptr + b * stride_vb + kvh * stride_vh + position * stride_vs + offs_d[None, :],
-                     v_new.to(v_ptr.dtype.element_ty))
-            tl.debug_barrier()  # the block's own stores are visible to its loads of the chunk below
+            _store_new(k_ptr + b * stride_kb + kvh * stride_kh, v_ptr + b * stride_vb + kvh * stride_vh, position,
+                       offs_d[None, :], k_new, v_new, None, stride_ks, stride_vs)
     else:
         q = tl.load(q_rows + offs_d[None, :], mask=g_mask[:, None], other=0.0)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)

@@ -14,8 +14,7 @@ the same steps run over an fp32 one that o and down add into in place:
 It applies where the layer chain's plan does (model/decode_chain.py `chain_plan`: int4 layers held as tensor-core
 fragments, q|k|v and gate|up fused, no biases, a static KV cache), with `ops.int4_accumulate_decode` switched on.
 With `ops.int4_accumulate_rows` also to steps of 2..8 new tokens of one sequence (a speculative verify step): h is
-then [T, H], q|k|v is finished by a kernel of its own, and attention is the fused RoPE kernel where it takes several
-tokens (`ops.triton_verify_attention`), else the layer's own (`Attention.attend`).
+then [T, H], q|k|v is finished by a kernel of its own, and attention is the layer's own (`Attention.attend_qkv`).
 """
 
 from __future__ import annotations
@@ -61,11 +60,7 @@ def forward(model: nn.Module, plan: list[dict], input_ids: torch.Tensor, positio
                                                  kv_cache.keys[i], kv_cache.values[i], positions)
         else:
             qkv = ops.int4_accumulated_norm(h, products["qkv"], group_size, dtype).unsqueeze(0)
-            out = kv_cache.attend_rope(i, qkv, attn.num_heads, cos, sin, attn.rotary[0].inv_freq, positions)
-            if out is None:  # (the fused kernel takes several tokens with ops.triton_verify_attention)
-                out = attn.attend(*qkv.split(attn.qkv_sizes, dim=-1), cos, sin, positions, kv_cache)
-            else:
-                out = out.transpose(1, 2)
+            out = attn.attend_qkv(qkv, cos, sin, positions, kv_cache)
             h = ops.int4_accumulate(h, out.reshape(T, -1), products["o"], group_size)
         act = ops.int4_accumulated_norm(h, products["gate_up"], group_size, dtype, swiglu=True,
                                         zero_qkv=products["qkv"].scales.shape[1] if folded else 0)

@@ -71,28 +71,30 @@ class Attention(nn.Module):
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         """(residual +) attention(norm(x)): the decoder layer's norm and residual add are passed in so that
         layers able to fuse them into their products (int4 at batch 1) can."""
-        B, T, _ = x.shape
-        qkv = None
         if self.qkv_weight is not None:
-            qkv = F.linear(x if norm is None else norm(x), self.qkv_weight, self.qkv_bias)
+            out = self.attend_qkv(F.linear(x if norm is None else norm(x), self.qkv_weight, self.qkv_bias), cos, sin,
+                                  positions, kv_cache)
         elif self.qkv_packed:
-            qkv = project(self.qkv_packed[0], x, norm=norm)
+            out = self.attend_qkv(project(self.qkv_packed[0], x, norm=norm), cos, sin, positions, kv_cache)
+        else:
+            x = x if norm is None else norm(x)
+            out = self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, positions, kv_cache)
+        return project(self.o_proj, out, residual=residual)
+
+    def attend_qkv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                   kv_cache: KVCache | None) -> torch.Tensor:
+        """`attend` for the fused projection's output qkv [B, T, (H + 2 Hkv) * D]: at decode (or a verify step's
+        few tokens, with ops.triton_verify_attention) one kernel rotates, stores and attends where the mode and
+        the cache allow it."""
+        B, T, _ = qkv.shape
         rope_fusion = ops.fuse_rope_into_attention == "always" or (
             ops.fuse_rope_into_attention == "int4" and self.qkv_weight is None)
-        if qkv is not None and rope_fusion and self.rotary and hasattr(kv_cache, "attend_rope") and (
-                T == 1 or ops.triton_verify_attention):
-            # decode (or a verify step's few tokens): one kernel rotates, stores and attends
+        if rope_fusion and self.rotary and hasattr(kv_cache, "attend_rope") and (T == 1 or ops.triton_verify_attention):
             out = kv_cache.attend_rope(self.layer_index, qkv, self.num_heads, cos, sin, self.rotary[0].inv_freq,
                                        positions)
             if out is not None:
-                return project(self.o_proj, out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim),
-                               residual=residual)
-        if qkv is not None:
-            q, k, v = qkv.split(self.qkv_sizes, dim=-1)
-        else:
-            x = x if norm is None else norm(x)
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return project(self.o_proj, self.attend(q, k, v, cos, sin, positions, kv_cache), residual=residual)
+                return out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        return self.attend(*qkv.split(self.qkv_sizes, dim=-1), cos, sin, positions, kv_cache)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                positions: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
