@@ -22,18 +22,20 @@ def test_accumulating_decode_applies_only_to_one_token_over_a_static_cache():
     check_applies_only_to_batch1_decode(decode_accumulate.plan_for_step, "int4_accumulate_decode", int4_model(False))
 
 
-def verify_step_logits(model, rows_switch: bool, accumulating: bool, last_only: bool = False) -> torch.Tensor:
-    """Logits of one 6-token step (a speculative verify step) after a 5-token prefill over a static cache."""
+def verify_step_logits(model, rows_switch: bool, accumulating: bool, last_only: bool = False, device: str = "cpu",
+                       slots: int = 16) -> torch.Tensor:
+    """Logits of one 6-token step (a speculative verify step) after a 5-token prefill over a static cache of
+    `slots`, the step with ops.int4_accumulate_rows and int4_accumulate_decode as asked."""
     from llmpress.kernels import ops
     from llmpress.model.kv_cache import StaticKVCache
-    cache = StaticKVCache(model.config, 1, 16, model.dtype, "cpu")
-    ids = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(1))
+    cache = StaticKVCache(model.config, 1, slots, model.dtype, device)
+    ids = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(1)).to(device)
     saved = ops.int4_accumulate_decode, ops.int4_accumulate_rows
     try:
         with torch.no_grad():
-            model(ids[:, :5], torch.arange(5), cache)
+            model(ids[:, :5], torch.arange(5, device=device), cache)
             ops.int4_accumulate_decode, ops.int4_accumulate_rows = accumulating, rows_switch
-            return model(ids[:, 5:], torch.arange(5, 11), cache, last_only=last_only)
+            return model(ids[:, 5:], torch.arange(5, 11, device=device), cache, last_only=last_only)
     finally:
         ops.int4_accumulate_decode, ops.int4_accumulate_rows = saved
 

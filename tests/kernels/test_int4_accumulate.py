@@ -245,20 +245,12 @@ def test_accumulated_norm_of_several_rows_matches_the_gemv(rows, swiglu, n):
 @pytest.mark.parametrize("triton_attention", [False, True])
 def test_verify_step_through_the_accumulating_path_gives_close_logits(quantize_head, triton_attention, monkeypatch):
     from llmpress.kernels import ops
-    from llmpress.model.kv_cache import StaticKVCache
+    from tests.test_decode_accumulate import verify_step_logits
     from tests.test_decode_chain import int4_model
     monkeypatch.setattr(ops, "triton_verify_attention", triton_attention)
     monkeypatch.setattr(ops, "int4_tensor_core_norm", True)
     monkeypatch.setattr(ops, "int4_tensor_core_swiglu", True)
     model = int4_model(quantize_head, "cuda", torch.bfloat16, hidden_size=256, intermediate_size=512)
-    ids = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(1)).cuda()
-    logits = []
-    for rows in (True, False):
-        monkeypatch.setattr(ops, "int4_accumulate_rows", rows)
-        cache = StaticKVCache(model.config, 1, 64, model.dtype, "cuda")
-        with torch.no_grad():
-            model(ids[:, :5], torch.arange(5, device="cuda"), cache)
-            logits.append(model(ids[:, 5:], torch.arange(5, 11, device="cuda"), cache).float())
-    accumulated, plain = logits
+    accumulated, plain = (verify_step_logits(model, rows, True, device="cuda", slots=64).float() for rows in (True, False))
     assert accumulated.shape == plain.shape == (1, 6, 256)
     torch.testing.assert_close(accumulated, plain, rtol=0.02, atol=0.05 * plain.abs().max().item())
