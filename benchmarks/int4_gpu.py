@@ -154,20 +154,22 @@ STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", 
 # two attention variants since removed as slower, triton_attention.py says which: "-preload" and the "s11" of
 # int4_h200_s11_early_kv; "-nopre" there is the s11 here.)
 # Then (not timed yet) the sum(h^2) mma made to wait for every load (triton_int4_frag.norm_waits_for_loads; the
-# 1B's q|k|v tile is one it changes): on in -s11b, off in -s11 (as timed in session 11).
+# 1B's q|k|v tile is one it changes): on in -s11b, -s11c, -s11d, off in -s11 (as timed in session 11). Off by
+# default since session 12: the GPU tests failed with it on (cause not isolated, results/pytest_gpu_s12.log).
 SESSION_11 = dict(xf32_first=False, combine_o=False, acc_head=False, norm_waits=False)
 STEP_VARIANTS = {label: {**SESSION_11, **settings} for label, settings in STEP_VARIANTS.items()}
 ACCUMULATING = dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", accumulate=True)
 STEP_VARIANTS.update({"int4-tc-only-acc-xf32+head": {**ACCUMULATING, **SESSION_11, "xf32_first": True},
                       "int4-tc-only-acc-combine-o+head": dict(ACCUMULATING, acc_head=False),
                       "int4-tc-only-acc-s11+head": dict(ACCUMULATING, norm_waits=False),  # all three
-                      "int4-tc-only-acc-s11b+head": dict(ACCUMULATING),
+                      "int4-tc-only-acc-s11b+head": dict(ACCUMULATING, norm_waits=True),
                       # the same on the tiles of --accumulate-configs too (the 1B's, say), beside CONFIGS
-                      "int4-tc-only-acc-s11b-tuned+head": dict(ACCUMULATING),
+                      "int4-tc-only-acc-s11b-tuned+head": dict(ACCUMULATING, norm_waits=True),
                       # and attention's small loads before its arithmetic (triton_attention.loads_first; not timed)
-                      "int4-tc-only-acc-s11c+head": dict(ACCUMULATING, loads_first=True),
+                      "int4-tc-only-acc-s11c+head": dict(ACCUMULATING, norm_waits=True, loads_first=True),
                       # and the gate|up finishing kernel's loads together (FINISH_LOADS_FIRST; not timed)
-                      "int4-tc-only-acc-s11d+head": dict(ACCUMULATING, loads_first=True, finish_first=True),
+                      "int4-tc-only-acc-s11d+head": dict(ACCUMULATING, norm_waits=True, loads_first=True,
+                                                         finish_first=True),
                       # without PDL: each kernel's profiled time is then its own (--profile)
                       "int4-tc-only-acc-s11-nopdl+head": dict(ACCUMULATING, pdl="off", norm_waits=False),
                       "int4-tc-only-acc-s11": dict(ACCUMULATING)})

@@ -88,11 +88,14 @@ def test_accumulate_replays_from_a_cuda_graph():
 @cuda_only
 @pytest.mark.parametrize("quantize_head", [True, False])
 @pytest.mark.parametrize("slots,combine_in_o", [(16, True), (300, True), (300, False)])
+@pytest.mark.parametrize("norm_waits", [False, True])  # with it on, session 12's run failed (not isolated)
 def test_model_decoding_through_the_accumulating_path_gives_close_logits(quantize_head, slots, combine_in_o,
-                                                                         monkeypatch):
+                                                                         norm_waits, monkeypatch):
     import llmpress.kernels.triton_int4_accumulate as accumulate
+    import llmpress.kernels.triton_int4_frag as frag
     from llmpress.kernels import ops
     from tests.test_decode_chain import decode_logits, int4_model
+    monkeypatch.setattr(frag, "norm_waits_for_loads", norm_waits)
     monkeypatch.setattr(ops, "int4_tensor_core_norm", True)
     monkeypatch.setattr(ops, "int4_tensor_core_swiglu", True)
     monkeypatch.setattr(ops, "int4_combine_in_o", combine_in_o)
@@ -243,8 +246,12 @@ def test_accumulated_norm_of_several_rows_matches_the_gemv(rows, swiglu, n):
 @cuda_only
 @pytest.mark.parametrize("quantize_head", [True, False])
 @pytest.mark.parametrize("triton_attention", [False, True])
-def test_verify_step_through_the_accumulating_path_gives_close_logits(quantize_head, triton_attention, monkeypatch):
+@pytest.mark.parametrize("norm_waits", [False, True])
+def test_verify_step_through_the_accumulating_path_gives_close_logits(quantize_head, triton_attention, norm_waits,
+                                                                      monkeypatch):
+    import llmpress.kernels.triton_int4_frag as frag
     from llmpress.kernels import ops
+    monkeypatch.setattr(frag, "norm_waits_for_loads", norm_waits)
     from tests.test_decode_accumulate import verify_step_logits
     from tests.test_decode_chain import int4_model
     monkeypatch.setattr(ops, "triton_verify_attention", triton_attention)

@@ -1,0 +1,95 @@
+"""The accumulating batch-1 decode (model/decode_accumulate.py) run on the CPU through its GPU kernels: the inline
+PTX on tests/kernels/ptx_emulator.py, the Triton kernels (attention, the finishing kernel) under Triton's
+interpreter. Run as a script, since the interpreter is chosen when triton is first imported:
+
+    TRITON_INTERPRET=1 python -m tests.kernels.emulated_decode CASE...
+
+CASE: `decode:<quantize_head>:<slots>:<combine_in_o>:<dtype>` (three one-token steps) or
+`verify:<quantize_head>:<dtype>` (one 6-token verify step, ops.int4_accumulate_rows). Prints one JSON line per
+case: the largest |logit difference| of each step against the layers as written (PyTorch on the CPU), relative
+to the largest |logit|, and how many emulated products ran."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import types
+
+import numpy as np
+import torch
+
+
+def _patch_interpreter() -> None:
+    """Two fixes to Triton's interpreter (3.6): it keeps bf16 as uint16 and multiplied those bits in tl.dot (widened
+    to fp32 first here), and a loop bound from a one-element load (a position) could not be an index."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, *args):
+        if tl.bfloat16 not in (a.dtype, b.dtype):
+            return original(self, a, b, d, *args)
+        widen = lambda h: (h.data.astype(np.uint32) << 16).view(np.float32) if h.dtype == tl.bfloat16 else h.data  # noqa: E731
+        return interpreter.TensorHandle(np.matmul(widen(a), widen(b), dtype=d.data.dtype) + d.data, d.dtype.scalar)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
+
+
+def _emulate_gpu_paths():
+    """The switches and device checks that send the decode to its kernels, pointed at the CPU."""
+    import llmpress.kernels.triton_int4_accumulate as accumulate
+    from llmpress.kernels import ops
+    from tests.kernels.ptx_emulator import EmulatedTileKernel
+    torch.cuda.get_device_properties = lambda device: types.SimpleNamespace(multi_processor_count=132)  # an H200
+    kernel = EmulatedTileKernel("accumulate")
+    accumulate._frag_accumulate = kernel
+    ops.int4_accumulate_applies = lambda h: (ops.int4_accumulate_decode and 1 <= h.shape[0] <= 8
+                                             and h.dtype == torch.float32)
+    ops.int4_tensor_core_norm = ops.int4_tensor_core_swiglu = True
+    return kernel
+
+
+def _relative(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+
+
+def run(case: str, kernel) -> dict:
+    from llmpress.kernels import ops
+    from tests.test_decode_accumulate import verify_step_logits
+    from tests.test_decode_chain import decode_logits, int4_model
+    kind, *fields = case.split(":")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[fields[-1]]
+    model = int4_model(fields[0] == "1", "cpu", dtype, hidden_size=256, intermediate_size=512)
+    launches = kernel.launches
+    if kind == "decode":
+        slots, ops.int4_combine_in_o = int(fields[1]), fields[2] == "1"
+        errors = [_relative(a, p) for a, p in zip(decode_logits(model, accumulating=True, slots=slots),
+                                                  decode_logits(model, slots=slots))]
+    else:
+        accumulated = verify_step_logits(model, True, True, slots=64)
+        launches_step = kernel.launches
+        plain = verify_step_logits(model, False, False, slots=64)
+        assert kernel.launches == launches_step  # the reference ran no kernel
+        errors = [_relative(accumulated[0, t], plain[0, t]) for t in range(plain.shape[1])]
+    return {"case": case, "errors": errors, "launches": kernel.launches - launches}
+
+
+def main(cases: list[str]) -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    _patch_interpreter()
+    kernel = _emulate_gpu_paths()
+    for case in cases:
+        print(json.dumps(run(case, kernel)), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
