@@ -5,7 +5,8 @@ interpreter. Run as a script, since the interpreter is chosen when triton is fir
     TRITON_INTERPRET=1 python -m tests.kernels.emulated_decode CASE...
 
 CASE: `decode:<quantize_head>:<slots>:<combine_in_o>:<dtype>` (three one-token steps) or
-`verify:<quantize_head>:<dtype>` (one 6-token verify step, ops.int4_accumulate_rows). Prints one JSON line per
+`verify:<quantize_head>:<dtype>[:triton]` (one 6-token verify step, ops.int4_accumulate_rows; `triton`: its
+attention through the Triton decode kernel, ops.triton_verify_attention). Prints one JSON line per
 case: the largest |logit difference| of each step against the layers as written (PyTorch on the CPU), relative
 to the largest |logit|, and how many emulated products ran."""
 
@@ -55,7 +56,26 @@ def _emulate_gpu_paths():
     ops.int4_accumulate_applies = lambda h: (ops.int4_accumulate_decode and 1 <= h.shape[0] <= 8
                                              and h.dtype == torch.float32)
     ops.int4_tensor_core_norm = ops.int4_tensor_core_swiglu = True
+
+    def rope_attention_applies(qkv, cos, head_dim):  # ops.rope_attention_applies without its CUDA check, and only
+        # for the accumulating verify step (the rows switch is on only there): the reference stays PyTorch
+        return (ops.int4_accumulate_rows and ops.triton_verify_attention and qkv.shape[0] == 1
+                and 2 <= qkv.shape[1] <= 8 and cos.dim() == 2 and head_dim in (64, 128))
+    ops.rope_attention_applies = rope_attention_applies
     return kernel
+
+
+_attention_calls = [0]
+
+
+def _count_attention_calls() -> None:
+    import llmpress.kernels.triton_attention as attention
+    original = attention._decode_attention
+
+    def counted(*args, **kwargs):
+        _attention_calls[0] += 1
+        return original(*args, **kwargs)
+    attention._decode_attention = counted
 
 
 def _relative(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -67,9 +87,12 @@ def run(case: str, kernel) -> dict:
     from tests.test_decode_accumulate import verify_step_logits
     from tests.test_decode_chain import decode_logits, int4_model
     kind, *fields = case.split(":")
+    ops.triton_verify_attention = fields[-1] == "triton"
+    if ops.triton_verify_attention:
+        fields = fields[:-1]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[fields[-1]]
     model = int4_model(fields[0] == "1", "cpu", dtype, hidden_size=256, intermediate_size=512)
-    launches = kernel.launches
+    launches, attention_calls = kernel.launches, _attention_calls[0]
     if kind == "decode":
         slots, ops.int4_combine_in_o = int(fields[1]), fields[2] == "1"
         errors = [_relative(a, p) for a, p in zip(decode_logits(model, accumulating=True, slots=slots),
@@ -80,13 +103,15 @@ def run(case: str, kernel) -> dict:
         plain = verify_step_logits(model, False, False, slots=64)
         assert kernel.launches == launches_step  # the reference ran no kernel
         errors = [_relative(accumulated[0, t], plain[0, t]) for t in range(plain.shape[1])]
-    return {"case": case, "errors": errors, "launches": kernel.launches - launches}
+    return {"case": case, "errors": errors, "launches": kernel.launches - launches,
+            "triton_attention_calls": _attention_calls[0] - attention_calls}
 
 
 def main(cases: list[str]) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     _patch_interpreter()
     kernel = _emulate_gpu_paths()
+    _count_attention_calls()
     for case in cases:
         print(json.dumps(run(case, kernel)), flush=True)
 

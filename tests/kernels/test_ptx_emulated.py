@@ -145,14 +145,17 @@ def test_accumulating_decode_through_its_kernels_gives_the_logits_of_the_layers_
         assert result["case"] == case and len(result["errors"]) == 3
         # 3 steps x (2 layers x 4 products + the int4 head)
         assert result["launches"] == 3 * (8 + (case.split(":")[1] == "1"))
+        assert result["triton_attention_calls"] == 3 * 2  # a kernel a layer and step
         assert max(result["errors"]) < (0.004 if case.endswith("fp16") else 0.04), result
 
 
 def test_accumulating_verify_step_through_its_kernels_gives_the_logits_of_the_layers_as_written():
     """A 6-token verify step (ops.int4_accumulate_rows): the products over 6 rows, their finishing kernel a row
-    per grid column."""
-    cases = ["verify:1:bf16", "verify:0:fp16"]
+    per grid column; its attention by the layer's own PyTorch path or (ops.triton_verify_attention) by the Triton
+    decode kernel taking all 6 queries, each rotated and stored by the kernel."""
+    cases = ["verify:1:bf16", "verify:0:fp16", "verify:1:bf16:triton", "verify:0:fp16:triton"]
     for case, result in zip(cases, emulated_decode(*cases)):
         assert result["case"] == case and len(result["errors"]) == 6
         assert result["launches"] == 8 + (case.split(":")[1] == "1")
-        assert max(result["errors"]) < (0.004 if case.endswith("fp16") else 0.04), result
+        assert result["triton_attention_calls"] == (2 if case.endswith("triton") else 0)
+        assert max(result["errors"]) < (0.004 if "fp16" in case else 0.04), result

@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from llmpress.kernels.pdl import launch_mode, pdl_start, pdl_wait
-from llmpress.kernels.triton_int4_frag import (FRAG_MAX_M, PDL_MAX_ROWS, _finish_swiglu, default_config,
-                                               frag_gemv_asm, run_tile_asm)
+from llmpress.kernels import triton_int4_frag
+from llmpress.kernels.triton_int4_frag import FRAG_MAX_M, _finish_swiglu, default_config, frag_gemv_asm, run_tile_asm
 
 
 X_F32_MAX_REGISTERS: int | None = 128  # None: no cap (latency_floor_gpu.py --sweep-configs --no-register-cap)
@@ -74,7 +74,7 @@ def frag_accumulate(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tens
     warps, groups_per_warp, tiles = tile_config(N, G, M)
     split = G // groups_per_warp
     assert not norm or (squares is not None and squares.numel() >= split * M and squares.dtype == torch.float32)
-    pdl = launch_mode(x.device) if M <= PDL_MAX_ROWS else 0
+    pdl = launch_mode(x.device) if M <= triton_int4_frag.PDL_MAX_ROWS else 0  # read here: benchmarks set it
     x_f32 = x.dtype == torch.float32
     asm = frag_gemv_asm(warps, groups_per_warp, group_size, scales.dtype, M, norm, tiles, False, pdl, atomic=True,
                         x_f32=x_f32)
@@ -197,7 +197,7 @@ def frag_accumulated_norm(h: torch.Tensor, fragments: torch.Tensor, scales: torc
     out_dtype = out_dtype or scales.dtype
     width = N // 2 if swiglu else N
     y = torch.empty(M, width, dtype=out_dtype, device=h.device)
-    pdl = launch_mode(h.device) if M <= PDL_MAX_ROWS else 0
+    pdl = launch_mode(h.device) if M <= triton_int4_frag.PDL_MAX_ROWS else 0  # read here: benchmarks set it
     other = acc if zero_after is None else zero_after
     _finish_accumulated[(triton.cdiv(width, FINISH_BLOCK), M)](
         acc, squares, y, N, G * group_size, eps, split, other, 0 if zero_after is None else zero_after.numel(),
