@@ -39,7 +39,8 @@ def _patch_interpreter() -> None:
     def create_dot(self, a, b, d, *args):
         if tl.bfloat16 not in (a.dtype, b.dtype):
             return original(self, a, b, d, *args)
-        widen = lambda h: (h.data.astype(np.uint32) << 16).view(np.float32) if h.dtype == tl.bfloat16 else h.data  # noqa: E731
+        def widen(handle):
+            return (handle.data.astype(np.uint32) << 16).view(np.float32) if handle.dtype == tl.bfloat16 else handle.data
         return interpreter.TensorHandle(np.matmul(widen(a), widen(b), dtype=d.data.dtype) + d.data, d.dtype.scalar)
 
     interpreter.InterpreterBuilder.create_dot = create_dot
@@ -103,8 +104,11 @@ def run(case: str, kernel) -> dict:
         plain = verify_step_logits(model, False, False, slots=64)
         assert kernel.launches == launches_step  # the reference ran no kernel
         errors = [_relative(accumulated[0, t], plain[0, t]) for t in range(plain.shape[1])]
+    from llmpress.kernels.triton_int4_accumulate import _zeroed
+    # each kernel that reads an accumulator zeroes it again for the next step (the "qkv" one: gate|up's finishing)
+    dirty = sorted(name for (_, name), (acc, _) in _zeroed._buffers.items() if acc.abs().sum() > 0)
     return {"case": case, "errors": errors, "launches": kernel.launches - launches,
-            "triton_attention_calls": _attention_calls[0] - attention_calls}
+            "triton_attention_calls": _attention_calls[0] - attention_calls, "dirty_workspaces": dirty}
 
 
 def main(cases: list[str]) -> None:

@@ -85,7 +85,8 @@ def test_default_tiles_of_the_3b_and_1b_shapes(dtype, emulated_accumulate):
         norm_weight = (torch.rand(K) + 0.5).to(dtype)
         out, squares = torch.zeros(1, N), torch.zeros(64)
         accumulate.frag_accumulate(x, *weights, 128, out, norm_weight, squares)
-        assert relative(out, b_operand(x, dtype, norm_weight) @ dense) < 1e-5, (K, N, accumulate.tile_config(N, K // 128))
+        tile = accumulate.tile_config(N, K // 128)
+        assert relative(out, b_operand(x, dtype, norm_weight) @ dense) < 1e-5, (K, N, tile)
 
 
 @pytest.mark.parametrize("splits", [1, 3, 8])
@@ -146,16 +147,19 @@ def test_accumulating_decode_through_its_kernels_gives_the_logits_of_the_layers_
         # 3 steps x (2 layers x 4 products + the int4 head)
         assert result["launches"] == 3 * (8 + (case.split(":")[1] == "1"))
         assert result["triton_attention_calls"] == 3 * 2  # a kernel a layer and step
+        assert result["dirty_workspaces"] == []  # every accumulator zeroed again by the kernel that read it
         assert max(result["errors"]) < (0.004 if case.endswith("fp16") else 0.04), result
 
 
 def test_accumulating_verify_step_through_its_kernels_gives_the_logits_of_the_layers_as_written():
     """A 6-token verify step (ops.int4_accumulate_rows): the products over 6 rows, their finishing kernel a row
     per grid column; its attention by the layer's own PyTorch path or (ops.triton_verify_attention) by the Triton
-    decode kernel taking all 6 queries, each rotated and stored by the kernel."""
+    decode kernel taking all 6 queries, each scaled by its own norm from the q|k|v accumulator, rotated and stored
+    by the kernel."""
     cases = ["verify:1:bf16", "verify:0:fp16", "verify:1:bf16:triton", "verify:0:fp16:triton"]
     for case, result in zip(cases, emulated_decode(*cases)):
         assert result["case"] == case and len(result["errors"]) == 6
         assert result["launches"] == 8 + (case.split(":")[1] == "1")
         assert result["triton_attention_calls"] == (2 if case.endswith("triton") else 0)
+        assert result["dirty_workspaces"] == []
         assert max(result["errors"]) < (0.004 if "fp16" in case else 0.04), result

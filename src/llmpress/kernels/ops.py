@@ -534,24 +534,26 @@ int4_accumulate_into_attention = True
 
 def accumulate_into_attention_applies(h: torch.Tensor, cos: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether `int4_accumulated_attention` has the attention kernel read the q|k|v accumulator (see there)."""
-    return (int4_accumulate_into_attention and int4_accumulate_applies(h) and h.shape[0] == 1
-            and fuse_rope_into_attention != "never"
+    return (int4_accumulate_into_attention and int4_accumulate_applies(h)
+            and (h.shape[0] == 1 or triton_verify_attention) and fuse_rope_into_attention != "never"
             and cos.dim() == 2 and k_cache.shape[-1] in (64, 128) and k_cache.dtype in (torch.float16, torch.bfloat16))
 
 
 def int4_accumulated_attention(h: torch.Tensor, product: ChainProduct, group_size: int, dtype: torch.dtype,
                                num_heads: int, cos: torch.Tensor, sin: torch.Tensor, inv_freq: torch.Tensor,
                                k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Attention of one new token whose q|k|v is `product` (with its norm) of the fp32 residual stream h [1, K]:
-    `cached_attention_rope` of `int4_accumulated_norm`'s output. Returns [1, H, 1, D]. On CUDA with
-    `int4_accumulate_into_attention` the attention kernel reads the q|k|v accumulator itself; the caller's next
-    `int4_accumulated_norm` must then be given zero_qkv = the q|k|v width."""
+    """Attention of T new tokens whose q|k|v is `product` (with its norm) of the fp32 residual stream h [T, K]
+    (T > 1: a verify step): `cached_attention_rope` of `int4_accumulated_norm`'s output. Returns [1, H, T, D]. On
+    CUDA with `int4_accumulate_into_attention` (and `triton_verify_attention` for T > 1) the attention kernel
+    reads the q|k|v accumulator itself; the caller's next `int4_accumulated_norm` must then be given zero_qkv =
+    T x the q|k|v width."""
     if accumulate_into_attention_applies(h, cos, k_cache):
         return torch.ops.llmpress.int4_accumulated_attention(h.contiguous(), *product.tensors(), product.eps,
                                                              group_size, num_heads, inv_freq, k_cache, v_cache,
                                                              positions)
     qkv = int4_accumulated_norm(h, product, group_size, dtype)
-    return cached_attention_rope(qkv.view(1, 1, -1), num_heads, cos, sin, inv_freq, k_cache, v_cache, positions)
+    return cached_attention_rope(qkv.view(1, h.shape[0], -1), num_heads, cos, sin, inv_freq, k_cache, v_cache,
+                                 positions)
 
 
 @torch.library.custom_op("llmpress::int4_accumulated_attention", mutates_args=("k_cache", "v_cache"))
@@ -566,7 +568,7 @@ def _int4_accumulated_attention(h: torch.Tensor, fragments: torch.Tensor, scales
 
 @_int4_accumulated_attention.register_fake
 def _(h, fragments, scales, zeros, norm_weight, eps, group_size, num_heads, inv_freq, k_cache, v_cache, positions):
-    return k_cache.new_empty(1, num_heads, 1, k_cache.shape[-1])
+    return k_cache.new_empty(1, num_heads, h.shape[0], k_cache.shape[-1])
 
 
 # An int4 head in the accumulating decode accumulated as well (`int4_accumulated_norm`, the final norm folded), not

@@ -80,6 +80,15 @@ def _rotate_loaded(x, partner, offs_d, cos, sin, D: tl.constexpr):
 
 
 @triton.jit
+def _row_scale(squares_ptr, offs_sq, rows, squares_n, norm_k, norm_eps, QUERIES: tl.constexpr):
+    """rsqrt(mean(h^2) + eps) of each of `rows`' tokens (clamped to the step's), from its shares of sum(h^2)."""
+    token = tl.minimum(rows, QUERIES - 1)
+    shares = tl.load(squares_ptr + offs_sq[None, :] * QUERIES + token[:, None], mask=(offs_sq < squares_n)[None, :],
+                     other=0.0)
+    return tl.rsqrt(tl.sum(shares, axis=1) / norm_k + norm_eps)
+
+
+@triton.jit
 def _store_new(k_head, v_head, slots, offs_d, k_new, v_new, mask, stride_ks, stride_vs):
     """The new tokens' rotated k and v into the caches at `slots` (a position, or [T, 1] of them under `mask`),
     then a barrier, so that the block's own stores are visible to its loads of the chunk after."""
@@ -141,10 +150,16 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
         v_x = tl.load(new_v_ptr + b * stride_nvb + kvh * D + offs_d)[None, :]
         inv_freq = tl.load(inv_freq_ptr + offs_d % (D // 2))
     scale = 1.0
-    if SCALED:
+    token_scale = 1.0
+    if SCALED and QUERIES == 1:
         offs_sq = tl.arange(0, SQUARES_P2)
         squares = tl.load(squares_ptr + offs_sq, mask=offs_sq < squares_n, other=0.0)
         scale = tl.rsqrt(tl.sum(squares, axis=0) / norm_k + norm_eps)
+    elif SCALED:  # a norm per token: share s of token t at s * QUERIES + t; q rows by their query, k and v by token
+        offs_sq = tl.arange(0, SQUARES_P2)
+        scale = _row_scale(squares_ptr, offs_sq, query, squares_n, norm_k, norm_eps, QUERIES)[:, None]
+        token_scale = _row_scale(squares_ptr, offs_sq, tl.arange(0, BLOCK_T), squares_n, norm_k, norm_eps,
+                                 QUERIES)[:, None]
     if ROPE and QUERIES > 1:  # each row rotated by its own position; each held token's k, v rotated and stored
         inv_freq = tl.load(inv_freq_ptr + offs_d % (D // 2))
         angles = row_position.to(tl.float32)[:, None] * inv_freq[None, :]
@@ -159,9 +174,9 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
             t_cos = tl.cos(t_angles).to(k_ptr.dtype.element_ty).to(tl.float32)
             t_sin = tl.sin(t_angles).to(k_ptr.dtype.element_ty).to(tl.float32)
             k_rows = new_k_ptr + b * stride_nkb + offs_t[:, None] * stride_nkt + kvh * D
-            k_new = _rotate(k_rows, offs_d[None, :], t_cos, t_sin, held[:, None], D, scale, k_ptr, SCALED)
+            k_new = _rotate(k_rows, offs_d[None, :], t_cos, t_sin, held[:, None], D, token_scale, k_ptr, SCALED)
             v_new = _load_input(new_v_ptr + b * stride_nvb + offs_t[:, None] * stride_nvt + kvh * D + offs_d[None, :],
-                                held[:, None], scale, k_ptr, SCALED)
+                                held[:, None], token_scale, k_ptr, SCALED)
             _store_new(k_ptr + b * stride_kb + kvh * stride_kh, v_ptr + b * stride_vb + kvh * stride_vh,
                        token_position[:, None], offs_d[None, :], k_new, v_new, held[:, None], stride_ks, stride_vs)
     elif ROPE and LOADS_FIRST:
@@ -285,8 +300,8 @@ def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple, qkv_norm
     B, H, T, D = q.shape
     _, Hkv, S, _ = k_cache.shape
     rope = bool(rope_args)
-    assert (T == 1 or (1 <= T <= MAX_QUERIES and qkv_norm is None and not splits_only)) and positions.numel() == T, (
-        q.shape, positions.shape)
+    assert (T == 1 or (1 <= T <= MAX_QUERIES and (qkv_norm is None or rope) and not splits_only)
+            and positions.numel() == T), (q.shape, positions.shape)
     assert H % Hkv == 0, (q.shape, k_cache.shape)
     assert (q.dtype == torch.float32 if qkv_norm else q.dtype == k_cache.dtype) and k_cache.dtype == v_cache.dtype
     assert D in (64, 128), D
@@ -330,8 +345,9 @@ def decode_attention_rope_triton(qkv: torch.Tensor, num_heads: int, inv_freq: to
     projection: qkv [B, T, (H + 2 Hkv) * D] (q, then k, then v) at `positions` [T]; inv_freq: float32 [D / 2], the
     RoPE frequencies (model.rope.RotaryEmbedding's). Rotates q and k, writes k, v into the caches [B, Hkv, S, D] at
     the positions, attends (query t over slots 0..positions[t]). Returns [B, H, T, D] in the caches' dtype. One tensor, not three views of it: given views, Inductor copied each into a buffer of
-    its own first. `qkv_norm` (squares, n, K, eps): qkv is the fp32 accumulator of the accumulating decode, to be
-    scaled by rsqrt(sum of the n squares / K + eps) (kernels/triton_int4_accumulate.py; one token only)."""
+    its own first. `qkv_norm` (squares, n, K, eps): qkv is the fp32 accumulator of the accumulating decode, each
+    token t scaled by rsqrt(sum of its n squares / K + eps), share s of token t at squares[s * T + t]
+    (kernels/triton_int4_accumulate.py)."""
     q_heads, rope_args, row_strides = _rope_operands(qkv, num_heads, inv_freq, k_cache)
     return _decode_attention(q_heads, k_cache, v_cache, positions, rope_args, qkv_norm, row_strides=row_strides)
 

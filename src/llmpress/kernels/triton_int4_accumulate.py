@@ -215,22 +215,24 @@ def frag_accumulated_attention(h: torch.Tensor, fragments: torch.Tensor, scales:
                                group_size: int, norm_weight: torch.Tensor, eps: float, num_heads: int,
                                inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                positions: torch.Tensor) -> torch.Tensor:
-    """Decode attention of one new token whose q|k|v = W rmsnorm(h) is accumulated into the "qkv" workspace and
-    read by the attention kernel itself, the norm's rsqrt applied as it loads (one kernel fewer than
-    `frag_accumulated_norm` + attention). Returns [1, H, 1, D] in the caches' dtype. The workspace must be zeroed
-    again before the next call: the layer's gate|up finishing kernel does it (`zero_after`)."""
+    """Decode attention of T new tokens (h [T, K]; T > 1: a verify step, the Triton decode kernel taking T
+    queries) whose q|k|v = W rmsnorm(h) is accumulated into the "qkv" workspace and read by the attention kernel
+    itself, each token's norm rsqrt applied as it loads (one kernel fewer than `frag_accumulated_norm` +
+    attention). Returns [1, H, T, D] in the caches' dtype. The workspace [T * N] must be zeroed again before the
+    next call: the layer's gate|up finishing kernel does it (`zero_after`)."""
     from llmpress.kernels.triton_attention import decode_attention_rope_triton
     qkv, qkv_norm = _accumulated_qkv(h, fragments, scales, zeros, group_size, norm_weight, eps)
     return decode_attention_rope_triton(qkv, num_heads, inv_freq, k_cache, v_cache, positions, qkv_norm)
 
 
 def _accumulated_qkv(h, fragments, scales, zeros, group_size, norm_weight, eps):
-    """q|k|v's accumulator [1, 1, N] filled from h, and the attention kernel's `qkv_norm` for it."""
+    """q|k|v's accumulator [1, T, N] filled from h [T, K], and the attention kernel's `qkv_norm` for it."""
     G, N = scales.shape
-    acc = qkv_accumulator(h.device, N)
-    squares = _zeroed.get(h.device, "qkv_squares", G, G)[1]
-    split = frag_accumulate(h, fragments, scales, zeros, group_size, acc.view(1, N), norm_weight, squares)
-    return acc.view(1, 1, N), (squares, split, G * group_size, eps)
+    T = h.shape[0]
+    acc = qkv_accumulator(h.device, T * N)
+    squares = _zeroed.get(h.device, "qkv_squares", G, G * T)[1]
+    split = frag_accumulate(h, fragments, scales, zeros, group_size, acc.view(T, N), norm_weight, squares)
+    return acc.view(1, T, N), (squares, split, G * group_size, eps)
 
 
 def splits_combine_fits(k_cache: torch.Tensor, o_scales: torch.Tensor, group_size: int) -> bool:

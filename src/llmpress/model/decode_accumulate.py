@@ -14,7 +14,8 @@ the same steps run over an fp32 one that o and down add into in place:
 It applies where the layer chain's plan does (model/decode_chain.py `chain_plan`: int4 layers held as tensor-core
 fragments, q|k|v and gate|up fused, no biases, a static KV cache), with `ops.int4_accumulate_decode` switched on.
 With `ops.int4_accumulate_rows` also to steps of 2..8 new tokens of one sequence (a speculative verify step): h is
-then [T, H], q|k|v is finished by a kernel of its own, and attention is the layer's own (`Attention.attend_qkv`).
+then [T, H], and attention is the layer's own (`Attention.attend_qkv`, q|k|v finished by a kernel of its own)
+or, with `ops.triton_verify_attention`, the Triton decode kernel's over T queries reading the accumulator itself.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def forward(model: nn.Module, plan: list[dict], input_ids: torch.Tensor, positio
     h = model.model.embed_tokens(input_ids).view(T, -1).float()
     cos, sin = model.model.rotary_emb(positions, dtype)
     # where attention reads the q|k|v accumulator itself, the gate|up finishing kernel zeroes it after
-    folded = T == 1 and ops.accumulate_into_attention_applies(h, cos, kv_cache.keys[0])
+    folded = ops.accumulate_into_attention_applies(h, cos, kv_cache.keys[0])
     for i, (layer, products) in enumerate(zip(model.model.layers, plan)):
         attn, group_size = layer.self_attn, products["group_size"]
         if T == 1:
@@ -59,11 +60,16 @@ def forward(model: nn.Module, plan: list[dict], input_ids: torch.Tensor, positio
                                                  attn.num_heads, cos, sin, attn.rotary[0].inv_freq,
                                                  kv_cache.keys[i], kv_cache.values[i], positions)
         else:
-            qkv = ops.int4_accumulated_norm(h, products["qkv"], group_size, dtype).unsqueeze(0)
-            out = attn.attend_qkv(qkv, cos, sin, positions, kv_cache)
+            if folded:  # the Triton decode kernel takes the T queries (ops.triton_verify_attention)
+                out = ops.int4_accumulated_attention(h, products["qkv"], group_size, dtype, attn.num_heads, cos,
+                                                     sin, attn.rotary[0].inv_freq, kv_cache.keys[i],
+                                                     kv_cache.values[i], positions).transpose(1, 2)
+            else:
+                qkv = ops.int4_accumulated_norm(h, products["qkv"], group_size, dtype).unsqueeze(0)
+                out = attn.attend_qkv(qkv, cos, sin, positions, kv_cache)
             h = ops.int4_accumulate(h, out.reshape(T, -1), products["o"], group_size)
         act = ops.int4_accumulated_norm(h, products["gate_up"], group_size, dtype, swiglu=True,
-                                        zero_qkv=products["qkv"].scales.shape[1] if folded else 0)
+                                        zero_qkv=T * products["qkv"].scales.shape[1] if folded else 0)
         h = ops.int4_accumulate(h, act, products["down"], group_size)
     if last_only:
         h = h[-1:]
