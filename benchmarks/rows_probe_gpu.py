@@ -18,15 +18,21 @@ def rel(got, ref):
     return ((got.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def swiglu_float(h, p, gs):
-    """silu(gate) * up of rmsnorm(h) in float, rounded where the kernels round."""
+def gate_up_float(h, p, gs):
+    """gate|up's product (w * h) before the norm's rsqrt, and silu(gate) * up of rmsnorm(h), in float, rounded
+    where the kernels round."""
     from llmpress.kernels.triton_int4_frag import dequantize_fragments_triton
     w = dequantize_fragments_triton(p.fragments, p.scales, p.zeros, gs, torch.float32)
     half = w.shape[0] // 2
     raw = (h.to(torch.bfloat16) * p.norm_weight).float() @ w.t()
     r = torch.rsqrt(h.to(torch.bfloat16).float().pow(2).mean(1, keepdim=True) + p.eps)
     g, u = (raw[:, :half] * r).to(torch.bfloat16).float(), (raw[:, half:] * r).to(torch.bfloat16).float()
-    return torch.nn.functional.silu(g).to(torch.bfloat16).float() * u
+    return raw, torch.nn.functional.silu(g).to(torch.bfloat16).float() * u
+
+
+def swiglu_float(h, p, gs):
+    """silu(gate) * up of rmsnorm(h) in float (`gate_up_float`)."""
+    return gate_up_float(h, p, gs)[1]
 
 
 def main():
@@ -63,25 +69,19 @@ def main():
     # gate|up alone, against float: the accumulator before its finishing kernel, then the finished act, and the
     # tensor-core GEMV's own SwiGLU ending
     import llmpress.kernels.triton_int4_accumulate as accumulate
-    from llmpress.kernels.triton_int4_frag import dequantize_fragments_triton
     p = plan[0]["gate_up"]
-    w = dequantize_fragments_triton(p.fragments, p.scales, p.zeros, gs, torch.float32)  # [N, K]
-    I = w.shape[0] // 2
+    N = p.scales.shape[1]
     for M in (1, 5, 6, 7, 8):
         h = torch.randn(M, 256, device="cuda") * 2
-        b = (h.to(torch.bfloat16) * p.norm_weight).float()
-        raw = b @ w.t()
-        acc = torch.zeros(M, w.shape[0], device="cuda")
+        raw, act = gate_up_float(h, p, gs)
+        acc = torch.zeros(M, N, device="cuda")
         squares = torch.zeros(64, device="cuda")
         accumulate.frag_accumulate(h, p.fragments, p.scales, p.zeros, gs, acc, p.norm_weight, squares)
-        r = torch.rsqrt(h.to(torch.bfloat16).float().pow(2).mean(1, keepdim=True) + p.eps)
-        g, u = (raw[:, :I] * r).to(torch.bfloat16).float(), (raw[:, I:] * r).to(torch.bfloat16).float()
-        act = (torch.nn.functional.silu(g).to(torch.bfloat16).float() * u)
         fin = ops.int4_accumulated_norm(h, p, gs, torch.bfloat16, swiglu=True)
         gemv = frag_gemv(h.to(torch.bfloat16), p.fragments, p.scales, p.zeros, gs, norm_weight=p.norm_weight,
                          eps=p.eps, swiglu=True)
         rows.append(dict(product="gate_up vs float", rows=M, error=rel(acc, raw), second_call=rel(fin, act),
-                         gemv=rel(gemv, act), config=str(accumulate.tile_config(w.shape[0], 4, M))))
+                         gemv=rel(gemv, act), config=str(accumulate.tile_config(N, 4, M))))
     # the verify step itself (6 tokens) on the GPU, each way, against the same model's layers as written on the CPU
     from tests.test_decode_accumulate import verify_step_logits
     cpu = verify_step_logits(int4_model(True, "cpu", torch.bfloat16, hidden_size=256, intermediate_size=512),

@@ -366,11 +366,9 @@ class _Machine:
             self.write(d[reg], _bits(D[:, row, col].reshape(-1)), None)
 
 
-def run_asm(asm: str, grid: tuple[int, int], num_warps: int, operands: list, tensors: list[torch.Tensor]) -> None:
-    """Runs `asm` for every thread of `grid` programs of `num_warps` warps; operands $1.. are ints (addresses and
-    u32 values), one per thread or the same for all (operands[0], $0's, is unused); `tensors` the memory it may
-    touch."""
-    launch = Launch(grid, num_warps)
+def run_asm(asm: str, launch: Launch, operands: list, tensors: list[torch.Tensor]) -> None:
+    """Runs `asm` for every thread of `launch`; operands $1.. are ints (addresses and u32 values), or arrays of one
+    per thread (operands[0], $0's, is unused); `tensors` the memory it may touch."""
     values = [np.broadcast_to(np.asarray(v, dtype=np.uint64), (launch.size,)) for v in operands]
     _Machine(launch, values, Memory(tensors)).run(asm)
 
@@ -378,7 +376,7 @@ def run_asm(asm: str, grid: tuple[int, int], num_warps: int, operands: list, ten
 class EmulatedTileKernel:
     """Stands in for `_frag_accumulate` (kernels/triton_int4_accumulate.py) or `_frag_gemv` without its finishing
     step (kernels/triton_int4_frag.py): `kernel[grid](*args, **meta)` runs the ASM meta-argument on the
-    emulator with the operands `run_tile_asm` would give it. `tensors`: what else the asm may touch."""
+    emulator with the operands `run_tile_asm` would give it."""
 
     def __init__(self, kind: str):
         assert kind in ("accumulate", "gemv")
@@ -390,29 +388,21 @@ class EmulatedTileKernel:
 
         def launch(*args, **meta):
             self.launches += 1
-            ptr = lambda t: t.data_ptr()  # noqa: E731
-            if self.kind == "accumulate":
-                qw, x, s, z, acc, nw, squares, N, G = args[:9]
-                rows = meta.get("ROWS", 1)
-                shares = [ptr(squares) + 4 * rows * y for y in range(grid[1])]
-                out = acc
-            else:  # _frag_gemv(qw, x, s, z, y, partial, counter, res, nw, eps, N, G, SPLIT, ...)
-                qw, x, s, z, _, partial, _, _, nw, _, N, G, split = args[:13]
-                rows = meta.get("ROWS", 1)
-                base = ptr(partial) + 4 * split * rows * N
-                shares = None  # per program below
-                out = partial
-            launch_ = Launch(grid, meta["NUM_WARPS"])
-            if self.kind == "accumulate":
-                share = np.array(shares, dtype=np.uint64)[launch_.ctaid_y]
-            else:
-                share = (np.uint64(base) + np.uint64(4) * (launch_.ctaid_x.astype(np.uint64) * np.uint64(split * rows)
-                                                             + launch_.ctaid_y.astype(np.uint64) * np.uint64(rows)))
-            operands = [0, ptr(qw), ptr(x), ptr(s), ptr(z), ptr(out), N, G]
-            if meta["EXTRA"] if self.kind == "accumulate" else meta.get("NORM", False):
-                operands += [ptr(nw), share]
-            values = [np.broadcast_to(np.asarray(v, dtype=np.uint64), (launch_.size,)) for v in operands]
-            memory = Memory([t for t in (qw, x, s, z, out, nw, args[6] if self.kind == "accumulate" else partial)
-                             if isinstance(t, torch.Tensor)])
-            _Machine(launch_, values, memory).run(meta["ASM"])
+            threads = Launch(grid, meta["NUM_WARPS"])
+            rows = np.uint64(meta.get("ROWS", 1))
+            program_x, program_y = (c.astype(np.uint64) for c in (threads.ctaid_x, threads.ctaid_y))
+            if self.kind == "accumulate":  # _frag_accumulate(qw, x, s, z, acc, nw, squares, N, G, ...)
+                qw, x, s, z, out, nw, squares, N, G = args[:9]
+                extra = meta["EXTRA"]
+                share = np.uint64(squares.data_ptr()) + np.uint64(4) * rows * program_y
+            else:  # _frag_gemv(qw, x, s, z, y, partial, counter, res, nw, eps, N, G, SPLIT, ...): partials, then shares
+                qw, x, s, z, _, out, _, _, nw, _, N, G, split = args[:13]
+                extra = meta.get("NORM", False)
+                squares = out
+                base = np.uint64(out.data_ptr() + 4 * split * int(rows) * N)
+                share = base + np.uint64(4) * (program_x * np.uint64(split) * rows + program_y * rows)
+            operands = [0, *(t.data_ptr() for t in (qw, x, s, z, out)), N, G]
+            if extra:
+                operands += [nw.data_ptr(), share]
+            run_asm(meta["ASM"], threads, operands, [qw, x, s, z, out, nw, squares])
         return launch

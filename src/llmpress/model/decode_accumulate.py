@@ -14,8 +14,9 @@ the same steps run over an fp32 one that o and down add into in place:
 It applies where the layer chain's plan does (model/decode_chain.py `chain_plan`: int4 layers held as tensor-core
 fragments, q|k|v and gate|up fused, no biases, a static KV cache), with `ops.int4_accumulate_decode` switched on.
 With `ops.int4_accumulate_rows` also to steps of 2..8 new tokens of one sequence (a speculative verify step): h is
-then [T, H], and attention is the layer's own (`Attention.attend_qkv`, q|k|v finished by a kernel of its own)
-or, with `ops.triton_verify_attention`, the Triton decode kernel's over T queries reading the accumulator itself.
+then [T, H], and attention that of the static cache (`ops.cached_attention_rope`, q|k|v finished by a kernel of
+its own) or, with `ops.triton_verify_attention`, the Triton decode kernel's over T queries reading the
+accumulator itself.
 """
 
 from __future__ import annotations
@@ -59,15 +60,11 @@ def forward(model: nn.Module, plan: list[dict], input_ids: torch.Tensor, positio
             h = ops.int4_accumulated_attention_o(h, products["qkv"], products["o"], group_size, dtype,
                                                  attn.num_heads, cos, sin, attn.rotary[0].inv_freq,
                                                  kv_cache.keys[i], kv_cache.values[i], positions)
-        else:
-            if folded:  # the Triton decode kernel takes the T queries (ops.triton_verify_attention)
-                out = ops.int4_accumulated_attention(h, products["qkv"], group_size, dtype, attn.num_heads, cos,
-                                                     sin, attn.rotary[0].inv_freq, kv_cache.keys[i],
-                                                     kv_cache.values[i], positions).transpose(1, 2)
-            else:
-                qkv = ops.int4_accumulated_norm(h, products["qkv"], group_size, dtype).unsqueeze(0)
-                out = attn.attend_qkv(qkv, cos, sin, positions, kv_cache)
-            h = ops.int4_accumulate(h, out.reshape(T, -1), products["o"], group_size)
+        else:  # ops decides, as for one token, whether attention reads the q|k|v accumulator itself (`folded`)
+            out = ops.int4_accumulated_attention(h, products["qkv"], group_size, dtype, attn.num_heads, cos, sin,
+                                                 attn.rotary[0].inv_freq, kv_cache.keys[i], kv_cache.values[i],
+                                                 positions)
+            h = ops.int4_accumulate(h, out.transpose(1, 2).reshape(T, -1), products["o"], group_size)
         act = ops.int4_accumulated_norm(h, products["gate_up"], group_size, dtype, swiglu=True,
                                         zero_qkv=T * products["qkv"].scales.shape[1] if folded else 0)
         h = ops.int4_accumulate(h, act, products["down"], group_size)
