@@ -1,0 +1,205 @@
+"""Session 13 probe of the accumulating verify step (ops.int4_accumulate_rows), on the GPU, in three parts:
+
+  1. gate|up's SwiGLU at 2..8 rows through frag_accumulated_norm, the finishing kernel's inputs (the accumulator
+     and the sum(h^2) shares) read back just before it runs, each against float, then the finishing kernel rerun
+     on those copies: which piece is wrong where session 12's compose probe found rows off (test model, gs 64);
+  2. a 3B-shaped int4 model (--layers of Llama-3.2-3B, random weights, RTN g128): one 6-token verify step's
+     logits, accumulating against the layers as written;
+  3. the full 3B int4 (CUDA graphs, as speculative_gpu.py's graph mode): the 1-token step, the plain 6-token verify
+     step and the accumulating one, timed (median of replays), and each one's kernels by GPU time (torch.profiler
+     over graph replays).
+
+    PYTHONPATH=src:.:benchmarks python benchmarks/verify_probe_gpu.py --out benchmarks/results/verify_probe_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+
+import torch
+
+from llmpress.kernels import ops
+
+
+def rel(got, ref):
+    return ((got.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+def part_swiglu(trials: int) -> list[dict]:
+    import triton
+    import llmpress.kernels.triton_int4_accumulate as A
+    from llmpress.model.decode_chain import chain_plan
+    from rows_probe_gpu import gate_up_float
+    from tests.test_decode_chain import int4_model
+    ops.int4_tensor_core_norm = ops.int4_tensor_core_swiglu = True
+    model = int4_model(True, "cuda", torch.bfloat16, hidden_size=256, intermediate_size=512)
+    plan = chain_plan(model)
+    gs, p = plan[0]["group_size"], plan[0]["gate_up"]
+    real = A._finish_accumulated
+    seen = {}
+
+    class Intercept:  # A._finish_accumulated[grid](...) with its inputs copied first
+        def __getitem__(self, grid):
+            def launch(acc, squares, y, N, K, eps, split, *rest, **kw):
+                torch.cuda.synchronize()
+                M = kw["ROWS"]
+                seen.update(acc=acc[:M * N].clone().view(M, N), squares=squares[:split * M].clone().view(split, M),
+                            launch=(grid, N, K, eps, split, rest, kw))
+                real[grid](acc, squares, y, N, K, eps, split, *rest, **kw)
+                torch.cuda.synchronize()
+            return launch
+
+    results = []
+    torch.manual_seed(2)
+    A._finish_accumulated = Intercept()
+    try:
+        for trial in range(trials):
+            for M in (2, 3, 5, 6, 7, 8):
+                h = torch.randn(M, 256, device="cuda") * 2
+                raw, act = gate_up_float(h, p, gs)
+                squares_ref = h.to(torch.bfloat16).float().pow(2).sum(1)
+                y = A.frag_accumulated_norm(h, p.fragments, p.scales, p.zeros, gs, p.norm_weight, p.eps, swiglu=True)
+                grid, N, K, eps, split, rest, kw = seen["launch"]
+                acc, squares = seen["acc"].clone(), seen["squares"].clone()
+                y2 = torch.empty_like(y)
+                real[grid](acc, squares, y2, N, K, eps, split, acc, 0, **kw)
+                torch.cuda.synchronize()
+                row = dict(trial=trial, M=M, split=split, y=[round(rel(y[m], act[m]), 4) for m in range(M)],
+                           acc=[round(rel(seen["acc"][m], raw[m]), 6) for m in range(M)],
+                           squares=[round(v, 6) for v in (seen["squares"].sum(0) / squares_ref - 1).tolist()],
+                           squares_by_share=seen["squares"].tolist(), rerun=[round(rel(y2[m], act[m]), 4) for m in range(M)])
+                results.append(row)
+                if max(row["y"]) > 0.01 or max(row["rerun"]) > 0.01:
+                    print("swiglu", {k: v for k, v in row.items() if k != "squares_by_share"}, flush=True)
+    finally:
+        A._finish_accumulated = real
+    print(f"swiglu: {sum(max(r['y']) > 0.01 for r in results)} of {len(results)} cases wrong", flush=True)
+    return results
+
+
+def int4_target(layers: int | None):
+    from llmpress.config import KNOWN_ARCHITECTURES
+    from llmpress.loading.loader import random_model
+    from speculative_gpu import int4_copy
+    import dataclasses
+    cfg = KNOWN_ARCHITECTURES["llama-3.2-3b"]
+    if layers:
+        cfg = dataclasses.replace(cfg, num_hidden_layers=layers)
+    model = random_model(cfg, torch.device("cuda"), torch.bfloat16, seed=0)
+    return int4_copy(model, "target")
+
+
+def set_flags():
+    ops.int4_tensor_core_gemv = True
+    ops.int4_tensor_core_swiglu = True
+    ops.int4_tensor_core_max_rows = ops.FRAG_MAX_M
+
+
+def part_verify_logits(layers: int) -> dict:
+    from llmpress.speculative.steps import CachedModel
+    set_flags()
+    model = int4_target(layers)
+    runner = CachedModel(model, 64, mode="graph")
+    ids = torch.randint(0, 1000, (1, 11), generator=torch.Generator().manual_seed(1)).cuda()
+    out = {}
+    with torch.inference_mode():
+        runner.prefill(ids[:, :5])
+        positions = torch.arange(5, 11, device="cuda")
+        for name, rows in (("plain", False), ("accumulating", True), ("plain again", False)):
+            ops.int4_accumulate_rows = rows
+            out[name] = runner._forward_all(ids[:, 5:], positions).float()[0]
+        ops.int4_accumulate_rows = False
+    ref = out["plain"]
+    res = {name: dict(per_token=[round(rel(v[t], ref[t]), 4) for t in range(6)],
+                      argmax_same=(v.argmax(-1) == ref.argmax(-1)).tolist()) for name, v in out.items()}
+    print(f"verify logits ({layers} layers of the 3B):", res, flush=True)
+    del runner, model
+    torch.cuda.empty_cache()
+    return res
+
+
+def kernel_table(fn, replays: int = 5, top: int = 14) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            fn()
+        torch.cuda.synchronize()
+    totals, counts = collections.Counter(), collections.Counter()
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            name = e.name[:60]
+            totals[name] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+            counts[name] += 1
+    rows = [dict(kernel=n, us_per_step=round(t / replays, 1), launches_per_step=counts[n] / replays)
+            for n, t in totals.most_common(top)]
+    rows.append(dict(kernel="(all)", us_per_step=round(sum(totals.values()) / replays, 1),
+                     launches_per_step=sum(counts.values()) / replays))
+    return rows
+
+
+def time_replays(fn, n: int = 60) -> float:
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(n):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def part_timing(profile_too: bool) -> dict:
+    from llmpress.speculative.steps import CachedModel
+    set_flags()
+    model = int4_target(None)
+    runner = CachedModel(model, 512, mode="graph", scratch=16)
+    ids = torch.randint(0, 1000, (1, 200), generator=torch.Generator().manual_seed(1)).cuda()
+    res = {}
+    with torch.inference_mode():
+        runner.prefill(ids)
+        for name, m, rows in (("one token", 1, False), ("verify 6, plain", 6, False), ("verify 6, accumulating", 6, True)):
+            ops.int4_accumulate_rows = rows
+            runner._steps.pop(m, None)
+            step = runner.step_fn(m)
+            tokens, positions = ids[:, 100:100 + m], torch.arange(200, 200 + m, device="cuda")
+            fn = lambda: step(tokens, positions)  # noqa: E731
+            res[name] = dict(ms=time_replays(fn))
+            print(f"{name}: {res[name]['ms']:.3f} ms", flush=True)
+            if profile_too:
+                res[name]["kernels"] = kernel_table(fn)
+                for r in res[name]["kernels"]:
+                    print(f"   {r['us_per_step']:8.1f} us  {r['launches_per_step']:6.1f}x  {r['kernel']}")
+        ops.int4_accumulate_rows = False
+    return res
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="swiglu,logits,timing")
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results/verify_probe_h200.json")
+    args = parser.parse_args()
+    parts = args.parts.split(",")
+    result = {"device": torch.cuda.get_device_name()}
+    if "swiglu" in parts:
+        result["swiglu"] = part_swiglu(args.trials)
+    if "logits" in parts:
+        result["verify_logits"] = part_verify_logits(args.layers)
+    if "timing" in parts:
+        result["timing"] = part_timing(not args.no_profile)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print("wrote", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
