@@ -29,7 +29,6 @@ def rel(got, ref):
 
 
 def part_swiglu(trials: int) -> list[dict]:
-    import triton
     import llmpress.kernels.triton_int4_accumulate as A
     from llmpress.model.decode_chain import chain_plan
     from rows_probe_gpu import gate_up_float
