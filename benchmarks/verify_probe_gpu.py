@@ -5,8 +5,9 @@
      on those copies: which piece is wrong where session 12's compose probe found rows off (test model, gs 64);
   2. a 3B-shaped int4 model (--layers of Llama-3.2-3B, random weights, RTN g128): one 6-token verify step's
      logits, accumulating against the layers as written;
-  3. the full 3B int4 (CUDA graphs, as speculative_gpu.py's graph mode): the 1-token step, the plain 6-token verify
-     step and the accumulating one, timed (median of replays), and each one's kernels by GPU time (torch.profiler
+  3. the full 3B int4 (CUDA graphs, --mode graph or compile as in speculative_gpu.py): the 1-token step, the plain
+     6-token verify step and the accumulating one (with SDPA, or the Triton decode kernel reading q|k|v's
+     accumulator: ops.triton_verify_attention), timed (median of replays), and each one's kernels by GPU time (torch.profiler
      over graph replays).
 
     PYTHONPATH=src:.:benchmarks python benchmarks/verify_probe_gpu.py --out benchmarks/results/verify_probe_h200.json
@@ -153,17 +154,20 @@ def time_replays(fn, n: int = 60) -> float:
     return statistics.median(times)
 
 
-def part_timing(profile_too: bool) -> dict:
+def part_timing(profile_too: bool, mode: str) -> dict:
     from llmpress.speculative.steps import CachedModel
     set_flags()
     model = int4_target(None)
-    runner = CachedModel(model, 512, mode="graph", scratch=16)
+    runner = CachedModel(model, 512, mode=mode, scratch=16)
     ids = torch.randint(0, 1000, (1, 200), generator=torch.Generator().manual_seed(1)).cuda()
     res = {}
     with torch.inference_mode():
         runner.prefill(ids)
-        for name, m, rows in (("one token", 1, False), ("verify 6, plain", 6, False), ("verify 6, accumulating", 6, True)):
-            ops.int4_accumulate_rows = rows
+        for name, m, rows, triton_attention in (("one token", 1, False, False), ("verify 6, plain", 6, False, False),
+                                                ("verify 6, accumulating", 6, True, False),
+                                                ("verify 6, accumulating, Triton attention", 6, True, True)):
+            ops.int4_accumulate_rows, ops.triton_verify_attention = rows, triton_attention
+            torch._dynamo.reset()
             runner._steps.pop(m, None)
             step = runner.step_fn(m)
             tokens, positions = ids[:, 100:100 + m], torch.arange(200, 200 + m, device="cuda")
@@ -174,7 +178,7 @@ def part_timing(profile_too: bool) -> dict:
                 res[name]["kernels"] = kernel_table(fn)
                 for r in res[name]["kernels"]:
                     print(f"   {r['us_per_step']:8.1f} us  {r['launches_per_step']:6.1f}x  {r['kernel']}")
-        ops.int4_accumulate_rows = False
+        ops.int4_accumulate_rows = ops.triton_verify_attention = False
     return res
 
 
@@ -184,6 +188,7 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--mode", default="graph", help="the timed steps' mode: graph or compile")
     parser.add_argument("--out", default="benchmarks/results/verify_probe_h200.json")
     args = parser.parse_args()
     parts = args.parts.split(",")
@@ -193,7 +198,7 @@ def main() -> int:
     if "logits" in parts:
         result["verify_logits"] = part_verify_logits(args.layers)
     if "timing" in parts:
-        result["timing"] = part_timing(not args.no_profile)
+        result["timing"] = part_timing(not args.no_profile, args.mode)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print("wrote", args.out)

@@ -139,6 +139,10 @@ def _finish_accumulated(acc_ptr, squares_ptr, y_ptr, N, K, eps, SPLIT, other_ptr
             gate = gate + up * 0.0
             square_sum = tl.sum(shares + tl.sum(gate, axis=0) * 0.0, axis=0)
         _finish_swiglu(gate, up, square_sum, offs, mask, y_ptr, K, eps, True)
+        # Every thread's loads done before any zero lands: the compiler gives the zero stores another layout than
+        # the loads (another thread owns each element), and without the barrier some loads read zeros (seen on the
+        # H200 at several rows: whole rows of y off by 0.4-0.8, benchmarks/results/verify_probe_h200_before_fix.log)
+        tl.debug_barrier()
         tl.store(acc_ptr + offs, tl.zeros_like(gate), mask=mask)
         tl.store(acc_ptr + N // 2 + offs, tl.zeros_like(up), mask=mask)
     else:
@@ -147,6 +151,7 @@ def _finish_accumulated(acc_ptr, squares_ptr, y_ptr, N, K, eps, SPLIT, other_ptr
         if LOADS_FIRST:
             square_sum = tl.sum(shares, axis=0)
         tl.store(y_ptr + offs, (acc * tl.rsqrt(square_sum / K + eps)).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.debug_barrier()  # as above
         tl.store(acc_ptr + offs, tl.zeros_like(acc), mask=mask)
     for start in range(0, other_n, tl.num_programs(0) * BLOCK):
         other = start + offs
