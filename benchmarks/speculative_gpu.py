@@ -132,9 +132,12 @@ def main() -> int:
     parser.add_argument("--int4-fold-rows", action="store_true",
                         help="with --int4-tensor-cores: the verify step's RMSNorm and residual add folded into the "
                              "tensor-core GEMV too (ops.int4_tensor_core_fold_rows; measured slower)")
-    parser.add_argument("--int4-accumulate-rows", action="store_true",
-                        help="with --int4-tensor-cores: time the int4 speculative row a second time with the verify "
-                             "step on the accumulating decode (ops.int4_accumulate_rows, model/decode_accumulate.py)")
+    parser.add_argument("--int4-verify", choices=("default", "plain", "accumulating", "both"), default="default",
+                        help="with --int4-tensor-cores: the int4 verify step on the layers as written (plain), on the "
+                             "accumulating decode (ops.int4_accumulate_rows, model/decode_accumulate.py), ops' default, "
+                             "or both, a row each")
+    parser.add_argument("--int4-accumulate-rows", dest="int4_verify", action="store_const", const="both",
+                        help="the same as --int4-verify both (earlier sessions' commands)")
     parser.add_argument("--triton-verify-attention", action="store_true",
                         help="the verify step's attention through the Triton decode kernel (ops.triton_verify_attention)"
                              " instead of SDPA with a mask, for every row of the run")
@@ -200,14 +203,15 @@ def main() -> int:
             row["speedup_over_plain_bf16"] = row["tokens_per_s"] / plain_rate
             rows.append(row)
             return row
-        row = int4_row()
-        log(f"int4: plain {plain4:.1f} tok/s, speculative {row['tokens_per_s']:.1f} tok/s")
-        if args.int4_accumulate_rows and args.int4_tensor_cores:
-            ops.int4_accumulate_rows = True
+        default_rows = ops.int4_accumulate_rows
+        verifies = {"default": [default_rows], "plain": [False], "accumulating": [True], "both": [False, True]}
+        for accumulating in verifies[args.int4_verify] if args.int4_tensor_cores else [default_rows]:
+            ops.int4_accumulate_rows = accumulating
             torch._dynamo.reset()
-            row = int4_row(", accumulating verify")
-            ops.int4_accumulate_rows = False
-            log(f"int4, accumulating verify: speculative {row['tokens_per_s']:.1f} tok/s")
+            row = int4_row(", accumulating verify" if accumulating else "")
+            log(f"int4: plain {plain4:.1f} tok/s, speculative{' (accumulating verify)' if accumulating else ''} "
+                f"{row['tokens_per_s']:.1f} tok/s")
+        ops.int4_accumulate_rows = default_rows
     from llmpress.bench.roofline import device_name
     result = {"target": args.arch.split(",")[0], "draft": args.arch.split(",")[-1], "device": device_name(device),
               "dtype": str(dtype).removeprefix("torch."), "mode": args.mode, "batch_size": 1,
@@ -215,7 +219,7 @@ def main() -> int:
               "int4_tensor_cores": args.int4_tensor_cores, "int4_fragments_only": ops.int4_fragments_only,
               "int4_fold_rows": ops.int4_tensor_core_fold_rows, "int4_swiglu": ops.int4_tensor_core_swiglu,
               "int4_pdl_rows": args.pdl_rows, "triton_verify_attention": args.triton_verify_attention,
-              "int4_accumulate_rows_row": args.int4_accumulate_rows, "checks": checks,
+              "int4_verify": args.int4_verify, "checks": checks,
               "rows": rows, "seconds": round(time.perf_counter() - started, 1), "date": date.today().isoformat(),
               "torch": torch.__version__, "python": platform.python_version(), "command": " ".join(sys.argv)}
     print(format_table(result))
