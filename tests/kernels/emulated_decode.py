@@ -4,9 +4,10 @@ interpreter. Run as a script, since the interpreter is chosen when triton is fir
 
     TRITON_INTERPRET=1 python -m tests.kernels.emulated_decode CASE...
 
-CASE: `decode:<quantize_head>:<slots>:<combine_in_o>:<dtype>` (three one-token steps) or
+CASE: `decode:<quantize_head>:<slots>:<combine_in_o>:<dtype>` (three one-token steps),
 `verify:<quantize_head>:<dtype>[:triton]` (one 6-token verify step, ops.int4_accumulate_rows; `triton`: its
-attention through the Triton decode kernel, ops.triton_verify_attention). Prints one JSON line per
+attention through the Triton decode kernel, ops.triton_verify_attention), or `attention:...` (the Triton RoPE
+decode kernel alone, `attention` below). Prints one JSON line per
 case: the largest |logit difference| of each step against the layers as written (PyTorch on the CPU), relative
 to the largest |logit|, and how many emulated products ran."""
 
@@ -83,7 +84,55 @@ def _relative(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
 
 
+def attention(case: str) -> dict:
+    """`attention:<heads>:<kv_heads>:<head_dim>:<cache_len>:<first>:<T>[:scaled]`: T new tokens straight from a
+    fused projection through the Triton RoPE decode kernel (rotated by their own positions, stored at them, each
+    attending over slots up to its own), against rotate, store and attend in float64; `scaled`: the projection as
+    an fp32 accumulator before its norm's rsqrt, which the kernel applies per token from sum(h^2) shares."""
+    import math
+    from llmpress.kernels.triton_attention import decode_attention_rope_triton
+    from llmpress.model.rope import RotaryEmbedding, apply_rope
+    _, *fields = case.split(":")
+    scaled = fields[-1] == "scaled"
+    heads, kv_heads, head_dim, cache_len, first, T = (int(f) for f in fields[:6])
+    torch.manual_seed(T + cache_len)
+    rotary = RotaryEmbedding(head_dim, 500000.0, None)
+    width = (heads + 2 * kv_heads) * head_dim
+    qkv = torch.randn(1, T, width)
+    norm = None
+    if scaled:  # 3 shares of sum(h^2) per token, share s of token t at s * T + t, over K = 64
+        shares = torch.rand(3, T) * 40 + 1
+        rsqrt = torch.rsqrt(shares.sum(0) / 64 + 1e-5)
+        norm = (shares.flatten().contiguous(), 3, 64, 1e-5)
+        projected = (qkv * rsqrt[None, :, None]).to(torch.bfloat16)
+    else:
+        qkv = qkv.to(torch.bfloat16)
+        projected = qkv
+    caches = [torch.randn(1, kv_heads, cache_len, head_dim).to(torch.bfloat16) for _ in range(2)]
+    expected_caches = [c.clone() for c in caches]
+    positions = torch.arange(first, first + T)
+    out = decode_attention_rope_triton(qkv, heads, rotary.inv_freq, *caches, positions, norm)
+    cos, sin = rotary(positions, torch.bfloat16)
+    q, k, v = (t.view(1, T, -1, head_dim).transpose(1, 2)
+               for t in projected.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1))
+    expected_caches[0].index_copy_(2, positions, apply_rope(k, cos, sin))
+    expected_caches[1].index_copy_(2, positions, v)
+    kk, vv = (t.double().repeat_interleave(heads // kv_heads, 1) for t in expected_caches)
+    scores = apply_rope(q, cos, sin).double() @ kk.transpose(-1, -2) / math.sqrt(head_dim)
+    visible = torch.arange(cache_len)[None, :] <= positions[:, None]
+    expected = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ vv
+    new = slice(first, first + T)
+    return {"case": case, "error": ((out.double() - expected).norm() / expected.norm()).item(),
+            "cache_error": max((got[:, :, new].float() - want[:, :, new].float()).abs().max().item()
+                               for got, want in zip(caches, expected_caches)),
+            "rest_unchanged": all(torch.equal(got[:, :, :first], want[:, :, :first]) and
+                                  torch.equal(got[:, :, first + T:], want[:, :, first + T:])
+                                  for got, want in zip(caches, expected_caches))}
+
+
 def run(case: str, kernel) -> dict:
+    if case.startswith("attention:"):
+        return attention(case)
     from llmpress.kernels import ops
     from tests.test_decode_accumulate import verify_step_logits
     from tests.test_decode_chain import decode_logits, int4_model

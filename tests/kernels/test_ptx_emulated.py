@@ -163,3 +163,15 @@ def test_accumulating_verify_step_through_its_kernels_gives_the_logits_of_the_la
         assert result["triton_attention_calls"] == (2 if case.endswith("triton") else 0)
         assert result["dirty_workspaces"] == []
         assert max(result["errors"]) < (0.004 if "fp16" in case else 0.04), result
+
+
+def test_rope_attention_of_several_new_tokens_through_the_interpreter_matches_float64():
+    """The Triton RoPE decode kernel taking a verify step's T tokens (rows query-major, RoPE's cos and sin once a
+    token, broadcast over its heads): the 3B's and 1B's head layouts, multi-head and one KV head, bf16 or the
+    accumulator scaled per token. The bound is bf16's rounding of the softmax weights (the same cases give the same
+    errors as the kernel did with rows head-major and cos and sin a row)."""
+    cases = ["attention:24:8:128:320:60:6", "attention:24:8:128:320:60:6:scaled", "attention:32:8:64:300:250:6:scaled",
+             "attention:8:8:128:64:56:2", "attention:4:1:64:256:193:8"]
+    for case, result in zip(cases, emulated_decode(*cases)):
+        assert result["case"] == case and result["rest_unchanged"], result
+        assert result["error"] < 0.03 and result["cache_error"] <= 0.0625, result

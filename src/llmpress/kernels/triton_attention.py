@@ -106,7 +106,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                   NUM_SPLITS: tl.constexpr, ROPE: tl.constexpr, COMBINE: tl.constexpr, BLOCK_S: tl.constexpr,
                   PDL: tl.constexpr, SCALED: tl.constexpr = False, SQUARES_P2: tl.constexpr = 1,
-                  LOADS_FIRST: tl.constexpr = False, QUERIES: tl.constexpr = 1, BLOCK_T: tl.constexpr = 2):
+                  LOADS_FIRST: tl.constexpr = False, QUERIES: tl.constexpr = 1, BLOCK_T: tl.constexpr = 2,
+                  GROUP_P2: tl.constexpr = 1):
     """ROPE: q is the projection's raw output (rotated here), and new_k/new_v ([B, Hkv * D] rows) are the new
     token's k/v, rotated and written at slot `position` by the program whose chunk holds it; otherwise
     q is rotated already and the cache holds the new token. COMBINE: the last split program of this KV head
@@ -115,8 +116,11 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
     sum(h^2) at squares_ptr (kernels/triton_int4_accumulate.py): rsqrt(sum / norm_k + norm_eps). LOADS_FIRST (with
     ROPE): every load the keys do not need is requested before any arithmetic (see loads_first). QUERIES: new
     tokens per sequence, query t at positions[t] seeing slots 0..positions[t]; a program's rows are its KV group's
-    heads x queries (head-major); with ROPE (not SCALED) new_k/new_v hold T rows (stride_nkt, stride_nvt apart), and
-    the program whose chunk holds a token's position writes that token's k, v."""
+    heads x queries, query-major (row = query * GROUP_P2 + head, BLOCK_G = BLOCK_T * GROUP_P2), so that RoPE's cos
+    and sin are computed once a token ([BLOCK_T, D]) and broadcast over its heads: computed a row, the trigonometry
+    of 32 rows at T = 6 took 5x the one-token kernel's instructions and spilled (sm_90 SASS). With ROPE new_k/new_v
+    hold T rows (stride_nkt, stride_nvt apart), and the program whose chunk holds a token's position writes that
+    token's k, v."""
     pdl_start(PDL)
     pdl_wait(PDL)  # q, k, v come from the previous kernel, and the cache grows each step
     bh = tl.program_id(0)
@@ -126,14 +130,17 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
-    query = offs_g % QUERIES
-    heads = kvh * GROUP + offs_g // QUERIES
-    g_mask = offs_g < GROUP * QUERIES
     if QUERIES == 1:
+        query = offs_g * 0
+        heads = kvh * GROUP + offs_g
+        g_mask = offs_g < GROUP
         position = tl.load(pos_ptr)
         length = position + 1  # slots 0..position are valid
     else:
-        row_position = tl.load(pos_ptr + query)
+        query = offs_g // GROUP_P2
+        heads = kvh * GROUP + offs_g % GROUP_P2
+        g_mask = (query < QUERIES) & (offs_g % GROUP_P2 < GROUP)
+        row_position = tl.load(pos_ptr + query, mask=query < QUERIES, other=-1)  # -1: a padding row sees no key
         length = tl.max(tl.where(g_mask, row_position, 0), axis=0) + 1
     start = split * chunk
     end = tl.minimum(start + chunk, length)
@@ -155,26 +162,28 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
         offs_sq = tl.arange(0, SQUARES_P2)
         squares = tl.load(squares_ptr + offs_sq, mask=offs_sq < squares_n, other=0.0)
         scale = tl.rsqrt(tl.sum(squares, axis=0) / norm_k + norm_eps)
-    elif SCALED:  # a norm per token: share s of token t at s * QUERIES + t; q rows by their query, k and v by token
+    elif SCALED:  # a norm per token: share s of token t at s * QUERIES + t (its q rows, its k and v alike)
         offs_sq = tl.arange(0, SQUARES_P2)
-        scale = _row_scale(squares_ptr, offs_sq, query, squares_n, norm_k, norm_eps, QUERIES)[:, None]
         token_scale = _row_scale(squares_ptr, offs_sq, tl.arange(0, BLOCK_T), squares_n, norm_k, norm_eps,
                                  QUERIES)[:, None]
-    if ROPE and QUERIES > 1:  # each row rotated by its own position; each held token's k, v rotated and stored
-        inv_freq = tl.load(inv_freq_ptr + offs_d % (D // 2))
-        angles = row_position.to(tl.float32)[:, None] * inv_freq[None, :]
-        cos = tl.cos(angles).to(k_ptr.dtype.element_ty).to(tl.float32)
-        sin = tl.sin(angles).to(k_ptr.dtype.element_ty).to(tl.float32)
-        q = _rotate(q_rows, offs_d[None, :], cos, sin, g_mask[:, None], D, scale, k_ptr, SCALED)
+        scale = token_scale[:, :, None]  # [BLOCK_T, 1, 1]: q's rows as [token, head, D] below
+    if ROPE and QUERIES > 1:  # each token rotated by its own position; each held token's k, v rotated and stored
         offs_t = tl.arange(0, BLOCK_T)
         token_position = tl.load(pos_ptr + offs_t, mask=offs_t < QUERIES, other=-1)
+        angles = token_position.to(tl.float32)[:, None] * tl.load(inv_freq_ptr + offs_d % (D // 2))[None, :]
+        cos = tl.cos(angles).to(k_ptr.dtype.element_ty).to(tl.float32)
+        sin = tl.sin(angles).to(k_ptr.dtype.element_ty).to(tl.float32)
+        offs_h = tl.arange(0, GROUP_P2)
+        q_rows3 = (q_ptr + b * stride_qb + (kvh * GROUP + offs_h)[None, :, None] * stride_qh
+                   + offs_t[:, None, None] * stride_qt)
+        q_mask3 = ((offs_t < QUERIES)[:, None] & (offs_h < GROUP)[None, :])[:, :, None]
+        q = _rotate(q_rows3, offs_d[None, None, :], cos[:, None, :], sin[:, None, :], q_mask3, D, scale, k_ptr,
+                    SCALED)
+        q = tl.reshape(q, (BLOCK_G, D))  # row query * GROUP_P2 + head, as `query` and `heads` number them
         held = (offs_t < QUERIES) & (token_position >= start) & (token_position < start + chunk)
         if tl.sum(held.to(tl.int32), axis=0) > 0:
-            t_angles = token_position.to(tl.float32)[:, None] * inv_freq[None, :]
-            t_cos = tl.cos(t_angles).to(k_ptr.dtype.element_ty).to(tl.float32)
-            t_sin = tl.sin(t_angles).to(k_ptr.dtype.element_ty).to(tl.float32)
             k_rows = new_k_ptr + b * stride_nkb + offs_t[:, None] * stride_nkt + kvh * D
-            k_new = _rotate(k_rows, offs_d[None, :], t_cos, t_sin, held[:, None], D, token_scale, k_ptr, SCALED)
+            k_new = _rotate(k_rows, offs_d[None, :], cos, sin, held[:, None], D, token_scale, k_ptr, SCALED)
             v_new = _load_input(new_v_ptr + b * stride_nvb + offs_t[:, None] * stride_nvt + kvh * D + offs_d[None, :],
                                 held[:, None], token_scale, k_ptr, SCALED)
             _store_new(k_ptr + b * stride_kb + kvh * stride_kh, v_ptr + b * stride_vb + kvh * stride_vh,
@@ -309,6 +318,10 @@ def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple, qkv_norm
     if not rope:  # unused pointer arguments of the plain variant
         rope_args = (q, q, q, 0, 0)
     group = H // Hkv
+    # the program's rows: its group's heads (one token), or BLOCK_T tokens x GROUP_P2 heads, at least 16 (tl.dot)
+    group_p2 = triton.next_power_of_2(group)
+    block_g = max(16, group_p2 * (triton.next_power_of_2(T) if T > 1 else 1))
+    block_t = block_g // group_p2 if T > 1 else 2
     splits = splits_for(B * Hkv, S, q.device)
     chunk = math.ceil(math.ceil(S / splits) / BLOCK_N) * BLOCK_N
     part_out = torch.empty(B, H, T, splits, D, dtype=torch.float32, device=q.device)
@@ -326,10 +339,12 @@ def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple, qkv_norm
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         Hkv, H, chunk, 1.0 / math.sqrt(D), q.stride(2), *row_strides, *rope_args, out, counters, squares, squares_n, norm_k, norm_eps,
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group * T)), BLOCK_N=BLOCK_N, D=D, NUM_SPLITS=splits,
+        GROUP=group, BLOCK_G=block_g, BLOCK_N=BLOCK_N, D=D, NUM_SPLITS=splits,
         ROPE=rope, COMBINE=in_kernel, BLOCK_S=block_s, PDL=pdl, SCALED=qkv_norm is not None,
-        SQUARES_P2=max(2, triton.next_power_of_2(squares_n)), LOADS_FIRST=rope and loads_first, num_warps=4,
-        QUERIES=T, BLOCK_T=max(2, triton.next_power_of_2(T)), launch_pdl=bool(pdl))
+        SQUARES_P2=max(2, triton.next_power_of_2(squares_n)), LOADS_FIRST=rope and loads_first,
+        num_warps=4 if T == 1 else 8,  # several tokens: 8 warps halve each thread's rows (sm_90: 3648 instructions
+        # a thread, 32 spilled stores, against 5624 and 64 on 4 warps at T = 6 for the 3B)
+        QUERIES=T, BLOCK_T=block_t, GROUP_P2=group_p2, launch_pdl=bool(pdl))
     if splits_only:
         return part_out.view(B, H, splits, D), part_lse.view(B, H, splits)
     if not in_kernel:
