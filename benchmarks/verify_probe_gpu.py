@@ -98,24 +98,38 @@ def set_flags():
     ops.int4_tensor_core_max_rows = ops.FRAG_MAX_M
 
 
-def part_verify_logits(layers: int) -> dict:
+def part_verify_logits(layers: int, mode: str) -> dict:
+    """One 6-token verify step's logits after a 5-token prefill, each variant against the plain layers (eager):
+    eager calls of the step with the accumulating decode, with SDPA or the Triton decode kernel as attention, and
+    the same steps as `mode` runs them (a CUDA graph, compiled first in compile mode)."""
     from llmpress.speculative.steps import CachedModel
     set_flags()
     model = int4_target(layers)
-    runner = CachedModel(model, 64, mode="graph")
+    runner = CachedModel(model, 64, mode=mode)
     ids = torch.randint(0, 1000, (1, 11), generator=torch.Generator().manual_seed(1)).cuda()
     out = {}
+    variants = [("plain", False, False, False), ("accumulating", True, False, False),
+                ("accumulating, Triton attention", True, True, False), ("plain, Triton attention", False, True, False),
+                (f"plain, {mode}", False, False, True), (f"accumulating, {mode}", True, False, True),
+                (f"accumulating, Triton attention, {mode}", True, True, True)]
     with torch.inference_mode():
         runner.prefill(ids[:, :5])
         positions = torch.arange(5, 11, device="cuda")
-        for name, rows in (("plain", False), ("accumulating", True), ("plain again", False)):
-            ops.int4_accumulate_rows = rows
-            out[name] = runner._forward_all(ids[:, 5:], positions).float()[0]
-        ops.int4_accumulate_rows = False
+        for name, rows, triton_attention, graphed in variants:
+            ops.int4_accumulate_rows, ops.triton_verify_attention = rows, triton_attention
+            if graphed:
+                torch._dynamo.reset()
+                runner._steps.pop(6, None)
+                runner._compiled = None
+                out[name] = runner.step_fn(6)(ids[:, 5:], positions).float()[0].clone()
+            else:
+                out[name] = runner._forward_all(ids[:, 5:], positions).float()[0]
+        ops.int4_accumulate_rows = ops.triton_verify_attention = False
     ref = out["plain"]
     res = {name: dict(per_token=[round(rel(v[t], ref[t]), 4) for t in range(6)],
                       argmax_same=(v.argmax(-1) == ref.argmax(-1)).tolist()) for name, v in out.items()}
-    print(f"verify logits ({layers} layers of the 3B):", res, flush=True)
+    for name, r in res.items():
+        print(f"verify logits ({layers} layers of the 3B), {name}: {r}", flush=True)
     del runner, model
     torch.cuda.empty_cache()
     return res
@@ -196,7 +210,7 @@ def main() -> int:
     if "swiglu" in parts:
         result["swiglu"] = part_swiglu(args.trials)
     if "logits" in parts:
-        result["verify_logits"] = part_verify_logits(args.layers)
+        result["verify_logits"] = part_verify_logits(args.layers, args.mode)
     if "timing" in parts:
         result["timing"] = part_timing(not args.no_profile, args.mode)
     with open(args.out, "w") as f:
