@@ -135,6 +135,37 @@ def part_verify_logits(layers: int, mode: str) -> dict:
     return res
 
 
+def part_speculative(layers: int, mode: str) -> dict:
+    """Speculative greedy decoding of --layers of the 3B (int4) with the alpha = 1 oracle (every draft right):
+    how much of the plain int4 continuation each verify reproduces, with the int4 1B draft model running beside
+    it (sharing the accumulating decode's workspaces) or without it."""
+    import dataclasses
+    from llmpress.config import KNOWN_ARCHITECTURES
+    from llmpress.loading.loader import random_model
+    from llmpress.speculative import ModelDrafter, OracleDrafter
+    from speculative_gpu import common_prefix, int4_copy, run_speculative, time_plain
+    set_flags()
+    target = int4_target(layers)
+    cfg = KNOWN_ARCHITECTURES["llama-3.2-1b"]
+    draft = int4_copy(random_model(dataclasses.replace(cfg, num_hidden_layers=layers) if layers else cfg,
+                                   torch.device("cuda"), torch.bfloat16, seed=1), "draft", head=True)
+    vocab = cfg.vocab_size
+    prompt = torch.randint(0, vocab, (1, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    new = 48
+    reference, _ = time_plain(target, prompt, new + 6, mode, 1)
+    res = {}
+    for name, rows, with_draft in (("plain verify", False, True), ("accumulating verify", True, True),
+                                   ("accumulating verify, no draft model", True, False)):
+        ops.int4_accumulate_rows, ops.triton_verify_attention = rows, True
+        torch._dynamo.reset()
+        oracle = OracleDrafter(reference, 1.0, vocab, draft=ModelDrafter(draft) if with_draft else None)
+        tokens, _, stats = run_speculative(target, oracle, prompt, new, 5, mode)
+        res[name] = dict(matching_tokens=common_prefix(tokens, reference), acceptance=stats.acceptance_rate)
+        print(f"speculative ({layers or 'all'} layers), {name}: {res[name]}", flush=True)
+    ops.int4_accumulate_rows = ops.triton_verify_attention = False
+    return res
+
+
 def kernel_table(fn, replays: int = 5, top: int = 14) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -211,6 +242,8 @@ def main() -> int:
         result["swiglu"] = part_swiglu(args.trials)
     if "logits" in parts:
         result["verify_logits"] = part_verify_logits(args.layers, args.mode)
+    if "speculative" in parts:
+        result["speculative"] = part_speculative(args.layers, args.mode)
     if "timing" in parts:
         result["timing"] = part_timing(not args.no_profile, args.mode)
     with open(args.out, "w") as f:
