@@ -166,6 +166,36 @@ def part_speculative(layers: int, mode: str) -> dict:
     return res
 
 
+def part_determinism(mode: str, replays: int = 6) -> dict:
+    """The full 3B int4's steps replayed on the same input and cache: how far apart the logits of replays land
+    (the accumulating products add by atomics in whatever order they land) and how often their argmax differs."""
+    from llmpress.speculative.steps import CachedModel
+    set_flags()
+    model = int4_target(None)
+    runner = CachedModel(model, 256, mode=mode, scratch=16)
+    ids = torch.randint(0, 1000, (1, 70), generator=torch.Generator().manual_seed(1)).cuda()
+    res = {}
+    with torch.inference_mode():
+        runner.prefill(ids[:, :64])
+        for name, m, rows, triton_attention in (("one token", 1, False, False), ("verify 6, plain", 6, False, True),
+                                                ("verify 6, accumulating", 6, True, True)):
+            ops.int4_accumulate_rows, ops.triton_verify_attention = rows, triton_attention
+            torch._dynamo.reset()
+            runner._steps.pop(m, None)
+            runner._compiled = None
+            step = runner.step_fn(m)
+            positions = torch.arange(64, 64 + m, device="cuda")
+            outs = [step(ids[:, 64:64 + m], positions).float()[0].clone() for _ in range(replays)]
+            spread = max((o - outs[0]).abs().max().item() for o in outs) / outs[0].abs().max().item()
+            argmax_same = [int((o.argmax(-1) == outs[0].argmax(-1)).sum()) for o in outs[1:]]
+            top2 = outs[0].topk(2, dim=-1).values
+            res[name] = dict(spread=spread, argmax_same_of_rows=argmax_same, rows=m,
+                             top2_gap=(top2[:, 0] - top2[:, 1]).tolist(), largest=outs[0].abs().max().item())
+            print(f"determinism, {name}: {res[name]}", flush=True)
+    ops.int4_accumulate_rows = ops.triton_verify_attention = False
+    return res
+
+
 def kernel_table(fn, replays: int = 5, top: int = 14) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -242,6 +272,8 @@ def main() -> int:
         result["swiglu"] = part_swiglu(args.trials)
     if "logits" in parts:
         result["verify_logits"] = part_verify_logits(args.layers, args.mode)
+    if "determinism" in parts:
+        result["determinism"] = part_determinism(args.mode)
     if "speculative" in parts:
         result["speculative"] = part_speculative(args.layers, args.mode)
     if "timing" in parts:
