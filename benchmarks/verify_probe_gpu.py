@@ -1,4 +1,4 @@
-"""Session 13 probe of the accumulating verify step (ops.int4_accumulate_rows), on the GPU, in three parts:
+"""Session 13 probe of the accumulating verify step (ops.int4_accumulate_rows), on the GPU, in parts (--parts, default swiglu,logits,timing):
 
   1. gate|up's SwiGLU at 2..8 rows through frag_accumulated_norm, the finishing kernel's inputs (the accumulator
      and the sum(h^2) shares) read back just before it runs, each against float, then the finishing kernel rerun
@@ -7,8 +7,10 @@
      logits, accumulating against the layers as written;
   3. the full 3B int4 (CUDA graphs, --mode graph or compile as in speculative_gpu.py): the 1-token step, the plain
      6-token verify step and the accumulating one (with SDPA, or the Triton decode kernel reading q|k|v's
-     accumulator: ops.triton_verify_attention), timed (median of replays), and each one's kernels by GPU time (torch.profiler
-     over graph replays).
+     accumulator: ops.int4_accumulate_rows_into_attention), timed (median of replays), and each one's kernels by GPU
+     time (torch.profiler over graph replays);
+  4. (--parts speculative) the alpha = 1 oracle's speculative decode with each verify; (--parts determinism) replays
+     of each step on one input, how far apart their logits land.
 
     PYTHONPATH=src:.:benchmarks python benchmarks/verify_probe_gpu.py --out benchmarks/results/verify_probe_h200.json
 """
@@ -23,6 +25,8 @@ import statistics
 import torch
 
 from llmpress.kernels import ops
+
+DEFAULTS = (ops.int4_accumulate_rows, ops.triton_verify_attention, ops.int4_accumulate_rows_into_attention)
 
 
 def rel(got, ref):
@@ -70,7 +74,8 @@ def part_swiglu(trials: int) -> list[dict]:
                 row = dict(trial=trial, M=M, split=split, y=[round(rel(y[m], act[m]), 4) for m in range(M)],
                            acc=[round(rel(seen["acc"][m], raw[m]), 6) for m in range(M)],
                            squares=[round(v, 6) for v in (seen["squares"].sum(0) / squares_ref - 1).tolist()],
-                           squares_by_share=seen["squares"].tolist(), rerun=[round(rel(y2[m], act[m]), 4) for m in range(M)])
+                           squares_by_share=seen["squares"].tolist(),
+                           rerun=[round(rel(y2[m], act[m]), 4) for m in range(M)])
                 results.append(row)
                 if max(row["y"]) > 0.01 or max(row["rerun"]) > 0.01:
                     print("swiglu", {k: v for k, v in row.items() if k != "squares_by_share"}, flush=True)
@@ -116,7 +121,8 @@ def part_verify_logits(layers: int, mode: str) -> dict:
         runner.prefill(ids[:, :5])
         positions = torch.arange(5, 11, device="cuda")
         for name, rows, triton_attention, graphed in variants:
-            ops.int4_accumulate_rows, ops.triton_verify_attention = rows, triton_attention
+            ops.int4_accumulate_rows, ops.triton_verify_attention, ops.int4_accumulate_rows_into_attention = (
+                rows, triton_attention, triton_attention)
             if graphed:
                 torch._dynamo.reset()
                 runner._steps.pop(6, None)
@@ -124,7 +130,7 @@ def part_verify_logits(layers: int, mode: str) -> dict:
                 out[name] = runner.step_fn(6)(ids[:, 5:], positions).float()[0].clone()
             else:
                 out[name] = runner._forward_all(ids[:, 5:], positions).float()[0]
-        ops.int4_accumulate_rows = ops.triton_verify_attention = False
+        ops.int4_accumulate_rows, ops.triton_verify_attention, ops.int4_accumulate_rows_into_attention = DEFAULTS
     ref = out["plain"]
     res = {name: dict(per_token=[round(rel(v[t], ref[t]), 4) for t in range(6)],
                       argmax_same=(v.argmax(-1) == ref.argmax(-1)).tolist()) for name, v in out.items()}
@@ -156,13 +162,14 @@ def part_speculative(layers: int, mode: str) -> dict:
     res = {}
     for name, rows, with_draft in (("plain verify", False, True), ("accumulating verify", True, True),
                                    ("accumulating verify, no draft model", True, False)):
-        ops.int4_accumulate_rows, ops.triton_verify_attention = rows, True
+        ops.int4_accumulate_rows, ops.triton_verify_attention, ops.int4_accumulate_rows_into_attention = (
+            rows, True, True)
         torch._dynamo.reset()
         oracle = OracleDrafter(reference, 1.0, vocab, draft=ModelDrafter(draft) if with_draft else None)
         tokens, _, stats = run_speculative(target, oracle, prompt, new, 5, mode)
         res[name] = dict(matching_tokens=common_prefix(tokens, reference), acceptance=stats.acceptance_rate)
         print(f"speculative ({layers or 'all'} layers), {name}: {res[name]}", flush=True)
-    ops.int4_accumulate_rows = ops.triton_verify_attention = False
+    ops.int4_accumulate_rows, ops.triton_verify_attention, ops.int4_accumulate_rows_into_attention = DEFAULTS
     return res
 
 
@@ -179,7 +186,8 @@ def part_determinism(mode: str, replays: int = 6) -> dict:
         runner.prefill(ids[:, :64])
         for name, m, rows, triton_attention in (("one token", 1, False, False), ("verify 6, plain", 6, False, True),
                                                 ("verify 6, accumulating", 6, True, True)):
-            ops.int4_accumulate_rows, ops.triton_verify_attention = rows, triton_attention
+            ops.int4_accumulate_rows, ops.triton_verify_attention, ops.int4_accumulate_rows_into_attention = (
+                rows, triton_attention, triton_attention)
             torch._dynamo.reset()
             runner._steps.pop(m, None)
             runner._compiled = None
@@ -192,7 +200,7 @@ def part_determinism(mode: str, replays: int = 6) -> dict:
             res[name] = dict(spread=spread, argmax_same_of_rows=argmax_same, rows=m,
                              top2_gap=(top2[:, 0] - top2[:, 1]).tolist(), largest=outs[0].abs().max().item())
             print(f"determinism, {name}: {res[name]}", flush=True)
-    ops.int4_accumulate_rows = ops.triton_verify_attention = False
+    ops.int4_accumulate_rows, ops.triton_verify_attention, ops.int4_accumulate_rows_into_attention = DEFAULTS
     return res
 
 
@@ -241,7 +249,8 @@ def part_timing(profile_too: bool, mode: str) -> dict:
         for name, m, rows, triton_attention in (("one token", 1, False, False), ("verify 6, plain", 6, False, False),
                                                 ("verify 6, accumulating", 6, True, False),
                                                 ("verify 6, accumulating, Triton attention", 6, True, True)):
-            ops.int4_accumulate_rows, ops.triton_verify_attention = rows, triton_attention
+            ops.int4_accumulate_rows, ops.triton_verify_attention, ops.int4_accumulate_rows_into_attention = (
+                rows, triton_attention, triton_attention)
             torch._dynamo.reset()
             runner._steps.pop(m, None)
             step = runner.step_fn(m)
@@ -253,7 +262,7 @@ def part_timing(profile_too: bool, mode: str) -> dict:
                 res[name]["kernels"] = kernel_table(fn)
                 for r in res[name]["kernels"]:
                     print(f"   {r['us_per_step']:8.1f} us  {r['launches_per_step']:6.1f}x  {r['kernel']}")
-        ops.int4_accumulate_rows = ops.triton_verify_attention = False
+        ops.int4_accumulate_rows, ops.triton_verify_attention, ops.int4_accumulate_rows_into_attention = DEFAULTS
     return res
 
 

@@ -18,7 +18,9 @@ def test_accumulating_decode_gives_the_logits_of_the_layers_as_written(quantize_
         torch.testing.assert_close(accumulated, plain, rtol=1e-4, atol=1e-4)
 
 
-def test_accumulating_decode_applies_only_to_one_token_over_a_static_cache():
+def test_accumulating_decode_applies_only_to_one_token_over_a_static_cache(monkeypatch):
+    from llmpress.kernels import ops
+    monkeypatch.setattr(ops, "int4_accumulate_rows", False)  # with it, 2..8 tokens too (the test below)
     check_applies_only_to_batch1_decode(decode_accumulate.plan_for_step, "int4_accumulate_decode", int4_model(False))
 
 
@@ -33,6 +35,7 @@ def verify_step_logits(model, rows_switch: bool, accumulating: bool, last_only: 
     saved = ops.int4_accumulate_decode, ops.int4_accumulate_rows
     try:
         with torch.no_grad():
+            ops.int4_accumulate_rows = False  # the prefill as the layers are written
             model(ids[:, :5], torch.arange(5, device=device), cache)
             ops.int4_accumulate_decode, ops.int4_accumulate_rows = accumulating, rows_switch
             return model(ids[:, 5:], torch.arange(5, 11, device=device), cache, last_only=last_only)

@@ -46,6 +46,7 @@ def decode_logits(model: LlamaForCausalLM, chained: bool = False, accumulating: 
     outs = []
     try:
         with torch.no_grad():
+            ops.int4_layer_chain = ops.int4_accumulate_decode = False  # the prefill as the layers are written
             model(ids[:, :5], torch.arange(5, device=device), cache)
             ops.int4_layer_chain, ops.int4_accumulate_decode = chained, accumulating
             for t in range(5, 5 + steps):

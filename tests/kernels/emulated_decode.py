@@ -137,7 +137,7 @@ def run(case: str, kernel) -> dict:
     from tests.test_decode_accumulate import verify_step_logits
     from tests.test_decode_chain import decode_logits, int4_model
     kind, *fields = case.split(":")
-    ops.triton_verify_attention = fields[-1] == "triton"
+    ops.triton_verify_attention = ops.int4_accumulate_rows_into_attention = fields[-1] == "triton"
     if ops.triton_verify_attention:
         fields = fields[:-1]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[fields[-1]]

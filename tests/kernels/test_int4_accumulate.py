@@ -255,6 +255,7 @@ def test_verify_step_through_the_accumulating_path_gives_close_logits(quantize_h
     from tests.test_decode_accumulate import verify_step_logits
     from tests.test_decode_chain import int4_model
     monkeypatch.setattr(ops, "triton_verify_attention", triton_attention)
+    monkeypatch.setattr(ops, "int4_accumulate_rows_into_attention", triton_attention)
     monkeypatch.setattr(ops, "int4_tensor_core_norm", True)
     monkeypatch.setattr(ops, "int4_tensor_core_swiglu", True)
     model = int4_model(quantize_head, "cuda", torch.bfloat16, hidden_size=256, intermediate_size=512)

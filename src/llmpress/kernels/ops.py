@@ -75,7 +75,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 # Steps of 2..8 new tokens of one sequence (a speculative verify step) through the Triton decode kernel too
 # (triton_attention.decode_attention_triton, each query its own causal limit) instead of SDPA with a mask over the
-# whole cache. Off: checked under the Triton interpreter only, not timed on the GPU yet.
+# whole cache, for every model. Off: timed for the int4 3B's verify step only (H200, compile mode): 2.35 and 2.54 ms
+# a step with it (results/speculative_h200_s13{,b}.*) against 2.60 without (verify_probe_h200_s13b.*), each from
+# another run; the accumulating verify step takes it by its own switch, int4_accumulate_rows_into_attention.
 triton_verify_attention = False
 
 
@@ -464,9 +466,17 @@ def _(x, residual, o_fragments, o_scales, o_zeros, gu_fragments, gu_scales, gu_z
 # last-arrival reduction, 941.4 / 940.2 accumulating (+20%); decode-step logits 4.18e-2 from the reference ops
 # against 4.56e-2 (the residual stream no longer rounds to bf16 between products).
 int4_accumulate_decode = True
-# ... and to steps of 2..8 new tokens of one sequence (a speculative verify step; model/decode_accumulate.py). Off:
-# not yet run on the GPU (its CUDA tests are in tests/kernels/test_int4_accumulate.py).
-int4_accumulate_rows = False
+# ... and to steps of 2..8 new tokens of one sequence (a speculative verify step; model/decode_accumulate.py). On: a
+# 3B int4 verify step of 6 tokens on the H200 in one run (benchmarks/verify_probe_gpu.py --mode compile,
+# results/verify_probe_h200_s13b.*): 2.60 ms as the layers are written, 1.94 accumulating with SDPA, 1.56 with the
+# Triton attention below; the int4 + int4-draft speculative decode at alpha 0.8, k 5: 636.2 -> 795.8 tok/s
+# (results/speculative_h200_s13b.*). Like the one-token decode its sums land in atomics' order: its logits vary
+# from run to run within rounding (2% of the largest logit for random 3B weights, verify_probe_h200_s13f.*).
+int4_accumulate_rows = True
+# Its attention through the Triton decode kernel over the T queries, reading the q|k|v accumulator itself (each
+# token's norm applied as it loads), instead of q|k|v finished by a kernel of its own and SDPA: 1.56 against 1.94 ms
+# (the run above).
+int4_accumulate_rows_into_attention = True
 
 
 def int4_accumulate_applies(h: torch.Tensor) -> bool:
@@ -535,7 +545,8 @@ int4_accumulate_into_attention = True
 def accumulate_into_attention_applies(h: torch.Tensor, cos: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether `int4_accumulated_attention` has the attention kernel read the q|k|v accumulator (see there)."""
     return (int4_accumulate_into_attention and int4_accumulate_applies(h)
-            and (h.shape[0] == 1 or triton_verify_attention) and fuse_rope_into_attention != "never"
+            and (h.shape[0] == 1 or triton_verify_attention or int4_accumulate_rows_into_attention)
+            and fuse_rope_into_attention != "never"
             and cos.dim() == 2 and k_cache.shape[-1] in (64, 128) and k_cache.dtype in (torch.float16, torch.bfloat16))
 
 
@@ -544,7 +555,8 @@ def int4_accumulated_attention(h: torch.Tensor, product: ChainProduct, group_siz
                                k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Attention of T new tokens whose q|k|v is `product` (with its norm) of the fp32 residual stream h [T, K]
     (T > 1: a verify step): `cached_attention_rope` of `int4_accumulated_norm`'s output. Returns [1, H, T, D]. On
-    CUDA with `int4_accumulate_into_attention` (and `triton_verify_attention` for T > 1) the attention kernel
+    CUDA with `int4_accumulate_into_attention` (and for T > 1 `int4_accumulate_rows_into_attention` or
+    `triton_verify_attention`) the attention kernel
     reads the q|k|v accumulator itself; the caller's next `int4_accumulated_norm` must then be given zero_qkv =
     T x the q|k|v width."""
     if accumulate_into_attention_applies(h, cos, k_cache):

@@ -14,9 +14,9 @@ the same steps run over an fp32 one that o and down add into in place:
 It applies where the layer chain's plan does (model/decode_chain.py `chain_plan`: int4 layers held as tensor-core
 fragments, q|k|v and gate|up fused, no biases, a static KV cache), with `ops.int4_accumulate_decode` switched on.
 With `ops.int4_accumulate_rows` also to steps of 2..8 new tokens of one sequence (a speculative verify step): h is
-then [T, H], and attention that of the static cache (`ops.cached_attention_rope`, q|k|v finished by a kernel of
-its own) or, with `ops.triton_verify_attention`, the Triton decode kernel's over T queries reading the
-accumulator itself.
+then [T, H], and attention the Triton decode kernel's over T queries reading the accumulator itself
+(`ops.int4_accumulate_rows_into_attention`, on), or that of the static cache (`ops.cached_attention_rope`, q|k|v
+finished by a kernel of its own).
 """
 
 from __future__ import annotations
