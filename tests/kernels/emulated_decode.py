@@ -89,9 +89,9 @@ def attention(case: str) -> dict:
     fused projection through the Triton RoPE decode kernel (rotated by their own positions, stored at them, each
     attending over slots up to its own), against rotate, store and attend in float64; `scaled`: the projection as
     an fp32 accumulator before its norm's rsqrt, which the kernel applies per token from sum(h^2) shares."""
-    import math
     from llmpress.kernels.triton_attention import decode_attention_rope_triton
-    from llmpress.model.rope import RotaryEmbedding, apply_rope
+    from llmpress.model.rope import RotaryEmbedding
+    from tests.kernels.test_attention import rotate_store_attend
     _, *fields = case.split(":")
     scaled = fields[-1] == "scaled"
     heads, kv_heads, head_dim, cache_len, first, T = (int(f) for f in fields[:6])
@@ -112,15 +112,7 @@ def attention(case: str) -> dict:
     expected_caches = [c.clone() for c in caches]
     positions = torch.arange(first, first + T)
     out = decode_attention_rope_triton(qkv, heads, rotary.inv_freq, *caches, positions, norm)
-    cos, sin = rotary(positions, torch.bfloat16)
-    q, k, v = (t.view(1, T, -1, head_dim).transpose(1, 2)
-               for t in projected.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1))
-    expected_caches[0].index_copy_(2, positions, apply_rope(k, cos, sin))
-    expected_caches[1].index_copy_(2, positions, v)
-    kk, vv = (t.double().repeat_interleave(heads // kv_heads, 1) for t in expected_caches)
-    scores = apply_rope(q, cos, sin).double() @ kk.transpose(-1, -2) / math.sqrt(head_dim)
-    visible = torch.arange(cache_len)[None, :] <= positions[:, None]
-    expected = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ vv
+    expected = rotate_store_attend(projected, heads, rotary, expected_caches, positions)
     new = slice(first, first + T)
     return {"case": case, "error": ((out.double() - expected).norm() / expected.norm()).item(),
             "cache_error": max((got[:, :, new].float() - want[:, :, new].float()).abs().max().item()

@@ -14,6 +14,25 @@ def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
+def rotate_store_attend(qkv: torch.Tensor, heads: int, rotary: RotaryEmbedding, caches: list[torch.Tensor],
+                        positions: torch.Tensor) -> torch.Tensor:
+    """What the Triton RoPE decode kernel replaces, as three steps, the attention in float64: T new tokens' q|k|v
+    [1, T, width] (the projection's output in the caches' dtype) rotated at `positions`, k and v written into
+    `caches` [k, v] (in place) at them, each query attending over slots up to its own. Returns [1, H, T, D]."""
+    import math
+    from llmpress.model.rope import apply_rope
+    T, (_, kv_heads, cache_len, head_dim) = qkv.shape[1], caches[0].shape
+    cos, sin = rotary(positions, caches[0].dtype)
+    q, k, v = (t.view(1, T, -1, head_dim).transpose(1, 2)
+               for t in qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1))
+    caches[0].index_copy_(2, positions, apply_rope(k, cos, sin))
+    caches[1].index_copy_(2, positions, v)
+    kk, vv = (t.double().repeat_interleave(heads // kv_heads, 1) for t in caches)
+    scores = apply_rope(q, cos, sin).double() @ kk.transpose(-1, -2) / math.sqrt(head_dim)
+    visible = torch.arange(cache_len, device=qkv.device)[None, :] <= positions[:, None]
+    return torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ vv
+
+
 @pytest.mark.parametrize("heads,kv_heads,T,S", [(4, 4, 7, 7), (6, 2, 5, 12), (8, 1, 1, 9)])
 def test_sdpa_matches_reference(heads, kv_heads, T, S):
     torch.manual_seed(0)
@@ -161,9 +180,7 @@ def test_triton_rope_attention_of_several_new_tokens_matches_rotate_store_attend
                                                                                 first, queries):
     """A verify step's T new tokens straight from the fused projection: rotated by their own positions, stored at
     them, each attending over slots up to its own; against the three steps in float64."""
-    import math
     from llmpress.kernels.triton_attention import decode_attention_rope_triton
-    from llmpress.model.rope import apply_rope
     torch.manual_seed(queries + cache_len)
     rotary = RotaryEmbedding(head_dim, 500000.0, None).to("cuda")
     qkv = torch.randn(1, queries, (heads + 2 * kv_heads) * head_dim, device="cuda", dtype=torch.bfloat16)
@@ -171,15 +188,7 @@ def test_triton_rope_attention_of_several_new_tokens_matches_rotate_store_attend
     expected_caches = [c.clone() for c in caches]
     positions = torch.arange(first, first + queries, device="cuda")
     out = decode_attention_rope_triton(qkv, heads, rotary.inv_freq, *caches, positions)
-    cos, sin = rotary(positions, torch.bfloat16)
-    q, k, v = (t.view(1, queries, -1, head_dim).transpose(1, 2)
-               for t in qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1))
-    expected_caches[0].index_copy_(2, positions, apply_rope(k, cos, sin))
-    expected_caches[1].index_copy_(2, positions, v)
-    kk, vv = (t.double().repeat_interleave(heads // kv_heads, 1) for t in expected_caches)
-    scores = apply_rope(q, cos, sin).double() @ kk.transpose(-1, -2) / math.sqrt(head_dim)
-    visible = torch.arange(cache_len, device="cuda")[None, :] <= positions[:, None]
-    expected = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ vv
+    expected = rotate_store_attend(qkv, heads, rotary, expected_caches, positions)
     assert out.shape == expected.shape
     assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-2
     for got, want in zip(caches, expected_caches):
