@@ -1,4 +1,5 @@
-"""Session 13 probe of the accumulating verify step (ops.int4_accumulate_rows), on the GPU, in parts (--parts, default swiglu,logits,timing):
+"""Session 13 probe of the accumulating verify step (ops.int4_accumulate_rows) on the GPU, in parts (--parts;
+default swiglu,logits,timing):
 
   1. gate|up's SwiGLU at 2..8 rows through frag_accumulated_norm, the finishing kernel's inputs (the accumulator
      and the sum(h^2) shares) read back just before it runs, each against float, then the finishing kernel rerun
@@ -27,6 +28,22 @@ import torch
 from llmpress.kernels import ops
 
 DEFAULTS = (ops.int4_accumulate_rows, ops.triton_verify_attention, ops.int4_accumulate_rows_into_attention)
+
+
+def switches(rows: bool, triton_verify: bool, into_attention: bool) -> None:
+    """The verify step's switches: the accumulating decode at several rows, every model's verify attention through
+    the Triton kernel, and the accumulating verify's attention reading q|k|v's accumulator."""
+    ops.int4_accumulate_rows, ops.triton_verify_attention, ops.int4_accumulate_rows_into_attention = (
+        rows, triton_verify, into_attention)
+
+
+def fresh_step(runner, m: int, rows: bool, triton_attention: bool):
+    """`runner`'s m-token step built again under these switches (read when the step is traced and captured)."""
+    switches(rows, triton_attention, triton_attention)
+    torch._dynamo.reset()
+    runner._steps.pop(m, None)
+    runner._compiled = None
+    return runner.step_fn(m)
 
 
 def rel(got, ref):
@@ -121,16 +138,12 @@ def part_verify_logits(layers: int, mode: str) -> dict:
         runner.prefill(ids[:, :5])
         positions = torch.arange(5, 11, device="cuda")
         for name, rows, triton_attention, graphed in variants:
-            ops.int4_accumulate_rows, ops.triton_verify_attention, ops.int4_accumulate_rows_into_attention = (
-                rows, triton_attention, triton_attention)
             if graphed:
-                torch._dynamo.reset()
-                runner._steps.pop(6, None)
-                runner._compiled = None
-                out[name] = runner.step_fn(6)(ids[:, 5:], positions).float()[0].clone()
+                out[name] = fresh_step(runner, 6, rows, triton_attention)(ids[:, 5:], positions).float()[0].clone()
             else:
+                switches(rows, triton_attention, triton_attention)
                 out[name] = runner._forward_all(ids[:, 5:], positions).float()[0]
-        ops.int4_accumulate_rows, ops.triton_verify_attention, ops.int4_accumulate_rows_into_attention = DEFAULTS
+        switches(*DEFAULTS)
     ref = out["plain"]
     res = {name: dict(per_token=[round(rel(v[t], ref[t]), 4) for t in range(6)],
                       argmax_same=(v.argmax(-1) == ref.argmax(-1)).tolist()) for name, v in out.items()}
@@ -162,14 +175,13 @@ def part_speculative(layers: int, mode: str) -> dict:
     res = {}
     for name, rows, with_draft in (("plain verify", False, True), ("accumulating verify", True, True),
                                    ("accumulating verify, no draft model", True, False)):
-        ops.int4_accumulate_rows, ops.triton_verify_attention, ops.int4_accumulate_rows_into_attention = (
-            rows, True, True)
+        switches(rows, True, True)
         torch._dynamo.reset()
         oracle = OracleDrafter(reference, 1.0, vocab, draft=ModelDrafter(draft) if with_draft else None)
         tokens, _, stats = run_speculative(target, oracle, prompt, new, 5, mode)
         res[name] = dict(matching_tokens=common_prefix(tokens, reference), acceptance=stats.acceptance_rate)
         print(f"speculative ({layers or 'all'} layers), {name}: {res[name]}", flush=True)
-    ops.int4_accumulate_rows, ops.triton_verify_attention, ops.int4_accumulate_rows_into_attention = DEFAULTS
+    switches(*DEFAULTS)
     return res
 
 
@@ -186,12 +198,7 @@ def part_determinism(mode: str, replays: int = 6) -> dict:
         runner.prefill(ids[:, :64])
         for name, m, rows, triton_attention in (("one token", 1, False, False), ("verify 6, plain", 6, False, True),
                                                 ("verify 6, accumulating", 6, True, True)):
-            ops.int4_accumulate_rows, ops.triton_verify_attention, ops.int4_accumulate_rows_into_attention = (
-                rows, triton_attention, triton_attention)
-            torch._dynamo.reset()
-            runner._steps.pop(m, None)
-            runner._compiled = None
-            step = runner.step_fn(m)
+            step = fresh_step(runner, m, rows, triton_attention)
             positions = torch.arange(64, 64 + m, device="cuda")
             outs = [step(ids[:, 64:64 + m], positions).float()[0].clone() for _ in range(replays)]
             spread = max((o - outs[0]).abs().max().item() for o in outs) / outs[0].abs().max().item()
@@ -200,7 +207,7 @@ def part_determinism(mode: str, replays: int = 6) -> dict:
             res[name] = dict(spread=spread, argmax_same_of_rows=argmax_same, rows=m,
                              top2_gap=(top2[:, 0] - top2[:, 1]).tolist(), largest=outs[0].abs().max().item())
             print(f"determinism, {name}: {res[name]}", flush=True)
-    ops.int4_accumulate_rows, ops.triton_verify_attention, ops.int4_accumulate_rows_into_attention = DEFAULTS
+    switches(*DEFAULTS)
     return res
 
 
@@ -249,11 +256,7 @@ def part_timing(profile_too: bool, mode: str) -> dict:
         for name, m, rows, triton_attention in (("one token", 1, False, False), ("verify 6, plain", 6, False, False),
                                                 ("verify 6, accumulating", 6, True, False),
                                                 ("verify 6, accumulating, Triton attention", 6, True, True)):
-            ops.int4_accumulate_rows, ops.triton_verify_attention, ops.int4_accumulate_rows_into_attention = (
-                rows, triton_attention, triton_attention)
-            torch._dynamo.reset()
-            runner._steps.pop(m, None)
-            step = runner.step_fn(m)
+            step = fresh_step(runner, m, rows, triton_attention)
             tokens, positions = ids[:, 100:100 + m], torch.arange(200, 200 + m, device="cuda")
             fn = lambda: step(tokens, positions)  # noqa: E731
             res[name] = dict(ms=time_replays(fn))
@@ -262,7 +265,7 @@ def part_timing(profile_too: bool, mode: str) -> dict:
                 res[name]["kernels"] = kernel_table(fn)
                 for r in res[name]["kernels"]:
                     print(f"   {r['us_per_step']:8.1f} us  {r['launches_per_step']:6.1f}x  {r['kernel']}")
-        ops.int4_accumulate_rows, ops.triton_verify_attention, ops.int4_accumulate_rows_into_attention = DEFAULTS
+        switches(*DEFAULTS)
     return res
 
 
