@@ -165,6 +165,8 @@ STEP_VARIANTS.update({"int4-tc-only-acc-xf32+head": {**ACCUMULATING, **SESSION_1
                       "int4-tc-only-acc-s11b+head": dict(ACCUMULATING, norm_waits=True),
                       # the same on the tiles of --accumulate-configs too (the 1B's, say), beside CONFIGS
                       "int4-tc-only-acc-s11b-tuned+head": dict(ACCUMULATING, norm_waits=True),
+                      # the default decode (norm_waits off since session 12) on --accumulate-configs' tiles too
+                      "int4-tc-only-acc-s11-tuned+head": dict(ACCUMULATING, norm_waits=False),
                       # and attention's small loads before its arithmetic (triton_attention.loads_first; not timed)
                       "int4-tc-only-acc-s11c+head": dict(ACCUMULATING, norm_waits=True, loads_first=True),
                       # and the gate|up finishing kernel's loads together (FINISH_LOADS_FIRST; not timed)
@@ -228,8 +230,8 @@ def main() -> int:
                              "as the only copy of the weights; list them last); bf16#2, int4#2, ...: a variant again")
     parser.add_argument("--profile", default="", help="comma-separated variants whose decode step's kernels are printed")
     parser.add_argument("--accumulate-configs", default=None, metavar="JSON",
-                        help="the tiles of variants int4-tc-only-acc-tuned+head and int4-tc-only-acc-s11b-tuned+head "
-                             "(beside triton_int4_accumulate.CONFIGS): latency_floor_gpu.py --sweep-configs")
+                        help="the tiles of variants int4-tc-only-acc-tuned+head, int4-tc-only-acc-s11b-tuned+head and "
+                             "int4-tc-only-acc-s11-tuned+head (the last two beside triton_int4_accumulate.CONFIGS): latency_floor_gpu.py --sweep-configs")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -240,7 +242,8 @@ def main() -> int:
         with open(args.accumulate_configs) as f:
             tuned = {tuple(int(v) for v in key.split(",")): tuple(c) for key, c in json.load(f).items()}
         STEP_VARIANTS["int4-tc-only-acc-tuned+head"]["acc_configs"] = tuned
-        STEP_VARIANTS["int4-tc-only-acc-s11b-tuned+head"]["acc_configs"] = {**accumulate_module.CONFIGS, **tuned}
+        for label in ("int4-tc-only-acc-s11b-tuned+head", "int4-tc-only-acc-s11-tuned+head"):
+            STEP_VARIANTS[label]["acc_configs"] = {**accumulate_module.CONFIGS, **tuned}
         print(f"accumulate tiles from {args.accumulate_configs}: {tuned}", flush=True)
     bandwidth = measure_copy_bandwidth("cuda")
     results = {"script": "benchmarks/int4_gpu.py", "command": " ".join(sys.argv), "date": date.today().isoformat(), "gpu": device_name("cuda"),

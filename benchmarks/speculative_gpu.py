@@ -106,30 +106,49 @@ def run_speculative(target, drafter, prompt, new_tokens, k, mode, repeats=0, imp
     return first.token_ids[0].tolist(), rate, stats
 
 
+def catch_up_check(model, prompt) -> dict:
+    """A drafter's catch-up step (the two tokens a fully accepted round leaves, in one step: ModelDrafter.run)
+    against the same two tokens in two one-token steps, eagerly over two caches: the last logits' relative
+    difference and whether their argmax agree (the oracle's forced tokens would hide a wrong draft)."""
+    from llmpress.speculative.steps import CachedModel
+    pair = prompt[:, -2:]
+    runs = []
+    with torch.inference_mode():
+        for chunks in ([pair], [pair[:, :1], pair[:, 1:]]):
+            runner = CachedModel(model, prompt.shape[1] + 4, "eager")
+            runner.prefill(prompt[:, :-2])
+            for j, chunk in enumerate(chunks):
+                logits = runner.step(chunk, prompt.shape[1] - 2 + j)[0, -1].float()
+            runs.append(logits)
+    one, two = runs
+    return {"rel_diff": ((one - two).norm() / two.norm()).item(), "same_argmax": bool(one.argmax() == two.argmax())}
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def oracle_row(label, target, draft_model, reference, alpha, prompt, args, plain_rate, vocab,
-               imposed: bool = False) -> dict:
+               imposed: bool = False, k: int | None = None) -> dict:
     """Untimed passes until the oracle's reference is this path's own greedy output, then timed runs. `imposed`:
-    no passes; the rounds keep what the oracle got right (ImposedAcceptanceGenerator)."""
+    no passes; the rounds keep what the oracle got right (ImposedAcceptanceGenerator). k: args.k unless given."""
+    k = k or args.k
     if imposed:
         oracle = OracleDrafter(reference, alpha, vocab, seed=args.seed, draft=ModelDrafter(draft_model))
-        _, rate, stats = run_speculative(target, oracle, prompt, args.new_tokens, args.k, args.mode, args.repeats,
+        _, rate, stats = run_speculative(target, oracle, prompt, args.new_tokens, k, args.mode, args.repeats,
                                          imposed=True)
-        return {"config": label, "alpha": alpha, "k": args.k, "tokens_per_s": rate, "speedup": rate / plain_rate,
+        return {"config": label, "alpha": alpha, "k": k, "tokens_per_s": rate, "speedup": rate / plain_rate,
                 "acceptance_imposed": True, **stats.to_dict()}
     for passes in range(1, args.max_passes + 1):
         oracle = OracleDrafter(reference, alpha, vocab, seed=args.seed, draft=ModelDrafter(draft_model))
-        tokens, _, _ = run_speculative(target, oracle, prompt, args.new_tokens, args.k, args.mode)
+        tokens, _, _ = run_speculative(target, oracle, prompt, args.new_tokens, k, args.mode)
         consistent = tokens == reference[:args.new_tokens]
         if consistent:
             break
         reference = tokens + reference[len(tokens):]  # past the end: the oracle only needs k spare tokens
     oracle = OracleDrafter(reference, alpha, vocab, seed=args.seed, draft=ModelDrafter(draft_model))
-    _, rate, stats = run_speculative(target, oracle, prompt, args.new_tokens, args.k, args.mode, args.repeats)
-    return {"config": label, "alpha": alpha, "k": args.k, "tokens_per_s": rate, "speedup": rate / plain_rate,
+    _, rate, stats = run_speculative(target, oracle, prompt, args.new_tokens, k, args.mode, args.repeats)
+    return {"config": label, "alpha": alpha, "k": k, "tokens_per_s": rate, "speedup": rate / plain_rate,
             "oracle_passes": passes, "oracle_consistent": consistent, **stats.to_dict()}
 
 
@@ -143,6 +162,8 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--alphas", default="0.5,0.7,0.8,0.9")
     parser.add_argument("--int4-alpha", type=float, default=0.8)
+    parser.add_argument("--int4-ks", default=None,
+                        help="int4 rows: a row for each of these draft lengths (comma list; default --k)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-passes", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -175,8 +196,12 @@ def main() -> int:
     parser.add_argument("--pdl-rows", type=int, default=None,
                         help="with --int4-tensor-cores: launch the tensor-core GEMV under PDL up to this many rows "
                              "(triton_int4_frag.PDL_MAX_ROWS; default its value: 1, so verify steps run without)")
+    parser.add_argument("--accumulate-configs", default=None, metavar="JSON",
+                        help="int4 rows: these accumulating-product tiles beside triton_int4_accumulate.CONFIGS "
+                             "(latency_floor_gpu.py --sweep-configs writes them, for the 1B say)")
     parser.add_argument("--out", default="benchmarks/results/speculative_h100.json")
     args = parser.parse_args()
+    int4_ks = [int(k) for k in args.int4_ks.split(",")] if args.int4_ks else [args.k]
     ops.triton_verify_attention = args.triton_verify_attention
     device = torch.device(args.device)
     args.mode = args.mode or ("graph" if device.type == "cuda" else "eager")
@@ -188,7 +213,7 @@ def main() -> int:
     target = random_model(target_cfg, device, dtype, seed=0)
     draft = random_model(draft_cfg, device, dtype, seed=1)
     prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(args.seed)).to(device)
-    spare = args.k + 1  # the oracle proposes up to k tokens past the last one generated
+    spare = max([args.k, *int4_ks]) + 1  # the oracle proposes up to k tokens past the last one generated
 
     def log(msg):
         print(f"[{time.perf_counter() - started:.0f} s] {msg}", flush=True)
@@ -223,14 +248,23 @@ def main() -> int:
         ops.int4_tensor_core_fold_rows = args.int4_tensor_cores and args.int4_fold_rows
         ops.int4_tensor_core_swiglu = args.int4_tensor_cores and args.int4_swiglu
         ops.int4_tensor_core_max_rows = ops.FRAG_MAX_M if args.int4_tensor_cores else 1  # the verify step's k + 1 rows too
+        if args.accumulate_configs:
+            import json
+            import llmpress.kernels.triton_int4_accumulate as accumulate
+            with open(args.accumulate_configs) as f:
+                tuned = json.load(f)
+            accumulate.CONFIGS.update({tuple(int(v) for v in key.split(",")): tuple(c) for key, c in tuned.items()})
+            log(f"accumulating tiles: {accumulate.CONFIGS}")
         if args.pdl_rows is not None:
             import llmpress.kernels.triton_int4_frag as frag
             frag.PDL_MAX_ROWS = args.pdl_rows
+        checks["int4_draft_catch_up"] = catch_up_check(draft4, prompt)
+        log(f"int4 draft's 2-token catch-up step against two 1-token steps: {checks['int4_draft_catch_up']}")
         reference4, plain4 = time_plain(target4, prompt, args.new_tokens + spare, args.mode, args.repeats)
         rows.append({"config": "plain int4 target", "tokens_per_s": plain4, "speedup": plain4 / plain_rate})
-        def int4_row(suffix: str = "", imposed: bool = False) -> dict:
-            row = oracle_row(f"int4: oracle alpha={args.int4_alpha:g} + int4 1B draft{suffix}", target4, draft4,
-                             reference4, args.int4_alpha, prompt, args, plain4, vocab, imposed)
+        def int4_row(suffix: str = "", imposed: bool = False, k: int = args.k) -> dict:
+            row = oracle_row(f"int4: oracle alpha={args.int4_alpha:g} + int4 1B draft, k={k}{suffix}", target4,
+                             draft4, reference4, args.int4_alpha, prompt, args, plain4, vocab, imposed, k)
             row["speedup_over_plain_bf16"] = row["tokens_per_s"] / plain_rate
             rows.append(row)
             return row
@@ -244,18 +278,20 @@ def main() -> int:
             # plain verify's too, beside its real one, to compare the two methods where both apply)
             for imposed in ([False, True] if args.imposed_check and not accumulating else [accumulating]):
                 suffix = (", accumulating verify" if accumulating else "") + (", acceptance imposed" if imposed else "")
-                row = int4_row(suffix, imposed)
-                log(f"int4: plain {plain4:.1f} tok/s, speculative{suffix} {row['tokens_per_s']:.1f} tok/s, "
-                    f"acceptance {row['acceptance_rate']:.2f}")
+                for k in int4_ks:
+                    row = int4_row(suffix, imposed, k)
+                    log(f"int4: plain {plain4:.1f} tok/s, speculative k={k}{suffix} {row['tokens_per_s']:.1f} tok/s, "
+                        f"acceptance {row['acceptance_rate']:.2f}")
         ops.int4_accumulate_rows = default_rows
     from llmpress.bench.roofline import device_name
     result = {"target": args.arch.split(",")[0], "draft": args.arch.split(",")[-1], "device": device_name(device),
+              "int4_ks": int4_ks,
               "dtype": str(dtype).removeprefix("torch."), "mode": args.mode, "batch_size": 1,
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "k": args.k, "int4_head": args.int4_head,
               "int4_tensor_cores": args.int4_tensor_cores, "int4_fragments_only": ops.int4_fragments_only,
               "int4_fold_rows": ops.int4_tensor_core_fold_rows, "int4_swiglu": ops.int4_tensor_core_swiglu,
               "int4_pdl_rows": args.pdl_rows, "triton_verify_attention": args.triton_verify_attention,
-              "int4_verify": args.int4_verify, "checks": checks,
+              "int4_verify": args.int4_verify, "accumulate_configs": args.accumulate_configs, "checks": checks,
               "rows": rows, "seconds": round(time.perf_counter() - started, 1), "date": date.today().isoformat(),
               "torch": torch.__version__, "python": platform.python_version(), "command": " ".join(sys.argv)}
     print(format_table(result))
@@ -270,7 +306,7 @@ def format_table(result: dict) -> str:
     header = ["config", "accept", "tok/step", "draft ms/step", "verify ms/step", "tok/s", "speedup"]
     lines = [f"{result['target']} target, {result['draft']} draft, {result['dtype']}, {result['mode']} mode, "
              f"batch 1, {result['new_tokens']} new tokens, k={result['k']} on {result['device']}",
-             f"lossless check: {result['checks']}", " | ".join(header)]
+             f"checks: {result['checks']}", " | ".join(header)]
     for r in result["rows"]:
         get = lambda key, spec: "-" if r.get(key) is None else format(r[key], spec)  # noqa: E731
         lines.append(" | ".join([r["config"], get("acceptance_rate", ".2f"), get("tokens_per_round", ".2f"),

@@ -24,7 +24,7 @@ def assert_cache_prefix_equal(cache: StaticKVCache, fresh: StaticKVCache, length
         torch.testing.assert_close(got[:, :, :length], want[:, :, :length], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["model", "self", "oracle+model"])
+@pytest.mark.parametrize("kind", ["model", "self", "oracle+model", "all accepted"])
 def test_rollback_leaves_caches_equal_to_a_fresh_run(kind):
     target = tiny_model(0, num_hidden_layers=3)
     new = 30
@@ -32,19 +32,22 @@ def test_rollback_leaves_caches_equal_to_a_fresh_run(kind):
         drafter = ModelDrafter(tiny_model(1, num_hidden_layers=1))
     elif kind == "self":
         drafter = SelfSpeculativeDrafter(target, 2)
-    else:  # mixed acceptance lengths, with a draft model whose cache must follow
-        drafter = OracleDrafter(plain_greedy(target, PROMPT, new + 8), 0.6, 256, seed=1,
-                                draft=ModelDrafter(tiny_model(1, num_hidden_layers=1)))
+    else:  # mixed acceptance lengths (or every draft right), with a draft model whose cache must follow
+        drafter = OracleDrafter(plain_greedy(target, PROMPT, new + 8), 1.0 if kind == "all accepted" else 0.6, 256,
+                                seed=1, draft=ModelDrafter(tiny_model(1, num_hidden_layers=1)))
     gen = SpeculativeGenerator(target, drafter, PROMPT.shape[1] + new, SpeculativeConfig(4), mode="eager")
     out = gen.generate(PROMPT, SamplingParams(max_new_tokens=new))
     stats = out.stats
-    assert 0 < stats.proposed and stats.accepted < stats.proposed or kind == "self"
+    if kind == "all accepted":  # each round after the first starts with the draft's 2-token catch-up step
+        assert stats.accepted == stats.proposed > 0
+    else:
+        assert 0 < stats.proposed and stats.accepted < stats.proposed or kind == "self"
     context = PROMPT[0].tolist() + out.token_ids[0].tolist()
     # Target: every token but the last one generated has been fed (the last is the next round's input).
     valid = len(context) - 1
     assert_cache_prefix_equal(gen.runner.cache, fresh_cache(target, context[:valid], gen.runner.cache.max_seq_len), valid)
     # Draft: its counter says how many context tokens its cache holds; those must be right.
-    model_drafter = drafter.draft if kind == "oracle+model" else drafter
+    model_drafter = drafter.draft if kind in ("oracle+model", "all accepted") else drafter
     # At most one round behind; or ahead when max_new_tokens cut the last round's accepted drafts off.
     assert model_drafter.cached_len >= len(context) - 1 - 4
     n = min(model_drafter.cached_len, len(context))

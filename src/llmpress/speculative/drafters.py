@@ -76,6 +76,7 @@ class ModelDrafter(Drafter):
 
     def warmup(self):
         self.runner.step_fn(1)
+        self.runner.step_fn(2)  # the catch-up step after a round whose drafts were all accepted
 
     def start(self, prompt_ids):
         # The whole prompt goes in now; the first generated token is fed at the first proposal.
@@ -91,9 +92,9 @@ class ModelDrafter(Drafter):
         cost (OracleDrafter: the draft model's cache then follows the tokens actually proposed)."""
         pending = context[self.cached_len:]  # 1 token, or 2 after a round where every draft was accepted
         assert pending, "propose called without a new token"
-        pending_ids = torch.tensor([pending], device=self.device)
-        for j in range(len(pending)):
-            logits = self.runner.step(pending_ids[:, j:j + 1], self.cached_len + j)[:, -1]
+        # Both pending tokens in one step, not two: batch-1 decode is bound by reading the weights, which a 2-token
+        # step reads once, so a fully accepted round costs the draft little more than any other round.
+        logits = self.runner.step(torch.tensor([pending], device=self.device), self.cached_len)[:, -1]
         tokens, probs = [], []
         for i in range(k):
             if params.greedy:
