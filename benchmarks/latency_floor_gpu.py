@@ -120,8 +120,9 @@ def main() -> int:
                         help="with --sweep-configs: fp32 x without triton_int4_accumulate.X_F32_MAX_REGISTERS")
     args = parser.parse_args()
     if args.arch != "llama-3.2-3b":
+        shapes = shapes_of(args.arch)
         SHAPES.clear()
-        SHAPES.update(shapes_of(args.arch))
+        SHAPES.update(shapes)
     reductions = args.reductions.split(",")
     assert "last" in reductions and set(reductions) <= {"last", "none", "atomic"}, reductions
     if not torch.cuda.is_available():

@@ -106,16 +106,17 @@ def run_speculative(target, drafter, prompt, new_tokens, k, mode, repeats=0, imp
     return first.token_ids[0].tolist(), rate, stats
 
 
-def catch_up_check(model, prompt) -> dict:
+def catch_up_check(model, prompt, mode: str) -> dict:
     """A drafter's catch-up step (the two tokens a fully accepted round leaves, in one step: ModelDrafter.run)
-    against the same two tokens in two one-token steps, eagerly over two caches: the last logits' relative
-    difference and whether their argmax agree (the oracle's forced tokens would hide a wrong draft)."""
+    against the same two tokens in two one-token steps, over two caches: the last logits' relative difference and
+    whether their argmax agree (the oracle's forced tokens would hide a wrong draft). `mode` eager or graph: the
+    decode layouts it sets up (fused or not) are those that later steps of another mode then find."""
     from llmpress.speculative.steps import CachedModel
     pair = prompt[:, -2:]
     runs = []
     with torch.inference_mode():
         for chunks in ([pair], [pair[:, :1], pair[:, 1:]]):
-            runner = CachedModel(model, prompt.shape[1] + 4, "eager")
+            runner = CachedModel(model, prompt.shape[1] + 4, mode)
             runner.prefill(prompt[:, :-2])
             for j, chunk in enumerate(chunks):
                 logits = runner.step(chunk, prompt.shape[1] - 2 + j)[0, -1].float()
@@ -258,7 +259,7 @@ def main() -> int:
         if args.pdl_rows is not None:
             import llmpress.kernels.triton_int4_frag as frag
             frag.PDL_MAX_ROWS = args.pdl_rows
-        checks["int4_draft_catch_up"] = catch_up_check(draft4, prompt)
+        checks["int4_draft_catch_up"] = catch_up_check(draft4, prompt, "eager" if args.mode == "eager" else "graph")
         log(f"int4 draft's 2-token catch-up step against two 1-token steps: {checks['int4_draft_catch_up']}")
         reference4, plain4 = time_plain(target4, prompt, args.new_tokens + spare, args.mode, args.repeats)
         rows.append({"config": "plain int4 target", "tokens_per_s": plain4, "speedup": plain4 / plain_rate})
