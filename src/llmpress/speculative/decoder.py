@@ -25,7 +25,7 @@ from llmpress.generation.generator import GenerationOutput, synchronize
 from llmpress.generation.sampling import SamplingParams, processed_logits, sample_next_token
 from llmpress.model import LlamaForCausalLM
 from llmpress.speculative.drafters import Drafter
-from llmpress.speculative.steps import CachedModel
+from llmpress.speculative.steps import CachedModel, ids_on
 from llmpress.speculative.verify import greedy_accept, speculative_sample
 
 
@@ -56,6 +56,28 @@ def next_k(k: int, proposed: int, accepted: int, max_k: int) -> int:
     if 2 * accepted < proposed:
         return max(k - 1, 1)
     return k
+
+
+class RoundClock:
+    """Marks between a round's drafting and verifying. On CUDA they are events on the stream, read once the round
+    has ended on the host anyway (the acceptance reads its result), so that timing the two parts does not make the
+    host wait for the drafts before it queues the verify step; elsewhere, the wall clock."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start, end) -> float:
+        if not self.cuda:
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
 
 
 @dataclass
@@ -150,6 +172,7 @@ class SpeculativeGenerator:
         stops = set() if params.ignore_eos else set(stop_token_ids)
         generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
         stats, k, max_k = SpeculativeStats(), self.config.num_speculative_tokens, self.config.max_speculative_tokens
+        clock = RoundClock(device)
 
         synchronize(device)
         start = time.perf_counter()
@@ -166,23 +189,22 @@ class SpeculativeGenerator:
         finished = out[0] in stops
         context.append(out[0])
         while not finished and len(out) < params.max_new_tokens:
-            t0 = time.perf_counter()
+            t0 = clock.mark()
             draft = self.drafter.propose(context, k, params, generator)
             n = draft.tokens.shape[0]
             assert n <= k, (n, k)
-            synchronize(device)
-            t1 = time.perf_counter()
-            verify_ids = torch.cat([torch.tensor(context[-1:], device=device), draft.tokens])[None]
+            t1 = clock.mark()
+            verify_ids = torch.cat([ids_on(context[-1:], device), draft.tokens])[None]
             target_logits = self.runner.step(verify_ids, len(context) - 1)[0]  # [n+1, V]
             num_accepted, new_tokens = self._accept(target_logits, context, draft, params, generator)
             self.drafter.accept(num_accepted)
-            t2 = time.perf_counter()  # the acceptance read its result on the host: the GPU is done
+            t2 = clock.mark()  # the acceptance read its result on the host: the GPU is done
             stats.rounds += 1
             stats.proposed += n
             stats.accepted += num_accepted
             stats.emitted += len(new_tokens)
-            stats.draft_s += t1 - t0
-            stats.verify_s += t2 - t1
+            stats.draft_s += clock.seconds(t0, t1)
+            stats.verify_s += clock.seconds(t1, t2)
             stats.k_per_round.append(k)
             for token in new_tokens:  # plain decoding's stopping rules, token by token
                 out.append(token)

@@ -25,7 +25,7 @@ from torch import nn
 from llmpress.errors import LlmpressError
 from llmpress.generation.sampling import SamplingParams, probabilities
 from llmpress.model import LlamaForCausalLM
-from llmpress.speculative.steps import CachedModel
+from llmpress.speculative.steps import CachedModel, ids_on
 
 
 @dataclass
@@ -94,7 +94,7 @@ class ModelDrafter(Drafter):
         assert pending, "propose called without a new token"
         # Both pending tokens in one step, not two: batch-1 decode is bound by reading the weights, which a 2-token
         # step reads once, so a fully accepted round costs the draft little more than any other round.
-        logits = self.runner.step(torch.tensor([pending], device=self.device), self.cached_len)[:, -1]
+        logits = self.runner.step(ids_on(pending, self.device)[None], self.cached_len)[:, -1]
         tokens, probs = [], []
         for i in range(k):
             if params.greedy:
@@ -178,7 +178,7 @@ class NGramDrafter(Drafter):
         return []
 
     def propose(self, context, k, params, generator):
-        return Draft(torch.tensor(self.lookup(context, k), dtype=torch.long, device=self.device))
+        return Draft(ids_on(self.lookup(context, k), self.device))
 
 
 class OracleDrafter(Drafter):
@@ -221,7 +221,7 @@ class OracleDrafter(Drafter):
                 wrong = self.rng.randrange(self.vocab_size - 1)
                 true = wrong + 1 if true is not None and wrong >= true else wrong  # uniform over the other tokens
             tokens.append(true)
-        tokens = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        tokens = ids_on(tokens, self.device)
         if self.draft is not None:
             self.draft.run(context, k, params, generator, forced=tokens)
         return Draft(tokens)

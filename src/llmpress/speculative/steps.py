@@ -21,6 +21,23 @@ from llmpress.model import StaticKVCache
 from llmpress.quant.linear import use_decode_layouts
 
 
+def ids_on(ids: list[int], device: torch.device) -> torch.Tensor:
+    """Token ids [len(ids)] on `device` without a stream sync: a plain host-to-GPU copy waits for every kernel
+    queued before it, which would stall a round's drafting and verifying behind each other."""
+    return torch.tensor(ids, dtype=torch.long).to(device, non_blocking=True)
+
+
+# Each step length is its own compiled graph of one function (and each model's steps share it), more than dynamo's
+# default of 8 recompilations allows with adaptive draft lengths or several generators in one process.
+RECOMPILE_LIMIT = 64
+
+
+def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    setattr(config, name, max(getattr(config, name), limit))
+
+
 def resolve_mode(mode: str, device: torch.device) -> str:
     """`auto` -> compile on CUDA, eager elsewhere; graph modes refused off CUDA (as Generator does)."""
     if mode not in DECODE_MODES:
@@ -81,6 +98,7 @@ class CachedModel:
         fn = self._forward_all
         if self.mode == "compile":
             if self._compiled is None:  # one compiled callable; each length is its own (static-shape) graph
+                allow_recompiles()
                 self._compiled = torch.compile(self._forward_all, fullgraph=True, dynamic=False,
                                                options={"coordinate_descent_tuning": True, "triton.cudagraphs": False})
             fn = self._compiled
