@@ -244,7 +244,10 @@ def time_replays(fn, n: int = 60) -> float:
     return statistics.median(times)
 
 
-def part_timing(profile_too: bool, mode: str) -> dict:
+def part_timing(profile_too: bool, mode: str, pdl_rows: int | None = None) -> dict:
+    """The steps' times; with pdl_rows, the accumulating verify steps again with the products of up to that many
+    rows launched under PDL (triton_int4_frag.PDL_MAX_ROWS, 1 by default)."""
+    import llmpress.kernels.triton_int4_frag as frag
     from llmpress.speculative.steps import CachedModel
     set_flags()
     model = int4_target(None)
@@ -253,9 +256,15 @@ def part_timing(profile_too: bool, mode: str) -> dict:
     res = {}
     with torch.inference_mode():
         runner.prefill(ids)
-        for name, m, rows, triton_attention in (("one token", 1, False, False), ("verify 6, plain", 6, False, False),
-                                                ("verify 6, accumulating", 6, True, False),
-                                                ("verify 6, accumulating, Triton attention", 6, True, True)):
+        variants = [("one token", 1, False, False, 1), ("verify 6, plain", 6, False, False, 1),
+                    ("verify 6, accumulating", 6, True, False, 1),
+                    ("verify 6, accumulating, Triton attention", 6, True, True, 1),
+                    ("verify 3, accumulating, Triton attention", 3, True, True, 1)]
+        if pdl_rows:
+            variants += [(f"verify {m}, accumulating, Triton attention, PDL to {pdl_rows} rows", m, True, True,
+                          pdl_rows) for m in (3, 6)]
+        for name, m, rows, triton_attention, pdl in variants:
+            frag.PDL_MAX_ROWS = pdl
             step = fresh_step(runner, m, rows, triton_attention)
             tokens, positions = ids[:, 100:100 + m], torch.arange(200, 200 + m, device="cuda")
             fn = lambda: step(tokens, positions)  # noqa: E731
@@ -266,6 +275,7 @@ def part_timing(profile_too: bool, mode: str) -> dict:
                 for r in res[name]["kernels"]:
                     print(f"   {r['us_per_step']:8.1f} us  {r['launches_per_step']:6.1f}x  {r['kernel']}")
         switches(*DEFAULTS)
+        frag.PDL_MAX_ROWS = 1
     return res
 
 
@@ -276,6 +286,9 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--mode", default="graph", help="the timed steps' mode: graph or compile")
+    parser.add_argument("--pdl-rows", type=int, default=None,
+                        help="timing: the accumulating verify steps also under PDL up to this many rows; logits: all "
+                             "steps with it (triton_int4_frag.PDL_MAX_ROWS)")
     parser.add_argument("--out", default="benchmarks/results/verify_probe_h200.json")
     args = parser.parse_args()
     parts = args.parts.split(",")
@@ -283,13 +296,17 @@ def main() -> int:
     if "swiglu" in parts:
         result["swiglu"] = part_swiglu(args.trials)
     if "logits" in parts:
+        import llmpress.kernels.triton_int4_frag as frag
+        frag.PDL_MAX_ROWS = args.pdl_rows or 1
         result["verify_logits"] = part_verify_logits(args.layers, args.mode)
+        result["verify_logits_pdl_max_rows"] = frag.PDL_MAX_ROWS
+        frag.PDL_MAX_ROWS = 1
     if "determinism" in parts:
         result["determinism"] = part_determinism(args.mode)
     if "speculative" in parts:
         result["speculative"] = part_speculative(args.layers, args.mode)
     if "timing" in parts:
-        result["timing"] = part_timing(not args.no_profile, args.mode)
+        result["timing"] = part_timing(not args.no_profile, args.mode, args.pdl_rows)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print("wrote", args.out)

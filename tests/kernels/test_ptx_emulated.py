@@ -75,11 +75,11 @@ def test_accumulating_product_adds_w_x_into_fp32(tile, rows, x_dtype, norm, norm
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_default_tiles_of_the_3b_and_1b_shapes(dtype, emulated_accumulate):
-    """The tiles the accumulating decode picks for the 3B's o and down (CONFIGS) and the 1B's q|k|v (the default
-    tile with two groups a warp), at one row of fp32 x, in both activation dtypes."""
+    """The tiles the accumulating decode picks (CONFIGS) for the 3B's o and down and the 1B's q|k|v, o and down
+    (eight warps of two row tiles, one group a warp, ...), at one row of fp32 x, in both activation dtypes."""
     import llmpress.kernels.triton_int4_accumulate as accumulate
     torch.manual_seed(0)
-    for K, N in [(3072, 3072), (8192, 3072), (2048, 3072)]:
+    for K, N in [(3072, 3072), (8192, 3072), (2048, 3072), (2048, 2048), (8192, 2048)]:
         weights, dense = fragments(K, N, 128, dtype)
         x = torch.randn(1, K)
         norm_weight = (torch.rand(K) + 0.5).to(dtype)

@@ -36,7 +36,13 @@ X_F32_MAX_REGISTERS: int | None = 128  # None: no cap (latency_floor_gpu.py --sw
 # on (4, 1, 2) against 2.50 on the default (4, 2, 1), down 5.40 on (4, 2, 2) against 6.27; q|k|v and gate|up keep
 # (4, 1, 4). 3B decode with these against the defaults, one run (int4_gpu.py --variants bf16,int4-tc-only-acc+head,
 # int4-tc-only-acc-tuned+head --accumulate-configs, results/int4_h200_acc_tuned.*): 985.5 against 967.3 tok/s.
-CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {(3072, 24): (4, 1, 2), (3072, 64): (4, 2, 2)}
+# The 1B's four products, swept the same way (latency_floor_gpu.py --arch llama-3.2-1b --sweep-configs,
+# results/latency_floor_sweep_1b_h200.*): 1B decode 2103.1 / 2105.2 against 1983.2 / 1975.8 tok/s on the defaults
+# (int4_gpu.py ... int4-tc-only-acc-s11-tuned+head, results/int4_h200_s14.*; the 3B's products have other (N, G)).
+CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
+    (3072, 24): (4, 1, 2), (3072, 64): (4, 2, 2),  # Llama-3.2-3B: o, down
+    # Llama-3.2-1B: q|k|v, o, gate|up, down
+    (3072, 16): (8, 1, 2), (2048, 16): (4, 1, 1), (16384, 16): (4, 1, 4), (2048, 64): (4, 2, 2)}
 
 
 def tile_config(N: int, G: int, M: int = 1, must_fit: bool = True) -> tuple[int, int, int] | None:
