@@ -59,12 +59,12 @@ def next_k(k: int, proposed: int, accepted: int, max_k: int) -> int:
 
 
 class RoundClock:
-    """Spans of a round's drafting and verifying. On CUDA the marks are events on the stream, read only when the
-    generation has ended, so that timing the two parts makes the host wait for neither; elsewhere, the wall clock."""
+    """Marks between a round's drafting and verifying. On CUDA they are events on the stream, read once the round
+    has ended on the host anyway (the acceptance reads its result), so that timing the two parts does not make the
+    host wait for the drafts before it queues the verify step; elsewhere, the wall clock."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.spans: dict[str, list] = {}
 
     def mark(self):
         if not self.cuda:
@@ -73,16 +73,11 @@ class RoundClock:
         event.record()
         return event
 
-    def add(self, name: str, start, end) -> None:
-        self.spans.setdefault(name, []).append((start, end))
-
-    def seconds(self, name: str) -> float:
-        spans = self.spans.get(name, [])
+    def seconds(self, start, end) -> float:
         if not self.cuda:
-            return sum(end - start for start, end in spans)
-        if spans:
-            spans[-1][1].synchronize()  # the last mark: every earlier one has been reached too
-        return sum(start.elapsed_time(end) for start, end in spans) / 1e3
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
 
 
 @dataclass
@@ -208,8 +203,8 @@ class SpeculativeGenerator:
             stats.proposed += n
             stats.accepted += num_accepted
             stats.emitted += len(new_tokens)
-            clock.add("draft", t0, t1)
-            clock.add("verify", t1, t2)
+            stats.draft_s += clock.seconds(t0, t1)
+            stats.verify_s += clock.seconds(t1, t2)
             stats.k_per_round.append(k)
             for token in new_tokens:  # plain decoding's stopping rules, token by token
                 out.append(token)
@@ -223,7 +218,6 @@ class SpeculativeGenerator:
                 k = next_k(k, n, num_accepted, max_k)
         synchronize(device)
         end = time.perf_counter()
-        stats.draft_s, stats.verify_s = clock.seconds("draft"), clock.seconds("verify")
         stopped = out[-1] in stops
         return SpeculativeOutput(torch.tensor([out]), [len(out)], T, prefill_s=first_token_at - start,
                                  decode_s=end - first_token_at, finish_reasons=["stop" if stopped else "length"],
@@ -232,8 +226,6 @@ class SpeculativeGenerator:
     def _accept(self, target_logits: torch.Tensor, context: list[int], draft, params: SamplingParams,
                 generator) -> tuple[int, list[int]]:
         """target_logits: [n+1, V] after context[-1] and after each draft token."""
-        if params.greedy and params.repetition_penalty == 1:  # a float copy of the logits would change no argmax
-            return greedy_accept(target_logits.argmax(dim=-1), draft.tokens)
         n = draft.tokens.shape[0]
         seen = None
         if params.repetition_penalty != 1:
