@@ -92,8 +92,8 @@ class ModelDrafter(Drafter):
         cost (OracleDrafter: the draft model's cache then follows the tokens actually proposed)."""
         pending = context[self.cached_len:]  # 1 token, or 2 after a round where every draft was accepted
         assert pending, "propose called without a new token"
-        # Both pending tokens in one step, not two: batch-1 decode is bound by reading the weights, which a 2-token
-        # step reads once, so a fully accepted round costs the draft little more than any other round.
+        # Both pending tokens in one step, not two: batch-1 decode is bound by reading the weights, and a 2-token
+        # step reads them once, as a 1-token step does.
         logits = self.runner.step(ids_on(pending, self.device)[None], self.cached_len)[:, -1]
         tokens, probs = [], []
         for i in range(k):

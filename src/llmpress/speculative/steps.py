@@ -22,8 +22,9 @@ from llmpress.quant.linear import use_decode_layouts
 
 
 def ids_on(ids: list[int], device: torch.device) -> torch.Tensor:
-    """Token ids [len(ids)] on `device` without a stream sync: a plain host-to-GPU copy waits for every kernel
-    queued before it, which would stall a round's drafting and verifying behind each other."""
+    """Token ids [len(ids)] on `device` without a stream sync: a blocking host-to-GPU copy makes the host wait for
+    every kernel queued before it, so it could not queue a round's verify step while the drafts still run. (From
+    pageable memory the driver stages the ids before the call returns, so the list may go.)"""
     return torch.tensor(ids, dtype=torch.long).to(device, non_blocking=True)
 
 
