@@ -231,16 +231,16 @@ def main() -> int:
     parser.add_argument("--profile", default="", help="comma-separated variants whose decode step's kernels are printed")
     parser.add_argument("--accumulate-configs", default=None, metavar="JSON",
                         help="the tiles of variants int4-tc-only-acc-tuned+head, int4-tc-only-acc-s11b-tuned+head and "
-                             "int4-tc-only-acc-s11-tuned+head (the last two beside triton_int4_accumulate.CONFIGS): latency_floor_gpu.py --sweep-configs")
+                             "int4-tc-only-acc-s11-tuned+head (the last two beside triton_int4_accumulate.CONFIGS): "
+                             "latency_floor_gpu.py --sweep-configs")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("this benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
     if args.accumulate_configs:
-        import json
-        with open(args.accumulate_configs) as f:
-            tuned = {tuple(int(v) for v in key.split(",")): tuple(c) for key, c in json.load(f).items()}
+        from latency_floor_gpu import read_sweep_configs  # benchmarks/
+        tuned = read_sweep_configs(args.accumulate_configs)
         STEP_VARIANTS["int4-tc-only-acc-tuned+head"]["acc_configs"] = tuned
         for label in ("int4-tc-only-acc-s11b-tuned+head", "int4-tc-only-acc-s11-tuned+head"):
             STEP_VARIANTS[label]["acc_configs"] = {**accumulate_module.CONFIGS, **tuned}

@@ -107,6 +107,13 @@ def sweep_configs(report: dict, args) -> int:
     return 0
 
 
+def read_sweep_configs(path: str) -> dict[tuple[int, int], tuple[int, int, int]]:
+    """The tiles sweep_configs wrote to `path`, keyed as triton_int4_accumulate.CONFIGS is: (N, G) -> tile."""
+    import json
+    with open(path) as f:
+        return {tuple(int(v) for v in key.split(",")): tuple(tile) for key, tile in json.load(f).items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)

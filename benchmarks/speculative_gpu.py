@@ -250,11 +250,9 @@ def main() -> int:
         ops.int4_tensor_core_swiglu = args.int4_tensor_cores and args.int4_swiglu
         ops.int4_tensor_core_max_rows = ops.FRAG_MAX_M if args.int4_tensor_cores else 1  # the verify step's k + 1 rows too
         if args.accumulate_configs:
-            import json
             import llmpress.kernels.triton_int4_accumulate as accumulate
-            with open(args.accumulate_configs) as f:
-                tuned = json.load(f)
-            accumulate.CONFIGS.update({tuple(int(v) for v in key.split(",")): tuple(c) for key, c in tuned.items()})
+            from latency_floor_gpu import read_sweep_configs  # benchmarks/
+            accumulate.CONFIGS.update(read_sweep_configs(args.accumulate_configs))
             log(f"accumulating tiles: {accumulate.CONFIGS}")
         if args.pdl_rows is not None:
             import llmpress.kernels.triton_int4_frag as frag
