@@ -90,12 +90,19 @@ class ImposedAcceptanceGenerator(SpeculativeGenerator):
         kept = common_prefix(draft.tokens.tolist(), truth)
         return kept, truth[:kept + 1]
 
+    def _keep_on_device(self, drafts, target_tokens, length):
+        # The same rule on the device rounds' tensors; target_tokens (the verify's argmax) is computed all the same.
+        truth = self.drafter.reference_on_device(length, drafts.shape[0] + 1)
+        return (truth[:-1] == drafts).long().cumprod(0).sum(), truth
 
-def run_speculative(target, drafter, prompt, new_tokens, k, mode, repeats=0, imposed=False):
+
+def run_speculative(target, drafter, prompt, new_tokens, k, mode, repeats=0, imposed=False, device_rounds=None):
     """One SpeculativeGenerator (ImposedAcceptanceGenerator with `imposed`): the first run's tokens, plus the
-    median decode tok/s and merged stats of `repeats` further timed runs (none: only the tokens)."""
+    median decode tok/s and merged stats of `repeats` further timed runs (none: only the tokens).
+    device_rounds: SpeculativeConfig's (None: the generator's default, on in the graph modes)."""
     cls = ImposedAcceptanceGenerator if imposed else SpeculativeGenerator
-    gen = cls(target, drafter, prompt.shape[1] + new_tokens, SpeculativeConfig(k), mode=mode)
+    config = SpeculativeConfig(k, device_rounds=device_rounds)
+    gen = cls(target, drafter, prompt.shape[1] + new_tokens, config, mode=mode)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     first = gen.generate(prompt, params)
     runs = [gen.generate(prompt, params) for _ in range(repeats)]
@@ -137,18 +144,20 @@ def oracle_row(label, target, draft_model, reference, alpha, prompt, args, plain
     if imposed:
         oracle = OracleDrafter(reference, alpha, vocab, seed=args.seed, draft=ModelDrafter(draft_model))
         _, rate, stats = run_speculative(target, oracle, prompt, args.new_tokens, k, args.mode, args.repeats,
-                                         imposed=True)
+                                         imposed=True, device_rounds=args.device_rounds)
         return {"config": label, "alpha": alpha, "k": k, "tokens_per_s": rate, "speedup": rate / plain_rate,
                 "acceptance_imposed": True, **stats.to_dict()}
     for passes in range(1, args.max_passes + 1):
         oracle = OracleDrafter(reference, alpha, vocab, seed=args.seed, draft=ModelDrafter(draft_model))
-        tokens, _, _ = run_speculative(target, oracle, prompt, args.new_tokens, k, args.mode)
+        tokens, _, _ = run_speculative(target, oracle, prompt, args.new_tokens, k, args.mode,
+                                       device_rounds=args.device_rounds)
         consistent = tokens == reference[:args.new_tokens]
         if consistent:
             break
         reference = tokens + reference[len(tokens):]  # past the end: the oracle only needs k spare tokens
     oracle = OracleDrafter(reference, alpha, vocab, seed=args.seed, draft=ModelDrafter(draft_model))
-    _, rate, stats = run_speculative(target, oracle, prompt, args.new_tokens, k, args.mode, args.repeats)
+    _, rate, stats = run_speculative(target, oracle, prompt, args.new_tokens, k, args.mode, args.repeats,
+                                     device_rounds=args.device_rounds)
     return {"config": label, "alpha": alpha, "k": k, "tokens_per_s": rate, "speedup": rate / plain_rate,
             "oracle_passes": passes, "oracle_consistent": consistent, **stats.to_dict()}
 
@@ -200,8 +209,13 @@ def main() -> int:
     parser.add_argument("--accumulate-configs", default=None, metavar="JSON",
                         help="int4 rows: these accumulating-product tiles beside triton_int4_accumulate.CONFIGS "
                              "(latency_floor_gpu.py --sweep-configs writes them, for the 1B say)")
+    parser.add_argument("--rounds", choices=("device", "host", "both"), default="device",
+                        help="speculative rows with greedy rounds on the device (device_rounds.py), driven by the host "
+                             "(a sync a round, as before session 15), or both (int4 rows: one each; others: device)")
     parser.add_argument("--out", default="benchmarks/results/speculative_h100.json")
     args = parser.parse_args()
+    round_kinds = {"device": [True], "host": [False], "both": [True, False]}[args.rounds]
+    args.device_rounds = round_kinds[0]
     int4_ks = [int(k) for k in args.int4_ks.split(",")] if args.int4_ks else [args.k]
     ops.triton_verify_attention = args.triton_verify_attention
     device = torch.device(args.device)
@@ -227,12 +241,12 @@ def main() -> int:
         args.alphas = ""
     else:
         tokens, rate, stats = run_speculative(target, ModelDrafter(draft), prompt, args.new_tokens, args.k, args.mode,
-                                              args.repeats)
+                                              args.repeats, device_rounds=args.device_rounds)
         checks["real_draft_matching_tokens"] = common_prefix(tokens, reference)
         rows.append({"config": "random 1B draft (real)", "k": args.k, "tokens_per_s": rate, "speedup": rate / plain_rate,
                      **stats.to_dict()})
         tokens, _, _ = run_speculative(target, OracleDrafter(reference, 1.0, vocab), prompt, args.new_tokens, args.k,
-                                       args.mode)
+                                       args.mode, device_rounds=args.device_rounds)
         checks["oracle_alpha1_matching_tokens"] = common_prefix(tokens, reference)
         checks["new_tokens"] = args.new_tokens
         checks["lossless"] = checks["real_draft_matching_tokens"] == checks["oracle_alpha1_matching_tokens"] == args.new_tokens
@@ -268,6 +282,16 @@ def main() -> int:
             rows.append(row)
             return row
         default_rows = ops.int4_accumulate_rows
+        if args.rounds == "both":  # device rounds against host rounds on a real (greedy) draft, plain verify
+            ops.int4_accumulate_rows = False
+            torch._dynamo.reset()
+            n = min(64, args.new_tokens)
+            runs = {rounds: run_speculative(target4, ModelDrafter(draft4), prompt, n, int4_ks[0], args.mode,
+                                            device_rounds=rounds)[0] for rounds in (True, False)}
+            checks["int4_real_draft_device_vs_host_rounds"] = {
+                "new_tokens": n, "device_vs_host": common_prefix(runs[True], runs[False]),
+                "device_vs_plain": common_prefix(runs[True], reference4), "host_vs_plain": common_prefix(runs[False], reference4)}
+            log(f"int4 real draft, matching tokens: {checks['int4_real_draft_device_vs_host_rounds']}")
         verifies = {"default": [default_rows], "plain": [False], "accumulating": [True], "both": [False, True]}
         # without tensor-core fragments the accumulating decode does not apply: the layers as written
         for accumulating in verifies[args.int4_verify] if args.int4_tensor_cores else [False]:
@@ -278,9 +302,11 @@ def main() -> int:
             for imposed in ([False, True] if args.imposed_check and not accumulating else [accumulating]):
                 suffix = (", accumulating verify" if accumulating else "") + (", acceptance imposed" if imposed else "")
                 for k in int4_ks:
-                    row = int4_row(suffix, imposed, k)
-                    log(f"int4: plain {plain4:.1f} tok/s, speculative k={k}{suffix} {row['tokens_per_s']:.1f} tok/s, "
-                        f"acceptance {row['acceptance_rate']:.2f}")
+                    for args.device_rounds in round_kinds:
+                        where = ", device rounds" if args.device_rounds else ", host rounds"
+                        row = int4_row(suffix + where, imposed, k)
+                        log(f"int4: plain {plain4:.1f} tok/s, speculative k={k}{suffix}{where} "
+                            f"{row['tokens_per_s']:.1f} tok/s, acceptance {row['acceptance_rate']:.2f}")
         ops.int4_accumulate_rows = default_rows
     from llmpress.bench.roofline import device_name
     result = {"target": args.arch.split(",")[0], "draft": args.arch.split(",")[-1], "device": device_name(device),
@@ -290,7 +316,7 @@ def main() -> int:
               "int4_tensor_cores": args.int4_tensor_cores, "int4_fragments_only": ops.int4_fragments_only,
               "int4_fold_rows": ops.int4_tensor_core_fold_rows, "int4_swiglu": ops.int4_tensor_core_swiglu,
               "int4_pdl_rows": args.pdl_rows, "triton_verify_attention": args.triton_verify_attention,
-              "int4_verify": args.int4_verify, "accumulate_configs": args.accumulate_configs, "checks": checks,
+              "int4_verify": args.int4_verify, "rounds": args.rounds, "accumulate_configs": args.accumulate_configs, "checks": checks,
               "rows": rows, "seconds": round(time.perf_counter() - started, 1), "date": date.today().isoformat(),
               "torch": torch.__version__, "python": platform.python_version(), "command": " ".join(sys.argv)}
     print(format_table(result))

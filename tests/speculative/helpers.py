@@ -8,6 +8,9 @@ from llmpress.generation import Generator, SamplingParams
 from llmpress.model import LlamaForCausalLM
 from tests.conftest import tiny_config
 
+NEW = 40  # tokens the greedy-equivalence tests generate
+PROMPT = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+
 
 def tiny_model(seed: int, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)

@@ -1,38 +1,13 @@
 """Greedy speculative decoding emits exactly plain greedy decoding's tokens, for every drafter and k."""
 
 import pytest
-import torch
 
 from llmpress.errors import LlmpressError
 from llmpress.generation import SamplingParams
 from llmpress.speculative import (ModelDrafter, NGramDrafter, OracleDrafter, SelfSpeculativeDrafter,
                                   SpeculativeConfig, SpeculativeGenerator)
 from llmpress.speculative.decoder import next_k
-from tests.speculative.helpers import loaded, plain_greedy, tiny_model
-
-NEW = 40
-PROMPT = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(scope="module")
-def target():
-    return tiny_model(0, num_hidden_layers=3)
-
-
-@pytest.fixture(scope="module")
-def reference(target):
-    # NEW + 8 tokens: the oracle always has a right answer, even for the last round's drafts.
-    return plain_greedy(target, PROMPT, NEW + 8)
-
-
-@pytest.fixture(scope="module")
-def int4_target(target):
-    from llmpress.commands.quantize import quantized_copy
-    from llmpress.quant.linear import QuantLinear
-    from llmpress.quant.scheme import QuantScheme
-    copy = quantized_copy(loaded(target), "rtn", QuantScheme(bits=4, group_size=32)).model
-    assert any(isinstance(m, QuantLinear) for m in copy.modules())
-    return copy
+from tests.speculative.helpers import NEW, PROMPT, plain_greedy, tiny_model
 
 
 def make_drafter(kind: str, target, reference, int4_target):

@@ -24,6 +24,7 @@ from llmpress.errors import LlmpressError
 from llmpress.generation.generator import GenerationOutput, synchronize
 from llmpress.generation.sampling import SamplingParams, processed_logits, sample_next_token
 from llmpress.model import LlamaForCausalLM
+from llmpress.speculative.device_rounds import DeviceRounds, greedy_keep
 from llmpress.speculative.drafters import Drafter
 from llmpress.speculative.steps import CachedModel, ids_on
 from llmpress.speculative.verify import greedy_accept, speculative_sample
@@ -34,6 +35,9 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 5  # k: drafts per round (the starting k when adaptive)
     adaptive: bool = False
     max_speculative_tokens: int | None = None  # adaptive ceiling (default 2k, at least 8)
+    # Greedy rounds on the device, queued ahead of the host (device_rounds.py): None = in the CUDA graph modes
+    # whenever the drafter can (a model, self:N, the oracle) and k is fixed; True also in eager mode (tests).
+    device_rounds: bool | None = None
 
     def __post_init__(self):
         if self.num_speculative_tokens < 1:
@@ -143,9 +147,22 @@ class SpeculativeGenerator:
         self.runner = CachedModel(target, max_seq_len + max_k, mode, scratch=max_k + 1)
         self.mode = self.runner.mode
         drafter.bind(target.device, max_seq_len + max_k, self.mode, max_k)
+        wanted = self.config.device_rounds
+        if wanted and (self.config.adaptive or not drafter.on_device):
+            raise LlmpressError(f"device rounds need a fixed k and a model, self:N or oracle drafter, not "
+                                f"{'adaptive k' if self.config.adaptive else drafter.name}; drop the device-rounds option.")
+        self.use_device_rounds = (self.mode != "eager" if wanted is None else wanted) and drafter.on_device \
+            and not self.config.adaptive
+        self.rounds = None  # DeviceRounds, built (captured) at warmup
 
     def warmup(self) -> None:
         """Compile and capture every step this configuration can run, so that timings exclude it."""
+        if self.use_device_rounds:
+            # Greedy rounds need nothing else; a sampled generation captures its steps when it first runs them.
+            if self.rounds is None:
+                self.rounds = DeviceRounds(self.runner, self.drafter, self.config.num_speculative_tokens,
+                                           keep=self._keep_on_device)
+            return
         if self.mode == "eager":
             return
         cfg = self.config
@@ -188,6 +205,10 @@ class SpeculativeGenerator:
             on_token(torch.tensor(out))
         finished = out[0] in stops
         context.append(out[0])
+        if self.rounds is not None and params.greedy and params.repetition_penalty == 1:
+            self.rounds.start(prompt, first)
+            self._device_rounds(out, stops, params.max_new_tokens, on_token, stats, finished)
+            finished = True
         while not finished and len(out) < params.max_new_tokens:
             t0 = clock.mark()
             draft = self.drafter.propose(context, k, params, generator)
@@ -222,6 +243,38 @@ class SpeculativeGenerator:
         return SpeculativeOutput(torch.tensor([out]), [len(out)], T, prefill_s=first_token_at - start,
                                  decode_s=end - first_token_at, finish_reasons=["stop" if stopped else "length"],
                                  stats=stats)
+
+    def _device_rounds(self, out: list[int], stops: set[int], max_new_tokens: int, on_token, stats: SpeculativeStats,
+                       finished: bool) -> None:
+        """Greedy rounds queued on the device (device_rounds.py) until a stop token or max_new_tokens; appends the
+        kept tokens to `out`. A round is queued only while the rounds in flight cannot reach max_new_tokens (each
+        keeps at most k+1 tokens), so none is wasted but after a stop token; at most two are in flight."""
+        k = self.config.num_speculative_tokens
+        in_flight = []
+        while not finished and len(out) < max_new_tokens:
+            while len(in_flight) < 2 and len(out) + (k + 1) * len(in_flight) < max_new_tokens:
+                in_flight.append(self.rounds.queue())
+            result = in_flight.pop(0).result()
+            stats.rounds += 1
+            stats.proposed += k
+            stats.accepted += result.num_accepted
+            stats.emitted += len(result.tokens)
+            stats.draft_s += result.draft_s
+            stats.verify_s += result.verify_s
+            stats.k_per_round.append(k)
+            for token in result.tokens:
+                out.append(token)
+                if on_token is not None:
+                    on_token(torch.tensor([token]))
+                if token in stops or len(out) == max_new_tokens:
+                    finished = True
+                    break
+        # Rounds still in flight (after a stop token) only wrote past the kept positions, which the next prefill
+        # or round overwrites; the caller synchronizes before reading the clock.
+
+    def _keep_on_device(self, drafts: torch.Tensor, target_tokens: torch.Tensor, length: torch.Tensor):
+        """What a device round keeps (device_rounds.Keep): greedy acceptance. A benchmark may override it."""
+        return greedy_keep(drafts, target_tokens, length)
 
     def _accept(self, target_logits: torch.Tensor, context: list[int], draft, params: SamplingParams,
                 generator) -> tuple[int, list[int]]:

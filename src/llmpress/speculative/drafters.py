@@ -40,6 +40,7 @@ class Drafter(ABC):
     name: str = "drafter"
     vocab_size: int | None = None  # checked against the target's; None: any
     fills_k: bool = False  # always proposes exactly k tokens (so only the k+1 verify shape is needed)
+    on_device: bool = False  # has propose_on_device: greedy rounds can run without the host (device_rounds.py)
 
     def bind(self, device: torch.device, max_seq_len: int, mode: str, max_k: int) -> None:
         """Allocate what the drafter needs for sequences of up to `max_seq_len` positions."""
@@ -55,6 +56,11 @@ class Drafter(ABC):
     def accept(self, num_accepted: int) -> None:
         """The target kept the first `num_accepted` tokens of the last proposal."""
 
+    def propose_on_device(self, seq: torch.Tensor, length: torch.Tensor, k: int) -> torch.Tensor:
+        """Greedy drafts [k] from device state alone (capturable: no host value may depend on the tensors).
+        seq: token ids by position; length [1]: the context length L (x_L is the newest token)."""
+        raise NotImplementedError
+
     def warmup(self) -> None:
         """Compile/capture whatever the drafter runs, so that timings exclude it."""
 
@@ -63,6 +69,7 @@ class ModelDrafter(Drafter):
     """Autoregressive drafting with a small causal LM over its own static KV cache."""
 
     fills_k = True
+    on_device = True
 
     def __init__(self, model: nn.Module, name: str = "model"):
         self.model, self.name = model, name
@@ -73,6 +80,7 @@ class ModelDrafter(Drafter):
         super().bind(device, max_seq_len, mode, max_k)
         if self.runner is None or self.runner.max_seq_len < max_seq_len or self.runner.mode != mode:
             self.runner = CachedModel(self.model, max_seq_len, mode)
+        self._pair_offsets = torch.arange(-2, 0, device=device)
 
     def warmup(self):
         self.runner.step_fn(1)
@@ -114,6 +122,21 @@ class ModelDrafter(Drafter):
     def accept(self, num_accepted):
         # Rewind: stale k/v beyond this point are hidden by the causal mask and overwritten later.
         self.cached_len = self._context_len + min(num_accepted, self._fed_drafts)
+
+    def propose_on_device(self, seq, length, k, forced: torch.Tensor | None = None):
+        """As run() for greedy drafts, but from device state: the first step always feeds x_{L-1}, x_L (one of them
+        is already cached unless the last round kept every draft; rewriting it is free in a weight-bound step), so
+        nothing depends on the last round's count. `forced` [k]: feed those tokens instead (OracleDrafter)."""
+        forward = self.runner.forward_fn()
+        positions = length + self._pair_offsets
+        logits = forward(seq[positions][None], positions)[:, -1]
+        tokens = []
+        for i in range(k):
+            token = logits.argmax(dim=-1) if forced is None else forced[i:i + 1]
+            tokens.append(token)
+            if i + 1 < k:  # d_{i+1} goes in at position L + i; the last draft is the verify step's
+                logits = forward(token[None], length + i)[:, -1]
+        return torch.cat(tokens)
 
 
 class EarlyExitModel(nn.Module):
@@ -188,6 +211,7 @@ class OracleDrafter(Drafter):
     that its cost (and its cache's rollbacks) are those of real drafting."""
 
     fills_k = True
+    on_device = True
 
     def __init__(self, reference: list[int], alpha: float, vocab_size: int, seed: int = 0,
                  draft: ModelDrafter | None = None):
@@ -201,6 +225,11 @@ class OracleDrafter(Drafter):
         super().bind(device, max_seq_len, mode, max_k)
         if self.draft is not None:
             self.draft.bind(device, max_seq_len, mode, max_k)
+        # Device rounds read the proposals from a table drawn at start(), one row per round start: static buffers,
+        # so that captured rounds see each generation's table.
+        self._table = torch.zeros(max_seq_len, max_k, dtype=torch.long, device=device)
+        self._truth = torch.zeros(max_seq_len + max_k + 1, dtype=torch.long, device=device)
+        self._prompt_len = torch.zeros(1, dtype=torch.long, device=device)
 
     def warmup(self):
         if self.draft is not None:
@@ -210,6 +239,39 @@ class OracleDrafter(Drafter):
         self.prompt_len, self.rng = len(prompt_ids), random.Random(self.seed)
         if self.draft is not None:
             self.draft.start(prompt_ids)
+        if hasattr(self, "_table"):
+            self._fill_device_tables()
+
+    def _fill_device_tables(self):
+        """Row `done` (tokens generated so far): the k proposals of a round that starts there, each the reference's
+        token with probability alpha, else another one uniformly (the host path's rule, drawn in advance)."""
+        rows, max_k = self._table.shape
+        g = torch.Generator().manual_seed(self.seed)
+        truth = torch.zeros(self._truth.shape[0], dtype=torch.long)
+        ref = torch.tensor(self.reference[:truth.shape[0]], dtype=torch.long)
+        truth[:ref.shape[0]] = ref
+        index = torch.arange(rows)[:, None] + torch.arange(max_k)
+        true = truth[index]
+        known = index < ref.shape[0]
+        wrong = torch.randint(self.vocab_size - 1, (rows, max_k), generator=g)
+        wrong = torch.where(known & (wrong >= true), wrong + 1, wrong)
+        right = known & (torch.rand(rows, max_k, generator=g) < self.alpha)
+        self._table.copy_(torch.where(right, true, wrong))
+        self._truth.copy_(truth)
+        self._prompt_len.fill_(self.prompt_len)
+
+    def propose_on_device(self, seq, length, k):
+        done = (length - self._prompt_len).clamp(0, self._table.shape[0] - 1)
+        tokens = self._table[done][0, :k]
+        if self.draft is not None:
+            self.draft.propose_on_device(seq, length, k, forced=tokens)
+        return tokens
+
+    def reference_on_device(self, length: torch.Tensor, n: int) -> torch.Tensor:
+        """The reference's next n tokens for a round starting at context length `length` (0 past its end)."""
+        done = length - self._prompt_len
+        index = (done + torch.arange(n, device=length.device)).clamp(0, self._truth.shape[0] - 1)
+        return self._truth[index]
 
     def propose(self, context, k, params, generator):
         done = len(context) - self.prompt_len

@@ -86,6 +86,18 @@ class CachedModel:
         positions = torch.arange(start, start + m, device=self.model.device)
         return self.step_fn(m)(input_ids, positions)
 
+    def forward_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """forward(ids [1, m], positions [m]) -> logits [1, m, V], uncaptured: what a caller that captures a larger
+        graph of its own calls (device_rounds.py). Compiled in `compile` mode: one compiled callable, each length
+        its own static-shape graph."""
+        if self.mode != "compile":
+            return self._forward_all
+        if self._compiled is None:
+            allow_recompiles()
+            self._compiled = torch.compile(self._forward_all, fullgraph=True, dynamic=False,
+                                           options={"coordinate_descent_tuning": True, "triton.cudagraphs": False})
+        return self._compiled
+
     def step_fn(self, m: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The m-token step for this mode, built (compiled, captured) on first use."""
         if m in self._steps:
@@ -96,13 +108,7 @@ class CachedModel:
         if m > self.scratch:
             raise LlmpressError(f"a {m}-token step needs {m} scratch slots but the cache has {self.scratch}; "
                                 "lower --num-speculative-tokens.")
-        fn = self._forward_all
-        if self.mode == "compile":
-            if self._compiled is None:  # one compiled callable; each length is its own (static-shape) graph
-                allow_recompiles()
-                self._compiled = torch.compile(self._forward_all, fullgraph=True, dynamic=False,
-                                               options={"coordinate_descent_tuning": True, "triton.cudagraphs": False})
-            fn = self._compiled
+        fn = self.forward_fn()
         total = self.max_seq_len + self.scratch
         positions = torch.arange(total - m, total, device=self.model.device)
         tokens = torch.zeros(1, m, dtype=torch.long, device=self.model.device)
