@@ -213,7 +213,13 @@ def main() -> int:
                         help="speculative rows with greedy rounds on the device (device_rounds.py), driven by the host "
                              "(a sync a round, as before session 15), or both (int4 rows: one each; others: device)")
     parser.add_argument("--out", default="benchmarks/results/speculative_h100.json")
+    parser.add_argument("--summarize", metavar="JSON", default=None,
+                        help="print the table of a result file this script wrote, and exit (no model is built)")
     args = parser.parse_args()
+    if args.summarize:
+        import json
+        print(format_table(json.loads(Path(args.summarize).read_text())))
+        return 0
     round_kinds = {"device": [True], "host": [False], "both": [True, False]}[args.rounds]
     args.device_rounds = round_kinds[0]
     int4_ks = [int(k) for k in args.int4_ks.split(",")] if args.int4_ks else [args.k]
@@ -327,8 +333,23 @@ def main() -> int:
     return 0
 
 
+def expected_tokens_per_round(alpha: float, k: int) -> float:
+    """Tokens a round yields on average when each draft is right with probability alpha, independently:
+    1 + alpha + ... + alpha^k (the accepted prefix, then the target's own token)."""
+    return sum(alpha ** i for i in range(k + 1))
+
+
+def at_expected_acceptance(row: dict) -> float | None:
+    """The row's tok/s had its rounds yielded the expected tokens at its alpha, at the round cost measured: the
+    oracle's draws over a short generation land above or below the expectation (same seed, same draws every row)."""
+    if "alpha" not in row or not row.get("tokens_per_round"):
+        return None
+    return row["tokens_per_s"] * expected_tokens_per_round(row["alpha"], row["k"]) / row["tokens_per_round"]
+
+
 def format_table(result: dict) -> str:
-    header = ["config", "accept", "tok/step", "draft ms/step", "verify ms/step", "tok/s", "speedup"]
+    header = ["config", "accept", "tok/step", "draft ms/step", "verify ms/step", "tok/s", "speedup",
+              "tok/s at E[tok/step]"]
     lines = [f"{result['target']} target, {result['draft']} draft, {result['dtype']}, {result['mode']} mode, "
              f"batch 1, {result['new_tokens']} new tokens, k={result['k']} on {result['device']}",
              f"checks: {result['checks']}", " | ".join(header)]
@@ -336,7 +357,8 @@ def format_table(result: dict) -> str:
         get = lambda key, spec: "-" if r.get(key) is None else format(r[key], spec)  # noqa: E731
         lines.append(" | ".join([r["config"], get("acceptance_rate", ".2f"), get("tokens_per_round", ".2f"),
                                  get("draft_ms_per_round", ".2f"), get("verify_ms_per_round", ".2f"),
-                                 f"{r['tokens_per_s']:.1f}", f"{r['speedup']:.2f}x"]))
+                                 f"{r['tokens_per_s']:.1f}", f"{r['speedup']:.2f}x",
+                                 "-" if at_expected_acceptance(r) is None else f"{at_expected_acceptance(r):.1f}"]))
     return "\n".join(lines)
 
 
