@@ -101,3 +101,25 @@ def test_sampling_and_other_drafters_use_the_host_rounds(target):
     with pytest.raises(LlmpressError, match="adaptive"):
         SpeculativeGenerator(target, SelfSpeculativeDrafter(target, 1), 64,
                              SpeculativeConfig(3, adaptive=True, device_rounds=True), mode="eager")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("mode", ["graph", "compile"])
+def test_captured_rounds_on_cuda_match_plain_greedy(mode):
+    """The two captured graphs a round, queued ahead of the host: the same tokens as plain greedy decoding, also
+    after a stop token, and the same as the op-by-op rounds."""
+    device = torch.device("cuda")
+    target = tiny_model(0, num_hidden_layers=3).to(device)
+    prompt = PROMPT.to(device)
+    expected = plain_greedy(target, prompt, NEW + 8)
+    for drafter in (ModelDrafter(tiny_model(1, num_hidden_layers=1).to(device)), OracleDrafter(expected, 0.6, 256),
+                    OracleDrafter(expected, 1.0, 256, draft=ModelDrafter(tiny_model(2, num_hidden_layers=1).to(device)))):
+        for k in (1, 3, 5):
+            gen = SpeculativeGenerator(target, drafter, prompt.shape[1] + NEW, SpeculativeConfig(k), mode=mode)
+            assert gen.use_device_rounds
+            for _ in range(2):  # a second generation reuses the captured graphs
+                out = gen.generate(prompt, SamplingParams(max_new_tokens=NEW))
+                assert out.token_ids[0].tolist() == expected[:NEW], (drafter.name, k)
+            stop = expected[15]
+            out = gen.generate(prompt, SamplingParams(max_new_tokens=NEW), [stop])
+            assert out.token_ids[0].tolist() == expected[:expected.index(stop) + 1]

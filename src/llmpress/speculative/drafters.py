@@ -239,8 +239,7 @@ class OracleDrafter(Drafter):
         self.prompt_len, self.rng = len(prompt_ids), random.Random(self.seed)
         if self.draft is not None:
             self.draft.start(prompt_ids)
-        if hasattr(self, "_table"):
-            self._fill_device_tables()
+        self._fill_device_tables()  # bind() came first: the generator binds its drafter when it is built
 
     def _fill_device_tables(self):
         """Row `done` (tokens generated so far): the k proposals of a round that starts there, each the reference's
