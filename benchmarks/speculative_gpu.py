@@ -19,6 +19,8 @@ Prints a table and writes JSON (+ PNG).
     python benchmarks/speculative_gpu.py --arch tiny --device cpu --new-tokens 16 --out /tmp/spec_tiny.json
     python benchmarks/speculative_gpu.py --mode compile --int4-only   # plain bf16, then step 4 only
     python benchmarks/speculative_gpu.py --mode compile --int4-only --int4-head draft   # the draft's head in int4 too
+    python benchmarks/speculative_gpu.py ... --rounds both   # each int4 row with device rounds and host-driven rounds
+    python benchmarks/speculative_gpu.py --summarize benchmarks/results/speculative_h200_s15.json   # a result's table
 """
 
 from __future__ import annotations
@@ -308,7 +310,8 @@ def main() -> int:
             for imposed in ([False, True] if args.imposed_check and not accumulating else [accumulating]):
                 suffix = (", accumulating verify" if accumulating else "") + (", acceptance imposed" if imposed else "")
                 for k in int4_ks:
-                    for args.device_rounds in round_kinds:
+                    for device_rounds in round_kinds:
+                        args.device_rounds = device_rounds  # oracle_row reads it
                         where = ", device rounds" if args.device_rounds else ", host rounds"
                         row = int4_row(suffix + where, imposed, k)
                         log(f"int4: plain {plain4:.1f} tok/s, speculative k={k}{suffix}{where} "
