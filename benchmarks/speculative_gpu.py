@@ -42,6 +42,7 @@ from llmpress.kernels import ops
 from llmpress.loading.loader import LoadedModel, random_model
 from llmpress.loading.resolve import ModelSource
 from llmpress.speculative import ModelDrafter, OracleDrafter, SpeculativeConfig, SpeculativeGenerator, SpeculativeStats
+from llmpress.speculative.device_rounds import greedy_keep
 
 
 def architectures(arch: str) -> tuple[LlamaConfig, LlamaConfig]:
@@ -93,9 +94,9 @@ class ImposedAcceptanceGenerator(SpeculativeGenerator):
         return kept, truth[:kept + 1]
 
     def _keep_on_device(self, drafts, target_tokens, length):
-        # The same rule on the device rounds' tensors; target_tokens (the verify's argmax) is computed all the same.
-        truth = self.drafter.reference_on_device(length, drafts.shape[0] + 1)
-        return (truth[:-1] == drafts).long().cumprod(0).sum(), truth
+        # The same rule on the device rounds' tensors: greedy acceptance against the reference instead of the
+        # target's argmax (target_tokens, computed all the same).
+        return greedy_keep(drafts, self.drafter.reference_on_device(length, drafts.shape[0] + 1), length)
 
 
 def run_speculative(target, drafter, prompt, new_tokens, k, mode, repeats=0, imposed=False, device_rounds=None):

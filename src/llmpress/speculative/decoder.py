@@ -25,6 +25,7 @@ from llmpress.generation.generator import GenerationOutput, synchronize
 from llmpress.generation.sampling import SamplingParams, processed_logits, sample_next_token
 from llmpress.model import LlamaForCausalLM
 from llmpress.speculative.device_rounds import DeviceRounds, greedy_keep
+from llmpress.speculative.round_clock import RoundClock
 from llmpress.speculative.drafters import Drafter
 from llmpress.speculative.steps import CachedModel, ids_on
 from llmpress.speculative.verify import greedy_accept, speculative_sample
@@ -62,28 +63,6 @@ def next_k(k: int, proposed: int, accepted: int, max_k: int) -> int:
     return k
 
 
-class RoundClock:
-    """Marks between a round's drafting and verifying. On CUDA they are events on the stream, read once the round
-    has ended on the host anyway (the acceptance reads its result), so that timing the two parts does not make the
-    host wait for the drafts before it queues the verify step; elsewhere, the wall clock."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def seconds(self, start, end) -> float:
-        if not self.cuda:
-            return end - start
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-
-
 @dataclass
 class SpeculativeStats:
     rounds: int = 0  # target verify forwards
@@ -116,10 +95,34 @@ class SpeculativeStats:
                     draft_ms_per_round=1e3 * self.draft_s / self.rounds if self.rounds else None,
                     verify_ms_per_round=1e3 * self.verify_s / self.rounds if self.rounds else None)
 
+    def add_round(self, k: int, proposed: int, accepted: int, emitted: int, draft_s: float, verify_s: float) -> None:
+        self.rounds += 1
+        self.proposed += proposed
+        self.accepted += accepted
+        self.emitted += emitted
+        self.draft_s += draft_s
+        self.verify_s += verify_s
+        self.k_per_round.append(k)
+
     def merge(self, other: "SpeculativeStats") -> None:
         for name in ("rounds", "proposed", "accepted", "emitted", "draft_s", "verify_s"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.k_per_round += other.k_per_round
+
+
+def emit(tokens: list[int], out: list[int], stops: set[int], max_new_tokens: int, on_token=None,
+         context: list[int] | None = None) -> bool:
+    """Append a round's kept tokens to `out` (and `context`) under plain decoding's stopping rules, token by token;
+    True once a stop token or max_new_tokens ends the generation."""
+    for token in tokens:
+        out.append(token)
+        if context is not None:
+            context.append(token)
+        if on_token is not None:
+            on_token(torch.tensor([token]))
+        if token in stops or len(out) == max_new_tokens:
+            return True
+    return False
 
 
 @dataclass
@@ -220,21 +223,8 @@ class SpeculativeGenerator:
             num_accepted, new_tokens = self._accept(target_logits, context, draft, params, generator)
             self.drafter.accept(num_accepted)
             t2 = clock.mark()  # the acceptance read its result on the host: the GPU is done
-            stats.rounds += 1
-            stats.proposed += n
-            stats.accepted += num_accepted
-            stats.emitted += len(new_tokens)
-            stats.draft_s += clock.seconds(t0, t1)
-            stats.verify_s += clock.seconds(t1, t2)
-            stats.k_per_round.append(k)
-            for token in new_tokens:  # plain decoding's stopping rules, token by token
-                out.append(token)
-                context.append(token)
-                if on_token is not None:
-                    on_token(torch.tensor([token]))
-                if token in stops or len(out) == params.max_new_tokens:
-                    finished = True
-                    break
+            stats.add_round(k, n, num_accepted, len(new_tokens), clock.seconds(t0, t1), clock.seconds(t1, t2))
+            finished = emit(new_tokens, out, stops, params.max_new_tokens, on_token, context)
             if self.config.adaptive:
                 k = next_k(k, n, num_accepted, max_k)
         synchronize(device)
@@ -255,20 +245,8 @@ class SpeculativeGenerator:
             while len(in_flight) < 2 and len(out) + (k + 1) * len(in_flight) < max_new_tokens:
                 in_flight.append(self.rounds.queue())
             result = in_flight.pop(0).result()
-            stats.rounds += 1
-            stats.proposed += k
-            stats.accepted += result.num_accepted
-            stats.emitted += len(result.tokens)
-            stats.draft_s += result.draft_s
-            stats.verify_s += result.verify_s
-            stats.k_per_round.append(k)
-            for token in result.tokens:
-                out.append(token)
-                if on_token is not None:
-                    on_token(torch.tensor([token]))
-                if token in stops or len(out) == max_new_tokens:
-                    finished = True
-                    break
+            stats.add_round(k, k, result.num_accepted, len(result.tokens), result.draft_s, result.verify_s)
+            finished = emit(result.tokens, out, stops, max_new_tokens, on_token)
         # Rounds still in flight (after a stop token) only wrote past the kept positions, which the next prefill
         # or round overwrites; the caller synchronizes before reading the clock.
 

@@ -22,12 +22,12 @@ queued while the rounds before it cannot have finished the generation.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from llmpress.speculative.round_clock import RoundClock
 from llmpress.speculative.steps import CachedModel
 
 # keep(drafts [k], target_tokens [k+1], length [1]) -> (accepted count [] long, tokens to write at L.. [k+1])
@@ -52,16 +52,13 @@ class RoundResult:
 class QueuedRound:
     """A round queued on the device: its result slot (pinned on CUDA) and the events around its two parts."""
 
-    def __init__(self, slot: torch.Tensor, marks: list):
-        self.slot, self.marks = slot, marks
+    def __init__(self, slot: torch.Tensor, marks: list, clock: RoundClock):
+        self.slot, self.marks, self.clock = slot, marks, clock
 
     def result(self) -> RoundResult:
         start, between, end = self.marks
-        if isinstance(end, torch.cuda.Event):
-            end.synchronize()
-            draft_s, verify_s = start.elapsed_time(between) / 1e3, between.elapsed_time(end) / 1e3
-        else:
-            draft_s, verify_s = between - start, end - between
+        verify_s = self.clock.seconds(between, end)  # first: waits for the round's end, after its copy to the slot
+        draft_s = self.clock.seconds(start, between)
         values = self.slot.tolist()
         n = values[0]
         return RoundResult(n, values[1:n + 2], draft_s, verify_s)
@@ -80,6 +77,7 @@ class DeviceRounds:
         self.target, self.drafter, self.k, self.keep = target, drafter, k, keep
         device = target.model.device
         self.cuda = device.type == "cuda"
+        self.clock = RoundClock(device)
         positions = target.max_seq_len + target.scratch
         self.seq = torch.zeros(positions + k + 2, dtype=torch.long, device=device)
         self.length = torch.zeros(1, dtype=torch.long, device=device)
@@ -133,21 +131,14 @@ class DeviceRounds:
         self.seq[T:T + 1].copy_(first_token.reshape(1))
         self.length.fill_(T + 1)
 
-    def _mark(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
     def queue(self) -> QueuedRound:
         """Queue one round; returns at once on CUDA (the host reads its result later)."""
-        marks = [self._mark()]
+        marks = [self.clock.mark()]
         if self.graphs is None:
             self._draft()
         else:
             self.graphs[0].replay()
-        marks.append(self._mark())
+        marks.append(self.clock.mark())
         if self.graphs is None:
             self._verify()
         else:
@@ -155,5 +146,5 @@ class DeviceRounds:
         slot = self.slots[self.queued % self.SLOTS]
         self.queued += 1
         slot.copy_(self.result, non_blocking=self.cuda)
-        marks.append(self._mark())
-        return QueuedRound(slot, marks)
+        marks.append(self.clock.mark())
+        return QueuedRound(slot, marks, self.clock)
