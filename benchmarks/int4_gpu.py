@@ -104,7 +104,7 @@ SETTINGS = {"rope": (ops, "fuse_rope_into_attention"), "steps": (ops, "int4_fuse
             "acc_configs": (accumulate_module, "CONFIGS"), "combine_o": (ops, "int4_combine_in_o"),
             "acc_head": (ops, "int4_accumulate_head"), "xf32_first": (frag_module, "x_f32_loads_first"),
             "norm_waits": (frag_module, "norm_waits_for_loads"), "loads_first": (attention_module, "loads_first"),
-            "finish_first": (accumulate_module, "FINISH_LOADS_FIRST")}
+            "finish_first": (accumulate_module, "FINISH_LOADS_FIRST"), "swiglu_down": (ops, "int4_swiglu_in_down")}
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr) in SETTINGS.items()}
 NORM_RES = frozenset({"residual", "norm"})
 STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", combine="kernel"),
@@ -174,7 +174,11 @@ STEP_VARIANTS.update({"int4-tc-only-acc-xf32+head": {**ACCUMULATING, **SESSION_1
                                                          finish_first=True),
                       # without PDL: each kernel's profiled time is then its own (--profile)
                       "int4-tc-only-acc-s11-nopdl+head": dict(ACCUMULATING, pdl="off", norm_waits=False),
-                      "int4-tc-only-acc-s11": dict(ACCUMULATING)})
+                      "int4-tc-only-acc-s11": dict(ACCUMULATING),
+                      # the default decode with silu(gate) * up made by the down product (ops.int4_swiglu_in_down):
+                      # no finishing kernel between gate|up and down
+                      "int4-tc-only-acc-sd+head": dict(ACCUMULATING, norm_waits=False, swiglu_down=True),
+                      "int4-tc-only-acc-sd-tuned+head": dict(ACCUMULATING, norm_waits=False, swiglu_down=True)})
 
 
 def best_bf16_rate(entry: dict, variants: list[str]) -> float | None:
@@ -242,7 +246,8 @@ def main() -> int:
         from latency_floor_gpu import read_sweep_configs  # benchmarks/
         tuned = read_sweep_configs(args.accumulate_configs)
         STEP_VARIANTS["int4-tc-only-acc-tuned+head"]["acc_configs"] = tuned
-        for label in ("int4-tc-only-acc-s11b-tuned+head", "int4-tc-only-acc-s11-tuned+head"):
+        for label in ("int4-tc-only-acc-s11b-tuned+head", "int4-tc-only-acc-s11-tuned+head",
+                      "int4-tc-only-acc-sd-tuned+head"):
             STEP_VARIANTS[label]["acc_configs"] = {**accumulate_module.CONFIGS, **tuned}
         print(f"accumulate tiles from {args.accumulate_configs}: {tuned}", flush=True)
     bandwidth = measure_copy_bandwidth("cuda")

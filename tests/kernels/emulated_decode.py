@@ -4,7 +4,8 @@ interpreter. Run as a script, since the interpreter is chosen when triton is fir
 
     TRITON_INTERPRET=1 python -m tests.kernels.emulated_decode CASE...
 
-CASE: `decode:<quantize_head>:<slots>:<combine_in_o>:<dtype>` (three one-token steps),
+CASE: `decode:<quantize_head>:<slots>:<combine_in_o>:<dtype>[:sd]` (three one-token steps; `sd`: silu(gate) * up
+made by the down product, ops.int4_swiglu_in_down),
 `verify:<quantize_head>:<dtype>[:triton]` (one 6-token verify step, ops.int4_accumulate_rows; `triton`: its
 attention through the Triton decode kernel, ops.triton_verify_attention), or `attention:...` (the Triton RoPE
 decode kernel alone, `attention` below). Prints one JSON line per
@@ -55,6 +56,7 @@ def _emulate_gpu_paths():
     torch.cuda.get_device_properties = lambda device: types.SimpleNamespace(multi_processor_count=132)  # an H200
     kernel = EmulatedTileKernel("accumulate")
     accumulate._frag_accumulate = kernel
+    accumulate._frag_accumulate_swiglu = EmulatedTileKernel("swiglu", counts_with=kernel)
     ops.int4_accumulate_applies = lambda h: (ops.int4_accumulate_decode and 1 <= h.shape[0] <= 8
                                              and h.dtype == torch.float32)
     ops.int4_tensor_core_norm = ops.int4_tensor_core_swiglu = True
@@ -129,6 +131,9 @@ def run(case: str, kernel) -> dict:
     from tests.test_decode_accumulate import verify_step_logits
     from tests.test_decode_chain import decode_logits, int4_model
     kind, *fields = case.split(":")
+    ops.int4_swiglu_in_down = fields[-1] == "sd"
+    if ops.int4_swiglu_in_down:
+        fields = fields[:-1]
     ops.triton_verify_attention = ops.int4_accumulate_rows_into_attention = fields[-1] == "triton"
     if ops.triton_verify_attention:
         fields = fields[:-1]
@@ -146,10 +151,14 @@ def run(case: str, kernel) -> dict:
         assert kernel.launches == launches_step  # the reference ran no kernel
         errors = [_relative(accumulated[0, t], plain[0, t]) for t in range(plain.shape[1])]
     from llmpress.kernels.triton_int4_accumulate import _zeroed
-    # each kernel that reads an accumulator zeroes it again for the next step (the "qkv" one: gate|up's finishing)
-    dirty = sorted(name for (_, name), (acc, _) in _zeroed._buffers.items() if acc.abs().sum() > 0)
+    # each kernel that reads an accumulator zeroes it again for the next step (the "qkv" one: gate|up's finishing,
+    # or down's with swiglu in down), except the last layer's MLP workspace, zeroed by the next step's first down
+    last_mlp = f"mlp:{len(model.model.layers)}:{len(model.model.layers) - 1}"
+    dirty = sorted(name for (_, name), (acc, _) in _zeroed._buffers.items() if acc.abs().sum() > 0
+                   and name != last_mlp)
     return {"case": case, "errors": errors, "launches": kernel.launches - launches,
-            "triton_attention_calls": _attention_calls[0] - attention_calls, "dirty_workspaces": dirty}
+            "triton_attention_calls": _attention_calls[0] - attention_calls, "dirty_workspaces": dirty,
+            "workspaces": sorted(name for _, name in _zeroed._buffers)}
 
 
 def main(cases: list[str]) -> None:

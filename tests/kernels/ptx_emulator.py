@@ -10,7 +10,7 @@ given is an error, as an out-of-bounds access would be a bug). `griddepcontrol` 
 on flags (pdl=4, the persistent chain) and `.cg`/acquire loads are not emulated.
 
 `EmulatedTileKernel` stands in for a Triton kernel whose body is `triton_int4_frag.run_tile_asm` (plus, for
-`_frag_gemv`, its Triton finishing step, which tests leave off), so the Python wrappers run unchanged on CPU
+`_frag_gemv`, its Triton finishing step, which tests leave off) or `run_tile_asm_three` (`_frag_accumulate_swiglu`), so the Python wrappers run unchanged on CPU
 tensors with the emulator doing the asm's part.
 """
 
@@ -52,6 +52,12 @@ def _f32(bits: np.ndarray) -> np.ndarray:
 
 def _bits(values: np.ndarray) -> np.ndarray:
     return np.asarray(values, dtype=np.float32).view(np.uint32)
+
+
+def _flush(values: np.ndarray) -> np.ndarray:
+    """Subnormal floats as (signed) zeros, as .ftz instructions take and give them."""
+    values = np.asarray(values, dtype=np.float32)
+    return np.where(np.abs(values) < np.finfo(np.float32).tiny, values * np.float32(0), values)
 
 
 def _bf16_round(values: np.ndarray) -> np.ndarray:
@@ -185,6 +191,12 @@ class _Machine:
             return self.launch.ctaid_x.astype(dtype)
         if text == "%ctaid.y":
             return self.launch.ctaid_y.astype(dtype)
+        if text == "%nctaid.x":
+            return np.full(n, self.launch.grid[0], dtype=dtype)
+        if text == "%nctaid.y":
+            return np.full(n, self.launch.grid[1], dtype=dtype)
+        if text == "%ntid.x":
+            return np.full(n, 32 * self.launch.num_warps, dtype=dtype)
         if text.startswith("0f"):
             return np.full(n, int(text[2:], 16), dtype=dtype)
         if re.fullmatch(r"-?(0x[0-9a-fA-F]+|\d+)", text):
@@ -253,6 +265,8 @@ class _Machine:
             w(u32(1).astype(np.uint64) * u32(2).astype(np.uint64))
         elif op == "shr.u32":
             w(u32(1) >> u32(2))
+        elif op == "shl.b32":
+            w(u32(1) << u32(2))
         elif op == "and.b32":
             w(u32(1) & u32(2))
         elif op == "or.b32":
@@ -280,6 +294,11 @@ class _Machine:
         elif op == "ex2.approx.f32":
             with np.errstate(all="ignore"):
                 w(_bits(np.exp2(f32(1))))
+        elif op in ("ex2.approx.ftz.f32", "rcp.approx.ftz.f32", "rsqrt.approx.ftz.f32"):  # subnormals flushed to 0
+            fn = {"ex2": np.exp2, "rcp": lambda v: np.float32(1.0) / v,
+                  "rsqrt": lambda v: np.float32(1.0) / np.sqrt(v)}[op.split(".")[0]]
+            with np.errstate(all="ignore"):
+                w(_bits(_flush(fn(_flush(f32(1))))))
         elif op == "selp.f32":
             w(np.where(self.regs[args[3]].astype(bool), u32(1), u32(2)))
         elif op.startswith("setp."):
@@ -307,6 +326,9 @@ class _Machine:
         elif op == "shfl.sync.bfly.b32":
             source = np.arange(self.launch.size) ^ (int(args[2], 0) & 31)
             w(u32(1)[source])
+        elif op == "shfl.sync.idx.b32":  # from lane b of the same warp
+            source = np.arange(self.launch.size) // 32 * 32 + (u32(2) & 31)
+            w(u32(1)[source])
         elif op.startswith("mma.sync.aligned.m16n8k16.row.col.f32."):
             self.mma(op.split(".")[-3], args, p)
         elif op.startswith("ld.global"):
@@ -315,6 +337,10 @@ class _Machine:
             lanes = np.arange(self.launch.size) if p is None else np.nonzero(p)[0]
             data = self.value(args[1], np.uint32)[lanes].astype("<u4").view(np.uint8).reshape(-1, 4)
             self.memory.store(self.address(args[0])[lanes], data)
+        elif op == "st.global.v4.f32":
+            lanes = np.arange(self.launch.size) if p is None else np.nonzero(p)[0]
+            values = np.stack([self.value(t, np.uint32)[lanes] for t in _split_operands(args[1][1:-1])], axis=1)
+            self.memory.store(self.address(args[0])[lanes], values.astype("<u4").view(np.uint8).reshape(-1, 16))
         elif op == "red.global.add.f32":
             lanes = np.arange(self.launch.size) if p is None else np.nonzero(p)[0]
             self.memory.add_f32(self.address(args[0])[lanes], self.f32(args[1])[lanes])
@@ -326,7 +352,7 @@ class _Machine:
         if "cg" in parts or "acquire" in parts:
             raise NotImplementedError(f"the PTX emulator does not run {op!r}")
         kind = parts[-1]
-        count = 4 if "v4" in parts else 1
+        count = 4 if "v4" in parts else 2 if "v2" in parts else 1
         size = {"b32": 4, "f32": 4, "u32": 4, "b16": 2, "u8": 1}[kind]
         lanes = np.arange(self.launch.size) if p is None else np.nonzero(p)[0]
         raw = self.memory.load(self.address(args[1])[lanes], size * count)
@@ -378,17 +404,27 @@ class EmulatedTileKernel:
     step (kernels/triton_int4_frag.py): `kernel[grid](*args, **meta)` runs the ASM meta-argument on the
     emulator with the operands `run_tile_asm` would give it."""
 
-    def __init__(self, kind: str):
-        assert kind in ("accumulate", "gemv")
+    def __init__(self, kind: str, counts_with: "EmulatedTileKernel | None" = None):
+        assert kind in ("accumulate", "gemv", "swiglu")
         self.kind = kind
-        self.launches = 0
+        self._launches = counts_with._launches if counts_with is not None else [0]  # shared with `counts_with`
+
+    @property
+    def launches(self) -> int:
+        return self._launches[0]
 
     def __getitem__(self, grid):
         grid = tuple(grid) + (1,) * (2 - len(grid))
 
         def launch(*args, **meta):
-            self.launches += 1
+            self._launches[0] += 1
             threads = Launch(grid, meta["NUM_WARPS"])
+            if self.kind == "swiglu":  # _frag_accumulate_swiglu(qw, gate_up, s, z, out, shares, zero0, zero1, N, G)
+                tensors = args[:8]
+                operands = [0, *(t.data_ptr() for t in tensors[:5]), args[8], args[9],
+                            *(t.data_ptr() for t in tensors[5:])]
+                run_asm(meta["ASM"], threads, operands, list(tensors))
+                return
             rows = np.uint64(meta.get("ROWS", 1))
             program_x, program_y = (c.astype(np.uint64) for c in (threads.ctaid_x, threads.ctaid_y))
             if self.kind == "accumulate":  # _frag_accumulate(qw, x, s, z, acc, nw, squares, N, G, ...)

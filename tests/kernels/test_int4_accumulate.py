@@ -86,11 +86,75 @@ def test_accumulate_replays_from_a_cuda_graph():
 
 
 @cuda_only
+@pytest.mark.parametrize("shape", [(3072, 8192), (2048, 8192), (1024, 2048)])  # (hidden, intermediate): 3B, 1B
+def test_down_product_making_silu_gate_times_up_matches_the_finishing_kernel_then_down(shape):
+    """frag_accumulate_swiglu (kernels/frag_swiglu_x.py) on CONFIGS' tiles against frag_accumulated_norm's SwiGLU
+    ending then frag_accumulate, from the same gate|up sums, and its zero spans cleared."""
+    from llmpress.kernels.triton_int4_accumulate import frag_accumulate, frag_accumulate_swiglu, frag_accumulated_norm
+    torch.manual_seed(8)
+    hidden, inter = shape
+    gate_up, down = weight(hidden, 2 * inter), weight(inter, hidden)
+    norm = (torch.rand(hidden, device="cuda") + 0.5).to(torch.bfloat16)
+    h = torch.randn(1, hidden, device="cuda", dtype=torch.float32) * 3
+    expected = h.clone()
+    frag_accumulate(frag_accumulated_norm(h, *gate_up, 128, norm, 1e-5, swiglu=True), *down, 128, expected)
+    acc = torch.zeros(1, 2 * inter, device="cuda")
+    squares = torch.zeros(hidden // 128, device="cuda")
+    split = frag_accumulate(h, *gate_up, 128, acc, norm, squares)
+    spans = (torch.randn(2 * inter, device="cuda"), torch.randn(5120, device="cuda"))
+    got = h.clone()
+    frag_accumulate_swiglu(acc.view(-1), squares, split, hidden, 1e-5, *down, 128, got, spans)
+    close(got - h, expected - h, 1e-3)  # the same bf16 input but for sigmoid's last bits, sums in another order
+    assert not spans[0].any() and not spans[1].any()
+
+
+@cuda_only
+def test_mlp_with_swiglu_in_down_replays_from_a_cuda_graph_over_several_layers():
+    """frag_accumulated_mlp over 3 layers' workspaces (each layer's down zeroing the one before, the last layer's
+    zeroed by the next step's first), eagerly and as graph replays, against the finishing-kernel path."""
+    from llmpress.kernels.triton_int4_accumulate import (frag_accumulate, frag_accumulated_mlp, frag_accumulated_norm,
+                                                         qkv_accumulator)
+    torch.manual_seed(9)
+    k, inter, layers = 1024, 2048, 3
+    weights = [(weight(k, 2 * inter), weight(inter, k), (torch.rand(k, device="cuda") + 0.5).to(torch.bfloat16))
+               for _ in range(layers)]
+    h0 = torch.randn(1, k, device="cuda", dtype=torch.float32)
+
+    def reference(h):
+        for gate_up, down, norm in weights:
+            frag_accumulate(frag_accumulated_norm(h, *gate_up, 128, norm, 1e-5, swiglu=True), *down, 128, h)
+        return h
+
+    qkv = qkv_accumulator(h0.device, 1536)
+
+    def step(h):
+        for layer, (gate_up, down, norm) in enumerate(weights):
+            frag_accumulated_mlp(h, gate_up, down, 128, norm, 1e-5, layers, layer, qkv)
+        return h
+
+    expected = reference(h0.clone())
+    for _ in range(2):  # a second eager step: the workspaces were left clean (the last layer's by the first down)
+        close(step(h0.clone()), expected, 1e-3)
+    h = h0.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(h)
+    for _ in range(3):
+        qkv.fill_(1.0)  # what attention left: the first down zeroes it
+        h.copy_(h0)
+        graph.replay()
+        torch.cuda.synchronize()
+        close(h, expected, 1e-3)
+        assert not qkv.any()
+
+
+@cuda_only
 @pytest.mark.parametrize("quantize_head", [True, False])
-@pytest.mark.parametrize("slots,combine_in_o", [(16, True), (300, True), (300, False)])
+@pytest.mark.parametrize("slots,combine_in_o,swiglu_in_down", [(16, True, False), (300, True, False),
+                                                               (300, False, False), (300, True, True)])
 @pytest.mark.parametrize("norm_waits", [False, True])  # with it on, session 12's run failed (not isolated)
 def test_model_decoding_through_the_accumulating_path_gives_close_logits(quantize_head, slots, combine_in_o,
-                                                                         norm_waits, monkeypatch):
+                                                                         swiglu_in_down, norm_waits, monkeypatch):
     import llmpress.kernels.triton_int4_accumulate as accumulate
     import llmpress.kernels.triton_int4_frag as frag
     from llmpress.kernels import ops
@@ -99,6 +163,14 @@ def test_model_decoding_through_the_accumulating_path_gives_close_logits(quantiz
     monkeypatch.setattr(ops, "int4_tensor_core_norm", True)
     monkeypatch.setattr(ops, "int4_tensor_core_swiglu", True)
     monkeypatch.setattr(ops, "int4_combine_in_o", combine_in_o)
+    monkeypatch.setattr(ops, "int4_swiglu_in_down", swiglu_in_down)
+    made = []  # the down products that made their own input
+    original_mlp = accumulate.frag_accumulated_mlp
+
+    def counting_mlp(*args, **kwargs):
+        made.append(args[7])
+        return original_mlp(*args, **kwargs)
+    monkeypatch.setattr(accumulate, "frag_accumulated_mlp", counting_mlp)
     combined = []  # the splits each o product combined (head size 64 = the group size: the fold applies)
     original = accumulate.frag_accumulate_splits
 
@@ -112,6 +184,7 @@ def test_model_decoding_through_the_accumulating_path_gives_close_logits(quantiz
         torch.testing.assert_close(accumulated, plain, rtol=0.02, atol=0.05 * plain.abs().max().item())
     # 2 layers, 3 steps; 16 slots take one split, 300 take five (64 keys each)
     assert combined == ([1 if slots == 16 else 5] * 6 if combine_in_o else [])
+    assert made == ([0, 1] * 3 if swiglu_in_down else [])  # layers 0 and 1 of 3 steps
 
 
 @cuda_only

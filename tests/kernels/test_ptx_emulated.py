@@ -139,9 +139,11 @@ def emulated_decode(*cases: str) -> list[dict]:
 
 def test_accumulating_decode_through_its_kernels_gives_the_logits_of_the_layers_as_written():
     """One-token steps: q|k|v into the accumulator attention reads, the attention's splits combined in o (one split
-    over 16 slots, five over 300) or by their own kernel, the int4 head or not; fp16 and bf16. The bound is the
-    activation dtype's rounding over two layers (the GPU test allows 5% of the largest logit)."""
-    cases = ["decode:1:16:1:bf16", "decode:1:300:1:bf16", "decode:0:300:0:bf16", "decode:1:300:1:fp16"]
+    over 16 slots, five over 300) or by their own kernel, the int4 head or not; fp16 and bf16; silu(gate) * up made
+    by the down product (`:sd`, a workspace per layer). The bound is the activation dtype's rounding over two layers
+    (the GPU test allows 5% of the largest logit)."""
+    cases = ["decode:1:16:1:bf16", "decode:1:300:1:bf16", "decode:0:300:0:bf16", "decode:1:300:1:fp16",
+             "decode:1:300:1:bf16:sd", "decode:0:16:0:bf16:sd"]
     for case, result in zip(cases, emulated_decode(*cases)):
         assert result["case"] == case and len(result["errors"]) == 3
         # 3 steps x (2 layers x 4 products + the int4 head)
@@ -149,6 +151,8 @@ def test_accumulating_decode_through_its_kernels_gives_the_logits_of_the_layers_
         assert result["triton_attention_calls"] == 3 * 2  # a kernel a layer and step
         assert result["dirty_workspaces"] == []  # every accumulator zeroed again by the kernel that read it
         assert max(result["errors"]) < (0.004 if case.endswith("fp16") else 0.04), result
+        swiglu_in_down = case.endswith(":sd")
+        assert ({"mlp:2:0", "mlp:2:1"} <= set(result["workspaces"])) == swiglu_in_down, result["workspaces"]
 
 
 def test_accumulating_verify_step_through_its_kernels_gives_the_logits_of_the_layers_as_written():
@@ -175,3 +179,39 @@ def test_rope_attention_of_several_new_tokens_through_the_interpreter_matches_fl
     for case, result in zip(cases, emulated_decode(*cases)):
         assert result["case"] == case and result["rest_unchanged"], result
         assert result["error"] < 0.03 and result["cache_error"] <= 0.0625, result
+
+
+def swiglu_reference(gate_up: torch.Tensor, shares: torch.Tensor, norm_k: int, eps: float) -> torch.Tensor:
+    """silu(r gate) * (r up) [1, K] with the finishing kernel's bf16 roundings (triton_int4_frag._finish_swiglu),
+    as float64."""
+    gate, up = gate_up.double().chunk(2)
+    r = torch.rsqrt(shares.double().sum() / norm_k + eps)
+    gate, up = (gate * r).to(torch.bfloat16).double(), (up * r).to(torch.bfloat16).double()
+    silu = (gate * torch.sigmoid(gate)).to(torch.bfloat16).double()
+    return (silu * up).to(torch.bfloat16).double()[None]
+
+
+@pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize("group_size", [64, 128])
+def test_down_product_makes_silu_gate_times_up_from_the_accumulator(tile, group_size, monkeypatch):
+    """frag_gemv_asm(swiglu_x=...): the B operand made in the tile from fp32 gate|up sums and sum(h^2) shares, a
+    lane computing an eighth of its j's pairs and shuffling them; then both zero spans cleared, nothing else."""
+    import llmpress.kernels.triton_int4_accumulate as accumulate
+    kernel = EmulatedTileKernel("swiglu")
+    monkeypatch.setattr(accumulate, "_frag_accumulate_swiglu", kernel)
+    monkeypatch.setattr(accumulate, "tile_config", lambda N, G, M=1, must_fit=True: tile)
+    torch.manual_seed(group_size + tile[1])
+    K, N, norm_k, eps, split = 512, 1024, 384, 1e-5, 37  # 37 shares: two per lane at most
+    weights, dense = fragments(K, N, group_size)
+    gate_up = torch.randn(2 * K) * 40  # sums of W (w h), before the norm's rsqrt
+    gate_up[:8] = torch.tensor([200.0, -200.0, 0.0, -0.0, 1e-3, -1e-3, 30.0, -30.0])  # silu's tails and zero
+    shares = torch.rand(split) * 1000
+    start = torch.randn(1, N)
+    out = start.clone()
+    zero_a, zero_b = torch.randn(2 * K), torch.randn(40012)  # zero_b: more than one store a thread on every tile
+    accumulate.frag_accumulate_swiglu(gate_up, shares, split, norm_k, eps, *weights, group_size, out,
+                                      (zero_a, zero_b))
+    assert kernel.launches == 1
+    expected = swiglu_reference(gate_up, shares, norm_k, eps) @ dense
+    assert relative(out - start, expected) < 1e-5
+    assert not zero_a.any() and not zero_b.any()

@@ -536,6 +536,42 @@ def _(h, fragments, scales, zeros, norm_weight, eps, group_size, swiglu, dtype, 
     return h.new_empty(h.shape[0], width, dtype=dtype)
 
 
+# silu(gate) * up made by the down product's tiles from the gate|up accumulator (kernels/frag_swiglu_x.py), not by
+# a finishing kernel between them: one kernel a layer fewer in the one-token accumulating decode. Off: not timed yet.
+int4_swiglu_in_down = False
+
+
+def int4_accumulated_mlp(h: torch.Tensor, gate_up: ChainProduct, down: ChainProduct, group_size: int,
+                         dtype: torch.dtype, layers: int, layer: int, zero_qkv: int = 0) -> torch.Tensor:
+    """h [M, H] fp32 += down(silu(gate) * up) of rmsnorm(h) in place (gate_up holds the norm), and returns h, for
+    layer `layer` of `layers`: `int4_accumulated_norm` then `int4_accumulate`, or on CUDA at one row
+    (`int4_swiglu_in_down`, bf16, two layers or more) in two kernels, down making its own input.
+    `zero_qkv` as in `int4_accumulated_norm`."""
+    if (int4_swiglu_in_down and int4_accumulate_applies(h) and h.shape[0] == 1 and layers >= 2
+            and dtype == torch.bfloat16 and gate_up.scales.dtype == down.scales.dtype == torch.bfloat16):
+        torch.ops.llmpress.int4_accumulated_mlp(h, *gate_up.tensors(), gate_up.eps, *down.tensors()[:3], group_size,
+                                                layers, layer, zero_qkv)
+        return h
+    act = int4_accumulated_norm(h, gate_up, group_size, dtype, swiglu=True, zero_qkv=zero_qkv)
+    return int4_accumulate(h, act, down, group_size)
+
+
+@torch.library.custom_op("llmpress::int4_accumulated_mlp", mutates_args=("h",))
+def _int4_accumulated_mlp(h: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                          norm_weight: torch.Tensor, eps: float, down_fragments: torch.Tensor,
+                          down_scales: torch.Tensor, down_zeros: torch.Tensor, group_size: int, layers: int,
+                          layer: int, zero_qkv: int) -> None:
+    from llmpress.kernels.triton_int4_accumulate import frag_accumulated_mlp, qkv_accumulator
+    frag_accumulated_mlp(h, (fragments, scales, zeros), (down_fragments, down_scales, down_zeros), group_size,
+                         norm_weight, eps, layers, layer, qkv_accumulator(h.device, zero_qkv) if zero_qkv else None)
+
+
+@_int4_accumulated_mlp.register_fake
+def _(h, fragments, scales, zeros, norm_weight, eps, down_fragments, down_scales, down_zeros, group_size, layers,
+      layer, zero_qkv):
+    return None
+
+
 # q|k|v accumulated straight into what attention reads, its norm's rsqrt applied there (one kernel fewer a layer):
 # 3B int4 decode on the H200 952.4 / 953.7 tok/s against 935.7 with q|k|v finished by a kernel of its own
 # (benchmarks/int4_gpu.py variants int4-tc-only-acc+head, int4-tc-only-acc-apart+head, results/int4_h200_acc_attention.*)

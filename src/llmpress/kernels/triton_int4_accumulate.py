@@ -26,7 +26,10 @@ import triton.language as tl
 
 from llmpress.kernels.pdl import launch_mode, pdl_start, pdl_wait
 from llmpress.kernels import triton_int4_frag
-from llmpress.kernels.triton_int4_frag import FRAG_MAX_M, _finish_swiglu, default_config, frag_gemv_asm, run_tile_asm
+import math
+
+from llmpress.kernels.triton_int4_frag import (FRAG_MAX_M, _finish_swiglu, default_config, frag_gemv_asm, run_tile_asm,
+                                            run_tile_asm_three)
 
 
 X_F32_MAX_REGISTERS: int | None = 128  # None: no cap (latency_floor_gpu.py --sweep-configs --no-register-cap)
@@ -112,6 +115,42 @@ def frag_accumulate_splits(parts: torch.Tensor, lse: torch.Tensor, fragments: to
     _frag_accumulate[(N // (16 * warps * tiles), G // groups_per_warp)](
         fragments, parts, scales, zeros, out, lse, out, N, G, ASM=asm, NUM_WARPS=warps, EXTRA=True, num_warps=warps,
         launch_pdl=bool(pdl))
+
+
+@triton.jit
+def _frag_accumulate_swiglu(qw_ptr, gate_up_ptr, s_ptr, z_ptr, out_ptr, shares_ptr, zero0_ptr, zero1_ptr, N, G,
+                            ASM: tl.constexpr, NUM_WARPS: tl.constexpr):
+    """out [1, N] fp32 += this program's share of W x, x = silu(r gate) * (r up) made from the gate|up
+    accumulator and its shares (frag_gemv_asm(swiglu_x=...)); then the grid's share of the zero stores."""
+    run_tile_asm_three(ASM, qw_ptr, gate_up_ptr, s_ptr, z_ptr, out_ptr, shares_ptr, zero0_ptr, zero1_ptr, N, G,
+                       NUM_WARPS)
+
+
+def frag_accumulate_swiglu(gate_up: torch.Tensor, shares: torch.Tensor, split: int, norm_k: int, eps: float,
+                           fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                           out: torch.Tensor, zero: tuple[torch.Tensor, ...] = ()) -> None:
+    """out [1, N] fp32 += W (silu(r gate) * up r) for the gate|up accumulator gate_up [>= 2K] fp32 (gate|up's
+    sums of W_gu (w h), not yet scaled by the norm: gate at [0, K), up at [K, 2K)), r = rsqrt(sum(shares[:split]) /
+    norm_k + eps), W as fragments with bf16 scales [G, N], K = G * group_size: the down product of one token
+    without gate|up's finishing kernel (kernels/frag_swiglu_x.py). Then zeroes each tensor of `zero` (up to two
+    fp32 tensors, sizes multiples of 4), after its PDL wait like every store."""
+    G, N = scales.shape
+    K = G * group_size
+    assert scales.dtype == torch.bfloat16, "the SwiGLU input made in the tile: bf16 weights"
+    assert gate_up.dtype == torch.float32 and gate_up.is_contiguous() and gate_up.numel() >= 2 * K, gate_up.shape
+    assert shares.dtype == torch.float32 and shares.numel() >= split, (shares.numel(), split)
+    assert out.shape == (1, N) and out.dtype == torch.float32 and out.is_contiguous(), (out.shape, out.dtype)
+    assert len(zero) <= 2 and all(t.dtype == torch.float32 and t.is_contiguous() for t in zero)
+    warps, groups_per_warp, tiles = tile_config(N, G)
+    grid = (N // (16 * warps * tiles), G // groups_per_warp)
+    threads = grid[0] * grid[1] * 32 * warps
+    spans = tuple((t.numel(), math.ceil(t.numel() / (4 * threads))) for t in zero)
+    pdl = launch_mode(out.device)
+    asm = frag_gemv_asm(warps, groups_per_warp, group_size, scales.dtype, 1, False, tiles, False, pdl, atomic=True,
+                        swiglu_x=(split, norm_k, eps), zero_spans=spans)
+    targets = list(zero) + [out] * (2 - len(zero))  # unused operands: any address
+    _frag_accumulate_swiglu[grid](fragments, gate_up, scales, zeros, out, shares, *targets, N, G, ASM=asm,
+                                  NUM_WARPS=warps, num_warps=warps, launch_pdl=bool(pdl))
 
 
 @triton.jit
@@ -215,6 +254,23 @@ def frag_accumulated_norm(h: torch.Tensor, fragments: torch.Tensor, scales: torc
         SPLIT_P2=triton.next_power_of_2(split), BLOCK=FINISH_BLOCK, SWIGLU=swiglu, PDL=pdl, ROWS=M,
         LOADS_FIRST=FINISH_LOADS_FIRST, num_warps=4, launch_pdl=bool(pdl))
     return y
+
+
+def frag_accumulated_mlp(h: torch.Tensor, gate_up: tuple, down: tuple, group_size: int, norm_weight: torch.Tensor,
+                         eps: float, layers: int, layer: int, zero_qkv: torch.Tensor | None = None) -> None:
+    """h [1, H] fp32 += down(silu(gate) * up) of rmsnorm(h) in place, in two kernels: gate|up (its norm folded)
+    accumulated into this layer's own workspace, then down making its input from it (`frag_accumulate_swiglu`)
+    and zeroing the previous layer's workspace and `zero_qkv` (the q|k|v accumulator attention read). A workspace
+    per layer of a `layers`-layer model, since down's programs all read theirs: layer l's is clean when gate|up uses
+    it (layer l + 1's down zeroed it the step before; the last layer's, layer 0's down this step), and the last
+    layer's stays dirty between steps. gate_up, down: (fragments, scales, zeros)."""
+    assert layers >= 2 and 0 <= layer < layers, (layers, layer)
+    G, N = gate_up[1].shape
+    acc, squares = _zeroed.get(h.device, f"mlp:{layers}:{layer}", N, G)
+    previous = _zeroed.get(h.device, f"mlp:{layers}:{(layer - 1) % layers}", N, G)[0]
+    split = frag_accumulate(h, *gate_up, group_size, acc[:N].view(1, N), norm_weight, squares)
+    zero = (previous[:N],) + (() if zero_qkv is None else (zero_qkv,))
+    frag_accumulate_swiglu(acc, squares, split, G * group_size, eps, *down, group_size, h, zero)
 
 
 def qkv_accumulator(device: torch.device, n: int) -> torch.Tensor:

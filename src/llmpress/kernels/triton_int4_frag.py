@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llmpress.kernels import frag_swiglu_x
 from llmpress.kernels.pdl import launch_mode
 from llmpress.kernels.tile_tuner import TileTuner
 from llmpress.kernels.triton_int4 import _workspace
@@ -77,7 +78,8 @@ _TYPES = {torch.bfloat16: (0x43004300, 128.0, 0x3F803F80, "bf16"), torch.float16
 def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: torch.dtype, rows: int = 1,
                   norm: bool = False, tiles_per_warp: int = 1, paired_halves: bool = False, pdl: int = 0,
                   grid_operands: bool = False, flags: int = 1, atomic: bool = False, x_f32: bool = False,
-                  x_splits: int = 0) -> str:
+                  x_splits: int = 0, swiglu_x: tuple[int, int, float] | None = None,
+                  zero_spans: tuple[tuple[int, int], ...] = ()) -> str:
     """PTX for one thread's share of a warp's TILES_PER_WARP row tiles over GROUPS_PER_WARP groups, ending in a
     store of the row tiles' partial sums. The tiles of a warp share its x registers and its sum(x) mmas, so more
     tiles put more weight bytes in flight per register than more groups do (16 x registers a group, 8 word
@@ -126,6 +128,11 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
     column's sums are then weighted by that split's share of the head's softmax mass, exp(lse_n - max) / sum, and
     the lanes' columns added by two shuffles: y = W (sum_n w_n out_n), the combine done inside the o product.
 
+    `swiglu_x` = (shares, K of gate|up, eps) (one row, bf16, with `atomic`): x is made in the tile from the fp32
+    gate|up accumulator [2K] at $2, x = silu(r gate) * (r up) with r = rsqrt(sum of the `shares` floats at $8 / K +
+    eps), as gate|up's finishing kernel made it (kernels/frag_swiglu_x.py). `zero_spans` (with `swiglu_x`): after
+    the products the grid stores zeros into these (n floats, rounds) spans at $9, $10, ...
+
     Every load comes first. ptxas otherwise issued a lane's second 16-byte word load, and the scale and zero
     loads, only after the first mmas had used the first words: three DRAM round trips in a row instead of
     one. So the first group's accumulators start as 0 * (a sum of one value from each load): the same zeros
@@ -135,6 +142,9 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
     assert not x_f32 or rows <= 8, "fp32 x: up to 8 rows (one column block)"
     assert not x_splits or (rows == x_splits <= 8 and x_f32 and atomic and not norm and not grid_operands
                             and not paired_halves), "x_splits: S rows of fp32 split results, atomics, no norm"
+    assert not swiglu_x or (rows == 1 and atomic and dtype == torch.bfloat16 and not (norm or x_f32 or x_splits
+                            or grid_operands or paired_halves)), "swiglu_x: one row of bf16 from the accumulator"
+    assert not zero_spans or swiglu_x, "zero_spans: with swiglu_x"
     extra = 10 if norm else 8  # the first operand after the fixed ones
     cta_x, cta_y = (f"${extra}", f"${extra + 1}") if grid_operands else ("%ctaid.x", "%ctaid.y")
     magic, magic_value, ones, mma_type = _TYPES[dtype]
@@ -161,6 +171,7 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
             + ";"] if x_f32 else []),
          *([".reg .f32 lmax, lsum, " + ", ".join(f"ls{g}_{n}" for g in groups for n in range(x_splits + 2)) + ";"]
            if x_splits else []),
+         *(frag_swiglu_x.registers(groups, group_size) if swiglu_x else []),
          f".reg .b16 zero16, {per_gt(['s0h', 's1h'])};",
          ".reg .b32 kk, " + ", ".join(f"nrow{cb}" for cb in cbs) + ";",
          ".reg .f32 t0, t1, dep, " + ", ".join(flat(sums) + flat(accs) + flat(ys))
@@ -254,7 +265,12 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
             L += ["$$SPIN_DONE${:uid}:", "bar.warp.sync 0xffffffff;"]
     if pdl == 2:
         L.append("@p griddepcontrol.launch_dependents;")
-    for g in groups:  # x: element grp * group_size + 8 j (2 bytes each), then 32 elements per block of 32 inputs
+    if swiglu_x:
+        shares, norm_k, eps = swiglu_x
+        L += frag_swiglu_x.loads(groups, groups_per_warp, group_size, cta_y, shares)
+        L += frag_swiglu_x.operands(groups, group_size, norm_k, eps, [xs_regs[g][0] for g in groups])
+    for g in groups if not swiglu_x else ():  # x: element grp * group_size + 8 j (2 bytes each), then 32 elements
+        # per block of 32 inputs
         L += [f"mov.u32 grp, {cta_y};",
               f"mad.lo.u32 grp, grp, {groups_per_warp}, {g};"]
         for cb in cbs:
@@ -412,6 +428,7 @@ def frag_gemv_asm(num_warps: int, groups_per_warp: int, group_size: int, dtype: 
               "mul.wide.u32 off, i, 4;",
               "add.u64 na, $9, off;",
               "@p st.global.f32 [na], t0;"]
+    L += frag_swiglu_x.zero_stores(zero_spans, 9)
     L += ["mov.b32 $0, 0;", "}"]
     return "\n".join(L)
 
@@ -450,6 +467,18 @@ def run_tile_asm(ASM: tl.constexpr, qw_ptr, x_ptr, s_ptr, z_ptr, out_ptr, nw_ptr
                                   dtype=tl.int32, is_pure=False, pack=1)
     else:
         tl.inline_asm_elementwise(ASM, "=r,l,l,l,l,l,r,r", operands, dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def run_tile_asm_three(ASM: tl.constexpr, qw_ptr, x_ptr, s_ptr, z_ptr, out_ptr, a_ptr, b_ptr, c_ptr, N, G,
+                       NUM_WARPS: tl.constexpr):
+    """`run_tile_asm` with three more operands, $8, $9, $10 (for `swiglu_x`: the shares and two zero spans)."""
+    lanes = tl.zeros([32 * NUM_WARPS], dtype=tl.int64)
+    operands = [lanes + qw_ptr.to(tl.int64), lanes + x_ptr.to(tl.int64), lanes + s_ptr.to(tl.int64),
+                lanes + z_ptr.to(tl.int64), lanes + out_ptr.to(tl.int64), lanes.to(tl.int32) + N,
+                lanes.to(tl.int32) + G, lanes + a_ptr.to(tl.int64), lanes + b_ptr.to(tl.int64),
+                lanes + c_ptr.to(tl.int64)]
+    tl.inline_asm_elementwise(ASM, "=r,l,l,l,l,l,r,r,l,l,l", operands, dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

@@ -8,7 +8,8 @@ the same steps run over an fp32 one that o and down add into in place:
     for each layer:
         a = attention(rope(q|k|v(norm(h))))        # the q|k|v kernel, then attention reading its accumulator
         h += o(a)                                   # atomics into h (o combining attention's splits, where it can)
-        h += down(silu(gate) * up)(norm(h))         # gate|up and its finishing kernel, then down into h
+        h += down(silu(gate) * up)(norm(h))         # gate|up and its finishing kernel, then down into h (or
+                                                    # down making silu(gate) * up itself: ops.int4_swiglu_in_down)
     logits = lm_head(norm(h))                       # an int4 head accumulated too, its norm folded
 
 It applies where the layer chain's plan does (model/decode_chain.py `chain_plan`: int4 layers held as tensor-core
@@ -65,9 +66,8 @@ def forward(model: nn.Module, plan: list[dict], input_ids: torch.Tensor, positio
                                                  attn.rotary[0].inv_freq, kv_cache.keys[i], kv_cache.values[i],
                                                  positions)
             h = ops.int4_accumulate(h, out.transpose(1, 2).reshape(T, -1), products["o"], group_size)
-        act = ops.int4_accumulated_norm(h, products["gate_up"], group_size, dtype, swiglu=True,
-                                        zero_qkv=T * products["qkv"].scales.shape[1] if folded else 0)
-        h = ops.int4_accumulate(h, act, products["down"], group_size)
+        h = ops.int4_accumulated_mlp(h, products["gate_up"], products["down"], group_size, dtype, len(plan), i,
+                                     zero_qkv=T * products["qkv"].scales.shape[1] if folded else 0)
     if last_only:
         h = h[-1:]
     head = plan[-1].get("next")  # the int4 head with the final norm (decode_chain.chain_plan), or None
