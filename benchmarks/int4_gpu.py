@@ -156,9 +156,10 @@ STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", 
 # Then (not timed yet) the sum(h^2) mma made to wait for every load (triton_int4_frag.norm_waits_for_loads; the
 # 1B's q|k|v tile is one it changes): on in -s11b, -s11c, -s11d, off in -s11 (as timed in session 11). Off by
 # default since session 12: the GPU tests failed with it on (cause not isolated, results/pytest_gpu_s12.log).
-SESSION_11 = dict(xf32_first=False, combine_o=False, acc_head=False, norm_waits=False)
+# Session 16's silu(gate) * up in the down product (ops.int4_swiglu_in_down) is off in every variant but -sd.
+SESSION_11 = dict(xf32_first=False, combine_o=False, acc_head=False, norm_waits=False, swiglu_down=False)
 STEP_VARIANTS = {label: {**SESSION_11, **settings} for label, settings in STEP_VARIANTS.items()}
-ACCUMULATING = dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", accumulate=True)
+ACCUMULATING = dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", accumulate=True, swiglu_down=False)
 STEP_VARIANTS.update({"int4-tc-only-acc-xf32+head": {**ACCUMULATING, **SESSION_11, "xf32_first": True},
                       "int4-tc-only-acc-combine-o+head": dict(ACCUMULATING, acc_head=False),
                       "int4-tc-only-acc-s11+head": dict(ACCUMULATING, norm_waits=False),  # all three

@@ -537,8 +537,11 @@ def _(h, fragments, scales, zeros, norm_weight, eps, group_size, swiglu, dtype, 
 
 
 # silu(gate) * up made by the down product's tiles from the gate|up accumulator (kernels/frag_swiglu_x.py), not by
-# a finishing kernel between them: one kernel a layer fewer in the one-token accumulating decode. Off: not timed yet.
-int4_swiglu_in_down = False
+# a finishing kernel between them: one kernel a layer fewer in the one-token accumulating decode. On: 3B int4 decode
+# with an int4 head on the H200, one run (benchmarks/int4_gpu.py variants int4-tc-only-acc-s11+head,
+# int4-tc-only-acc-sd+head, each twice, results/int4_h200_s16.*): 981.4 / 981.0 tok/s with the finishing kernel,
+# 1041.9 / 1040.2 without (+6.1%); decode-step logits 4.0e-2 from the reference in both.
+int4_swiglu_in_down = True
 
 
 def int4_accumulated_mlp(h: torch.Tensor, gate_up: ChainProduct, down: ChainProduct, group_size: int,
