@@ -44,6 +44,7 @@ import llmpress.kernels.triton_attention as attention_module
 import llmpress.kernels.triton_int4_accumulate as accumulate_module
 import llmpress.kernels.triton_int4_frag as frag_module
 import llmpress.kernels.triton_int4_rows_split as split_module
+import llmpress.generation.generator as generator_module
 from llmpress.model import StaticKVCache
 from llmpress.model.fusion import fuse_projections
 from llmpress.quant.scheme import QuantScheme
@@ -104,7 +105,8 @@ SETTINGS = {"rope": (ops, "fuse_rope_into_attention"), "steps": (ops, "int4_fuse
             "acc_configs": (accumulate_module, "CONFIGS"), "combine_o": (ops, "int4_combine_in_o"),
             "acc_head": (ops, "int4_accumulate_head"), "xf32_first": (frag_module, "x_f32_loads_first"),
             "norm_waits": (frag_module, "norm_waits_for_loads"), "loads_first": (attention_module, "loads_first"),
-            "finish_first": (accumulate_module, "FINISH_LOADS_FIRST"), "swiglu_down": (ops, "int4_swiglu_in_down")}
+            "finish_first": (accumulate_module, "FINISH_LOADS_FIRST"), "swiglu_down": (ops, "int4_swiglu_in_down"),
+            "device_greedy": (generator_module, "greedy_steps_on_device"), "triton_argmax": (ops, "triton_greedy_tokens")}
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr) in SETTINGS.items()}
 NORM_RES = frozenset({"residual", "norm"})
 STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", combine="kernel"),
@@ -147,7 +149,9 @@ STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", 
                  # the same with q|k|v finished by a kernel of its own before attention (as first measured)
                  "int4-tc-only-acc-apart+head": dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early",
                                                      accumulate=True, acc_attention=False),
-                 "bf16-before": dict(pdl="off", combine="kernel")}
+                 "bf16-before": dict(pdl="off", combine="kernel"),
+                 # bf16 with the host picking each token by torch.argmax, as before session 17
+                 "bf16-host": dict(device_greedy=False, triton_argmax=False)}
 # session 11's defaults, off in every variant above (they ran before them): fp32 x's loads all before the first mma
 # (triton_int4_frag.x_f32_loads_first), attention's splits combined inside the o product (ops.int4_combine_in_o),
 # the int4 head accumulated with its norm folded (ops.int4_accumulate_head). (results/int4_h200_s11*.json also hold
@@ -157,9 +161,13 @@ STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", 
 # 1B's q|k|v tile is one it changes): on in -s11b, -s11c, -s11d, off in -s11 (as timed in session 11). Off by
 # default since session 12: the GPU tests failed with it on (cause not isolated, results/pytest_gpu_s12.log).
 # Session 16's silu(gate) * up in the down product (ops.int4_swiglu_in_down) is off in every variant but -sd.
-SESSION_11 = dict(xf32_first=False, combine_o=False, acc_head=False, norm_waits=False, swiglu_down=False)
+# Session 17's greedy step on the device (generation/greedy_step.py) and Triton argmax (kernels/triton_argmax.py) are
+# off in every variant but -dg and -argmax.
+BEFORE_S17 = dict(device_greedy=False, triton_argmax=False)
+SESSION_11 = dict(xf32_first=False, combine_o=False, acc_head=False, norm_waits=False, swiglu_down=False, **BEFORE_S17)
 STEP_VARIANTS = {label: {**SESSION_11, **settings} for label, settings in STEP_VARIANTS.items()}
-ACCUMULATING = dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", accumulate=True, swiglu_down=False)
+ACCUMULATING = dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", accumulate=True, swiglu_down=False,
+                    **BEFORE_S17)
 STEP_VARIANTS.update({"int4-tc-only-acc-xf32+head": {**ACCUMULATING, **SESSION_11, "xf32_first": True},
                       "int4-tc-only-acc-combine-o+head": dict(ACCUMULATING, acc_head=False),
                       "int4-tc-only-acc-s11+head": dict(ACCUMULATING, norm_waits=False),  # all three
@@ -179,7 +187,13 @@ STEP_VARIANTS.update({"int4-tc-only-acc-xf32+head": {**ACCUMULATING, **SESSION_1
                       # the default decode with silu(gate) * up made by the down product (ops.int4_swiglu_in_down):
                       # no finishing kernel between gate|up and down
                       "int4-tc-only-acc-sd+head": dict(ACCUMULATING, norm_waits=False, swiglu_down=True),
-                      "int4-tc-only-acc-sd-tuned+head": dict(ACCUMULATING, norm_waits=False, swiglu_down=True)})
+                      "int4-tc-only-acc-sd-tuned+head": dict(ACCUMULATING, norm_waits=False, swiglu_down=True),
+                      # and the greedy token picked by the Triton argmax, the host still queueing it (-argmax), or
+                      # inside the step with its next inputs, one graph replay a token (-dg: the default)
+                      "int4-tc-only-acc-argmax+head": dict(ACCUMULATING, norm_waits=False, swiglu_down=True,
+                                                           triton_argmax=True),
+                      "int4-tc-only-acc-dg+head": dict(ACCUMULATING, norm_waits=False, swiglu_down=True,
+                                                       device_greedy=True, triton_argmax=True)})
 
 
 def best_bf16_rate(entry: dict, variants: list[str]) -> float | None:

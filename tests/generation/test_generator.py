@@ -120,3 +120,51 @@ def test_seeded_sampling_is_reproducible(tiny_model):
 
     assert sample(0) == sample(0)
     assert len({tuple(sample(seed)) for seed in (1, 2, 3)}) > 1
+
+
+def logits_step_tokens(model, prompts, params, stop_token_ids=(), **generator_args) -> list[list[int]]:
+    """The same generation through the logits step, the host picking each token (greedy_steps_on_device off)."""
+    import llmpress.generation.generator as generator_module
+    previous, generator_module.greedy_steps_on_device = generator_module.greedy_steps_on_device, False
+    try:
+        generator = Generator(model, 40, batch_size=prompts.shape[0], **generator_args)
+        return generator.generate(prompts, params, stop_token_ids).token_ids.tolist()
+    finally:
+        generator_module.greedy_steps_on_device = previous
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_greedy_steps_on_the_device_give_the_tokens_of_the_logits_step(tiny_model, batch):
+    prompts = random_prompts(batch, 9, seed=3)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    expected = logits_step_tokens(tiny_model, prompts, params)
+    generator = Generator(tiny_model, 40, batch_size=batch)
+    for _ in range(2):  # a second generation reuses the step's buffers
+        assert generator.generate(prompts, params).token_ids.tolist() == expected
+    assert generator._greedy is not None and generator._decode is None  # the device step ran, not the logits one
+    stop = expected[0][10]
+    stopped = generator.generate(prompts, SamplingParams(max_new_tokens=24), stop_token_ids=[stop])
+    assert stopped.token_ids.tolist() == logits_step_tokens(tiny_model, prompts, SamplingParams(max_new_tokens=24),
+                                                            [stop])
+    one = generator.generate(prompts, SamplingParams(max_new_tokens=1, ignore_eos=True)).token_ids.tolist()
+    assert one == [row[:1] for row in expected]
+
+
+def test_sampling_and_repetition_penalty_keep_the_logits_step(tiny_model):
+    generator = Generator(tiny_model, 40)
+    generator.generate(random_prompts(1, 6), SamplingParams(max_new_tokens=4, repetition_penalty=1.3, ignore_eos=True))
+    assert generator._greedy is None and generator._decode is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("mode", ["graph", "compile"])
+def test_captured_greedy_steps_on_cuda_give_the_tokens_of_eager_decoding(mode):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config()).to("cuda").eval()
+    prompts = random_prompts(2, 9, seed=3).cuda()
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    expected = logits_step_tokens(model, prompts, params, mode="eager")
+    assert logits_step_tokens(model, prompts, params, mode=mode) == expected
+    generator = Generator(model, 40, batch_size=2, mode=mode)
+    for _ in range(2):
+        assert generator.generate(prompts, params).token_ids.tolist() == expected

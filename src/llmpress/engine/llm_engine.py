@@ -21,6 +21,7 @@ from llmpress.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from llmpress.engine.sequence import Sequence
 from llmpress.errors import LlmpressError
 from llmpress.generation.sampling import SamplingParams
+from llmpress.kernels import ops
 
 DEFAULT_MAX_MODEL_LEN = 8192  # a 128k-context model would otherwise reserve block tables for 128k tokens
 
@@ -269,7 +270,7 @@ class LLMEngine:
         if not any(c.num_spec_tokens for c in completing):
             tokens = self.sampler.sample(logits, [c.seq for c in completing])
             return {c.seq.seq_id: [t] for c, t in zip(completing, tokens)}
-        argmax = logits.argmax(dim=-1).tolist()
+        argmax = ops.greedy_tokens(logits).tolist()
         last_rows, last_seqs, sampled, row = [], [], {}, 0
         for chunk in completing:
             n = chunk.num_spec_tokens

@@ -14,6 +14,7 @@ import torch
 from llmpress.engine.sequence import Sequence
 from llmpress.engine.transfer import to_device
 from llmpress.generation.sampling import sample_next_token
+from llmpress.kernels import ops
 
 
 class Sampler:
@@ -35,11 +36,11 @@ class Sampler:
         except for rows with a repetition penalty, which read their tokens so far from the host."""
         greedy = [i for i, s in enumerate(seqs) if s.params.greedy and s.params.repetition_penalty == 1.0]
         if len(greedy) == len(seqs):
-            return logits.argmax(dim=-1)
+            return ops.greedy_tokens(logits)
         tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
         if greedy:
             index = to_device(greedy, torch.long, self.device)
-            tokens[index] = logits[index].argmax(dim=-1)
+            tokens[index] = ops.greedy_tokens(logits[index])
         shared = defaultdict(list)  # rows sampled together from the engine generator, by their settings
         chosen = set(greedy)
         for i, seq in enumerate(seqs):

@@ -15,13 +15,20 @@ class GraphedStep:
     read or clone it before the next call.
     """
 
-    def __init__(self, fn: Callable[..., torch.Tensor], example_inputs: tuple[torch.Tensor, ...], warmup_runs: int = 3):
+    def __init__(self, fn: Callable[..., torch.Tensor], example_inputs: tuple[torch.Tensor, ...], warmup_runs: int = 3,
+                 reset: Callable[[], None] | None = None):
+        """reset: called before each warm-up run and before the capture, for a step that advances state of its own
+        (a position it increments), so that warm-up runs start where the captured step will."""
         self.static_inputs = tuple(x.clone() for x in example_inputs)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(warmup_runs):
+                if reset is not None:
+                    reset()
                 fn(*self.static_inputs)
+            if reset is not None:
+                reset()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):

@@ -15,11 +15,15 @@ import torch
 
 from llmpress.errors import LlmpressError
 from llmpress.generation.cuda_graph import GraphedStep
+from llmpress.generation.greedy_step import GreedyStep
 from llmpress.generation.sampling import SamplingParams, sample_next_token
 from llmpress.model import LlamaForCausalLM, StaticKVCache
 from llmpress.quant.linear import use_decode_layouts
 
 DECODE_MODES = ("auto", "eager", "graph", "compile")
+# Greedy decoding without a repetition penalty runs GreedyStep (the argmax and the next inputs inside the step, no
+# host work between steps); False keeps the logits step for it too, for benchmarks/int4_gpu.py's comparison.
+greedy_steps_on_device = True
 
 
 @dataclass
@@ -64,6 +68,7 @@ class Generator:
         use_decode_layouts(model, on_cuda, fuse=fuse if fuse is not None else mode != "eager")
         self.cache = StaticKVCache(model.config, batch_size, max_seq_len, model.dtype, model.device)
         self._decode: Callable | None = None
+        self._greedy: GreedyStep | None = None
 
     # -- steps -------------------------------------------------------------------------------
     def _forward_last(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -89,15 +94,31 @@ class Generator:
             self._decode = GraphedStep(step, (token, last))
         return self._decode
 
-    def warmup(self) -> None:
-        """Compile and capture the decode step now, so that timings exclude it."""
-        self._decode_step_fn()
+    def _greedy_step(self) -> GreedyStep:
+        """The greedy step for this mode, built (compiled, captured) on first use, before any prefill (see above)."""
+        if self._greedy is None:
+            self._greedy = GreedyStep(self._forward_last, self.batch_size, self.max_seq_len, self.model.device,
+                                      self.mode)
+        return self._greedy
+
+    @staticmethod
+    def _greedy_on_device(params: SamplingParams) -> bool:
+        return greedy_steps_on_device and params.greedy and params.repetition_penalty == 1
+
+    def warmup(self, params: SamplingParams | None = None) -> None:
+        """Compile and capture the decode step that `params` (default: greedy) will use now, so that timings
+        exclude it."""
+        if self._greedy_on_device(params or SamplingParams()):
+            self._greedy_step()
+        else:
+            self._decode_step_fn()
 
     # -- generation ----------------------------------------------------------------------------
     @torch.inference_mode()
     def stream(self, prompt_ids: torch.Tensor, params: SamplingParams,
                stop_token_ids: list[int] = ()) -> Iterator[torch.Tensor]:
-        """prompt_ids: [B, T] (same length for every row). Yields the next token ids [B] per step, on device."""
+        """prompt_ids: [B, T] (same length for every row). Yields the next token ids [B] per step, on device
+        (greedy steps yield views into the step's buffer, valid until this generator's next generation)."""
         device = self.model.device
         prompt_ids = prompt_ids.to(device)
         B, T = prompt_ids.shape
@@ -106,7 +127,9 @@ class Generator:
         if T + params.max_new_tokens > self.max_seq_len:
             raise LlmpressError(f"prompt of {T} tokens + {params.max_new_tokens} new tokens exceeds the "
                                 f"{self.max_seq_len}-token cache; shorten the prompt or lower --max-new-tokens.")
-        decode = self._decode_step_fn()
+        on_device = self._greedy_on_device(params)
+        greedy = self._greedy_step() if on_device else None
+        decode = None if on_device else self._decode_step_fn()
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=device).manual_seed(params.seed)
@@ -115,7 +138,10 @@ class Generator:
         logits = self._forward_last(prompt_ids, torch.arange(T, device=device))
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(params.max_new_tokens):
-            token = sample_next_token(logits, params, generator, seen if params.repetition_penalty != 1 else None)
+            if step > 0 and greedy is not None:
+                token = greedy.produced_after(T + step - 1)
+            else:
+                token = sample_next_token(logits, params, generator, seen if params.repetition_penalty != 1 else None)
             yield token
             if not params.ignore_eos:
                 finished |= torch.isin(token, stops)
@@ -123,6 +149,11 @@ class Generator:
                     return
             if step + 1 == params.max_new_tokens:
                 return
+            if greedy is not None:  # the step consumes the token at T + step and picks the next one itself
+                if step == 0:
+                    greedy.start(token, T)
+                greedy.step()
+                continue
             if params.repetition_penalty != 1:
                 seen = torch.cat([seen, token[:, None]], dim=1)
             position = torch.full((1,), T + step, dtype=torch.long, device=device)
@@ -132,7 +163,7 @@ class Generator:
                  stop_token_ids: list[int] = (), on_token: Callable[[torch.Tensor], None] | None = None) -> GenerationOutput:
         """Run to completion; `on_token` (if given) sees each step's tokens [B] on CPU, for streaming."""
         device = self.model.device
-        self._decode_step_fn()  # compile/capture is not part of any timing
+        self.warmup(params)  # compile/capture is not part of any timing
         stop_set = set(stop_token_ids) if not params.ignore_eos else set()
         synchronize(device)
         start = time.perf_counter()

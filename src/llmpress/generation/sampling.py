@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from llmpress.errors import LlmpressError
+from llmpress.kernels import ops
 
 MAX_LOGPROBS = 20  # top alternatives per token, OpenAI's limit
 
@@ -87,6 +88,7 @@ def sample_next_token(logits: torch.Tensor, params: SamplingParams, generator: t
                       seen_ids: torch.Tensor | None = None) -> torch.Tensor:
     """logits: [B, V]. Returns next token ids [B] (int64)."""
     if params.greedy:
-        return processed_logits(logits, params, seen_ids).argmax(dim=-1)
+        return ops.greedy_tokens(processed_logits(logits, params, seen_ids) if params.repetition_penalty != 1
+                                 else logits)
     probs = probabilities(logits, params, seen_ids)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

@@ -14,7 +14,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from llmpress.kernels.reference import (attention_reference, cache_attention_mask, int4_matmul_reference,
+from llmpress.kernels.reference import (attention_reference, cache_attention_mask, greedy_tokens_reference,
+                                       int4_matmul_reference,
                                        int4_matmul_fragments_reference, int4_matmul_rows_reference,
                                        paged_attention_reference, rms_norm_reference, store_kv_paged_reference)
 
@@ -71,6 +72,30 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         causal = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                           enable_gqa=k.shape[1] != q.shape[1])
+
+
+# Greedy tokens through kernels/triton_argmax.py on CUDA (torch.argmax of one 128k row is a reduction PyTorch runs
+# on a few threads); False keeps torch.argmax, for benchmarks/int4_gpu.py's comparison.
+triton_greedy_tokens = True
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """logits: [..., V] -> int64 [...], the index of each row's maximum (the first on ties), like argmax(dim=-1)."""
+    if (_triton_requested(logits) and triton_greedy_tokens and logits.is_cuda and logits.shape[-1] > 0
+            and logits.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+        return torch.ops.llmpress.greedy_tokens(logits)
+    return greedy_tokens_reference(logits)
+
+
+@torch.library.custom_op("llmpress::greedy_tokens", mutates_args=())
+def _greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    from llmpress.kernels.triton_argmax import greedy_tokens_triton
+    return greedy_tokens_triton(logits if logits.stride(-1) == 1 else logits.contiguous())
+
+
+@_greedy_tokens.register_fake
+def _(logits):
+    return logits.new_empty(logits.shape[:-1], dtype=torch.int64)
 
 
 # Steps of 2..8 new tokens of one sequence (a speculative verify step) through the Triton decode kernel too

@@ -93,6 +93,11 @@ def int4_matmul_fragments_reference(x: torch.Tensor, fragments: torch.Tensor, sc
     return int4_matmul_rows_reference(x, fragments_to_rows(fragments), scales.T, zeros.T, group_size)
 
 
+def greedy_tokens_reference(logits: torch.Tensor) -> torch.Tensor:
+    """logits: [..., V] -> int64 [...]: the index of each row's maximum, the first one on ties (torch.argmax)."""
+    return logits.float().argmax(dim=-1)
+
+
 # ---- Paged KV cache (vLLM's PagedAttention layout) ----------------------------------------------------
 # Per layer: k_cache, v_cache [num_blocks, block_size, Hkv, D]; key position t of sequence s lives at
 # cache[block_tables[s, t // block_size], t % block_size]. Quantized caches (int8, float8_e4m3fn) carry one

@@ -23,6 +23,7 @@ import torch
 from llmpress.errors import LlmpressError
 from llmpress.generation.generator import GenerationOutput, synchronize
 from llmpress.generation.sampling import SamplingParams, processed_logits, sample_next_token
+from llmpress.kernels import ops
 from llmpress.model import LlamaForCausalLM
 from llmpress.speculative.device_rounds import DeviceRounds, greedy_keep
 from llmpress.speculative.round_clock import RoundClock
@@ -267,5 +268,5 @@ class SpeculativeGenerator:
             seen = torch.stack(rows)
         logits = processed_logits(target_logits, params, seen)
         if params.greedy:
-            return greedy_accept(logits.argmax(dim=-1), draft.tokens)
+            return greedy_accept(ops.greedy_tokens(logits), draft.tokens)
         return speculative_sample(logits.softmax(dim=-1), draft.tokens, draft.probs, generator)

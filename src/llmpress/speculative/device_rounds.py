@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from llmpress.kernels import ops
 from llmpress.speculative.round_clock import RoundClock
 from llmpress.speculative.steps import CachedModel
 
@@ -97,7 +98,7 @@ class DeviceRounds:
         L = self.length
         ids = torch.cat([self.seq[L - 1], self.drafts])[None]
         logits = self.target.forward_fn()(ids, L - 1 + self.offsets)[0]
-        num_accepted, kept = self.keep(self.drafts, logits.argmax(dim=-1), L)
+        num_accepted, kept = self.keep(self.drafts, ops.greedy_tokens(logits), L)
         self.seq.index_copy_(0, L + self.offsets, kept)
         self.result.copy_(torch.cat([num_accepted[None], kept]))
         self.length.add_(num_accepted + 1)

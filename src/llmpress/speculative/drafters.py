@@ -24,6 +24,7 @@ from torch import nn
 
 from llmpress.errors import LlmpressError
 from llmpress.generation.sampling import SamplingParams, probabilities
+from llmpress.kernels import ops
 from llmpress.model import LlamaForCausalLM
 from llmpress.speculative.steps import CachedModel, ids_on
 
@@ -106,7 +107,7 @@ class ModelDrafter(Drafter):
         tokens, probs = [], []
         for i in range(k):
             if params.greedy:
-                token = logits.argmax(dim=-1)
+                token = ops.greedy_tokens(logits)
             else:  # the draft samples with the target's temperature/top-k/top-p (no repetition penalty)
                 q = probabilities(logits, params)
                 token = torch.multinomial(q, 1, generator=generator).squeeze(-1)
@@ -132,7 +133,7 @@ class ModelDrafter(Drafter):
         logits = forward(seq[positions][None], positions)[:, -1]
         tokens = []
         for i in range(k):
-            token = logits.argmax(dim=-1) if forced is None else forced[i:i + 1]
+            token = ops.greedy_tokens(logits) if forced is None else forced[i:i + 1]
             tokens.append(token)
             if i + 1 < k:  # d_{i+1} goes in at position L + i; the last draft is the verify step's
                 logits = forward(token[None], length + i)[:, -1]

@@ -1,0 +1,65 @@
+"""A greedy decode step whose state stays on the device, so that a step is one graph replay and nothing else.
+
+The logits step (generator.py) returns logits, and the host then queues the argmax, the next position and the copies
+of both into the graph's inputs: five small kernels between two replays, run while the GPU would otherwise start
+the next step. Greedy decoding needs none of them from the host: the step reads its token and position from
+buffers, picks the next token itself (ops.greedy_tokens) and leaves it, and the position after, in those buffers
+for the next replay. Every token it picks is kept in `produced`, so the host reads them when it wants to.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from llmpress.generation.cuda_graph import GraphedStep
+from llmpress.kernels import ops
+
+# (token ids [B, 1], positions [1]) -> logits [B, V] of the last position
+ForwardLast = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class GreedyStep:
+    """`step()` consumes the token at `position` and writes the next one to produced[:, position], then moves on.
+
+    mode: `eager` (plain calls), `graph` (a CUDA graph of them), `compile` (torch.compile, then a CUDA graph).
+    """
+
+    def __init__(self, forward_last: ForwardLast, batch_size: int, max_seq_len: int, device: torch.device,
+                 mode: str):
+        self.max_seq_len = max_seq_len
+        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.produced = torch.zeros(batch_size, max_seq_len, dtype=torch.long, device=device)
+        self._next_token = lambda token, position: ops.greedy_tokens(forward_last(token, position))
+        if mode == "compile":
+            # Inductor's own CUDA graphs stay off: the whole step, state updates included, is captured below.
+            self._next_token = torch.compile(self._next_token, fullgraph=True, dynamic=False,
+                                             options={"coordinate_descent_tuning": True, "triton.cudagraphs": False})
+        self._replay: Callable[[], object] = self._advance
+        if mode in ("graph", "compile"):
+            # Warm-up and capture at the last slot, as the logits step does: the junk k/v written there stays
+            # hidden by the causal mask until a real token overwrites it.
+            with torch.inference_mode():
+                graphed = GraphedStep(self._advance, (), reset=lambda: self.position.fill_(max_seq_len - 1))
+            self._replay = graphed
+
+    def _advance(self) -> torch.Tensor:
+        token = self._next_token(self.token, self.position)
+        self.produced.index_copy_(1, self.position, token[:, None])
+        self.token.copy_(token[:, None])
+        self.position.add_(1)
+        return self.token
+
+    def start(self, token: torch.Tensor, position: int) -> None:
+        """The next step consumes `token` [B] at `position`."""
+        self.token.copy_(token[:, None])
+        self.position.fill_(position)
+
+    def step(self) -> None:
+        self._replay()
+
+    def produced_after(self, position: int) -> torch.Tensor:
+        """[B]: the token a step picked after consuming position `position` (a view, until the next generation)."""
+        return self.produced[:, position]
