@@ -167,6 +167,22 @@ def profile_decode(model, prompt, mode: str, fuse: bool, steps: int = 16) -> Non
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60), flush=True)
 
 
+def timeline_decode(model, prompt, mode: str, fuse: bool, steps: int = 32, step_end: str = "_block_argmax") -> dict:
+    """Busy time and idle gaps of `steps` greedy decode steps (llmpress.bench.timeline), printed and returned."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    from llmpress.bench.timeline import KernelSpan, print_timeline, step_timelines
+    generator = Generator(model, max_seq_len=512, mode=mode, fuse=fuse)
+    generator.generate(prompt, SamplingParams(max_new_tokens=4, ignore_eos=True))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        generator.generate(prompt, SamplingParams(max_new_tokens=steps + 2, ignore_eos=True))
+    kernels = [KernelSpan(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+               if e.device_type == DeviceType.CUDA]
+    summary = step_timelines(kernels, step_end)
+    print_timeline(summary)
+    return summary
+
+
 def print_table(results: dict) -> None:
     print(f"\nBatch-1 decode, bf16, {results['gpu']}, prompt {results['prompt_len']}, {results['new_tokens']} new tokens")
     print(f"{'model':14s} {'best variant':>16s} {'roofline':>9s} {'ours':>8s} {'% roof':>7s} {'ours e2e':>9s} {'HF eager':>9s} {'HF static':>10s} {'x eager':>8s} {'x static':>9s}")

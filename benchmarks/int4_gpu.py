@@ -106,7 +106,8 @@ SETTINGS = {"rope": (ops, "fuse_rope_into_attention"), "steps": (ops, "int4_fuse
             "acc_head": (ops, "int4_accumulate_head"), "xf32_first": (frag_module, "x_f32_loads_first"),
             "norm_waits": (frag_module, "norm_waits_for_loads"), "loads_first": (attention_module, "loads_first"),
             "finish_first": (accumulate_module, "FINISH_LOADS_FIRST"), "swiglu_down": (ops, "int4_swiglu_in_down"),
-            "device_greedy": (generator_module, "greedy_steps_on_device"), "triton_argmax": (ops, "triton_greedy_tokens")}
+            "device_greedy": (generator_module, "greedy_steps_on_device"), "triton_argmax": (ops, "triton_greedy_tokens"),
+            "greedy_graph": (generator_module, "greedy_steps_per_graph")}
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr) in SETTINGS.items()}
 NORM_RES = frozenset({"residual", "norm"})
 STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", combine="kernel"),
@@ -151,7 +152,9 @@ STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", 
                                                      accumulate=True, acc_attention=False),
                  "bf16-before": dict(pdl="off", combine="kernel"),
                  # bf16 with the host picking each token by torch.argmax, as before session 17
-                 "bf16-host": dict(device_greedy=False, triton_argmax=False)}
+                 "bf16-host": dict(device_greedy=False, triton_argmax=False),
+                 # bf16 with 4 greedy steps a CUDA graph
+                 "bf16-g4": dict(greedy_graph=4)}
 # session 11's defaults, off in every variant above (they ran before them): fp32 x's loads all before the first mma
 # (triton_int4_frag.x_f32_loads_first), attention's splits combined inside the o product (ops.int4_combine_in_o),
 # the int4 head accumulated with its norm folded (ops.int4_accumulate_head). (results/int4_h200_s11*.json also hold
@@ -163,7 +166,7 @@ STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", 
 # Session 16's silu(gate) * up in the down product (ops.int4_swiglu_in_down) is off in every variant but -sd.
 # Session 17's greedy step on the device (generation/greedy_step.py) and Triton argmax (kernels/triton_argmax.py) are
 # off in every variant but -dg and -argmax.
-BEFORE_S17 = dict(device_greedy=False, triton_argmax=False)
+BEFORE_S17 = dict(device_greedy=False, triton_argmax=False, greedy_graph=1)
 SESSION_11 = dict(xf32_first=False, combine_o=False, acc_head=False, norm_waits=False, swiglu_down=False, **BEFORE_S17)
 STEP_VARIANTS = {label: {**SESSION_11, **settings} for label, settings in STEP_VARIANTS.items()}
 ACCUMULATING = dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", accumulate=True, swiglu_down=False,
@@ -193,7 +196,10 @@ STEP_VARIANTS.update({"int4-tc-only-acc-xf32+head": {**ACCUMULATING, **SESSION_1
                       "int4-tc-only-acc-argmax+head": dict(ACCUMULATING, norm_waits=False, swiglu_down=True,
                                                            triton_argmax=True),
                       "int4-tc-only-acc-dg+head": dict(ACCUMULATING, norm_waits=False, swiglu_down=True,
-                                                       device_greedy=True, triton_argmax=True)})
+                                                       device_greedy=True, triton_argmax=True),
+                      # and 4 of those steps a CUDA graph (generator.greedy_steps_per_graph)
+                      "int4-tc-only-acc-dg4+head": dict(ACCUMULATING, norm_waits=False, swiglu_down=True,
+                                                        device_greedy=True, triton_argmax=True, greedy_graph=4)})
 
 
 def best_bf16_rate(entry: dict, variants: list[str]) -> float | None:
@@ -248,6 +254,8 @@ def main() -> int:
                              "that fold named explicitly); int4-tc-only, int4-tc-only+head (the same with the fragments "
                              "as the only copy of the weights; list them last); bf16#2, int4#2, ...: a variant again")
     parser.add_argument("--profile", default="", help="comma-separated variants whose decode step's kernels are printed")
+    parser.add_argument("--timeline", default="", help="comma-separated variants whose decode steps' busy time and idle "
+                        "gaps are printed (benchmarks/decode_gpu.py timeline_decode)")
     parser.add_argument("--accumulate-configs", default=None, metavar="JSON",
                         help="the tiles of variants int4-tc-only-acc-tuned+head, int4-tc-only-acc-s11b-tuned+head and "
                              "int4-tc-only-acc-s11-tuned+head (the last two beside triton_int4_accumulate.CONFIGS): "
@@ -332,6 +340,11 @@ def main() -> int:
                     from decode_gpu import profile_decode  # benchmarks/
                     print(f"{arch} {label}: kernels of one decode step", flush=True)
                     profile_decode(model, prompt, "compile", fuse=True)
+                if label in args.timeline.split(","):
+                    from decode_gpu import timeline_decode  # benchmarks/
+                    print(f"{arch} {label}: timeline of greedy decode steps", flush=True)
+                    end = "_block_argmax" if ops.triton_greedy_tokens else "reduce_kernel"
+                    entry[label]["timeline"] = timeline_decode(model, prompt, "compile", fuse=True, step_end=end)
             except Exception as error:  # noqa: BLE001 - recorded and reported, not swallowed
                 entry[label] = {"error": f"{type(error).__name__}: {error}"}
                 print(f"{arch} {label}: FAILED {entry[label]['error']}", flush=True)

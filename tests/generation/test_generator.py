@@ -157,14 +157,21 @@ def test_sampling_and_repetition_penalty_keep_the_logits_step(tiny_model):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("mode", ["graph", "compile"])
-def test_captured_greedy_steps_on_cuda_give_the_tokens_of_eager_decoding(mode):
+@pytest.mark.parametrize("mode,steps_per_graph", [("graph", 1), ("compile", 1), ("compile", 5)])
+def test_captured_greedy_steps_on_cuda_give_the_tokens_of_eager_decoding(mode, steps_per_graph, monkeypatch):
+    import llmpress.generation.generator as generator_module
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_config()).to("cuda").eval()
     prompts = random_prompts(2, 9, seed=3).cuda()
-    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)  # 23 steps: 4 runs of 5, then 3 single ones
     expected = logits_step_tokens(model, prompts, params, mode="eager")
     assert logits_step_tokens(model, prompts, params, mode=mode) == expected
+    monkeypatch.setattr(generator_module, "greedy_steps_per_graph", steps_per_graph)
     generator = Generator(model, 40, batch_size=2, mode=mode)
     for _ in range(2):
         assert generator.generate(prompts, params).token_ids.tolist() == expected
+    assert sorted(generator._greedy._replays) == sorted({1, steps_per_graph})
+    stop = expected[1][12]
+    stopped = generator.generate(prompts, SamplingParams(max_new_tokens=24), stop_token_ids=[stop])
+    assert stopped.token_ids.tolist() == logits_step_tokens(model, prompts, SamplingParams(max_new_tokens=24), [stop],
+                                                            mode="eager")

@@ -24,6 +24,8 @@ DECODE_MODES = ("auto", "eager", "graph", "compile")
 # Greedy decoding without a repetition penalty runs GreedyStep (the argmax and the next inputs inside the step, no
 # host work between steps); False keeps the logits step for it too, for benchmarks/int4_gpu.py's comparison.
 greedy_steps_on_device = True
+# Greedy steps captured together as one CUDA graph, replayed while at least that many tokens are still wanted.
+greedy_steps_per_graph = 1
 
 
 @dataclass
@@ -98,7 +100,7 @@ class Generator:
         """The greedy step for this mode, built (compiled, captured) on first use, before any prefill (see above)."""
         if self._greedy is None:
             self._greedy = GreedyStep(self._forward_last, self.batch_size, self.max_seq_len, self.model.device,
-                                      self.mode)
+                                      self.mode, greedy_steps_per_graph)
         return self._greedy
 
     @staticmethod
@@ -137,6 +139,7 @@ class Generator:
         seen = prompt_ids
         logits = self._forward_last(prompt_ids, torch.arange(T, device=device))
         finished = torch.zeros(B, dtype=torch.bool, device=device)
+        queued = 0  # greedy steps run: tokens 1..queued are in greedy.produced
         for step in range(params.max_new_tokens):
             if step > 0 and greedy is not None:
                 token = greedy.produced_after(T + step - 1)
@@ -149,10 +152,11 @@ class Generator:
                     return
             if step + 1 == params.max_new_tokens:
                 return
-            if greedy is not None:  # the step consumes the token at T + step and picks the next one itself
+            if greedy is not None:  # a step consumes the token at T + step and picks the next one itself
                 if step == 0:
                     greedy.start(token, T)
-                greedy.step()
+                if queued == step:
+                    queued += greedy.steps(params.max_new_tokens - 1 - queued)
                 continue
             if params.repetition_penalty != 1:
                 seen = torch.cat([seen, token[:, None]], dim=1)

@@ -24,10 +24,12 @@ class GreedyStep:
     """`step()` consumes the token at `position` and writes the next one to produced[:, position], then moves on.
 
     mode: `eager` (plain calls), `graph` (a CUDA graph of them), `compile` (torch.compile, then a CUDA graph).
+    steps_per_graph: in the graph modes, also capture that many steps as one graph, which `steps(n)` replays
+    while at least that many are wanted (one launch, and no boundary between graphs, per that many tokens).
     """
 
     def __init__(self, forward_last: ForwardLast, batch_size: int, max_seq_len: int, device: torch.device,
-                 mode: str):
+                 mode: str, steps_per_graph: int = 1):
         self.max_seq_len = max_seq_len
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
@@ -37,13 +39,14 @@ class GreedyStep:
             # Inductor's own CUDA graphs stay off: the whole step, state updates included, is captured below.
             self._next_token = torch.compile(self._next_token, fullgraph=True, dynamic=False,
                                              options={"coordinate_descent_tuning": True, "triton.cudagraphs": False})
-        self._replay: Callable[[], object] = self._advance
+        self._replays: dict[int, Callable[[], object]] = {1: self._advance}
         if mode in ("graph", "compile"):
-            # Warm-up and capture at the last slot, as the logits step does: the junk k/v written there stays
+            # Warm-up and capture at the last slots, as the logits step does: the junk k/v written there stays
             # hidden by the causal mask until a real token overwrites it.
-            with torch.inference_mode():
-                graphed = GraphedStep(self._advance, (), reset=lambda: self.position.fill_(max_seq_len - 1))
-            self._replay = graphed
+            for n in sorted({1, min(steps_per_graph, max_seq_len)}):
+                with torch.inference_mode():
+                    self._replays[n] = GraphedStep(lambda n=n: [self._advance() for _ in range(n)][-1], (),
+                                                   reset=lambda n=n: self.position.fill_(max_seq_len - n))
 
     def _advance(self) -> torch.Tensor:
         token = self._next_token(self.token, self.position)
@@ -57,8 +60,11 @@ class GreedyStep:
         self.token.copy_(token[:, None])
         self.position.fill_(position)
 
-    def step(self) -> None:
-        self._replay()
+    def steps(self, wanted: int) -> int:
+        """Run the longest captured run of steps that is at most `wanted` (>= 1) steps; returns how many ran."""
+        n = max(k for k in self._replays if k <= wanted)
+        self._replays[n]()
+        return n
 
     def produced_after(self, position: int) -> torch.Tensor:
         """[B]: the token a step picked after consuming position `position` (a view, until the next generation)."""

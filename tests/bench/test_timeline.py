@@ -1,0 +1,19 @@
+"""The decode-step timeline summary: busy time as the union of overlapping kernels, idle gaps named by neighbours."""
+
+from llmpress.bench.timeline import KernelSpan, step_timelines
+
+
+def test_overlapping_kernels_count_once_and_gaps_are_named_by_the_kernels_around_them():
+    def step(t0: float) -> list[KernelSpan]:
+        # b overlaps a (PDL) and ends inside c's span; a 2 us gap before the end marker; then 1 us to the next step
+        return [KernelSpan(t0, t0 + 10, "a"), KernelSpan(t0 + 8, t0 + 12, "b"), KernelSpan(t0 + 11, t0 + 20, "c"),
+                KernelSpan(t0 + 22, t0 + 24, "argmax")]
+    kernels = [KernelSpan(-50, -40, "prefill"), KernelSpan(-30, -25, "argmax")]
+    for i in range(4):
+        kernels += step(25.0 * i)
+    summary = step_timelines(list(reversed(kernels)), "argmax", min_gap_us=0.5)
+    assert summary["steps"] == 3  # the interval after the prefill's argmax is left out
+    assert summary["step_us"] == 25.0 and summary["busy_us"] == 22.0 and summary["kernels_per_step"] == 4
+    assert [(g["after"], g["before"], g["us_per_step"], g["per_step"]) for g in summary["gaps"]] == [
+        ("c", "argmax", 2.0, 1.0), ("argmax", "a", 1.0, 1.0)]
+    assert step_timelines(kernels[:3], "argmax") == {"steps": 0}
