@@ -107,8 +107,7 @@ SETTINGS = {"rope": (ops, "fuse_rope_into_attention"), "steps": (ops, "int4_fuse
             "norm_waits": (frag_module, "norm_waits_for_loads"), "loads_first": (attention_module, "loads_first"),
             "finish_first": (accumulate_module, "FINISH_LOADS_FIRST"), "swiglu_down": (ops, "int4_swiglu_in_down"),
             "device_greedy": (generator_module, "greedy_steps_on_device"), "triton_argmax": (ops, "triton_greedy_tokens"),
-            "greedy_graph": (generator_module, "greedy_steps_per_graph"),
-            "prefetch": (attention_module, "prefetch_l2_bytes")}
+            "greedy_graph": (generator_module, "greedy_steps_per_graph")}
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr) in SETTINGS.items()}
 NORM_RES = frozenset({"residual", "norm"})
 STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", combine="kernel"),
@@ -201,11 +200,6 @@ STEP_VARIANTS.update({"int4-tc-only-acc-xf32+head": {**ACCUMULATING, **SESSION_1
                       # and 4 of those steps a CUDA graph (generator.greedy_steps_per_graph)
                       "int4-tc-only-acc-dg4+head": dict(ACCUMULATING, norm_waits=False, swiglu_down=True,
                                                         device_greedy=True, triton_argmax=True, greedy_graph=4)})
-# and attention asking the L2 for the first 8, 16 or 32 MB of the layer's gate|up weights (its 26.35 MB at the 3B:
-# all of them; triton_attention.prefetch_l2_bytes)
-STEP_VARIANTS.update({f"int4-tc-only-acc-pf{mb}+head": dict(ACCUMULATING, norm_waits=False, swiglu_down=True,
-                                                            device_greedy=True, triton_argmax=True, prefetch=mb << 20)
-                      for mb in (8, 16, 32)})
 
 
 def best_bf16_rate(entry: dict, variants: list[str]) -> float | None:

@@ -36,36 +36,3 @@ def test_finishing_kernel_zeroes_its_accumulator_only_after_every_load_of_it(row
     barriers = [i for i, line in enumerate(lines) if "gpu.barrier" in line]
     assert acc_loads and zero_stores, lines
     assert any(max(acc_loads) < b < min(zero_stores) for b in barriers), lines
-
-
-def test_attention_split_kernel_asks_the_l2_for_the_next_weights_only_when_told():
-    """The prefetch is a hint with no result, so only the compiler can show it is there: ptxas must accept the
-    bulk prefetch (sm_90), once a round, and without PREFETCH the kernel has none."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from llmpress.kernels.triton_attention import _split_kernel
-    constexpr_names = {"GROUP", "BLOCK_G", "BLOCK_N", "D", "NUM_SPLITS", "ROPE", "COMBINE", "BLOCK_S", "PDL", "SCALED",
-                       "SQUARES_P2", "LOADS_FIRST", "QUERIES", "BLOCK_T", "GROUP_P2", "PREFETCH", "PREFETCH_LANES",
-                       "PREFETCH_CHUNK"}
-    types = {"k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16", "pos_ptr": "*i64", "counter_ptr": "*i32",
-             "prefetch_ptr": "*u8", "sm_scale": "fp32", "norm_eps": "fp32"}
-    signature = {name: types.get(name, "*fp32" if name.endswith("_ptr") else "i32")
-                 for name in _split_kernel.arg_names if name not in constexpr_names}
-
-    def ptx(prefetch: bool) -> str:
-        constants = dict(GROUP=3, BLOCK_G=16, BLOCK_N=64, D=128, NUM_SPLITS=5, ROPE=True, COMBINE=False, BLOCK_S=8,
-                         PDL=1, SCALED=True, SQUARES_P2=32, LOADS_FIRST=False, QUERIES=1, BLOCK_T=2, GROUP_P2=4,
-                         PREFETCH=prefetch, PREFETCH_LANES=128, PREFETCH_CHUNK=4096)
-        index = {name: i for i, name in enumerate(_split_kernel.arg_names)}
-        source = ASTSource(fn=_split_kernel, signature={**signature, **{k: "constexpr" for k in constants}},
-                           constexprs={(index[k],): v for k, v in constants.items()})
-        try:
-            kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-        except Exception as error:  # a wheel without the NVIDIA backend's tools
-            pytest.skip(f"cannot compile for sm_90 here: {error}")
-        assert kernel.asm["cubin"]  # ptxas took it
-        return kernel.asm["ptx"]
-
-    with_prefetch = ptx(True)
-    assert with_prefetch.count("cp.async.bulk.prefetch.L2.global") == 1  # inside the loop over rounds
-    assert "cp.async.bulk.prefetch" not in ptx(False)

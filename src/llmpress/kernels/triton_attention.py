@@ -46,29 +46,6 @@ loads_first = False
 # from registers (916.2 / 926.1 against 983.8 / 995.3, results/int4_h200_s11_early_kv.*; every split then reads a
 # whole block, past the position too).
 
-# The accumulating decode's split programs also ask the L2 for the first `prefetch_l2_bytes` of the layer's gate|up
-# weights (`cp.async.bulk.prefetch.L2`, a hint with no result): attention reads little and waits on latency, so
-# DRAM idles while it runs; gate|up, two kernels later, then finds part of its weights in L2. 0 = off.
-prefetch_l2_bytes = 0
-PREFETCH_CHUNK = 4096  # bytes a prefetch instruction asks for
-PREFETCH_LANES = 128  # instructions a program issues a round (a thread each at 4 warps)
-
-
-@triton.jit
-def _prefetch_l2(base_ptr, chunks, rounds, LANES: tl.constexpr, CHUNK: tl.constexpr):
-    """This program's share of `chunks` CHUNK-byte runs from base_ptr (bytes), round-robin over all programs."""
-    programs = tl.num_programs(0) * tl.num_programs(1)
-    me = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    lanes = tl.arange(0, LANES)
-    tl.static_assert(CHUNK == 4096, "the asm below spells the size out")
-    for r in range(rounds):
-        chunk = (r * programs + me) * LANES + lanes
-        wanted = (chunk < chunks).to(tl.int32)
-        ptrs = base_ptr + tl.minimum(chunk, chunks - 1).to(tl.int64) * CHUNK
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.u32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], 4096; mov.u32 $0, 0; }",
-            "=r,l,r", [ptrs, wanted], dtype=tl.int32, is_pure=False, pack=1)
-
 
 @triton.jit
 def _load_input(ptrs, mask, scale, dtype_ptr, SCALED: tl.constexpr):
@@ -130,9 +107,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
                   NUM_SPLITS: tl.constexpr, ROPE: tl.constexpr, COMBINE: tl.constexpr, BLOCK_S: tl.constexpr,
                   PDL: tl.constexpr, SCALED: tl.constexpr = False, SQUARES_P2: tl.constexpr = 1,
                   LOADS_FIRST: tl.constexpr = False, QUERIES: tl.constexpr = 1, BLOCK_T: tl.constexpr = 2,
-                  GROUP_P2: tl.constexpr = 1, prefetch_ptr=None, prefetch_chunks=0, prefetch_rounds=0,
-                  PREFETCH: tl.constexpr = False, PREFETCH_LANES: tl.constexpr = 128,
-                  PREFETCH_CHUNK: tl.constexpr = 4096):
+                  GROUP_P2: tl.constexpr = 1):
     """ROPE: q is the projection's raw output (rotated here), and new_k/new_v ([B, Hkv * D] rows) are the new
     token's k/v, rotated and written at slot `position` by the program whose chunk holds it; otherwise
     q is rotated already and the cache holds the new token. COMBINE: the last split program of this KV head
@@ -145,12 +120,9 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
     and sin are computed once a token ([BLOCK_T, D]) and broadcast over its heads: computed a row, the trigonometry
     of 32 rows at T = 6 took 5x the one-token kernel's instructions and spilled (sm_90 SASS). With ROPE new_k/new_v
     hold T rows (stride_nkt, stride_nvt apart), and the program whose chunk holds a token's position writes that
-    token's k, v. PREFETCH: ask the L2 for prefetch_chunks PREFETCH_CHUNK-byte runs from prefetch_ptr (see
-    prefetch_l2_bytes), after the wait, so as not to compete with the previous product's weights."""
+    token's k, v."""
     pdl_start(PDL)
     pdl_wait(PDL)  # q, k, v come from the previous kernel, and the cache grows each step
-    if PREFETCH:
-        _prefetch_l2(prefetch_ptr, prefetch_chunks, prefetch_rounds, PREFETCH_LANES, PREFETCH_CHUNK)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // num_kv_heads
@@ -333,7 +305,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 
 def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple, qkv_norm: tuple | None = None,
-                      splits_only: bool = False, row_strides: tuple = (0, 0), prefetch: torch.Tensor | None = None):
+                      splits_only: bool = False, row_strides: tuple = (0, 0)):
     B, H, T, D = q.shape
     _, Hkv, S, _ = k_cache.shape
     rope = bool(rope_args)
@@ -362,10 +334,6 @@ def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple, qkv_norm
     # PDL where it was measured (kernels/pdl.py): the RoPE variant, between int4 q|k|v and o products
     pdl = launch_mode(q.device) if rope else 0
     block_s = max(2, triton.next_power_of_2(splits))
-    chunks = min(prefetch_l2_bytes, prefetch.nbytes) // PREFETCH_CHUNK if prefetch is not None and prefetch.is_cuda else 0
-    prefetch_args = dict(prefetch_ptr=prefetch.view(torch.uint8) if chunks else part_lse, prefetch_chunks=chunks,
-                         prefetch_rounds=triton.cdiv(chunks, B * Hkv * splits * PREFETCH_LANES), PREFETCH=chunks > 0,
-                         PREFETCH_LANES=PREFETCH_LANES, PREFETCH_CHUNK=PREFETCH_CHUNK)
     _split_kernel[(B * Hkv, splits)](
         q, k_cache, v_cache, positions, part_out, part_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -376,7 +344,7 @@ def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple, qkv_norm
         SQUARES_P2=max(2, triton.next_power_of_2(squares_n)), LOADS_FIRST=rope and loads_first,
         num_warps=4 if T == 1 else 8,  # several tokens: 8 warps halve each thread's rows (sm_90: 3648 instructions
         # a thread, 32 spilled stores, against 5624 and 64 on 4 warps at T = 6 for the 3B)
-        QUERIES=T, BLOCK_T=block_t, GROUP_P2=group_p2, launch_pdl=bool(pdl), **prefetch_args)
+        QUERIES=T, BLOCK_T=block_t, GROUP_P2=group_p2, launch_pdl=bool(pdl))
     if splits_only:
         return part_out.view(B, H, splits, D), part_lse.view(B, H, splits)
     if not in_kernel:
@@ -400,15 +368,13 @@ def decode_attention_rope_triton(qkv: torch.Tensor, num_heads: int, inv_freq: to
 
 
 def decode_attention_rope_splits(qkv: torch.Tensor, num_heads: int, inv_freq: torch.Tensor, k_cache: torch.Tensor,
-                                 v_cache: torch.Tensor, positions: torch.Tensor, qkv_norm: tuple | None = None,
-                                 prefetch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                 v_cache: torch.Tensor, positions: torch.Tensor,
+                                 qkv_norm: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`decode_attention_rope_triton` without its combine kernel: the splits' softmax-normalised outputs [B, H, S,
     D] fp32 and log-sum-exps [B, H, S] (S = `splits_for`), for a product that combines them as it loads them
-    (triton_int4_accumulate.frag_accumulate_splits). prefetch: weights a later kernel reads, whose first
-    `prefetch_l2_bytes` the programs ask the L2 for (on CUDA)."""
+    (triton_int4_accumulate.frag_accumulate_splits)."""
     q_heads, rope_args, _ = _rope_operands(qkv, num_heads, inv_freq, k_cache)
-    return _decode_attention(q_heads, k_cache, v_cache, positions, rope_args, qkv_norm, splits_only=True,
-                             prefetch=prefetch)
+    return _decode_attention(q_heads, k_cache, v_cache, positions, rope_args, qkv_norm, splits_only=True)
 
 
 def _rope_operands(qkv: torch.Tensor, num_heads: int, inv_freq: torch.Tensor, k_cache: torch.Tensor):

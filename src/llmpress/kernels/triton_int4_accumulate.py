@@ -314,16 +314,13 @@ def splits_combine_fits(k_cache: torch.Tensor, o_scales: torch.Tensor, group_siz
 
 def frag_accumulated_attention_o(h: torch.Tensor, qkv_product: tuple, norm_weight: torch.Tensor, eps: float,
                                  num_heads: int, inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                 positions: torch.Tensor, o_product: tuple, group_size: int,
-                                 prefetch: torch.Tensor | None = None) -> None:
+                                 positions: torch.Tensor, o_product: tuple, group_size: int) -> None:
     """h [1, K] fp32 += o(attention(q|k|v(rmsnorm(h)))) in place, in three kernels: q|k|v accumulated
     (`frag_accumulated_attention`), the attention's splits without their combine kernel, and o over the splits,
     combining them as it loads them (`frag_accumulate_splits`; needs `splits_combine_fits`). The q|k|v workspace
     is left for the layer's gate|up finishing kernel to zero, as with `frag_accumulated_attention`. qkv_product,
-    o_product: (fragments, scales, zeros). prefetch: the weights attention asks the L2 for (the layer's gate|up
-    fragments; triton_attention.prefetch_l2_bytes)."""
+    o_product: (fragments, scales, zeros)."""
     from llmpress.kernels.triton_attention import decode_attention_rope_splits
     qkv, qkv_norm = _accumulated_qkv(h, *qkv_product, group_size, norm_weight, eps)
-    parts, lse = decode_attention_rope_splits(qkv, num_heads, inv_freq, k_cache, v_cache, positions, qkv_norm,
-                                              prefetch)
+    parts, lse = decode_attention_rope_splits(qkv, num_heads, inv_freq, k_cache, v_cache, positions, qkv_norm)
     frag_accumulate_splits(parts, lse, *o_product, group_size, h)
