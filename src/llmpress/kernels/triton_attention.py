@@ -45,6 +45,9 @@ loads_first = False
 # results/int4_h200_s11_ab.*), or with the position, bounded by the cache's length, the new token's k and v put in
 # from registers (916.2 / 926.1 against 983.8 / 995.3, results/int4_h200_s11_early_kv.*; every split then reads a
 # whole block, past the position too).
+# Tried in session 17 and removed: the split programs asking the L2 for the layer's gate|up weights after their wait
+# (cp.async.bulk.prefetch.L2, 4 KB an instruction), while DRAM idles: 3B int4 decode 953.9 / 935.3 / 873.0 tok/s for
+# 8 / 16 / 32 MB against 1084.6 / 1090.7 without (results/int4_h200_s17c.*, commit 2ee5e82).
 
 
 @triton.jit
