@@ -107,7 +107,8 @@ SETTINGS = {"rope": (ops, "fuse_rope_into_attention"), "steps": (ops, "int4_fuse
             "norm_waits": (frag_module, "norm_waits_for_loads"), "loads_first": (attention_module, "loads_first"),
             "finish_first": (accumulate_module, "FINISH_LOADS_FIRST"), "swiglu_down": (ops, "int4_swiglu_in_down"),
             "device_greedy": (generator_module, "greedy_steps_on_device"), "triton_argmax": (ops, "triton_greedy_tokens"),
-            "greedy_graph": (generator_module, "greedy_steps_per_graph")}
+            "greedy_graph": (generator_module, "greedy_steps_per_graph"),
+            "advance_rows": (ops, "GREEDY_ADVANCE_MAX_ROWS")}
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr) in SETTINGS.items()}
 NORM_RES = frozenset({"residual", "norm"})
 STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", combine="kernel"),
@@ -153,8 +154,8 @@ STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", 
                  "bf16-before": dict(pdl="off", combine="kernel"),
                  # bf16 with the host picking each token by torch.argmax, as before session 17
                  "bf16-host": dict(device_greedy=False, triton_argmax=False),
-                 # bf16 with 4 greedy steps a CUDA graph
-                 "bf16-g4": dict(greedy_graph=4)}
+                 # bf16 with 4 greedy steps a CUDA graph (the default since session 17), or 1
+                 "bf16-g4": dict(greedy_graph=4), "bf16-g1": dict(greedy_graph=1)}
 # session 11's defaults, off in every variant above (they ran before them): fp32 x's loads all before the first mma
 # (triton_int4_frag.x_f32_loads_first), attention's splits combined inside the o product (ops.int4_combine_in_o),
 # the int4 head accumulated with its norm folded (ops.int4_accumulate_head). (results/int4_h200_s11*.json also hold
@@ -166,7 +167,7 @@ STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", 
 # Session 16's silu(gate) * up in the down product (ops.int4_swiglu_in_down) is off in every variant but -sd.
 # Session 17's greedy step on the device (generation/greedy_step.py) and Triton argmax (kernels/triton_argmax.py) are
 # off in every variant but -dg and -argmax.
-BEFORE_S17 = dict(device_greedy=False, triton_argmax=False, greedy_graph=1)
+BEFORE_S17 = dict(device_greedy=False, triton_argmax=False, greedy_graph=1, advance_rows=0)
 SESSION_11 = dict(xf32_first=False, combine_o=False, acc_head=False, norm_waits=False, swiglu_down=False, **BEFORE_S17)
 STEP_VARIANTS = {label: {**SESSION_11, **settings} for label, settings in STEP_VARIANTS.items()}
 ACCUMULATING = dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", accumulate=True, swiglu_down=False,
@@ -199,7 +200,14 @@ STEP_VARIANTS.update({"int4-tc-only-acc-xf32+head": {**ACCUMULATING, **SESSION_1
                                                        device_greedy=True, triton_argmax=True),
                       # and 4 of those steps a CUDA graph (generator.greedy_steps_per_graph)
                       "int4-tc-only-acc-dg4+head": dict(ACCUMULATING, norm_waits=False, swiglu_down=True,
-                                                        device_greedy=True, triton_argmax=True, greedy_graph=4)})
+                                                        device_greedy=True, triton_argmax=True, greedy_graph=4),
+                      # and the step's ending (token, produced, position) written by the argmax's second kernel
+                      # (ops.greedy_advance), 1 or 4 steps a graph (-dgf4: the default decode since session 17)
+                      "int4-tc-only-acc-dgf+head": dict(ACCUMULATING, norm_waits=False, swiglu_down=True,
+                                                        device_greedy=True, triton_argmax=True, advance_rows=8),
+                      "int4-tc-only-acc-dgf4+head": dict(ACCUMULATING, norm_waits=False, swiglu_down=True,
+                                                         device_greedy=True, triton_argmax=True, advance_rows=8,
+                                                         greedy_graph=4)})
 
 
 def best_bf16_rate(entry: dict, variants: list[str]) -> float | None:

@@ -58,13 +58,49 @@ def test_reference_is_torch_argmax_and_cpu_ops_use_it():
     assert greedy_tokens_reference(nan_row).item() == BLOCK + 7  # torch.argmax's NaN rule, which the kernel keeps
 
 
+def advance_cases(device: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(logits, token, produced, position) for greedy_advance: 1 and 3 rows, positions 0 and the last slot."""
+    torch.manual_seed(1)
+    cases = []
+    for rows, position, dtype in ((1, 0, torch.bfloat16), (3, 6, torch.float32), (3, 3, torch.float16)):
+        logits = torch.randn(rows, 2 * BLOCK + 5).to(dtype)
+        logits[-1, BLOCK + 1] = logits[-1, 3] = 50.0  # a tie across blocks: the first
+        cases.append((logits, torch.full((rows, 1), -1), torch.full((rows, 7), -1), torch.tensor([position])))
+    return [tuple(t.to(device) for t in case) for case in cases]
+
+
+def advanced(advance, device: str) -> list[list[list[int]]]:
+    """The buffers after advance(*case) for each case: token, produced, position."""
+    out = []
+    for logits, token, produced, position in advance_cases(device):
+        advance(logits, token, produced, position)
+        out.append([token.tolist(), produced.tolist(), position.tolist()])
+    return out
+
+
+def expected_advance() -> list[list[list[int]]]:
+    def reference(logits, token, produced, position):
+        tokens = logits.float().argmax(dim=-1)
+        produced[:, position.item()] = tokens
+        token[:, 0] = tokens
+        position += 1
+    return advanced(reference, "cpu")
+
+
+def test_greedy_advance_on_the_cpu_writes_the_token_twice_and_moves_the_position():
+    assert advanced(ops.greedy_advance, "cpu") == expected_advance()
+    token, produced, position = expected_advance()[2]  # position 3 -> 4, both copies of the token agree
+    assert position == [4] and token == [[row[3]] for row in produced] and all(row.count(-1) == 6 for row in produced)
+
+
 INTERPRETED = """
 import json
-from tests.kernels.test_argmax import argmax_cases
-from llmpress.kernels.triton_argmax import BLOCK, greedy_tokens_triton
+from tests.kernels.test_argmax import advance_cases, advanced, argmax_cases
+from llmpress.kernels.triton_argmax import BLOCK, greedy_advance_triton, greedy_tokens_triton
 import torch
 assert BLOCK == 2048
 print(json.dumps([torch.atleast_1d(greedy_tokens_triton(logits)).tolist() for _, logits in argmax_cases("cpu")]))
+print(json.dumps(advanced(greedy_advance_triton, "cpu")))
 """
 
 
@@ -74,9 +110,10 @@ def test_triton_kernels_under_the_interpreter_match_torch_argmax():
     result = subprocess.run([sys.executable, "-c", INTERPRETED], env={**os.environ, "TRITON_INTERPRET": "1"},
                             capture_output=True, text=True, timeout=600, cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
-    got = json.loads(result.stdout.splitlines()[-1])
+    got = json.loads(result.stdout.splitlines()[-2])
     for (name, _), tokens, expected in zip(argmax_cases("cpu"), got, expected_tokens()):
         assert tokens == expected, name
+    assert json.loads(result.stdout.splitlines()[-1]) == expected_advance()
 
 
 @pytest.mark.skipif(not ops.triton_available(), reason="needs a CUDA GPU")
@@ -94,3 +131,4 @@ def test_triton_kernels_on_cuda_match_torch_argmax_and_capture_in_a_graph():
         logits.copy_(torch.randn_like(logits))
         graph.replay()
         assert tokens.tolist() == logits.float().argmax(dim=-1).tolist()
+    assert advanced(ops.greedy_advance, "cuda") == expected_advance()

@@ -3,8 +3,8 @@
 The logits step (generator.py) returns logits, and the host then queues the argmax, the next position and the copies
 of both into the graph's inputs: five small kernels between two replays, run while the GPU would otherwise start
 the next step. Greedy decoding needs none of them from the host: the step reads its token and position from
-buffers, picks the next token itself (ops.greedy_tokens) and leaves it, and the position after, in those buffers
-for the next replay. Every token it picks is kept in `produced`, so the host reads them when it wants to.
+buffers, picks the next token itself and leaves it, and the position after, in those buffers for the next replay
+(ops.greedy_advance: on CUDA the argmax's two kernels, the second also writing the token and the position). Every token it picks is kept in `produced`, so the host reads them when it wants to.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ class GreedyStep:
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.produced = torch.zeros(batch_size, max_seq_len, dtype=torch.long, device=device)
-        self._next_token = lambda token, position: ops.greedy_tokens(forward_last(token, position))
+        self._forward_last = forward_last
         if mode == "compile":
-            # Inductor's own CUDA graphs stay off: the whole step, state updates included, is captured below.
-            self._next_token = torch.compile(self._next_token, fullgraph=True, dynamic=False,
-                                             options={"coordinate_descent_tuning": True, "triton.cudagraphs": False})
+            # Inductor's own CUDA graphs stay off: the whole step, its ending included, is captured below.
+            self._forward_last = torch.compile(forward_last, fullgraph=True, dynamic=False,
+                                               options={"coordinate_descent_tuning": True, "triton.cudagraphs": False})
         self._replays: dict[int, Callable[[], object]] = {1: self._advance}
         if mode in ("graph", "compile"):
             # Warm-up and capture at the last slots, as the logits step does: the junk k/v written there stays
@@ -49,10 +49,8 @@ class GreedyStep:
                                                    reset=lambda n=n: self.position.fill_(max_seq_len - n))
 
     def _advance(self) -> torch.Tensor:
-        token = self._next_token(self.token, self.position)
-        self.produced.index_copy_(1, self.position, token[:, None])
-        self.token.copy_(token[:, None])
-        self.position.add_(1)
+        logits = self._forward_last(self.token, self.position)
+        ops.greedy_advance(logits, self.token, self.produced, self.position)  # two kernels on CUDA
         return self.token
 
     def start(self, token: torch.Tensor, position: int) -> None:

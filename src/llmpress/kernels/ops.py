@@ -98,6 +98,35 @@ def _(logits):
     return logits.new_empty(logits.shape[:-1], dtype=torch.int64)
 
 
+# Rows the one-program ending of `greedy_advance` takes on CUDA; more rows keep torch's ops after greedy_tokens.
+GREEDY_ADVANCE_MAX_ROWS = 8
+
+
+def greedy_advance(logits: torch.Tensor, token: torch.Tensor, produced: torch.Tensor, position: torch.Tensor) -> None:
+    """A greedy decode step's ending, in place: token[:, 0] = produced[:, position] = argmax of each row of logits
+    [B, V], then position [1] += 1 (token [B, 1] and produced [B, S] int64: generation/greedy_step.py)."""
+    if (_triton_requested(logits) and triton_greedy_tokens and logits.is_cuda and logits.dim() == 2
+            and logits.shape[0] <= GREEDY_ADVANCE_MAX_ROWS and logits.dtype in (torch.float32, torch.bfloat16,
+                                                                              torch.float16)):
+        torch.ops.llmpress.greedy_advance(logits, token, produced, position)
+        return
+    next_token = greedy_tokens(logits)
+    produced.index_copy_(1, position, next_token[:, None])
+    token.copy_(next_token[:, None])
+    position.add_(1)
+
+
+@torch.library.custom_op("llmpress::greedy_advance", mutates_args=("token", "produced", "position"))
+def _greedy_advance(logits: torch.Tensor, token: torch.Tensor, produced: torch.Tensor, position: torch.Tensor) -> None:
+    from llmpress.kernels.triton_argmax import greedy_advance_triton
+    greedy_advance_triton(logits if logits.stride(-1) == 1 else logits.contiguous(), token, produced, position)
+
+
+@_greedy_advance.register_fake
+def _(logits, token, produced, position):
+    return None
+
+
 # Steps of 2..8 new tokens of one sequence (a speculative verify step) through the Triton decode kernel too
 # (triton_attention.decode_attention_triton, each query its own causal limit) instead of SDPA with a mask over the
 # whole cache, for every model. Off: timed for the int4 3B's verify step only (H200, compile mode): 2.35 and 2.54 ms

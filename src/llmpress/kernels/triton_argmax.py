@@ -40,6 +40,45 @@ def _row_argmax(block_max_ptr, block_index_ptr, tokens_ptr, blocks, BLOCKS: tl.c
     tl.store(tokens_ptr + row, tl.load(block_index_ptr + row * blocks + at).to(tl.int64))
 
 
+@triton.jit
+def _rows_argmax_advance(block_max_ptr, block_index_ptr, blocks, token_ptr, token_stride, produced_ptr,
+                         produced_stride, position_ptr, ROWS: tl.constexpr, BLOCKS: tl.constexpr):
+    """A greedy step's ending in one program: each row's token into token[row] (the next step's input) and
+    produced[row, position], then position + 1 (generation/greedy_step.py)."""
+    b = tl.arange(0, BLOCKS)
+    position = tl.load(position_ptr)
+    for row in tl.static_range(ROWS):
+        values = tl.load(block_max_ptr + row * blocks + b, mask=b < blocks, other=float("-inf"))
+        _, at = tl.max(values, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        token = tl.load(block_index_ptr + row * blocks + at).to(tl.int64)
+        tl.store(token_ptr + row * token_stride, token)
+        tl.store(produced_ptr + row * produced_stride + position, token)
+    tl.debug_barrier()  # every thread has read the position before one of them moves it on
+    tl.store(position_ptr, position + 1)
+
+
+def _block_maxima(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Stage one over rows [R, V] (last dim contiguous): each block's max and where it is, [R, blocks] each."""
+    num_rows, vocab = rows.shape
+    blocks = triton.cdiv(vocab, BLOCK)
+    block_max = torch.empty(num_rows, blocks, dtype=torch.float32, device=rows.device)
+    block_index = torch.empty(num_rows, blocks, dtype=torch.int32, device=rows.device)
+    _block_argmax[(blocks, num_rows)](rows, rows.stride(0), vocab, block_max, block_index, blocks, BLOCK=BLOCK,
+                                      num_warps=8)
+    return block_max, block_index, blocks
+
+
+def greedy_advance_triton(logits: torch.Tensor, token: torch.Tensor, produced: torch.Tensor,
+                          position: torch.Tensor) -> None:
+    """logits [B, V]; token [B, 1], produced [B, S] int64; position [1] int64: token[:, 0] = produced[:, position] =
+    argmax of each row, then position += 1, in place (the reference: ops.greedy_advance)."""
+    assert logits.dim() == 2 and logits.stride(-1) == 1 and logits.shape[0] == token.shape[0] == produced.shape[0]
+    assert token.dtype == produced.dtype == position.dtype == torch.int64 and produced.stride(1) == 1
+    block_max, block_index, blocks = _block_maxima(logits)
+    _rows_argmax_advance[(1,)](block_max, block_index, blocks, token, token.stride(0), produced, produced.stride(0),
+                               position, ROWS=logits.shape[0], BLOCKS=triton.next_power_of_2(blocks), num_warps=1)
+
+
 def greedy_tokens_triton(logits: torch.Tensor) -> torch.Tensor:
     """logits: [..., V] (fp32/bf16/fp16, last dim contiguous) -> int64 [...], the index of each row's maximum."""
     assert logits.stride(-1) == 1, "greedy_tokens_triton takes logits whose last dim is contiguous"
@@ -48,13 +87,9 @@ def greedy_tokens_triton(logits: torch.Tensor) -> torch.Tensor:
     if rows.stride(0) < vocab:  # a reshape that could not be a view gives contiguous rows; broadcast rows do not
         rows = rows.contiguous()
     num_rows = rows.shape[0]
-    blocks = triton.cdiv(vocab, BLOCK)
-    block_max = torch.empty(num_rows, blocks, dtype=torch.float32, device=logits.device)
-    block_index = torch.empty(num_rows, blocks, dtype=torch.int32, device=logits.device)
     tokens = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     if num_rows:
-        _block_argmax[(blocks, num_rows)](rows, rows.stride(0), vocab, block_max, block_index, blocks, BLOCK=BLOCK,
-                                          num_warps=8)
+        block_max, block_index, blocks = _block_maxima(rows)
         _row_argmax[(num_rows,)](block_max, block_index, tokens, blocks, BLOCKS=triton.next_power_of_2(blocks),
                                  num_warps=1)
     return tokens.reshape(logits.shape[:-1])
