@@ -25,9 +25,10 @@ DECODE_MODES = ("auto", "eager", "graph", "compile")
 # host work between steps); False keeps the logits step for it too, for benchmarks/int4_gpu.py's comparison.
 greedy_steps_on_device = True
 # Greedy steps captured together as one CUDA graph, replayed while at least that many tokens are still wanted.
-# 4: the 3B's bf16 decode on the H200 ran 419.0 / 430.8 against 354.5 / 374.2 tok/s with one step a graph
-# (results/int4_h200_s17b.*), 352.2 / 393.0 against 342.1 / 381.2 (int4_h200_s17d.*); int4 the same either way.
-greedy_steps_per_graph = 4
+# 1: four a graph made no difference the H200 could tell apart from bf16's spread between compilations (3B bf16, four
+# steps a graph first: 430.8 / 419.0 against 354.5 / 374.2 tok/s, results/int4_h200_s17b.*; 352.2 / 393.0 against
+# 342.1 / 381.2, int4_h200_s17d.*; then 363.8 / 361.3 against 396.9 / 411.4, int4_h200_s17e.*); int4 the same.
+greedy_steps_per_graph = 1
 
 
 @dataclass
