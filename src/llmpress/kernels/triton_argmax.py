@@ -1,11 +1,11 @@
 """Greedy next tokens: the argmax of each row of logits [R, V], in two small Triton kernels.
 
 At batch 1 torch.argmax over a 128k vocabulary is one reduction of a single output, which PyTorch runs on a few
-threads: 27.8 us a token on the H200 (results/int4_h200_s11_ab.log, 17 calls of `reduce_kernel` in a 16-step
-profile), about 3% of the int4 3B's decode step. Here the row is split over many programs: each finds the max of
-its BLOCK values and where it is, then one program a row picks the best of those. Ties go to the lowest index and
-a NaN counts as +inf, as in torch.argmax (which returns the first NaN; here a NaN ties with +inf, which no finite
-logits reach). Reference: `reference.greedy_tokens_reference`.
+threads: 26.3 us on the H200, about 3% of the int4 3B's decode step; these kernels take 2.75 us
+(benchmarks/argmax_gpu.py, results/argmax_h200.*). The row is split over many programs: each finds the max of its
+BLOCK values and where it is, then one program a row picks the best of those. Ties go to the lowest index, as in
+torch.argmax, and a NaN counts as +inf (torch.argmax returns the first NaN: the two differ only for a row holding
++inf before its first NaN). Reference: `reference.greedy_tokens_reference`.
 """
 
 from __future__ import annotations
