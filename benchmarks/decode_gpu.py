@@ -168,17 +168,13 @@ def profile_decode(model, prompt, mode: str, fuse: bool, steps: int = 16) -> Non
 
 
 def timeline_decode(model, prompt, mode: str, fuse: bool, steps: int = 32, step_end: str = "_block_argmax") -> dict:
-    """Busy time and idle gaps of `steps` greedy decode steps (llmpress.bench.timeline), printed and returned. One
-    step a CUDA graph: with four, the profiler's records of the replays came out incomplete (int4_h200_s17d.log)."""
+    """Busy time and idle gaps of `steps` greedy decode steps (llmpress.bench.timeline), printed and returned.
+    `step_end` names the kernel that ends a step: the Triton argmax's first, or "ArgMax" for torch.argmax (the host
+    loop: its float cast and the other reductions also run `reduce_kernel`, which broke int4_h200_s17d.log's)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
-    import llmpress.generation.generator as generator_module
     from llmpress.bench.timeline import KernelSpan, print_timeline, step_timelines
-    previous, generator_module.greedy_steps_per_graph = generator_module.greedy_steps_per_graph, 1
-    try:
-        generator = Generator(model, max_seq_len=512, mode=mode, fuse=fuse)
-    finally:
-        generator_module.greedy_steps_per_graph = previous
+    generator = Generator(model, max_seq_len=512, mode=mode, fuse=fuse)
     generator.generate(prompt, SamplingParams(max_new_tokens=4, ignore_eos=True))
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         generator.generate(prompt, SamplingParams(max_new_tokens=steps + 2, ignore_eos=True))

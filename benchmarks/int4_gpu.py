@@ -44,6 +44,7 @@ import llmpress.kernels.triton_attention as attention_module
 import llmpress.kernels.triton_int4_accumulate as accumulate_module
 import llmpress.kernels.triton_int4_frag as frag_module
 import llmpress.kernels.triton_int4_rows_split as split_module
+import llmpress.generation.cuda_graph as cuda_graph_module
 import llmpress.generation.generator as generator_module
 from llmpress.model import StaticKVCache
 from llmpress.model.fusion import fuse_projections
@@ -108,7 +109,8 @@ SETTINGS = {"rope": (ops, "fuse_rope_into_attention"), "steps": (ops, "int4_fuse
             "finish_first": (accumulate_module, "FINISH_LOADS_FIRST"), "swiglu_down": (ops, "int4_swiglu_in_down"),
             "device_greedy": (generator_module, "greedy_steps_on_device"), "triton_argmax": (ops, "triton_greedy_tokens"),
             "greedy_graph": (generator_module, "greedy_steps_per_graph"),
-            "advance_rows": (ops, "GREEDY_ADVANCE_MAX_ROWS")}
+            "advance_rows": (ops, "GREEDY_ADVANCE_MAX_ROWS"),
+            "compile_options": (cuda_graph_module, "STEP_COMPILE_OPTIONS")}
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr) in SETTINGS.items()}
 NORM_RES = frozenset({"residual", "norm"})
 STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", combine="kernel"),
@@ -153,9 +155,7 @@ STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", 
                                                      accumulate=True, acc_attention=False),
                  "bf16-before": dict(pdl="off", combine="kernel"),
                  # bf16 with the host picking each token by torch.argmax, as before session 17
-                 "bf16-host": dict(device_greedy=False, triton_argmax=False),
-                 # bf16 with 4 greedy steps a CUDA graph, or 1 (the default)
-                 "bf16-g4": dict(greedy_graph=4), "bf16-g1": dict(greedy_graph=1)}
+                 "bf16-host": dict(device_greedy=False, triton_argmax=False)}
 # session 11's defaults, off in every variant above (they ran before them): fp32 x's loads all before the first mma
 # (triton_int4_frag.x_f32_loads_first), attention's splits combined inside the o product (ops.int4_combine_in_o),
 # the int4 head accumulated with its norm folded (ops.int4_accumulate_head). (results/int4_h200_s11*.json also hold
@@ -170,6 +170,13 @@ STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", 
 BEFORE_S17 = dict(device_greedy=False, triton_argmax=False, greedy_graph=1, advance_rows=0)
 SESSION_11 = dict(xf32_first=False, combine_o=False, acc_head=False, norm_waits=False, swiglu_down=False, **BEFORE_S17)
 STEP_VARIANTS = {label: {**SESSION_11, **settings} for label, settings in STEP_VARIANTS.items()}
+# Today's bf16 decode with one change. (Until session 17's last commit bf16-g4 and bf16-g1 sat above and took
+# SESSION_11's settings too, so in results/int4_h200_s17{b,d,e}.* they ran the host loop of bf16-host, not the
+# greedy step on the device.)
+STEP_VARIANTS.update({"bf16-g4": dict(greedy_graph=4), "bf16-g1": dict(greedy_graph=1),
+                      # without Inductor's coordinate-descent tuning (is it bf16's spread between compilations?)
+                      "bf16-nocd": dict(compile_options={**cuda_graph_module.STEP_COMPILE_OPTIONS,
+                                                         "coordinate_descent_tuning": False})})
 ACCUMULATING = dict(tc=True, frag_only=True, tc_swiglu=True, pdl="early", accumulate=True, swiglu_down=False,
                     **BEFORE_S17)
 STEP_VARIANTS.update({"int4-tc-only-acc-xf32+head": {**ACCUMULATING, **SESSION_11, "xf32_first": True},
@@ -351,7 +358,7 @@ def main() -> int:
                 if label in args.timeline.split(","):
                     from decode_gpu import timeline_decode  # benchmarks/
                     print(f"{arch} {label}: timeline of greedy decode steps", flush=True)
-                    end = "_block_argmax" if ops.triton_greedy_tokens else "reduce_kernel"
+                    end = "_block_argmax" if ops.triton_greedy_tokens else "ArgMax"  # torch's reduce_kernel<ArgMaxOps>
                     entry[label]["timeline"] = timeline_decode(model, prompt, "compile", fuse=True, step_end=end)
             except Exception as error:  # noqa: BLE001 - recorded and reported, not swallowed
                 entry[label] = {"error": f"{type(error).__name__}: {error}"}

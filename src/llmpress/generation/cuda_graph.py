@@ -6,6 +6,12 @@ from typing import Callable
 
 import torch
 
+# torch.compile's options for a step captured whole as one CUDA graph: Inductor's own CUDA graphs stay off (we
+# capture the step ourselves), and coordinate descent tunes each kernel's launch configuration by timing it. The
+# 3B's bf16 decode varies 342-441 tok/s between compilations on the H200 (benchmarks/NOTES.md, session 17); whether
+# that is the tuning is not known yet (benchmarks/int4_gpu.py's bf16-nocd variant turns it off).
+STEP_COMPILE_OPTIONS = {"coordinate_descent_tuning": True, "triton.cudagraphs": False}
+
 
 class GraphedStep:
     """Wraps `fn(*inputs) -> Tensor` whose inputs keep their shapes; calls copy into static buffers and replay.

@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 import torch
 
 from llmpress.errors import LlmpressError
+from llmpress.generation import cuda_graph
 from llmpress.generation.cuda_graph import GraphedStep
 from llmpress.generation.greedy_step import GreedyStep
 from llmpress.generation.sampling import SamplingParams, sample_next_token
@@ -25,9 +26,8 @@ DECODE_MODES = ("auto", "eager", "graph", "compile")
 # host work between steps); False keeps the logits step for it too, for benchmarks/int4_gpu.py's comparison.
 greedy_steps_on_device = True
 # Greedy steps captured together as one CUDA graph, replayed while at least that many tokens are still wanted.
-# 1: four a graph made no difference the H200 could tell apart from bf16's spread between compilations (3B bf16, four
-# steps a graph first: 430.8 / 419.0 against 354.5 / 374.2 tok/s, results/int4_h200_s17b.*; 352.2 / 393.0 against
-# 342.1 / 381.2, int4_h200_s17d.*; then 363.8 / 361.3 against 396.9 / 411.4, int4_h200_s17e.*); int4 the same.
+# 1: four a graph ran the 3B's int4 decode on the H200 at 1083.7 / 1081.4 tok/s against 1085.3 / 1080.0
+# (results/int4_h200_s17b.*) and 1092.0 / 1090.6 against 1089.4 / 1091.4 (int4_h200_s17e.*); bf16 not timed yet.
 greedy_steps_per_graph = 1
 
 
@@ -90,7 +90,7 @@ class Generator:
         if self.mode == "compile":
             # Inductor's own CUDA graphs stay off: we capture the whole step ourselves below.
             step = torch.compile(self._forward_last, fullgraph=True, dynamic=False,
-                                 options={"coordinate_descent_tuning": True, "triton.cudagraphs": False})
+                                 options=dict(cuda_graph.STEP_COMPILE_OPTIONS))
         # Capture before any prefill: warm-up writes junk k/v at the last slot, which the causal mask
         # hides until a real token overwrites it.
         last = torch.full((1,), self.max_seq_len - 1, dtype=torch.long, device=self.model.device)

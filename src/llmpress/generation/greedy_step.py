@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from llmpress.generation import cuda_graph
 from llmpress.generation.cuda_graph import GraphedStep
 from llmpress.kernels import ops
 
@@ -40,7 +41,7 @@ class GreedyStep:
         if mode == "compile":
             # Inductor's own CUDA graphs stay off: the whole step, its ending included, is captured below.
             self._forward_last = torch.compile(forward_last, fullgraph=True, dynamic=False,
-                                               options={"coordinate_descent_tuning": True, "triton.cudagraphs": False})
+                                               options=dict(cuda_graph.STEP_COMPILE_OPTIONS))
         self._replays: dict[int, Callable[[], object]] = {1: self._advance}
         if mode in ("graph", "compile"):
             # Warm-up and capture at the last slots, as the logits step does: the junk k/v written there stays

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from llmpress.errors import LlmpressError
+from llmpress.generation import cuda_graph
 from llmpress.generation.cuda_graph import GraphedStep
 from llmpress.generation.generator import DECODE_MODES
 from llmpress.model import StaticKVCache
@@ -95,7 +96,7 @@ class CachedModel:
         if self._compiled is None:
             allow_recompiles()
             self._compiled = torch.compile(self._forward_all, fullgraph=True, dynamic=False,
-                                           options={"coordinate_descent_tuning": True, "triton.cudagraphs": False})
+                                           options=dict(cuda_graph.STEP_COMPILE_OPTIONS))
         return self._compiled
 
     def step_fn(self, m: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
