@@ -15,30 +15,12 @@ from datetime import date
 
 import torch
 
+from kernels_gpu import time_per_call_us  # benchmarks/
 from results_out import save_results  # benchmarks/
 from llmpress.bench.roofline import device_name
 from llmpress.kernels import ops
 
 CALLS = 20  # per graph
-
-
-def time_in_graph(fn, logits: torch.Tensor, replays: int = 50) -> float:
-    """Microseconds per call of fn(logits), CALLS calls captured in one CUDA graph."""
-    fn(logits)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS):
-            fn(logits)
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (replays * CALLS)
 
 
 def main() -> int:
@@ -59,7 +41,8 @@ def main() -> int:
             case = results["cases"][f"{rows} x {args.vocab} {str(dtype).removeprefix('torch.')}"] = {}
             for name, fn in ways.items():
                 same = torch.equal(fn(logits), expected)
-                case[name] = {"same_tokens": same, "us_per_call": time_in_graph(fn, logits)}
+                case[name] = {"same_tokens": same,
+                              "us_per_call": time_per_call_us(fn, [(logits,)] * CALLS, replays=50)}
     print(f"{results['gpu']}, {CALLS} calls per CUDA graph")
     print(f"{'logits':24s} {'way':48s} {'us/call':>8s} same")
     for label, case in results["cases"].items():

@@ -33,7 +33,6 @@ class GreedyStep:
 
     def __init__(self, forward_last: ForwardLast, batch_size: int, max_seq_len: int, device: torch.device,
                  mode: str, steps_per_graph: int = 1):
-        self.max_seq_len = max_seq_len
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.produced = torch.zeros(batch_size, max_seq_len, dtype=torch.long, device=device)
