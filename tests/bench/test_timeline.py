@@ -16,4 +16,8 @@ def test_overlapping_kernels_count_once_and_gaps_are_named_by_the_kernels_around
     assert summary["step_us"] == 25.0 and summary["busy_us"] == 22.0 and summary["kernels_per_step"] == 4
     assert [(g["after"], g["before"], g["us_per_step"], g["per_step"]) for g in summary["gaps"]] == [
         ("c", "argmax", 2.0, 1.0), ("argmax", "a", 1.0, 1.0)]
+    # busy time by kernel: a 10, b the 2 us past a's end, c the 8 past b's, argmax 2: they add up to the busy time
+    credited = {k["name"]: (k["us_per_step"], k["per_step"]) for k in summary["kernels"]}
+    assert credited == {"a": (10.0, 1.0), "c": (8.0, 1.0), "b": (2.0, 1.0), "argmax": (2.0, 1.0)}
+    assert sum(us for us, _ in credited.values()) == summary["busy_us"]
     assert step_timelines(kernels[:3], "argmax") == {"steps": 0}
