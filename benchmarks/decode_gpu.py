@@ -167,10 +167,12 @@ def profile_decode(model, prompt, mode: str, fuse: bool, steps: int = 16) -> Non
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60), flush=True)
 
 
-def timeline_decode(model, prompt, mode: str, fuse: bool, steps: int = 32, step_end: str = "_block_argmax") -> dict:
+def timeline_decode(model, prompt, mode: str, fuse: bool, steps: int = 32, step_end: str = "_block_argmax",
+                    label=None) -> dict:
     """Busy time and idle gaps of `steps` greedy decode steps (llmpress.bench.timeline), printed and returned.
     `step_end` names the kernel that ends a step: the Triton argmax's first, or "ArgMax" for torch.argmax (the host
-    loop: its float cast and the other reductions also run `reduce_kernel`, which broke int4_h200_s17d.log's)."""
+    loop: its float cast and the other reductions also run `reduce_kernel`, which broke int4_h200_s17d.log's);
+    `label`: see step_timelines."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     from llmpress.bench.timeline import KernelSpan, print_timeline, step_timelines
@@ -180,7 +182,7 @@ def timeline_decode(model, prompt, mode: str, fuse: bool, steps: int = 32, step_
         generator.generate(prompt, SamplingParams(max_new_tokens=steps + 2, ignore_eos=True))
     kernels = [KernelSpan(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                if e.device_type == DeviceType.CUDA]
-    summary = step_timelines(kernels, step_end)
+    summary = step_timelines(kernels, step_end, label=label)
     print_timeline(summary)
     return summary
 

@@ -109,7 +109,7 @@ SETTINGS = {"rope": (ops, "fuse_rope_into_attention"), "steps": (ops, "int4_fuse
             "finish_first": (accumulate_module, "FINISH_LOADS_FIRST"), "swiglu_down": (ops, "int4_swiglu_in_down"),
             "device_greedy": (generator_module, "greedy_steps_on_device"), "triton_argmax": (ops, "triton_greedy_tokens"),
             "greedy_graph": (generator_module, "greedy_steps_per_graph"),
-            "advance_rows": (ops, "GREEDY_ADVANCE_MAX_ROWS"),
+            "advance_rows": (ops, "GREEDY_ADVANCE_MAX_ROWS"), "attention_warps": (attention_module, "decode_warps"),
             "compile_options": (cuda_graph_module, "STEP_COMPILE_OPTIONS")}
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr) in SETTINGS.items()}
 NORM_RES = frozenset({"residual", "norm"})
@@ -215,6 +215,13 @@ STEP_VARIANTS.update({"int4-tc-only-acc-xf32+head": {**ACCUMULATING, **SESSION_1
                       "int4-tc-only-acc-dgf4+head": dict(ACCUMULATING, norm_waits=False, swiglu_down=True,
                                                          device_greedy=True, triton_argmax=True, advance_rows=8,
                                                          greedy_graph=4)})
+# Session 18: the default decode with attention's small loads first (triton_attention.loads_first, written in session
+# 11, never timed), or its one-token programs on 2 or 8 warps (triton_attention.decode_warps, 4 by default).
+DGF = dict(ACCUMULATING, norm_waits=False, swiglu_down=True, device_greedy=True, triton_argmax=True, advance_rows=8)
+STEP_VARIANTS.update({"int4-tc-only-acc-dgf-lf+head": dict(DGF, loads_first=True),
+                      "int4-tc-only-acc-dgf-aw2+head": dict(DGF, attention_warps=2),
+                      "int4-tc-only-acc-dgf-aw8+head": dict(DGF, attention_warps=8),
+                      "int4-tc-only-acc-dgf-lf-aw2+head": dict(DGF, loads_first=True, attention_warps=2)})
 
 
 def best_bf16_rate(entry: dict, variants: list[str]) -> float | None:
@@ -223,6 +230,18 @@ def best_bf16_rate(entry: dict, variants: list[str]) -> float | None:
     rates = [entry[v]["decode_tokens_per_s"] for v in variants
              if v.startswith("bf16") and "decode_tokens_per_s" in entry.get(v, {})]
     return max(rates) if rates else None
+
+
+def product_label(layers: int):
+    """Names each call of the accumulating product kernel in a decode step's timeline by its product: a layer runs it
+    for q|k|v, o and gate|up in that order (down has a kernel of its own), then the head once."""
+    products = ("q|k|v", "o", "gate|up")
+
+    def label(name: str, i: int) -> str:
+        if name != "_frag_accumulate":
+            return name
+        return f"{name} [{products[i % 3] if i < 3 * layers else 'lm_head'}]"
+    return label
 
 
 def base_label(label: str) -> str:
@@ -359,7 +378,8 @@ def main() -> int:
                     from decode_gpu import timeline_decode  # benchmarks/
                     print(f"{arch} {label}: timeline of greedy decode steps", flush=True)
                     end = "_block_argmax" if ops.triton_greedy_tokens else "ArgMax"  # torch's reduce_kernel<ArgMaxOps>
-                    entry[label]["timeline"] = timeline_decode(model, prompt, "compile", fuse=True, step_end=end)
+                    entry[label]["timeline"] = timeline_decode(model, prompt, "compile", fuse=True, step_end=end,
+                                                               label=product_label(config.num_hidden_layers))
             except Exception as error:  # noqa: BLE001 - recorded and reported, not swallowed
                 entry[label] = {"error": f"{type(error).__name__}: {error}"}
                 print(f"{arch} {label}: FAILED {entry[label]['error']}", flush=True)

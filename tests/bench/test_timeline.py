@@ -21,3 +21,14 @@ def test_overlapping_kernels_count_once_and_gaps_are_named_by_the_kernels_around
     assert credited == {"a": (10.0, 1.0), "c": (8.0, 1.0), "b": (2.0, 1.0), "argmax": (2.0, 1.0)}
     assert sum(us for us, _ in credited.values()) == summary["busy_us"]
     assert step_timelines(kernels[:3], "argmax") == {"steps": 0}
+
+
+def test_a_label_tells_the_calls_of_one_kernel_apart_by_their_place_in_the_step():
+    def step(t0: float) -> list[KernelSpan]:
+        return [KernelSpan(t0, t0 + 3, "gemv"), KernelSpan(t0 + 3, t0 + 4, "attention"), KernelSpan(t0 + 4, t0 + 9, "gemv"),
+                KernelSpan(t0 + 9, t0 + 10, "argmax")]
+    kernels = [KernelSpan(-5, -4, "argmax")] + step(0.0) + step(10.0) + step(20.0)
+    summary = step_timelines(kernels, "argmax", label=lambda name, i: f"{name} {'qkv' if i == 0 else 'o'}"
+                             if name == "gemv" else name)
+    credited = {k["name"]: (k["us_per_step"], k["per_step"]) for k in summary["kernels"]}
+    assert credited == {"gemv o": (5.0, 1.0), "gemv qkv": (3.0, 1.0), "attention": (1.0, 1.0), "argmax": (1.0, 1.0)}

@@ -8,6 +8,7 @@ intervals) and the idle gaps between, each gap named by the kernels before and a
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -18,14 +19,17 @@ class KernelSpan:
     name: str
 
 
-def step_timelines(kernels: list[KernelSpan], step_end: str, min_gap_us: float = 0.5, skip: int = 1) -> dict:
+def step_timelines(kernels: list[KernelSpan], step_end: str, min_gap_us: float = 0.5, skip: int = 1,
+                   label: Callable[[str, int], str] | None = None) -> dict:
     """kernels: one profiled run, any order. A step ends with a kernel whose name contains `step_end` (the last
     kernel of every step, and of the prefill); a step runs from the previous one's end to its own, so the gap
     before its first kernel is its own; the first `skip` steps are left out (the one after the prefill waits for the
     host's first-token timing). Summary over the steps: mean step time, busy time and kernels, the
     idle gaps of at least `min_gap_us`, by the pair of kernels around them (mean us a step, how often a step), and
     the busy time by kernel name: each kernel is credited with the time by which it extends the union of the
-    kernels before it, so the credits add up to the busy time and a kernel hidden under another's tail gets none."""
+    kernels before it, so the credits add up to the busy time and a kernel hidden under another's tail gets none.
+    `label(name, i)` (i: how many kernels of that name came before it in the step) names what a kernel is credited
+    as, so that one kernel serving several products (q|k|v, o, ...) can be told apart by its place in the layer."""
     kernels = sorted(kernels, key=lambda k: k.start_us)
     ends = [i for i, k in enumerate(kernels) if step_end in k.name][skip:]
     if len(ends) < 2:
@@ -37,14 +41,17 @@ def step_timelines(kernels: list[KernelSpan], step_end: str, min_gap_us: float =
     for a, b in zip(ends, ends[1:]):
         step, previous = kernels[a + 1:b + 1], kernels[a]
         busy, reach, last_name = 0.0, previous.end_us, previous.name
+        seen: dict[str, int] = defaultdict(int)
         for k in step:
+            name = label(k.name, seen[k.name]) if label else k.name
+            seen[k.name] += 1
             gap = k.start_us - reach
             if gap >= min_gap_us:
                 gaps[(last_name, k.name)].append(gap)
-            launches[k.name] += 1
+            launches[name] += 1
             if k.end_us > reach:
                 busy += k.end_us - max(k.start_us, reach)
-                credit[k.name] += k.end_us - max(k.start_us, reach)
+                credit[name] += k.end_us - max(k.start_us, reach)
                 reach, last_name = k.end_us, k.name
         busy_total += busy
         span_total += kernels[b].end_us - previous.end_us

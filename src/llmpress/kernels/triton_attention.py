@@ -40,6 +40,8 @@ combine = "kernel"
 # its layout conversions (barriers) came between them, and the sm_90 SASS (compiled on the CPU machine) showed
 # three rounds of loads before the keys' cp.async: the shares and position; inv_freq; q. Not timed yet: off.
 loads_first = False
+# Warps of a one-token split program (its GROUP heads padded to 16 rows x D, a block of 64 keys at a time).
+decode_warps = 4
 # Tried in session 11 and removed, both slower for the 3B's int4 decode on the H200: the split programs' first block
 # of keys and values loaded before the PDL wait (958.3 / 956.3 against 1000.1 / 999.9 tok/s,
 # results/int4_h200_s11_ab.*), or with the position, bounded by the cache's length, the new token's k and v put in
@@ -345,7 +347,7 @@ def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple, qkv_norm
         GROUP=group, BLOCK_G=block_g, BLOCK_N=BLOCK_N, D=D, NUM_SPLITS=splits,
         ROPE=rope, COMBINE=in_kernel, BLOCK_S=block_s, PDL=pdl, SCALED=qkv_norm is not None,
         SQUARES_P2=max(2, triton.next_power_of_2(squares_n)), LOADS_FIRST=rope and loads_first,
-        num_warps=4 if T == 1 else 8,  # several tokens: 8 warps halve each thread's rows (sm_90: 3648 instructions
+        num_warps=decode_warps if T == 1 else 8,  # several tokens: 8 warps halve each thread's rows (sm_90: 3648 instructions
         # a thread, 32 spilled stores, against 5624 and 64 on 4 warps at T = 6 for the 3B)
         QUERIES=T, BLOCK_T=block_t, GROUP_P2=group_p2, launch_pdl=bool(pdl))
     if splits_only:
