@@ -110,7 +110,6 @@ SETTINGS = {"rope": (ops, "fuse_rope_into_attention"), "steps": (ops, "int4_fuse
             "device_greedy": (generator_module, "greedy_steps_on_device"), "triton_argmax": (ops, "triton_greedy_tokens"),
             "greedy_graph": (generator_module, "greedy_steps_per_graph"),
             "advance_rows": (ops, "GREEDY_ADVANCE_MAX_ROWS"), "attention_warps": (attention_module, "decode_warps"),
-            "o_prefetch": (accumulate_module, "o_prefetch_l2_bytes"),
             "compile_options": (cuda_graph_module, "STEP_COMPILE_OPTIONS")}
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr) in SETTINGS.items()}
 NORM_RES = frozenset({"residual", "norm"})
@@ -223,10 +222,6 @@ STEP_VARIANTS.update({"int4-tc-only-acc-dgf-lf+head": dict(DGF, loads_first=True
                       "int4-tc-only-acc-dgf-aw2+head": dict(DGF, attention_warps=2),
                       "int4-tc-only-acc-dgf-aw8+head": dict(DGF, attention_warps=8),
                       "int4-tc-only-acc-dgf-lf-aw2+head": dict(DGF, loads_first=True, attention_warps=2)})
-# and the o product asking the L2 for the first 8 or 16 MB, or all 25.2, of the layer's gate|up weights before its
-# wait (triton_int4_accumulate.o_prefetch_l2_bytes, kernels/l2_prefetch.py), with attention's loads first or not
-STEP_VARIANTS.update({f"int4-tc-only-acc-dgf{lf}-opf{mb}+head": dict(DGF, o_prefetch=mb << 20, loads_first=bool(lf))
-                      for mb in (8, 16, 32) for lf in ("", "-lf")})
 
 
 def best_bf16_rate(entry: dict, variants: list[str]) -> float | None:

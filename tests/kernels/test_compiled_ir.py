@@ -36,33 +36,3 @@ def test_finishing_kernel_zeroes_its_accumulator_only_after_every_load_of_it(row
     barriers = [i for i, line in enumerate(lines) if "gpu.barrier" in line]
     assert acc_loads and zero_stores, lines
     assert any(max(acc_loads) < b < min(zero_stores) for b in barriers), lines
-
-
-@pytest.mark.parametrize("prefetch", [True, False])
-def test_o_product_asks_the_l2_for_the_next_weights_before_its_wait_only_when_told(prefetch):
-    """The prefetch is a hint with no result, so only the compiler can show it is there: ptxas must take the bulk
-    prefetch (sm_90), and it must come before the tile's PDL wait, so that it overlaps the kernel before."""
-    import torch
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from llmpress.kernels.triton_int4_accumulate import _frag_accumulate
-    from llmpress.kernels.triton_int4_frag import frag_gemv_asm
-    asm = frag_gemv_asm(4, 1, 128, torch.bfloat16, 8, False, 2, False, 1, atomic=True, x_f32=True, x_splits=8)
-    signature = {"qw_ptr": "*i32", "x_ptr": "*fp32", "s_ptr": "*bf16", "z_ptr": "*u8", "acc_ptr": "*fp32",
-                 "nw_ptr": "*fp32", "squares_ptr": "*fp32", "N": "i32", "G": "i32", "prefetch_ptr": "*u8",
-                 "prefetch_chunks": "i32", "prefetch_rounds": "i32"}
-    constants = dict(ASM=asm, NUM_WARPS=4, EXTRA=True, ROWS=1, PREFETCH=prefetch, PREFETCH_LANES=128)
-    index = {name: i for i, name in enumerate(_frag_accumulate.arg_names)}
-    source = ASTSource(fn=_frag_accumulate, signature={**signature, **{k: "constexpr" for k in constants}},
-                       constexprs={(index[k],): v for k, v in constants.items()})
-    try:
-        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    except Exception as error:  # a wheel without the NVIDIA backend's tools
-        pytest.skip(f"cannot compile for sm_90 here: {error}")
-    assert kernel.asm["cubin"]  # ptxas took it
-    ptx = kernel.asm["ptx"]
-    assert "griddepcontrol.wait" in ptx
-    if prefetch:
-        assert ptx.index("cp.async.bulk.prefetch.L2.global") < ptx.index("griddepcontrol.wait")
-    else:
-        assert "cp.async.bulk.prefetch" not in ptx

@@ -689,19 +689,17 @@ int4_combine_in_o = True
 def int4_accumulated_attention_o(h: torch.Tensor, qkv: ChainProduct, o: ChainProduct, group_size: int,
                                  dtype: torch.dtype, num_heads: int, cos: torch.Tensor, sin: torch.Tensor,
                                  inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                 positions: torch.Tensor, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                                 positions: torch.Tensor) -> torch.Tensor:
     """h [1, K] fp32 += o(attention of one new token whose q|k|v is `qkv` (with its norm) of h), in place, and
     returns h: `int4_accumulated_attention` then `int4_accumulate`, or on CUDA (`int4_combine_in_o`, where
     `splits_combine_fits`) with the attention's splits combined inside the o product. Like
-    `int4_accumulated_attention`, it leaves the q|k|v accumulator for the next `int4_accumulated_norm` to zero.
-    `prefetch`: the next product's weights, which the o product asks the L2 for (a hint: the same result;
-    triton_int4_accumulate.o_prefetch_l2_bytes)."""
+    `int4_accumulated_attention`, it leaves the q|k|v accumulator for the next `int4_accumulated_norm` to zero."""
     if int4_combine_in_o and accumulate_into_attention_applies(h, cos, k_cache):
         from llmpress.kernels.triton_int4_accumulate import splits_combine_fits
         if splits_combine_fits(k_cache, o.scales, group_size):
             torch.ops.llmpress.int4_accumulated_attention_o(h, *qkv.tensors(), qkv.eps, group_size, num_heads,
                                                             inv_freq, k_cache, v_cache, positions,
-                                                            *o.tensors()[:3], prefetch)
+                                                            *o.tensors()[:3])
             return h
     out = int4_accumulated_attention(h, qkv, group_size, dtype, num_heads, cos, sin, inv_freq, k_cache, v_cache,
                                      positions)
@@ -713,15 +711,15 @@ def _int4_accumulated_attention_o(h: torch.Tensor, fragments: torch.Tensor, scal
                                   norm_weight: torch.Tensor, eps: float, group_size: int, num_heads: int,
                                   inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                   positions: torch.Tensor, o_fragments: torch.Tensor, o_scales: torch.Tensor,
-                                  o_zeros: torch.Tensor, prefetch: torch.Tensor | None = None) -> None:
+                                  o_zeros: torch.Tensor) -> None:
     from llmpress.kernels.triton_int4_accumulate import frag_accumulated_attention_o
     frag_accumulated_attention_o(h, (fragments, scales, zeros), norm_weight, eps, num_heads, inv_freq, k_cache,
-                                 v_cache, positions, (o_fragments, o_scales, o_zeros), group_size, prefetch)
+                                 v_cache, positions, (o_fragments, o_scales, o_zeros), group_size)
 
 
 @_int4_accumulated_attention_o.register_fake
 def _(h, fragments, scales, zeros, norm_weight, eps, group_size, num_heads, inv_freq, k_cache, v_cache, positions,
-      o_fragments, o_scales, o_zeros, prefetch=None):
+      o_fragments, o_scales, o_zeros):
     return None
 
 

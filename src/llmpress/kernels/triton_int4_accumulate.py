@@ -24,7 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-from llmpress.kernels.l2_prefetch import prefetch_l2, prefetch_operands
 from llmpress.kernels.pdl import launch_mode, pdl_start, pdl_wait
 from llmpress.kernels import triton_int4_frag
 import math
@@ -59,15 +58,10 @@ def tile_config(N: int, G: int, M: int = 1, must_fit: bool = True) -> tuple[int,
 
 @triton.jit
 def _frag_accumulate(qw_ptr, x_ptr, s_ptr, z_ptr, acc_ptr, nw_ptr, squares_ptr, N, G, ASM: tl.constexpr,
-                     NUM_WARPS: tl.constexpr, EXTRA: tl.constexpr, ROWS: tl.constexpr = 1, prefetch_ptr=None,
-                     prefetch_chunks=1, prefetch_rounds=0, PREFETCH: tl.constexpr = False,
-                     PREFETCH_LANES: tl.constexpr = 128):
+                     NUM_WARPS: tl.constexpr, EXTRA: tl.constexpr, ROWS: tl.constexpr = 1):
     """acc [ROWS, N] fp32 += this program's (row tiles, groups) share of W x; with the norm, squares[pid_k, row] =
     its sum(h^2) share of each row (every row-tile program of a group program writes the same values); with split
-    results as x, nw_ptr is their log-sum-exps (EXTRA: either). PREFETCH: first ask the L2 for prefetch_chunks
-    4 KB runs from prefetch_ptr (kernels/l2_prefetch.py), before the tile's loads and its PDL wait."""
-    if PREFETCH:
-        prefetch_l2(prefetch_ptr, prefetch_chunks, prefetch_rounds, PREFETCH_LANES)
+    results as x, nw_ptr is their log-sum-exps (EXTRA: either)."""
     run_tile_asm(ASM, qw_ptr, x_ptr, s_ptr, z_ptr, acc_ptr, nw_ptr, squares_ptr + tl.program_id(1) * ROWS, N, G,
                  NUM_WARPS, EXTRA)
 
@@ -103,19 +97,12 @@ def frag_accumulate(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tens
     return split
 
 
-# Bytes of the layer's gate|up weights that the o product's programs ask the L2 for before their PDL wait, while
-# attention runs (kernels/l2_prefetch.py; the 3B's gate|up fragments are 25.2 MB). 0: off, until timed.
-o_prefetch_l2_bytes = 0
-
-
 def frag_accumulate_splits(parts: torch.Tensor, lse: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor,
-                           zeros: torch.Tensor, group_size: int, out: torch.Tensor,
-                           prefetch: torch.Tensor | None = None) -> None:
+                           zeros: torch.Tensor, group_size: int, out: torch.Tensor) -> None:
     """out [1, N] fp32 += W x for x the decode attention's output given as its unfinished splits: parts
     [1, H, S, D] fp32 (each split's softmax-normalised output) and lse [1, H, S] (its log-sum-exp), D = group_size,
     S <= 8 (triton_attention.py `decode_attention_rope_splits`). The combine (a kernel of its own there) happens in
-    the product: frag_gemv_asm(x_splits=S). `prefetch`: weights the next product reads, whose first
-    `o_prefetch_l2_bytes` the programs ask the L2 for first."""
+    the product: frag_gemv_asm(x_splits=S)."""
     G, N = scales.shape
     _, H, S, D = parts.shape
     assert H == G and D == group_size and 1 <= S <= 8 and lse.shape == (1, H, S), (parts.shape, lse.shape, G)
@@ -125,10 +112,9 @@ def frag_accumulate_splits(parts: torch.Tensor, lse: torch.Tensor, fragments: to
     pdl = launch_mode(parts.device)
     asm = frag_gemv_asm(warps, groups_per_warp, group_size, scales.dtype, S, False, tiles, False, pdl, atomic=True,
                         x_f32=True, x_splits=S)
-    grid = (N // (16 * warps * tiles), G // groups_per_warp)
-    _frag_accumulate[grid](
+    _frag_accumulate[(N // (16 * warps * tiles), G // groups_per_warp)](
         fragments, parts, scales, zeros, out, lse, out, N, G, ASM=asm, NUM_WARPS=warps, EXTRA=True, num_warps=warps,
-        launch_pdl=bool(pdl), **prefetch_operands(prefetch, o_prefetch_l2_bytes, grid[0] * grid[1], fragments))
+        launch_pdl=bool(pdl))
 
 
 @triton.jit
@@ -328,14 +314,13 @@ def splits_combine_fits(k_cache: torch.Tensor, o_scales: torch.Tensor, group_siz
 
 def frag_accumulated_attention_o(h: torch.Tensor, qkv_product: tuple, norm_weight: torch.Tensor, eps: float,
                                  num_heads: int, inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                 positions: torch.Tensor, o_product: tuple, group_size: int,
-                                 prefetch: torch.Tensor | None = None) -> None:
+                                 positions: torch.Tensor, o_product: tuple, group_size: int) -> None:
     """h [1, K] fp32 += o(attention(q|k|v(rmsnorm(h)))) in place, in three kernels: q|k|v accumulated
     (`frag_accumulated_attention`), the attention's splits without their combine kernel, and o over the splits,
     combining them as it loads them (`frag_accumulate_splits`; needs `splits_combine_fits`). The q|k|v workspace
     is left for the layer's gate|up finishing kernel to zero, as with `frag_accumulated_attention`. qkv_product,
-    o_product: (fragments, scales, zeros). prefetch: what o asks the L2 for (the layer's gate|up fragments)."""
+    o_product: (fragments, scales, zeros)."""
     from llmpress.kernels.triton_attention import decode_attention_rope_splits
     qkv, qkv_norm = _accumulated_qkv(h, *qkv_product, group_size, norm_weight, eps)
     parts, lse = decode_attention_rope_splits(qkv, num_heads, inv_freq, k_cache, v_cache, positions, qkv_norm)
-    frag_accumulate_splits(parts, lse, *o_product, group_size, h, prefetch)
+    frag_accumulate_splits(parts, lse, *o_product, group_size, h)

@@ -60,8 +60,7 @@ def forward(model: nn.Module, plan: list[dict], input_ids: torch.Tensor, positio
         if T == 1:
             h = ops.int4_accumulated_attention_o(h, products["qkv"], products["o"], group_size, dtype,
                                                  attn.num_heads, cos, sin, attn.rotary[0].inv_freq,
-                                                 kv_cache.keys[i], kv_cache.values[i], positions,
-                                                 prefetch=products["gate_up"].fragments)
+                                                 kv_cache.keys[i], kv_cache.values[i], positions)
         else:  # ops decides, as for one token, whether attention reads the q|k|v accumulator itself (`folded`)
             out = ops.int4_accumulated_attention(h, products["qkv"], group_size, dtype, attn.num_heads, cos, sin,
                                                  attn.rotary[0].inv_freq, kv_cache.keys[i], kv_cache.values[i],
