@@ -167,7 +167,8 @@ STEP_VARIANTS = {"int4-apart": dict(rope="never", steps=frozenset(), pdl="off", 
 # Session 16's silu(gate) * up in the down product (ops.int4_swiglu_in_down) is off in every variant but -sd.
 # Session 17's greedy step on the device (generation/greedy_step.py) and Triton argmax (kernels/triton_argmax.py) are
 # off in every variant but -dg and -argmax.
-BEFORE_S17 = dict(device_greedy=False, triton_argmax=False, greedy_graph=1, advance_rows=0)
+# (and session 18's attention loads first, triton_attention.loads_first: on only in the -lf variants below)
+BEFORE_S17 = dict(device_greedy=False, triton_argmax=False, greedy_graph=1, advance_rows=0, loads_first=False)
 SESSION_11 = dict(xf32_first=False, combine_o=False, acc_head=False, norm_waits=False, swiglu_down=False, **BEFORE_S17)
 STEP_VARIANTS = {label: {**SESSION_11, **settings} for label, settings in STEP_VARIANTS.items()}
 # Today's bf16 decode with one change. (Until session 17's last commit bf16-g4 and bf16-g1 sat above and took
@@ -215,9 +216,13 @@ STEP_VARIANTS.update({"int4-tc-only-acc-xf32+head": {**ACCUMULATING, **SESSION_1
                       "int4-tc-only-acc-dgf4+head": dict(ACCUMULATING, norm_waits=False, swiglu_down=True,
                                                          device_greedy=True, triton_argmax=True, advance_rows=8,
                                                          greedy_graph=4)})
-# Session 18: the default decode with attention's small loads first (triton_attention.loads_first, written in session
-# 11, never timed), or its one-token programs on 2 or 8 warps (triton_attention.decode_warps, 4 by default).
-DGF = dict(ACCUMULATING, norm_waits=False, swiglu_down=True, device_greedy=True, triton_argmax=True, advance_rows=8)
+# Session 18: session 17's decode with attention's small loads first (-lf: triton_attention.loads_first, written in
+# session 11, the default since session 18), or its one-token programs on 2 or 8 warps (triton_attention.decode_warps).
+# results/int4_h200_s18c.* also hold -opf8/16/32 (and -lf-opf16): the o product asking the L2 for the first 8/16 MB
+# or all of the layer's gate|up weights before its PDL wait (commit e4cc20d, reverted: 1086.8, 1075.0 / 1072.0, 1053.2
+# tok/s against 1094.3 / 1091.4; attention took 6.8-7.5 us instead of 5.5 and gate|up gained 0.3).
+DGF = dict(ACCUMULATING, norm_waits=False, swiglu_down=True, device_greedy=True, triton_argmax=True, advance_rows=8,
+           loads_first=False)
 STEP_VARIANTS.update({"int4-tc-only-acc-dgf-lf+head": dict(DGF, loads_first=True),
                       "int4-tc-only-acc-dgf-aw2+head": dict(DGF, attention_warps=2),
                       "int4-tc-only-acc-dgf-aw8+head": dict(DGF, attention_warps=8),

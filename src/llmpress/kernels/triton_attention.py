@@ -38,9 +38,12 @@ combine = "kernel"
 # The RoPE variant's split programs request q, its rotation partner, the new token's k and v, inv_freq and the
 # norm's shares before any arithmetic. As written before, the squares' reduction (a barrier), the trigonometry and
 # its layout conversions (barriers) came between them, and the sm_90 SASS (compiled on the CPU machine) showed
-# three rounds of loads before the keys' cp.async: the shares and position; inv_freq; q. Not timed yet: off.
-loads_first = False
-# Warps of a one-token split program (its GROUP heads padded to 16 rows x D, a block of 64 keys at a time).
+# three rounds of loads before the keys' cp.async: the shares and position; inv_freq; q. On since session 18: 3B
+# int4 decode on the H200 (int4_gpu.py variants int4-tc-only-acc-dgf+head against -dgf-lf+head) 1097.1 / 1097.1
+# against 1093.5 / 1089.5 tok/s (results/int4_h200_s18b.*), 1102.4 against 1094.3 / 1091.4 (int4_h200_s18c.*).
+loads_first = True
+# Warps of a one-token split program (its GROUP heads padded to 16 rows x D, a block of 64 keys at a time). 4: on
+# 2 and 8 the 3B's int4 decode ran 1081.3 and 1023.8 tok/s against 1093.5 / 1089.5 (results/int4_h200_s18b.*).
 decode_warps = 4
 # Tried in session 11 and removed, both slower for the 3B's int4 decode on the H200: the split programs' first block
 # of keys and values loaded before the PDL wait (958.3 / 956.3 against 1000.1 / 999.9 tok/s,
