@@ -33,6 +33,8 @@ from llmpress.kernels.triton_int4_frag import (FRAG_MAX_M, _finish_swiglu, defau
 
 
 X_F32_MAX_REGISTERS: int | None = 128  # None: no cap (latency_floor_gpu.py --sweep-configs --no-register-cap)
+# (N, G) -> the cap for that product's fp32-x tile instead (None: no cap), where CONFIGS gives it a wider tile
+REGISTER_CAPS: dict[tuple[int, int], int | None] = {}
 # (N, G) -> (num_warps, groups per warp, row tiles per warp) where a product does not take the GEMV's default_config.
 # Without the last-arrival reduction other tiles win for the 3B's 3072-row products: every tile of every product
 # timed on the H200 (benchmarks/latency_floor_gpu.py --sweep-configs, results/latency_floor_sweep_h200.*): o 2.40 us
@@ -90,7 +92,8 @@ def frag_accumulate(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tens
     # fp32 x takes 8 more registers a thread on (4, 1, 4) (132 for sm_90 with the norm): capped at 128, without
     # spills, it keeps 4 programs of 4 warps per SM instead of 3. Not at several rows: there the cap spills (sm_90,
     # with the norm: 32 bytes of stack on (4, 2, 1) at 6 rows, 168 on (4, 2, 2))
-    options = {"maxnreg": X_F32_MAX_REGISTERS} if x_f32 and M == 1 and X_F32_MAX_REGISTERS else {}
+    cap = REGISTER_CAPS.get((N, G), X_F32_MAX_REGISTERS)
+    options = {"maxnreg": cap} if x_f32 and M == 1 and cap else {}
     _frag_accumulate[(N // (16 * warps * tiles), split)](
         fragments, x, scales, zeros, out, norm_weight if norm else x, squares if norm else out, N, G, ASM=asm,
         NUM_WARPS=warps, EXTRA=norm, ROWS=M, num_warps=warps, launch_pdl=bool(pdl), **options)
