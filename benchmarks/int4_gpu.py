@@ -110,6 +110,7 @@ SETTINGS = {"rope": (ops, "fuse_rope_into_attention"), "steps": (ops, "int4_fuse
             "device_greedy": (generator_module, "greedy_steps_on_device"), "triton_argmax": (ops, "triton_greedy_tokens"),
             "greedy_graph": (generator_module, "greedy_steps_per_graph"),
             "advance_rows": (ops, "GREEDY_ADVANCE_MAX_ROWS"), "attention_warps": (attention_module, "decode_warps"),
+            "register_caps": (accumulate_module, "REGISTER_CAPS"),
             "compile_options": (cuda_graph_module, "STEP_COMPILE_OPTIONS")}
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr) in SETTINGS.items()}
 NORM_RES = frozenset({"residual", "norm"})
@@ -223,7 +224,11 @@ STEP_VARIANTS.update({"int4-tc-only-acc-xf32+head": {**ACCUMULATING, **SESSION_1
 # tok/s against 1094.3 / 1091.4; attention took 6.8-7.5 us instead of 5.5 and gate|up gained 0.3).
 DGF = dict(ACCUMULATING, norm_waits=False, swiglu_down=True, device_greedy=True, triton_argmax=True, advance_rows=8,
            loads_first=False)
+HEAD = (128256, 24)  # the 3B's head (N, G), whose tile head_tiles_gpu.py times: -h218, -h424 run it on those tiles
 STEP_VARIANTS.update({"int4-tc-only-acc-dgf-lf+head": dict(DGF, loads_first=True),
+                      **{f"int4-tc-only-acc-dgf-lf-h{''.join(map(str, tile))}+head":
+                         dict(DGF, loads_first=True, acc_configs={**accumulate_module.CONFIGS, HEAD: tile},
+                              register_caps={HEAD: None}) for tile in ((2, 1, 8), (4, 2, 4))},
                       "int4-tc-only-acc-dgf-aw2+head": dict(DGF, attention_warps=2),
                       "int4-tc-only-acc-dgf-aw8+head": dict(DGF, attention_warps=8),
                       "int4-tc-only-acc-dgf-lf-aw2+head": dict(DGF, loads_first=True, attention_warps=2)})
