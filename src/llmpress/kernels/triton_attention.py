@@ -350,8 +350,9 @@ def _decode_attention(q, k_cache, v_cache, positions, rope_args: tuple, qkv_norm
         GROUP=group, BLOCK_G=block_g, BLOCK_N=BLOCK_N, D=D, NUM_SPLITS=splits,
         ROPE=rope, COMBINE=in_kernel, BLOCK_S=block_s, PDL=pdl, SCALED=qkv_norm is not None,
         SQUARES_P2=max(2, triton.next_power_of_2(squares_n)), LOADS_FIRST=rope and loads_first,
-        num_warps=decode_warps if T == 1 else 8,  # several tokens: 8 warps halve each thread's rows (sm_90: 3648 instructions
-        # a thread, 32 spilled stores, against 5624 and 64 on 4 warps at T = 6 for the 3B)
+        # several tokens: 8 warps halve each thread's rows (sm_90: 3648 instructions a thread, 32 spilled stores,
+        # against 5624 and 64 on 4 warps at T = 6 for the 3B)
+        num_warps=decode_warps if T == 1 else 8,
         QUERIES=T, BLOCK_T=block_t, GROUP_P2=group_p2, launch_pdl=bool(pdl))
     if splits_only:
         return part_out.view(B, H, splits, D), part_lse.view(B, H, splits)
