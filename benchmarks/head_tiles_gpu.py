@@ -65,7 +65,8 @@ def main() -> int:
             diff = ((result - reference).norm() / reference.norm()).item()
             us = time_per_call_us(call, [(heads[i % DISTINCT],) for i in range(CALLS)])
         except Exception as error:  # a tile that does not compile here: skipped, and said so
-            print(f"{str(tile):12s} {str(cap):>5s} {type(error).__name__}: {str(error).splitlines()[0][:100]}", flush=True)
+            print(f"{str(tile):12s} {str(cap):>5s} {type(error).__name__}: {str(error).splitlines()[0][:100]}",
+                  flush=True)
             continue
         fraction = nbytes / (us * 1e-6) / bandwidth
         report["rows"].append(dict(tile=list(tile), register_cap=cap, us=us, fraction_of_copy_bandwidth=fraction,

@@ -73,7 +73,8 @@ def main() -> int:
         print("this benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
     bandwidth = measure_copy_bandwidth("cuda")
-    report = {"script": "benchmarks/read_ceiling_gpu.py", "command": " ".join(sys.argv), "date": date.today().isoformat(),
+    report = {"script": "benchmarks/read_ceiling_gpu.py", "command": " ".join(sys.argv),
+              "date": date.today().isoformat(),
               "gpu": device_name("cuda"), "torch": torch.__version__, "copy_bandwidth_bytes_per_s": bandwidth,
               "group_size": GROUP, "rows": []}
     print(f"{report['gpu']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
@@ -107,7 +108,8 @@ def main() -> int:
                     us = time_per_call_us(lambda words: read_blocks(words, out, block, warps, pdl),
                                           [(words,) for words in buffers])
                     best[pdl] = max(best[pdl], record(f"read {block} words, {warps} warps{', pdl' if pdl else ''}", us))
-        copies = [(words[:n_words // 2], torch.empty(n_words // 2, dtype=torch.int32, device="cuda")) for words in buffers]
+        copies = [(words[:n_words // 2], torch.empty(n_words // 2, dtype=torch.int32, device="cuda"))
+                  for words in buffers]
         copy_us = time_per_call_us(lambda src, dst: dst.copy_(src), copies)
         record("copy, same bytes", copy_us)
         report["rows"].append(dict(shape=name, kernel="best read", fraction_of_copy_bandwidth=best[0],

@@ -23,7 +23,8 @@ GROUP = 128
 def product_bytes(arch: str) -> dict[str, int]:
     c = KNOWN_ARCHITECTURES[arch]
     h, i, d = c.hidden_size, c.intermediate_size, c.head_dim
-    shapes = {"q|k|v": (h, (c.num_attention_heads + 2 * c.num_key_value_heads) * d), "o": (c.num_attention_heads * d, h),
+    shapes = {"q|k|v": (h, (c.num_attention_heads + 2 * c.num_key_value_heads) * d),
+              "o": (c.num_attention_heads * d, h),
               "gate|up": (h, 2 * i), "down": (i, h), "lm_head": (h, c.vocab_size)}
     return {name: N * K // 2 + (K // GROUP) * N * 3 for name, (K, N) in shapes.items()}
 

@@ -75,6 +75,8 @@ def print_timeline(summary: dict, top: int = 12, top_kernels: int = 16) -> None:
     print(f"{'idle us/step':>12s} {'per step':>8s}  after -> before")
     for g in summary["gaps"][:top]:
         print(f"{g['us_per_step']:12.2f} {g['per_step']:8.2f}  {g['after'][:60]} -> {g['before'][:60]}")
-    print(f"{'busy us/step':>12s} {'per step':>8s} {'us each':>8s}  kernel (credited with the time it adds to the union)")
+    print(f"{'busy us/step':>12s} {'per step':>8s} {'us each':>8s}  "
+          "kernel (credited with the time it adds to the union)")
     for k in summary.get("kernels", [])[:top_kernels]:
-        print(f"{k['us_per_step']:12.2f} {k['per_step']:8.2f} {k['us_per_step'] / k['per_step']:8.2f}  {k['name'][:90]}")
+        each = k["us_per_step"] / k["per_step"]
+        print(f"{k['us_per_step']:12.2f} {k['per_step']:8.2f} {each:8.2f}  {k['name'][:90]}")
