@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import date
 
 import torch
 
 from int4_chain_gpu import GROUP, random_product  # benchmarks/
+from int4_rows_gpu import int4_bytes  # benchmarks/
 from kernels_gpu import time_per_call_us  # benchmarks/
-from results_out import save_results  # benchmarks/
+from results_out import save_results, start_gpu_report  # benchmarks/
 import llmpress.kernels.triton_int4_accumulate as accumulate
-from llmpress.bench.roofline import device_name, measure_copy_bandwidth
 
 K, N, DISTINCT, CALLS = 3072, 128256, 4, 16
 # (tile, register cap): the default, and the tiles whose block of rows divides 128256 (2^8 x 501) with a cap that
@@ -37,13 +36,10 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("this benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
-    bandwidth = measure_copy_bandwidth("cuda")
-    report = {"script": "benchmarks/head_tiles_gpu.py", "command": " ".join(sys.argv), "date": date.today().isoformat(),
-              "gpu": device_name("cuda"), "torch": torch.__version__, "copy_bandwidth_bytes_per_s": bandwidth,
-              "rows": []}
-    print(f"{report['gpu']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    report = start_gpu_report("benchmarks/head_tiles_gpu.py", rows=[])
+    bandwidth = report["copy_bandwidth_bytes_per_s"]
     G = K // GROUP
-    nbytes = N * K // 2 + G * N * 3
+    nbytes = int4_bytes(K, N)
     heads = [random_product(K, N, True) for _ in range(DISTINCT)]
     x = torch.randn(1, K, device="cuda", dtype=torch.float32)
     out = torch.zeros(1, N, device="cuda", dtype=torch.float32)

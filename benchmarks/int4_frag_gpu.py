@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import date
 
 import torch
 
-from int4_rows_gpu import GROUP, LAYERS, SHAPES, random_int4, rel_error  # benchmarks/
+from int4_rows_gpu import GROUP, LAYERS, SHAPES, int4_bytes, random_int4, rel_error  # benchmarks/
 from kernels_gpu import time_per_call_us  # benchmarks/
-from results_out import save_results  # benchmarks/
+from results_out import save_results, start_gpu_report  # benchmarks/
 from llmpress.kernels import ops  # noqa: F401 - registers torch.ops.llmpress.int4_matmul_fragments
-from llmpress.bench.roofline import device_name, measure_copy_bandwidth
 from llmpress.kernels.triton_int4_frag import FRAG_CONFIGS, FRAG_KERNEL_MAX_M, FRAG_MAX_M, frag_fits, frag_gemv
 from llmpress.kernels.triton_int4_rows import int4_matmul_rows_triton
 from llmpress.kernels.triton_int4_rows_split import split_gemv_rows
@@ -48,11 +46,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("this benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
-    bandwidth = measure_copy_bandwidth("cuda")
-    report = {"script": "benchmarks/int4_frag_gpu.py", "command": " ".join(sys.argv), "date": date.today().isoformat(),
-              "gpu": device_name("cuda"), "torch": torch.__version__, "copy_bandwidth_bytes_per_s": bandwidth,
-              "group_size": GROUP, "rows": [], "errors": {}, "per_token_us": {}}
-    print(f"{report['gpu']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    report = start_gpu_report("benchmarks/int4_frag_gpu.py", group_size=GROUP, rows=[], errors={}, per_token_us={})
+    bandwidth = report["copy_bandwidth_bytes_per_s"]
     print(f"\n{'shape':8s} {'K':>5s} {'N':>6s} {'kernel':22s} {'rel err':>8s} {'us':>8s} {'% copy bw':>9s}", flush=True)
     best = {"frag": 0.0, "split": 0.0, "frag best tile": 0.0, "copy, same bytes": 0.0,
             **{f"{kind} M={m}": 0.0 for m in row_counts if m > 1 for kind in ("frag", "rows")}}
@@ -63,7 +58,7 @@ def main() -> int:
         weights = [first["rows"]] + [random_int4(K, N)[0]["rows"] for _ in range(sets - 1)]
         fragments = [(rows_to_fragments(qw, GROUP), *fragment_scales_zeros(s, z)) for qw, s, z in weights]
         xs = [torch.randn(1, K, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
-        nbytes = N * K // 2 + (K // GROUP) * N * 3  # packed words, bf16 scales, uint8 zeros
+        nbytes = int4_bytes(K, N)
         reference = xs[0].double() @ dense.double()
         G = K // GROUP
         variants = {f"frag w{w} g{g} t{t}": (lambda x, qw, fr, s, z, c=(w, g, t): frag_gemv(x, *fr, GROUP, c))

@@ -44,6 +44,12 @@ LAYERS = 28
 # (name, K, N, how many per decoder layer; 0: once per token)
 SHAPES = [("q|k|v", 3072, 5120, 1), ("o", 3072, 3072, 1), ("gate|up", 3072, 16384, 1), ("down", 8192, 3072, 1),
           ("lm_head", 3072, 128256, 0)]
+def int4_bytes(K: int, N: int) -> int:
+    """Bytes a product reads of an int4 weight [N, K] at GROUP: packed words, bf16 scales, uint8 zeros (the row and
+    fragment layouts alike)."""
+    return N * K // 2 + (K // GROUP) * N * 3
+
+
 SWEEPS = ("read-only", "split", "split_plain", "split_in_kernel", "half2", "mma")
 ROW_PATHS = {"mma": MMA_MAX_M, "gemv": 4, "split": 1, "split_partials": 1, "half2": 1, "dequant": 1 << 30}  # path -> largest M it takes
 
@@ -131,7 +137,7 @@ def main() -> int:
         weights = [random_int4(K, N) for _ in range(sets)]
         dense = weights[0][1]
         G = K // GROUP
-        bytes_bf16, bytes_gptq, bytes_rows = N * K * 2, N * K // 2 + G * N * 2 + G * N // 2, N * K // 2 + G * N * 3
+        bytes_bf16, bytes_gptq, bytes_rows = N * K * 2, N * K // 2 + G * N * 2 + G * N // 2, int4_bytes(K, N)
         bytes_tiny = N * K // 2 + G * N * 4
         tiny = None
         try:

@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import date
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from int4_rows_gpu import GROUP, SHAPES  # benchmarks/
+from int4_rows_gpu import GROUP, SHAPES, int4_bytes  # benchmarks/
 from kernels_gpu import time_per_call_us  # benchmarks/
-from results_out import save_results  # benchmarks/
-from llmpress.bench.roofline import device_name, measure_copy_bandwidth
+from results_out import save_results, start_gpu_report  # benchmarks/
 from llmpress.kernels.pdl import pdl_start, pdl_wait
 
 BLOCKS = (1024, 2048, 4096, 8192)  # 32-bit words a program reads
@@ -72,12 +70,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("this benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
-    bandwidth = measure_copy_bandwidth("cuda")
-    report = {"script": "benchmarks/read_ceiling_gpu.py", "command": " ".join(sys.argv),
-              "date": date.today().isoformat(),
-              "gpu": device_name("cuda"), "torch": torch.__version__, "copy_bandwidth_bytes_per_s": bandwidth,
-              "group_size": GROUP, "rows": []}
-    print(f"{report['gpu']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    report = start_gpu_report("benchmarks/read_ceiling_gpu.py", group_size=GROUP, rows=[])
+    bandwidth = report["copy_bandwidth_bytes_per_s"]
     out = torch.empty(1 << 20, dtype=torch.int32, device="cuda")
     for pdl in (0, 1):
         empty_us = time_per_call_us(lambda: _empty[(132,)](out, PDL=pdl, num_warps=4, launch_pdl=bool(pdl)), [()] * 64)
@@ -89,8 +83,7 @@ def main() -> int:
         assert torch.equal(out[:check.numel() // block], block_xor_reference(check, block)), block
     print(f"\n{'shape':8s} {'MB':>6s} {'kernel':28s} {'us':>7s} {'% copy bw':>9s}", flush=True)
     for name, K, N, _ in SHAPES:
-        nbytes = N * K // 2 + (K // GROUP) * N * 3  # packed words, bf16 scales, uint8 zeros
-        n_words = triton.cdiv(nbytes // 4, max(BLOCKS)) * max(BLOCKS)
+        n_words = triton.cdiv(int4_bytes(K, N) // 4, max(BLOCKS)) * max(BLOCKS)
         sets = SETS if N < 100000 else 4
         buffers = [torch.randint(-2**31, 2**31 - 1, (n_words,), dtype=torch.int32, device="cuda") for _ in range(sets)]
 

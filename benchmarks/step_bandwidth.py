@@ -5,7 +5,8 @@ llmpress.bench.timeline) and prints, per product of the architecture, the bytes 
 scales, uint8 zeros at g128), the microseconds it adds to a step, and those as TB/s and as a share of the copy
 bandwidth measured in the same run. The GEMV bandwidth target of the quantization issue, read inside the step.
 
-    python benchmarks/step_bandwidth.py benchmarks/results/int4_h200_s18d.json int4-tc-only-acc-dgf-lf+head
+    PYTHONPATH=src:benchmarks python benchmarks/step_bandwidth.py benchmarks/results/int4_h200_s18d.json \
+        int4-tc-only-acc-dgf-lf+head
 """
 
 from __future__ import annotations
@@ -14,19 +15,16 @@ import argparse
 import json
 import sys
 
-sys.path.insert(0, "src")
-from llmpress.config import KNOWN_ARCHITECTURES  # noqa: E402
-
-GROUP = 128
+from int4_rows_gpu import int4_bytes  # benchmarks/
+from latency_floor_gpu import shapes_of  # benchmarks/
+from llmpress.config import KNOWN_ARCHITECTURES
 
 
 def product_bytes(arch: str) -> dict[str, int]:
-    c = KNOWN_ARCHITECTURES[arch]
-    h, i, d = c.hidden_size, c.intermediate_size, c.head_dim
-    shapes = {"q|k|v": (h, (c.num_attention_heads + 2 * c.num_key_value_heads) * d),
-              "o": (c.num_attention_heads * d, h),
-              "gate|up": (h, 2 * i), "down": (i, h), "lm_head": (h, c.vocab_size)}
-    return {name: N * K // 2 + (K // GROUP) * N * 3 for name, (K, N) in shapes.items()}
+    """Each layer product's int4 bytes, and the head's."""
+    sizes = {name: int4_bytes(K, N) for name, (K, N, *_) in shapes_of(arch).items() if name != "tiny"}
+    config = KNOWN_ARCHITECTURES[arch]
+    return {**sizes, "lm_head": int4_bytes(config.hidden_size, config.vocab_size)}
 
 
 def product_of(kernel: str) -> str | None:
